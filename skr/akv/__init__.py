@@ -1,0 +1,1 @@
+"""Azure Key Vault / Managed HSM secure key release: key wrap, JWK, release JWS, policies, client."""

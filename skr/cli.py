@@ -1,0 +1,61 @@
+"""The ``skr`` command line: ``serve · local · release · report · policy · keys · audit · doctor``.
+
+Every command answers bad input with one clear line on stderr and a non-zero exit code, never a
+traceback. Exit codes: 0 success, 1 a negative verdict (invalid, denied, tampered), 2 unusable input or
+an error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+
+from skr import __version__
+from skr.errors import SkrError
+
+# Each module registers one command group; see skr/commands/.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+EXIT_OK = 0
+EXIT_NEGATIVE = 1
+EXIT_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that prints one line and exits 2 on bad usage."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="skr", description="Secure Key Release sidecar for Azure confidential containers.")
+    parser.add_argument("--version", action="version", version=f"skr {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"skr.commands.{name}").register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except SkrError as exc:
+        print(f"skr: {exc.diagnostics()}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("skr: interrupted", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        print(f"skr: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""AMD SEV-SNP: the attestation report, AMD certificates, verification and collateral."""
