@@ -16,7 +16,7 @@ from skr import __version__
 from skr.errors import SkrError
 
 # Each module registers one command group; see skr/commands/.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("audit",)
 
 EXIT_OK = 0
 EXIT_NEGATIVE = 1
