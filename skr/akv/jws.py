@@ -1,0 +1,502 @@
+"""The release JWS of Key Vault / Managed HSM: verification, signing (local key service), opening.
+
+Owns: compact JWS parsing (three unpadded base64url parts, nothing else tolerated); the trust store for
+the signer chain (system roots plus PEM bundles, ``SKR_CA_BUNDLE``); verification — ``alg`` allowlist
+(RS256/384/512, PS256/384/512), the ``x5c`` chain built to a trust anchor with the leaf valid for the
+vault host at the validation time (SAN and wildcards, validity, basic constraints — cryptography's
+WebPKI verifier), the signature with the leaf key, and ``x5t`` / ``x5t#S256`` when present; signing of
+release payloads in the Managed HSM header style; and :func:`open_release`, which verifies a release
+and turns its ``key_hsm`` into a JWK with the caller's wrapping key.
+
+Never trusts a key the header carries by itself (``jwk``, ``jku``, ``x5u`` are ignored), never fetches
+anything, and never puts key material or the JWS into a message or repr.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import hashlib
+import ipaddress
+import json
+import os
+import re
+import ssl
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.utils import CryptographyDeprecationWarning
+from cryptography.x509.verification import PolicyBuilder, Store, Subject, VerificationError
+from jwt.algorithms import RSAAlgorithm, RSAPSSAlgorithm
+
+from skr.akv.jwk import jose_kty, jwk_to_json, plaintext_to_jwk
+from skr.akv.keywrap import Enc, b64url_decode, b64url_encode, parse_key_hsm, select_enc, unwrap
+from skr.errors import ConfigError, JwsError, KeyWrapError
+
+__all__ = [
+    "ALLOWED_ALGORITHMS",
+    "ReleasedKey",
+    "TrustStore",
+    "key_version",
+    "open_release",
+    "sign_release_jws",
+    "verify_release_jws",
+]
+
+#: The only signature algorithms a release JWS may use.
+ALLOWED_ALGORITHMS: Mapping[str, RSAAlgorithm] = {
+    "RS256": RSAAlgorithm(RSAAlgorithm.SHA256),
+    "RS384": RSAAlgorithm(RSAAlgorithm.SHA384),
+    "RS512": RSAAlgorithm(RSAAlgorithm.SHA512),
+    "PS256": RSAPSSAlgorithm(RSAPSSAlgorithm.SHA256),
+    "PS384": RSAPSSAlgorithm(RSAPSSAlgorithm.SHA384),
+    "PS512": RSAPSSAlgorithm(RSAPSSAlgorithm.SHA512),
+}
+
+_MIN_SIGNER_BITS = 2048
+_MAX_X5C = 10
+_MAX_COMPACT_CHARS = 1 << 20
+_PART_RE = re.compile(r"[A-Za-z0-9_-]+")
+_PEM_RE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
+_TRUST_HINT = (
+    "the signer chain must end at a trusted root: the system roots, or a PEM bundle named by "
+    "SKR_CA_BUNDLE (e.g. the local CA of `skr local`)"
+)
+
+
+# --- trust store ----------------------------------------------------------------------------------------
+
+
+def _pem_certificates(data: bytes) -> list[x509.Certificate]:
+    """Every certificate of a PEM bundle that parses; unparsable blocks are skipped."""
+    certs = []
+    for block in _PEM_RE.findall(data):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+                certs.append(x509.load_pem_x509_certificate(block))
+        except ValueError:
+            continue
+    return certs
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
+
+
+@functools.cache
+def _system_anchors() -> tuple[x509.Certificate, ...]:
+    """The OS trust store: OpenSSL's default CA file and directory, plus what ``ssl`` loaded itself."""
+    paths = ssl.get_default_verify_paths()
+    certs: list[x509.Certificate] = []
+    if paths.cafile:
+        certs.extend(_pem_certificates(_read(Path(paths.cafile))))
+    if paths.capath and Path(paths.capath).is_dir():
+        for entry in sorted(Path(paths.capath).iterdir()):
+            if entry.is_file():
+                certs.extend(_pem_certificates(_read(entry)))
+    for der in ssl.create_default_context().get_ca_certs(binary_form=True):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+                certs.append(x509.load_der_x509_certificate(der))
+        except ValueError:
+            continue
+    return tuple(_unique(certs))
+
+
+def _unique(certs: Iterable[x509.Certificate]) -> list[x509.Certificate]:
+    seen: dict[bytes, x509.Certificate] = {}
+    for cert in certs:
+        seen.setdefault(cert.public_bytes(serialization.Encoding.DER), cert)
+    return list(seen.values())
+
+
+class TrustStore:
+    """Trust anchors for release-JWS signer chains: system roots and/or extra PEM bundles."""
+
+    def __init__(
+        self,
+        extra_pem_paths: Sequence[str | os.PathLike[str]] = (),
+        *,
+        include_system: bool = True,
+        extra_certificates: Sequence[x509.Certificate] = (),
+    ) -> None:
+        anchors: list[x509.Certificate] = list(_system_anchors()) if include_system else []
+        if isinstance(extra_pem_paths, str | os.PathLike):  # one path given bare, not in a list
+            extra_pem_paths = [extra_pem_paths]
+        for name in extra_pem_paths:
+            path = Path(name)
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot read the CA bundle {path}: {exc.strerror or exc}",
+                    hint="check SKR_CA_BUNDLE or the path given",
+                ) from None
+            certs = _pem_certificates(data)
+            if not certs:
+                raise ConfigError(
+                    f"the CA bundle {path} holds no PEM certificate",
+                    hint="expected one or more '-----BEGIN CERTIFICATE-----' blocks",
+                )
+            anchors.extend(certs)
+        anchors.extend(extra_certificates)
+        self._anchors = tuple(_unique(anchors))
+        self._fingerprints = frozenset(c.public_bytes(serialization.Encoding.DER) for c in self._anchors)
+        self._store = Store(list(self._anchors)) if self._anchors else None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> TrustStore:
+        """System roots plus the PEM bundle named by ``SKR_CA_BUNDLE`` (when set)."""
+        from skr.http import ca_bundle_from_env  # keeps aiohttp out of the import of this module
+
+        bundle = ca_bundle_from_env(env)
+        return cls([bundle] if bundle is not None else [])
+
+    @property
+    def anchors(self) -> tuple[x509.Certificate, ...]:
+        """The trust anchors, without duplicates."""
+        return self._anchors
+
+    def __contains__(self, cert: object) -> bool:
+        return (
+            isinstance(cert, x509.Certificate)
+            and cert.public_bytes(serialization.Encoding.DER) in self._fingerprints
+        )
+
+    def __len__(self) -> int:
+        return len(self._anchors)
+
+    def __repr__(self) -> str:
+        return f"TrustStore({len(self._anchors)} anchors)"
+
+    def store(self) -> Store:
+        """The anchors as a cryptography verification store (JwsError when there are none)."""
+        if self._store is None:
+            raise JwsError("the trust store for release signatures is empty", hint=_TRUST_HINT)
+        return self._store
+
+
+# --- compact JWS ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Compact:
+    header: dict[str, Any]
+    payload: bytes = field(repr=False)
+    signing_input: bytes = field(repr=False)
+    signature: bytes = field(repr=False)
+
+
+def _part(value: str, name: str) -> bytes:
+    if not value and name == "signature":
+        return b""  # refused after the alg check, which gives the better message for alg "none"
+    if not _PART_RE.fullmatch(value) or len(value) % 4 == 1:
+        raise JwsError(
+            f"the release JWS {name} is not unpadded base64url",
+            hint="a compact JWS is three base64url parts without '=' padding, joined by '.'",
+        )
+    try:
+        return b64url_decode(value, what=f"the release JWS {name}")
+    except KeyWrapError as exc:  # pragma: no cover - the regex admits only valid text
+        raise JwsError(exc.message) from None
+
+
+def _json_object(data: bytes, name: str) -> dict[str, Any]:
+    try:
+        value = json.loads(data)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise JwsError(f"the release JWS {name} is not JSON") from None
+    if not isinstance(value, dict):
+        raise JwsError(f"the release JWS {name} is a JSON {type(value).__name__}; expected an object")
+    return value
+
+
+def _split(compact: str) -> _Compact:
+    if not isinstance(compact, str) or len(compact) > _MAX_COMPACT_CHARS:
+        raise JwsError("the release JWS is not a string of reasonable size")
+    parts = compact.strip().split(".")
+    if len(parts) != 3:
+        raise JwsError(
+            f"the release JWS has {len(parts)} parts; expected 3 (header.payload.signature)",
+            hint="Key Vault returns a compact JWS in the 'value' field of the release response",
+        )
+    header_b64, payload_b64, signature_b64 = parts
+    header = _json_object(_part(header_b64, "header"), "header")
+    payload = _part(payload_b64, "payload")
+    signature = _part(signature_b64, "signature")
+    return _Compact(header, payload, f"{header_b64}.{payload_b64}".encode("ascii"), signature)
+
+
+def _algorithm(header: Mapping[str, Any]) -> RSAAlgorithm:
+    alg = header.get("alg")
+    if not isinstance(alg, str) or alg not in ALLOWED_ALGORITHMS:
+        shown = alg[:16] if isinstance(alg, str) else type(alg).__name__
+        raise JwsError(
+            f"the release JWS uses alg {shown!r}; expected one of {', '.join(ALLOWED_ALGORITHMS)}",
+            hint="Key Vault signs releases with RS256; anything else is refused",
+        )
+    if "crit" in header:
+        raise JwsError("the release JWS header has a 'crit' member; no critical extension is supported")
+    return ALLOWED_ALGORITHMS[alg]
+
+
+def _certificates(header: Mapping[str, Any]) -> list[x509.Certificate]:
+    x5c = header.get("x5c")
+    if not isinstance(x5c, list) or not x5c:
+        raise JwsError(
+            "the release JWS header has no x5c certificate chain",
+            hint="Key Vault and Managed HSM always include the signer chain",
+        )
+    if len(x5c) > _MAX_X5C:
+        raise JwsError(f"the release JWS x5c has {len(x5c)} certificates; at most {_MAX_X5C} are accepted")
+    certs = []
+    for index, value in enumerate(x5c):
+        try:
+            if not isinstance(value, str):
+                raise ValueError
+            der = base64.b64decode(value, validate=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+                certs.append(x509.load_der_x509_certificate(der))
+        except (ValueError, binascii.Error):
+            raise JwsError(
+                f"x5c[{index}] of the release JWS is not a base64 DER certificate",
+                hint="x5c holds standard (not URL-safe) base64 of DER certificates",
+            ) from None
+    return certs
+
+
+def _subject(host: str) -> Subject:
+    value = host.strip().lower()
+    if value.startswith("https://"):
+        value = urlsplit(value).hostname or ""
+    elif value.startswith("[") and "]" in value:
+        value = value[1 : value.index("]")]
+    elif value.count(":") == 1:
+        value = value.split(":", 1)[0]
+    value = value.rstrip(".")
+    try:
+        return x509.IPAddress(ipaddress.ip_address(value))
+    except ValueError:
+        pass
+    if not value:
+        raise JwsError("no vault host was given to check the release signer against")
+    try:
+        return x509.DNSName(value)
+    except ValueError:
+        raise JwsError(f"{host[:64]!r} is not a valid host name") from None
+
+
+def _verify_chain(certs: list[x509.Certificate], host: str, trust: TrustStore, at: datetime) -> None:
+    verifier = PolicyBuilder().store(trust.store()).time(at).build_server_verifier(_subject(host))
+    try:
+        verifier.verify(certs[0], certs[1:])
+    except VerificationError as exc:
+        detail = str(exc).split(" (encountered", 1)[0]
+        raise JwsError(
+            f"the release JWS signer certificate {certs[0].subject.rfc4514_string()[:120]!r} is not "
+            f"trusted for host {host[:64]!r} at {at.isoformat(timespec='seconds')}: {detail}",
+            hint=_TRUST_HINT,
+        ) from None
+
+
+def _check_thumbprints(header: Mapping[str, Any], leaf: x509.Certificate) -> None:
+    der = leaf.public_bytes(serialization.Encoding.DER)
+    for name, digest in (("x5t", hashlib.sha1(der).digest()), ("x5t#S256", hashlib.sha256(der).digest())):  # noqa: S324
+        if name in header and header[name] != b64url_encode(digest):
+            raise JwsError(
+                f"the release JWS header {name} does not match the signer certificate x5c[0]",
+                hint="the header was altered or names another certificate",
+            )
+
+
+def verify_release_jws(
+    compact: str, *, host: str, trust: TrustStore, at: datetime | None = None
+) -> dict[str, Any]:
+    """Verify a release JWS signed for ``host`` and return its payload.
+
+    ``at`` is the validation time (default: now, UTC). Raises :class:`JwsError` saying what failed.
+    """
+    if at is None:
+        when = datetime.now(UTC)
+    elif at.tzinfo is None:
+        when = at.replace(tzinfo=UTC)
+    else:
+        when = at.astimezone(UTC)
+    jws = _split(compact)
+    algorithm = _algorithm(jws.header)
+    if not jws.signature:
+        raise JwsError("the release JWS has an empty signature")
+    certs = _certificates(jws.header)
+    _verify_chain(certs, host, trust, when)
+    leaf_key = certs[0].public_key()
+    if not isinstance(leaf_key, rsa.RSAPublicKey) or leaf_key.key_size < _MIN_SIGNER_BITS:
+        raise JwsError(
+            f"the release JWS signer key is {type(leaf_key).__name__}"
+            f"{'-' + str(leaf_key.key_size) if isinstance(leaf_key, rsa.RSAPublicKey) else ''}; "
+            f"expected RSA of at least {_MIN_SIGNER_BITS} bits"
+        )
+    _check_thumbprints(jws.header, certs[0])
+    if not algorithm.verify(jws.signing_input, leaf_key, jws.signature):
+        raise JwsError(
+            "the release JWS signature does not verify with the signer certificate",
+            hint="the payload or header was altered after signing",
+        )
+    return _json_object(jws.payload, "payload")
+
+
+def sign_release_jws(
+    payload: Mapping[str, Any], private_key: rsa.RSAPrivateKey, chain: Sequence[x509.Certificate]
+) -> str:
+    """Sign a release payload like Managed HSM: RS256, ``kid`` = ``x5t#S256``, ``x5c`` = ``chain``.
+
+    ``chain[0]`` must be the certificate of ``private_key`` (leaf first).
+    """
+    if not chain:
+        raise ConfigError("a release signature needs the signer certificate chain")
+    if chain[0].public_key() != private_key.public_key():
+        raise ConfigError("the release signing key does not match the first certificate of its chain")
+    leaf_der = chain[0].public_bytes(serialization.Encoding.DER)
+    thumbprint = b64url_encode(hashlib.sha256(leaf_der).digest())
+    header = {
+        "alg": "RS256",
+        "kid": thumbprint,
+        "x5c": [base64.b64encode(c.public_bytes(serialization.Encoding.DER)).decode("ascii") for c in chain],
+        "x5t#S256": thumbprint,
+    }
+    signing_input = ".".join(
+        b64url_encode(json.dumps(part, separators=(",", ":")).encode("utf-8")) for part in (header, payload)
+    )
+    signature = ALLOWED_ALGORITHMS["RS256"].sign(signing_input.encode("ascii"), private_key)
+    return f"{signing_input}.{b64url_encode(signature)}"
+
+
+# --- opening a release ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReleasedKey:
+    """A verified, unwrapped released key.
+
+    ``jwk`` is the private JWK (never shown in the repr), ``key_id`` the key URL (the released key's
+    ``kid``), ``kty`` the vault's key type, ``enc`` the wrap algorithm used, ``version`` the key version
+    parsed from ``key_id`` (``None`` when the URL has none).
+    """
+
+    jwk: dict[str, Any] = field(repr=False)
+    key_id: str
+    kty: str
+    enc: Enc
+    version: str | None = None
+
+    @property
+    def jwk_json(self) -> str:
+        """The JWK as the ``/key/release`` response carries it (sorted keys, no spaces)."""
+        return jwk_to_json(self.jwk)
+
+
+def _member(obj: Mapping[str, Any], path: str) -> Any:
+    value: Any = obj
+    walked = []
+    for name in path.split("."):
+        walked.append(name)
+        if not isinstance(value, Mapping) or name not in value:
+            raise JwsError(
+                f"the release payload has no {'.'.join(walked)}",
+                hint="expected {request, response: {key: {key: {kid, kty, key_hsm, ...}}}}",
+            )
+        value = value[name]
+    return value
+
+
+def _string(obj: Mapping[str, Any], path: str) -> str:
+    value = _member(obj, path)
+    if not isinstance(value, str) or not value:
+        raise JwsError(f"the release payload's {path} is not a non-empty string")
+    return value
+
+
+def key_version(key_id: str) -> str | None:
+    """The version segment of a key URL ``https://<vault>/keys/<name>/<version>``, if present."""
+    segments = [s for s in urlsplit(key_id).path.split("/") if s]
+    if len(segments) == 3 and segments[0] == "keys":
+        return segments[2]
+    return None
+
+
+def _b64_int(value: object) -> int | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return int.from_bytes(b64url_decode(value, what="public key member"), "big")
+    except KeyWrapError:
+        return None
+
+
+def _check_public_part(jwk: Mapping[str, Any], released: Mapping[str, Any]) -> None:
+    """The unwrapped private key must belong to the public key the vault put next to it."""
+    names = {"RSA": ("n", "e"), "EC": ("x", "y")}.get(str(jwk.get("kty")), ())
+    for name in names:
+        if name in released and _b64_int(released[name]) != _b64_int(jwk[name]):
+            raise KeyWrapError(
+                f"the unwrapped key does not match the public '{name}' of the released key",
+                hint="the wrapped key material does not belong to the key the vault describes",
+            )
+    if "crv" in released and "crv" in jwk and released["crv"] != jwk["crv"]:
+        raise KeyWrapError("the unwrapped key is on another curve than the released key")
+
+
+def open_release(
+    compact: str,
+    *,
+    host: str,
+    trust: TrustStore,
+    wrapping_key: rsa.RSAPrivateKey,
+    at: datetime | None = None,
+    expected_wrapping_kid: str | None = None,
+) -> ReleasedKey:
+    """Verify a release JWS, unwrap its ``key_hsm`` with ``wrapping_key`` and return the key as a JWK.
+
+    ``expected_wrapping_kid``: when given, ``key_hsm.header.kid`` must equal it (the kid of the
+    wrapping key in the attestation token's runtime keys).
+    """
+    payload = verify_release_jws(compact, host=host, trust=trust, at=at)
+    released = _member(payload, "response.key.key")
+    if not isinstance(released, Mapping):
+        raise JwsError("the release payload's response.key.key is not an object")
+    key_id = _string(payload, "response.key.key.kid")
+    kty = _string(payload, "response.key.key.kty")
+    jose_kty(kty)
+    key_ops = released.get("key_ops")
+    if key_ops is not None and (
+        not isinstance(key_ops, list) or not all(isinstance(op, str) for op in key_ops)
+    ):
+        raise JwsError("the release payload's response.key.key.key_ops is not a list of strings")
+    key_hsm = parse_key_hsm(_string(payload, "response.key.key.key_hsm"))
+    if expected_wrapping_kid is not None and key_hsm.kid != expected_wrapping_kid:
+        raise KeyWrapError(
+            f"the key was wrapped to key {key_hsm.kid[:80]!r}, not to this request's wrapping key "
+            f"{expected_wrapping_kid[:80]!r}",
+            hint="the attestation token's runtime keys do not name this request's wrapping key",
+        )
+    request = payload.get("request")
+    request_enc = request.get("enc") if isinstance(request, Mapping) else None
+    enc = select_enc(request_enc, key_hsm.enc)
+    plaintext = unwrap(key_hsm.ciphertext, wrapping_key, enc)
+    jwk = plaintext_to_jwk(plaintext, kty=kty, key_ops=key_ops)
+    _check_public_part(jwk, released)
+    return ReleasedKey(jwk=jwk, key_id=key_id, kty=kty, enc=enc, version=key_version(key_id))

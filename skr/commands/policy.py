@@ -1,0 +1,202 @@
+"""``skr policy``: HOST_DATA of a CCE policy, the confidential-containers release policy, policy checks.
+
+``hash`` prints the HOST_DATA a CCE policy binds to; ``release`` prints the release policy for it;
+``check`` evaluates a release policy against token claims and prints the trace (exit 0 allowed, 1 denied,
+2 unusable input; a token that fails ``--verify`` is a denial). Tokens are only decoded unless
+``--verify`` is given; a token is never printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from skr.akv.policy import (
+    Decision,
+    ReleasePolicy,
+    build_confidential_containers_policy,
+    evaluate,
+    parse_policy,
+)
+from skr.errors import BadRequest, ConfigError, PolicyError, TokenError
+from skr.snp.hostdata import host_data_of_policy
+
+_JWT_RE = re.compile(r"[A-Za-z0-9_-]+=*\.[A-Za-z0-9_-]+=*\.[A-Za-z0-9_-]*=*")
+_EXIT_ALLOWED = 0
+_EXIT_DENIED = 1
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``skr policy {hash,release,check}``."""
+    parser = sub.add_parser(
+        "policy",
+        help="CCE policy hash, release policy builder and checker",
+        description="Work with CCE policies (HOST_DATA) and Key Vault key release policies.",
+    )
+    actions = parser.add_subparsers(dest="policy_command", metavar="ACTION")
+    actions.required = True
+
+    hash_parser = actions.add_parser("hash", help="print the HOST_DATA (hex) a CCE policy binds to")
+    hash_parser.add_argument(
+        "--cce-policy", required=True, type=Path, metavar="FILE", help="base64 or raw Rego"
+    )
+    hash_parser.set_defaults(func=_hash)
+
+    release = actions.add_parser("release", help="print the release policy for a confidential container")
+    release.add_argument("--authority", required=True, metavar="URL", help="the MAA endpoint (URL or host)")
+    release.add_argument(
+        "--host-data", required=True, metavar="HEX", help="64 hex digits (`skr policy hash`)"
+    )
+    release.add_argument(
+        "--compliance", default="azure-compliant-uvm", metavar="S", help="x-ms-compliance-status"
+    )
+    release.add_argument("--allow-debug", action="store_true", help="omit the is-debuggable=false condition")
+    release.add_argument("--vmpl", type=int, default=0, metavar="N", help="required VMPL (default 0)")
+    release.add_argument(
+        "--attestation-type", metavar="T", help="also require x-ms-attestation-type, e.g. sevsnpvm"
+    )
+    release.set_defaults(func=_release)
+
+    check = actions.add_parser("check", help="evaluate a release policy against token claims")
+    check.add_argument("--policy", required=True, type=Path, metavar="FILE", help="release policy JSON")
+    source = check.add_mutually_exclusive_group(required=True)
+    source.add_argument("--claims", type=Path, metavar="FILE", help="decoded token claims (JSON object)")
+    source.add_argument("--token", metavar="JWT_OR_FILE", help="an attestation token, or a file holding one")
+    check.add_argument("--verify", action="store_true", help="verify the token signature with its issuer")
+    check.add_argument("--json", action="store_true", help="print the decision as JSON")
+    check.set_defaults(func=_check)
+
+
+# --- hash / release ---------------------------------------------------------------------------------------
+
+
+def _hash(args: argparse.Namespace) -> int:
+    print(host_data_of_policy(args.cce_policy.read_bytes()).hex())
+    return 0
+
+
+def _release(args: argparse.Namespace) -> int:
+    policy = build_confidential_containers_policy(
+        authority=args.authority,
+        host_data=args.host_data,
+        compliance=args.compliance or None,
+        allow_debug=args.allow_debug,
+        vmpl=args.vmpl,
+        attestation_type=args.attestation_type,
+    )
+    print(json.dumps(policy, indent=2))
+    return 0
+
+
+# --- check ------------------------------------------------------------------------------------------------
+
+
+def _b64url(value: str) -> bytes:
+    stripped = value.rstrip("=")
+    return base64.urlsafe_b64decode(stripped + "=" * (-len(stripped) % 4))
+
+
+def _read_policy(path: Path) -> ReleasePolicy:
+    """A policy file: the policy JSON, or Key Vault's wire form ``{"data": base64url(policy), ...}``."""
+    data = path.read_bytes()
+    try:
+        document = json.loads(data)
+    except (UnicodeDecodeError, ValueError):
+        return parse_policy(data)  # raises PolicyError naming the JSON problem
+    if isinstance(document, dict) and "data" in document and "anyOf" not in document:
+        try:
+            return parse_policy(_b64url(str(document["data"])))
+        except (binascii.Error, ValueError):
+            raise PolicyError(f"{path}: 'data' is not base64url of a release policy") from None
+    return parse_policy(data)
+
+
+def _token_text(value: str) -> str:
+    """The JWT itself from ``--token``: the token, a file with it, or a file with ``{"token": ...}``."""
+    candidate = value.strip()
+    if not _JWT_RE.fullmatch(candidate):
+        text = Path(value).read_text(encoding="utf-8").strip()
+        try:
+            document = json.loads(text)
+        except ValueError:
+            document = None
+        if isinstance(document, dict) and isinstance(document.get("token"), str):
+            text = document["token"].strip()
+        candidate = text
+    if not _JWT_RE.fullmatch(candidate):
+        raise BadRequest("--token is not a JWT (header.payload.signature) nor a file holding one")
+    return candidate
+
+
+def _unverified_claims(token: str) -> dict[str, Any]:
+    try:
+        claims = json.loads(_b64url(token.split(".")[1]))
+    except (binascii.Error, ValueError):
+        raise BadRequest("the token payload is not base64url JSON") from None
+    if not isinstance(claims, dict):
+        raise BadRequest("the token payload is not a JSON object of claims")
+    return claims
+
+
+async def _verified_claims(token: str, issuer: str) -> dict[str, Any]:
+    try:
+        from skr.maa.token import TokenVerifier
+    except ImportError:
+        raise ConfigError(
+            "--verify needs MAA token verification (skr.maa.token), which this installation lacks",
+            hint="run without --verify to check the claims of an unverified token",
+        ) from None
+    import aiohttp
+
+    from skr.http import client_ssl_context
+
+    async with aiohttp.ClientSession() as session:
+        verifier = TokenVerifier(session, ssl_context=client_ssl_context())
+        claims: dict[str, Any] = await verifier.verify(token, issuer=issuer)
+    return claims
+
+
+def _claims(args: argparse.Namespace) -> dict[str, Any]:
+    if args.claims is not None:
+        if args.verify:
+            raise BadRequest("--verify needs --token (a claims file has no signature)")
+        try:
+            claims = json.loads(args.claims.read_bytes())
+        except (UnicodeDecodeError, ValueError):
+            raise BadRequest(f"{args.claims} is not JSON") from None
+        if not isinstance(claims, dict):
+            raise BadRequest(f"{args.claims} is not a JSON object of claims")
+        return claims
+    token = _token_text(args.token)
+    claims = _unverified_claims(token)
+    if args.verify:
+        issuer = claims.get("iss")
+        if not isinstance(issuer, str) or not issuer:
+            raise BadRequest("the token has no iss claim, so its issuer's keys cannot be found")
+        claims = asyncio.run(_verified_claims(token, issuer))
+    return claims
+
+
+def _check(args: argparse.Namespace) -> int:
+    policy = _read_policy(args.policy)
+    try:
+        claims = _claims(args)
+    except TokenError as exc:  # the token was read but does not verify: Key Vault would refuse it too
+        decision = Decision(False, (), f"the attestation token does not verify: {exc.diagnostics()}")
+    else:
+        decision = evaluate(policy, claims)
+    if args.json:
+        print(json.dumps(decision.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        for entry in decision.trace:
+            print(entry.describe())
+        print(("allowed: " if decision.allowed else "denied: ") + decision.reason)
+    sys.stdout.flush()
+    return _EXIT_ALLOWED if decision.allowed else _EXIT_DENIED
