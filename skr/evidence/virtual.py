@@ -1,0 +1,577 @@
+"""A software SEV-SNP TEE for local mode and tests: its own ARK -> ASK -> VCEK, well-formed reports.
+
+Owns a state directory (mode 0700; every file mode 0600) holding an RSA-4096 ARK (self-signed,
+RSASSA-PSS SHA-384), an RSA-4096 ASK signed by it, a P-384 VCEK with the AMD extensions (hwID equal
+to its chip id, SPLs equal to the reported TCB), and the random chip seed. Keys are generated once and
+reloaded on every later start; only the VCEK is re-issued when the product or reported TCB changes,
+just as real hardware gets a new VCEK per TCB. Its reports verify with
+:func:`skr.snp.verify.verify_report` when its ARK is passed as a trusted anchor, and never otherwise.
+
+Must never: be picked without explicit configuration (see ``skr.evidence.create_provider``), claim
+to be AMD (its certificates name the organisation "skr virtual TEE"), or put key material in a
+message, log or repr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import os
+import secrets
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Generic, TypeVar
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from cryptography.x509.oid import NameOID
+
+from skr.errors import BadRequest, CertificateError, ConfigError
+from skr.evidence.base import REPORT_DATA_SIZE, Evidence
+from skr.snp import certs
+from skr.snp.hostdata import host_data_of_policy
+from skr.snp.report import AttestationReport, Product, TcbVersion
+
+PROVIDER_NAME = "virtual"
+DEFAULT_GUEST_POLICY = 0x30000
+DEFAULT_REPORTED_TCB = 0x7308000000000003
+MEASUREMENT_SIZE = 48
+CHIP_SEED_SIZE = 64
+
+_ORGANISATION = "skr virtual TEE"
+_CPUID: dict[Product, tuple[int, int, int]] = {
+    Product.MILAN: (0x19, 0x01, 0x01),
+    Product.GENOA: (0x19, 0x11, 0x01),
+    Product.TURIN: (0x1A, 0x02, 0x01),
+}
+_PRODUCT_NAME = {Product.MILAN: "Milan-B0", Product.GENOA: "Genoa-B0", Product.TURIN: "Turin-B0"}
+_FIRMWARE = (1, 55, 40)  # major, minor, build reported by the virtual firmware
+_ROOT_LIFETIME = timedelta(days=25 * 365)
+_VCEK_LIFETIME = timedelta(days=7 * 365)
+_BACKDATE = timedelta(days=1)
+
+
+# --- state directory -------------------------------------------------------------------------------
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` atomically to ``path`` with mode 0600."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def _read_private(path: Path) -> bytes | None:
+    """The file's bytes, or ``None`` when it does not exist."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    return data
+
+
+@contextlib.contextmanager
+def _locked(state_dir: Path) -> Iterator[None]:
+    """Serialise creation between processes sharing one state directory."""
+    fd = os.open(state_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _prepare_dir(state_dir: Path) -> None:
+    """Create the directory (0700) and tighten anything in it that others could read to 0600."""
+    try:
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(state_dir, 0o700)
+        for entry in state_dir.iterdir():
+            if entry.is_file() and not entry.is_symlink() and entry.stat().st_mode & 0o077:
+                os.chmod(entry, 0o600)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot use {state_dir} as the virtual TEE state directory ({exc.strerror})",
+            hint="choose a writable directory (--state-dir / SKR_STATE_DIR)",
+        ) from None
+
+
+# --- certificates ----------------------------------------------------------------------------------
+
+
+def _name(common: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, _ORGANISATION),
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "not AMD; for local use only"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common),
+        ]
+    )
+
+
+def _der_integer(value: int) -> bytes:
+    body = value.to_bytes(1, "big") if value < 0x80 else b"\x00" + value.to_bytes(1, "big")
+    return bytes([0x02, len(body)]) + body
+
+
+def _der_ia5(text: str) -> bytes:
+    body = text.encode("ascii")
+    return bytes([0x16, len(body)]) + body
+
+
+def _issue(
+    subject: x509.Name,
+    issuer: x509.Name,
+    public_key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey,
+    signer: rsa.RSAPrivateKey,
+    *,
+    lifetime: timedelta,
+    ca: bool,
+    extensions: dict[x509.ObjectIdentifier, bytes] | None = None,
+) -> x509.Certificate:
+    now = datetime.now(UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _BACKDATE)
+        .not_valid_after(now + lifetime)
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    for oid, value in (extensions or {}).items():
+        builder = builder.add_extension(x509.UnrecognizedExtension(oid, value), critical=False)
+    return builder.sign(signer, hashes.SHA384(), rsa_padding=certs.AMD_PSS)
+
+
+def _vcek_extensions(product: Product, tcb: TcbVersion, hwid: bytes) -> dict[x509.ObjectIdentifier, bytes]:
+    exts = {
+        certs.OID_STRUCT_VERSION: _der_integer(1 if product is Product.TURIN else 0),
+        certs.OID_PRODUCT_NAME: _der_ia5(_PRODUCT_NAME[product]),
+        certs.OID_BL_SPL: _der_integer(tcb.bl),
+        certs.OID_TEE_SPL: _der_integer(tcb.tee),
+        certs.OID_SNP_SPL: _der_integer(tcb.snp),
+        certs.OID_UCODE_SPL: _der_integer(tcb.ucode),
+        certs.OID_HWID: hwid,
+    }
+    if tcb.fmc is not None:
+        exts[certs.OID_FMC_SPL] = _der_integer(tcb.fmc)
+    return exts
+
+
+def _pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _key_pem(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+_K = TypeVar("_K", rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Pair(Generic[_K]):
+    key: _K
+    cert: x509.Certificate
+
+
+class _State:
+    """Reads and writes the persisted identity inside a locked state directory.
+
+    Certificates are read eagerly; private keys only when something must be signed with them
+    (loading a 4096-bit RSA key includes a slow consistency check).
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self.dir = state_dir
+
+    def chip_seed(self) -> bytes:
+        path = self.dir / "chip_seed.bin"
+        seed = _read_private(path)
+        if seed is None or len(seed) != CHIP_SEED_SIZE:
+            seed = secrets.token_bytes(CHIP_SEED_SIZE)
+            _write_private(path, seed)
+        return seed
+
+    def certificate(self, stem: str) -> x509.Certificate | None:
+        data = _read_private(self.dir / f"{stem}.pem")
+        try:
+            return None if data is None else x509.load_pem_x509_certificate(data)
+        except ValueError:
+            return None
+
+    def _key(self, stem: str, cert: x509.Certificate) -> object | None:
+        data = _read_private(self.dir / f"{stem}.key")
+        if data is None:
+            return None
+        try:
+            key = serialization.load_pem_private_key(data, password=None)
+        except ValueError:
+            return None
+        spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        return key if key.public_key().public_bytes(*spki) == cert.public_key().public_bytes(*spki) else None
+
+    def rsa_key(self, stem: str, cert: x509.Certificate) -> rsa.RSAPrivateKey | None:
+        key = self._key(stem, cert)
+        return key if isinstance(key, rsa.RSAPrivateKey) else None
+
+    def ec_key(self, stem: str, cert: x509.Certificate) -> ec.EllipticCurvePrivateKey | None:
+        key = self._key(stem, cert)
+        return key if isinstance(key, ec.EllipticCurvePrivateKey) else None
+
+    def save(self, stem: str, pair: _Pair[_K]) -> _Pair[_K]:
+        _write_private(self.dir / f"{stem}.key", _key_pem(pair.key))
+        _write_private(self.dir / f"{stem}.pem", _pem(pair.cert))
+        return pair
+
+
+def _signed_by(cert: x509.Certificate | None, issuer: x509.Certificate | None) -> bool:
+    if cert is None or issuer is None:
+        return False
+    try:
+        certs.check_amd_signature(cert, issuer)
+        certs.check_validity(cert, datetime.now(UTC))
+    except CertificateError:
+        return False
+    return True
+
+
+def _new_ark(state: _State, product: Product) -> _Pair[rsa.RSAPrivateKey]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=4096)
+    name = _name(f"ARK-{product}")
+    cert = _issue(name, name, key.public_key(), key, lifetime=_ROOT_LIFETIME, ca=True)
+    return state.save("ark", _Pair(key, cert))
+
+
+def _new_ask(state: _State, product: Product, ark: _Pair[rsa.RSAPrivateKey]) -> _Pair[rsa.RSAPrivateKey]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=4096)
+    name = _name(f"SEV-{product}")
+    cert = _issue(name, ark.cert.subject, key.public_key(), ark.key, lifetime=_ROOT_LIFETIME, ca=True)
+    return state.save("ask", _Pair(key, cert))
+
+
+def _new_vcek(
+    state: _State, ask: _Pair[rsa.RSAPrivateKey], product: Product, tcb: TcbVersion, hwid: bytes
+) -> _Pair[ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP384R1())
+    extensions = _vcek_extensions(product, tcb, hwid)
+    cert = _issue(
+        _name("SEV-VCEK"),
+        ask.cert.subject,
+        key.public_key(),
+        ask.key,
+        lifetime=_VCEK_LIFETIME,
+        ca=False,
+        extensions=extensions,
+    )
+    return state.save("vcek", _Pair(key, cert))
+
+
+def _vcek_matches(vcek: x509.Certificate, product: Product, tcb: TcbVersion, hwid: bytes) -> bool:
+    try:
+        info = certs.parse_vek_extensions(vcek)
+    except CertificateError:
+        return False
+    certified = (info.bl_spl, info.tee_spl, info.snp_spl, info.ucode_spl, info.fmc_spl)
+    return (
+        info.product == product
+        and info.hwid == hwid
+        and certified == (tcb.bl, tcb.tee, tcb.snp, tcb.ucode, tcb.fmc)
+    )
+
+
+def _ask_signer(state: _State, product: Product) -> tuple[x509.Certificate, _Pair[rsa.RSAPrivateKey]]:
+    """The ARK certificate and the ASK with its key, re-creating whatever is missing or broken."""
+    ark_cert, ask_cert = state.certificate("ark"), state.certificate("ask")
+    ark_ok = ark_cert is not None and _signed_by(ark_cert, ark_cert)
+    if ark_cert is not None and ark_ok and ask_cert is not None and _signed_by(ask_cert, ark_cert):
+        ask_key = state.rsa_key("ask", ask_cert)
+        if ask_key is not None:
+            return ark_cert, _Pair(ask_key, ask_cert)
+    ark_key = state.rsa_key("ark", ark_cert) if ark_cert is not None and ark_ok else None
+    ark = (
+        _Pair(ark_key, ark_cert) if ark_key is not None and ark_cert is not None else _new_ark(state, product)
+    )
+    return ark.cert, _new_ask(state, product, ark)
+
+
+def _ensure_chain(
+    state: _State, product: Product, tcb: TcbVersion, hwid: bytes
+) -> tuple[x509.Certificate, x509.Certificate, _Pair[ec.EllipticCurvePrivateKey]]:
+    """ARK, ASK and the VCEK (with its key) for ``product``/``tcb``/``hwid``; only what is stale is redone."""
+    ark, ask, vcek = state.certificate("ark"), state.certificate("ask"), state.certificate("vcek")
+    if (
+        ark is not None
+        and ask is not None
+        and vcek is not None
+        and _signed_by(ark, ark)
+        and _signed_by(ask, ark)
+        and _signed_by(vcek, ask)
+        and _vcek_matches(vcek, product, tcb, hwid)
+    ):
+        key = state.ec_key("vcek", vcek)
+        if key is not None:
+            return ark, ask, _Pair(key, vcek)
+    ark, signer = _ask_signer(state, product)
+    return ark, signer.cert, _new_vcek(state, signer, product, tcb, hwid)
+
+
+# --- the provider ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Launch:
+    """What the virtual guest was "launched" with: fixed for the life of the provider."""
+
+    product: Product
+    measurement: bytes
+    host_data: bytes
+    chip_id: bytes
+    vmpl: int
+    guest_policy: int
+    reported_tcb: int
+    report_version: int
+
+
+class VirtualTee:
+    """A software SEV-SNP TEE (an :class:`skr.evidence.base.EvidenceProvider` named ``virtual``).
+
+    Create it with :meth:`load_or_create`; it is not a substitute for hardware evidence and is
+    refused by any verifier that does not explicitly trust its ARK.
+    """
+
+    def __init__(
+        self,
+        state_dir: Path,
+        launch: _Launch,
+        ark: x509.Certificate,
+        ask: x509.Certificate,
+        vcek: _Pair[ec.EllipticCurvePrivateKey],
+    ) -> None:
+        self._state_dir = state_dir
+        self._launch = launch
+        self._ark = ark
+        self._ask = ask
+        self._vcek = vcek
+        self._chain_pem = _pem(vcek.cert) + _pem(ask) + _pem(ark)
+
+    @classmethod
+    def load_or_create(
+        cls,
+        state_dir: Path,
+        *,
+        security_policy: bytes,
+        measurement: bytes | None = None,
+        product: Product = Product.MILAN,
+        vmpl: int = 0,
+        guest_policy: int = DEFAULT_GUEST_POLICY,
+        reported_tcb: int = DEFAULT_REPORTED_TCB,
+        report_version: int = 3,
+    ) -> VirtualTee:
+        """Load the identity persisted in ``state_dir`` or create it (RSA-4096 keygen: about a second).
+
+        ``security_policy`` (raw Rego or its base64 form) fixes HOST_DATA = SHA-256(raw policy).
+        ``measurement`` defaults to 48 bytes derived from the persisted chip seed. ``report_version``
+        is 2, 3 or 5 (v3 and later carry CPUID). Raises :class:`ConfigError` for unusable settings.
+        """
+        product = Product(product)
+        tcb = _checked_settings(
+            product,
+            measurement=measurement,
+            vmpl=vmpl,
+            guest_policy=guest_policy,
+            reported_tcb=reported_tcb,
+            report_version=report_version,
+        )
+        host_data = host_data_of_policy(security_policy)
+        state_dir = Path(state_dir)
+        _prepare_dir(state_dir)
+        with _locked(state_dir):
+            state = _State(state_dir)
+            seed = state.chip_seed()
+            chip_id = seed[:8] + bytes(56) if product is Product.TURIN else seed
+            hwid = chip_id[:8] if product is Product.TURIN else chip_id
+            ark, ask, vcek = _ensure_chain(state, product, tcb, hwid)
+        derived = hashlib.sha384(b"skr virtual TEE launch measurement\x00" + seed).digest()
+        launch = _Launch(
+            product=product,
+            measurement=measurement if measurement is not None else derived,
+            host_data=host_data,
+            chip_id=chip_id,
+            vmpl=vmpl,
+            guest_policy=guest_policy,
+            reported_tcb=reported_tcb,
+            report_version=report_version,
+        )
+        return cls(state_dir, launch, ark, ask, vcek)
+
+    # -- identity --
+
+    @property
+    def name(self) -> str:
+        """``virtual``."""
+        return PROVIDER_NAME
+
+    @property
+    def ark_certificate(self) -> x509.Certificate:
+        """The self-signed root to pass as ``trusted_arks`` when verifying this TEE's reports."""
+        return self._ark
+
+    @property
+    def vcek_certificate(self) -> x509.Certificate:
+        """The VCEK that signs the reports."""
+        return self._vcek.cert
+
+    @property
+    def vcek_chain_pem(self) -> bytes:
+        """VCEK, ASK, ARK as PEM (the order :class:`Evidence` uses)."""
+        return self._chain_pem
+
+    @property
+    def host_data(self) -> bytes:
+        """HOST_DATA of every report: SHA-256 of the raw security policy."""
+        return self._launch.host_data
+
+    @property
+    def measurement(self) -> bytes:
+        """MEASUREMENT of every report (48 bytes)."""
+        return self._launch.measurement
+
+    @property
+    def chip_id(self) -> bytes:
+        """CHIP_ID of every report (64 bytes; on Turin only the first 8 are non-zero)."""
+        return self._launch.chip_id
+
+    @property
+    def product(self) -> Product:
+        """The product line this TEE pretends to be."""
+        return self._launch.product
+
+    @property
+    def reported_tcb(self) -> int:
+        """REPORTED_TCB (and the TCB the VCEK is issued for)."""
+        return self._launch.reported_tcb
+
+    @property
+    def state_dir(self) -> Path:
+        """Where the keys live."""
+        return self._state_dir
+
+    def __repr__(self) -> str:
+        return f"VirtualTee(product={self.product!s}, state_dir={str(self._state_dir)!r})"
+
+    # -- reports --
+
+    def sign_report(self, report_data: bytes) -> bytes:
+        """A fresh signed 1184-byte report binding ``report_data`` (exactly 64 bytes)."""
+        if not isinstance(report_data, bytes) or len(report_data) != REPORT_DATA_SIZE:
+            size = len(report_data) if isinstance(report_data, bytes) else type(report_data).__name__
+            raise BadRequest(f"REPORT_DATA must be {REPORT_DATA_SIZE} bytes, found {size}")
+        launch = self._launch
+        cpuid = _CPUID[launch.product] if launch.report_version >= 3 else (0, 0, 0)
+        major, minor, build = _FIRMWARE
+        unsigned = AttestationReport(
+            version=launch.report_version,
+            guest_svn=0,
+            policy=launch.guest_policy,
+            family_id=bytes(16),
+            image_id=bytes(16),
+            vmpl=launch.vmpl,
+            signature_algo=1,
+            current_tcb=launch.reported_tcb,
+            platform_info=0x1,
+            key_info=0,  # AUTHOR_KEY_EN 0, MASK_CHIP_KEY 0, SIGNING_KEY VCEK
+            report_data=report_data,
+            measurement=launch.measurement,
+            host_data=launch.host_data,
+            id_key_digest=bytes(48),
+            author_key_digest=bytes(48),
+            report_id=secrets.token_bytes(32),
+            report_id_ma=b"\xff" * 32,
+            reported_tcb=launch.reported_tcb,
+            cpuid_fam_id=cpuid[0],
+            cpuid_mod_id=cpuid[1],
+            cpuid_step=cpuid[2],
+            chip_id=launch.chip_id,
+            committed_tcb=launch.reported_tcb,
+            current_build=build,
+            current_minor=minor,
+            current_major=major,
+            committed_build=build,
+            committed_minor=minor,
+            committed_major=major,
+            launch_tcb=launch.reported_tcb,
+            launch_mit_vector=0,
+            current_mit_vector=0,
+            signature_r=0,
+            signature_s=0,
+        )
+        r, s = decode_dss_signature(self._vcek.key.sign(unsigned.signed_bytes(), ec.ECDSA(hashes.SHA384())))
+        return dataclasses.replace(unsigned, signature_r=r, signature_s=s).serialize()
+
+    async def collect(self, report_data: bytes) -> Evidence:
+        """Sign a report off the event loop and return it with the VCEK chain."""
+        report = await asyncio.to_thread(self.sign_report, report_data)
+        return Evidence(
+            report=report,
+            vcek_chain_pem=self._chain_pem,
+            provider=PROVIDER_NAME,
+            endorsed_tcb=f"{self._launch.reported_tcb:016x}",
+        )
+
+    async def aclose(self) -> None:
+        """Nothing to release."""
+
+
+def _checked_settings(
+    product: Product,
+    *,
+    measurement: bytes | None,
+    vmpl: int,
+    guest_policy: int,
+    reported_tcb: int,
+    report_version: int,
+) -> TcbVersion:
+    """Validate the launch settings; return the reported TCB decoded for ``product``."""
+    if measurement is not None and len(measurement) != MEASUREMENT_SIZE:
+        raise ConfigError(
+            f"the virtual TEE measurement must be {MEASUREMENT_SIZE} bytes, found {len(measurement)}"
+        )
+    if not 0 <= vmpl <= 3:
+        raise ConfigError(f"VMPL must be 0-3, found {vmpl}")
+    if not 0 <= guest_policy < 1 << 64:
+        raise ConfigError(f"the guest policy is a 64-bit value, found {guest_policy:#x}")
+    if report_version not in (2, 3, 5):
+        raise ConfigError(f"the virtual TEE writes report versions 2, 3 or 5, not {report_version}")
+    if not 0 <= reported_tcb < 1 << 64:
+        raise ConfigError(f"the reported TCB is a 64-bit value, found {reported_tcb:#x}")
+    tcb = TcbVersion.from_raw(reported_tcb, product)
+    recomposed = TcbVersion.from_parts(
+        product, bl=tcb.bl, tee=tcb.tee, snp=tcb.snp, ucode=tcb.ucode, fmc=tcb.fmc
+    )
+    if recomposed.raw != reported_tcb:
+        raise ConfigError(
+            f"reported TCB 0x{reported_tcb:016x} sets reserved bytes of the {product} TCB layout",
+            hint="Turin TCBs are [fmc, bl, tee, snp, 0, 0, 0, ucode]; "
+            "Milan/Genoa [bl, tee, 0, 0, 0, 0, snp, ucode]",
+        )
+    return tcb
