@@ -1,0 +1,275 @@
+"""A local certificate authority for the local-mode HTTPS services (attestation, key vault, identity).
+
+Owns: one root certificate and key persisted in the state directory (``local-ca.pem``, and
+``local-ca.key`` with mode 0600), issuing short-lived server certificates for 127.0.0.1 / localhost /
+other names (SAN with IP and DNS entries, serverAuth EKU), and the SSL contexts both ends need: a server
+context with a freshly issued certificate, and a client context that trusts this CA plus the system roots.
+
+Keys are RSA-2048 (the root too): the local key service signs release JWS with RS256 using an issued
+certificate's key, and RSA keeps every verifier in the stack on one code path.
+
+Never a production CA: it exists so ``skr local`` can speak real TLS to real Azure SDK clients on one
+machine. Never logs or reprs private keys. Key generation is synchronous; call from async code through
+:func:`asyncio.to_thread`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import ipaddress
+import logging
+import os
+import ssl
+import stat
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from skr.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+CA_CERT_FILE: Final = "local-ca.pem"
+CA_KEY_FILE: Final = "local-ca.key"
+CA_VALIDITY: Final = dt.timedelta(days=3650)
+LEAF_VALIDITY: Final = dt.timedelta(days=90)
+CLOCK_SKEW: Final = dt.timedelta(minutes=5)
+KEY_BITS: Final = 2048
+_CA_NAME: Final = "skr local CA"
+
+
+@dataclass(frozen=True)
+class IssuedCert:
+    """A server certificate issued by the local CA.
+
+    ``cert_pem``: the leaf certificate followed by the CA certificate (what a TLS server sends).
+    ``key_pem``: the leaf's PKCS#8 private key (unencrypted PEM). ``chain``: [leaf, CA].
+    """
+
+    cert_pem: bytes
+    key_pem: bytes = field(repr=False)
+    chain: list[x509.Certificate]
+    private_key: rsa.RSAPrivateKey = field(repr=False)
+
+    @property
+    def certificate(self) -> x509.Certificate:
+        """The leaf certificate."""
+        return self.chain[0]
+
+
+class LocalCA:
+    """A persisted local root CA. Create or load it with :meth:`load_or_create`."""
+
+    def __init__(self, directory: Path, certificate: x509.Certificate, key: rsa.RSAPrivateKey) -> None:
+        self._directory = directory
+        self._certificate = certificate
+        self._key = key
+
+    def __repr__(self) -> str:
+        return (
+            f"LocalCA(subject={self._certificate.subject.rfc4514_string()!r}, dir={str(self._directory)!r})"
+        )
+
+    @classmethod
+    def load_or_create(cls, state_dir: Path) -> LocalCA:
+        """Load the CA from ``state_dir``, or create and persist a new one (directory 0700, key 0600).
+
+        An expired (or nearly expired) CA is replaced. A key file readable by others is tightened to 0600
+        with a warning. Files that exist but do not load raise :class:`ConfigError`.
+        """
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        cert_path, key_path = state_dir / CA_CERT_FILE, state_dir / CA_KEY_FILE
+        if cert_path.exists() and key_path.exists():
+            ca = cls._load(state_dir, cert_path, key_path)
+            if ca._certificate.not_valid_after_utc - dt.timedelta(days=30) > _now():
+                return ca
+            log.warning("local CA in %s expires soon or has expired; creating a new one", state_dir)
+        return cls._create(state_dir, cert_path, key_path)
+
+    @classmethod
+    def _load(cls, state_dir: Path, cert_path: Path, key_path: Path) -> LocalCA:
+        mode = stat.S_IMODE(key_path.stat().st_mode)
+        if mode & 0o077:
+            log.warning("local CA key %s had mode %o; tightening to 600", key_path, mode)
+            key_path.chmod(0o600)
+        try:
+            certificate = x509.load_pem_x509_certificate(cert_path.read_bytes())
+            key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        except ValueError as exc:
+            raise ConfigError(
+                f"the local CA files in {state_dir} do not load ({exc})",
+                hint=f"delete {cert_path.name} and {key_path.name} to create a new local CA",
+            ) from None
+        if not isinstance(key, rsa.RSAPrivateKey) or key.public_key() != certificate.public_key():
+            raise ConfigError(
+                f"the local CA key in {key_path} does not belong to {cert_path}",
+                hint=f"delete {cert_path.name} and {key_path.name} to create a new local CA",
+            )
+        return cls(state_dir, certificate, key)
+
+    @classmethod
+    def _create(cls, state_dir: Path, cert_path: Path, key_path: Path) -> LocalCA:
+        key = rsa.generate_private_key(public_exponent=65537, key_size=KEY_BITS)
+        name = x509.Name(
+            [
+                x509.NameAttribute(NameOID.COMMON_NAME, _CA_NAME),
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, f"skr local mode ({os.uname().nodename})"),
+            ]
+        )
+        now = _now()
+        ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+        certificate = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - CLOCK_SKEW)
+            .not_valid_after(now + CA_VALIDITY)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(_ca_key_usage(), critical=True)
+            .add_extension(ski, critical=False)
+            .sign(key, hashes.SHA256())
+        )
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        _write_private(key_path, key_pem)
+        _write_atomically(cert_path, certificate.public_bytes(serialization.Encoding.PEM), 0o644)
+        log.info("created local CA %s in %s", _fingerprint(certificate), state_dir)
+        return cls(state_dir, certificate, key)
+
+    @property
+    def ca_pem_path(self) -> Path:
+        """The CA certificate file: give it to clients (``SKR_CA_BUNDLE``, ``connection_verify``, curl)."""
+        return self._directory / CA_CERT_FILE
+
+    @property
+    def ca_certificate(self) -> x509.Certificate:
+        """The root certificate."""
+        return self._certificate
+
+    def issue(self, hosts: Sequence[str]) -> IssuedCert:
+        """A server certificate for ``hosts`` (IP addresses become IP SANs, the rest DNS SANs)."""
+        if not hosts:
+            raise ConfigError("a server certificate needs at least one host name or IP address")
+        key = rsa.generate_private_key(public_exponent=65537, key_size=KEY_BITS)
+        now = _now()
+        leaf = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0][:64])]))
+            .issuer_name(self._certificate.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - CLOCK_SKEW)
+            .not_valid_after(min(now + LEAF_VALIDITY, self._certificate.not_valid_after_utc))
+            .add_extension(x509.SubjectAlternativeName([_san(host) for host in hosts]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(_leaf_key_usage(), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()), critical=False
+            )
+            .sign(self._key, hashes.SHA256())
+        )
+        pem = serialization.Encoding.PEM
+        return IssuedCert(
+            cert_pem=leaf.public_bytes(pem) + self._certificate.public_bytes(pem),
+            key_pem=key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+            chain=[leaf, self._certificate],
+            private_key=key,
+        )
+
+    def server_ssl_context(self, hosts: Sequence[str]) -> ssl.SSLContext:
+        """A TLS server context (TLS 1.2+) with a fresh certificate for ``hosts``."""
+        issued = self.issue(hosts)
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        # ssl only loads certificates from files: use a private temporary directory, removed at once.
+        with tempfile.TemporaryDirectory(prefix="skr-tls-") as tmp:
+            cert_file, key_file = Path(tmp) / "cert.pem", Path(tmp) / "key.pem"
+            cert_file.write_bytes(issued.cert_pem)
+            _write_private(key_file, issued.key_pem)
+            context.load_cert_chain(cert_file, key_file)
+        return context
+
+    def client_ssl_context(self) -> ssl.SSLContext:
+        """A verifying client context that trusts this CA in addition to the system roots."""
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        context.load_verify_locations(
+            cadata=self._certificate.public_bytes(serialization.Encoding.PEM).decode()
+        )
+        return context
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _san(host: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host.strip("[]")))
+    except ValueError:
+        return x509.DNSName(host)
+
+
+def _ca_key_usage() -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=True,
+        crl_sign=True,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _leaf_key_usage() -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=True,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=False,
+        crl_sign=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _fingerprint(certificate: x509.Certificate) -> str:
+    return "sha256:" + hashlib.sha256(certificate.public_bytes(serialization.Encoding.DER)).hexdigest()[:16]
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    _write_atomically(path, data, 0o600)
+
+
+def _write_atomically(path: Path, data: bytes, mode: int) -> None:
+    """Write to a sibling temp file created with ``mode``, then rename over ``path``."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
