@@ -1,0 +1,644 @@
+"""The local attestation service: an MAA-compatible ``AttestSevSnpVm`` endpoint for local mode.
+
+Owns an aiohttp application that speaks MAA's wire format (AZURE_WIRE.md §1):
+
+* ``POST /attest/SevSnpVm`` and ``/attest/SevSnpVM`` with ``api-version`` 2020-10-01, 2022-08-01 or
+  2025-06-01 — anything else is a 400 in MAA's error shape ``{"error": {"code", "message"}}``;
+* ``GET /.well-known/openid-configuration`` and ``GET /certs`` (the JWKS with ``x5c``), so verifiers
+  (Key Vault, the local key service, :class:`skr.maa.token.TokenVerifier`) use the real trust path.
+
+It really verifies, like MAA: the VCEK chain to a pinned AMD ARK or one of ``trusted_arks`` (the virtual
+TEE's), the report signature, SHA-256(``runtimeData``) == REPORT_DATA[0:32] with REPORT_DATA[32:64] zero,
+SHA-256(``initTimeData``) == HOST_DATA when sent. Then it issues an RS256 JWT with the SEV-SNP claim set
+of MAA (exact names and JSON types), valid 8 hours. ``x-ms-compliance-status`` is
+``azure-compliant-uvm`` only for launch measurements it was told to endorse. UVM endorsements
+(COSE_Sign1) in the request are accepted but not evaluated.
+
+Issuer: the ``issuer`` given (or assigned later through the ``issuer`` property once the server has
+bound its port); when none is set, each request's issuer is ``https://`` + its ``Host`` header. The
+``x5c`` certificate is self-signed with CN = issuer (minted for the current issuer when it changes);
+the ``kid`` derives from the signing key, so it is stable across restarts and ports.
+
+Every response carries ``Server-Timing: app;dur=<ms>`` (time spent inside the service). An optional
+fault hook (:class:`FaultHook`) can answer in place of any route, for resilience tests and demos.
+
+Never issues a token for evidence that failed a check, and never logs tokens or request bodies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import logging
+import os
+import secrets
+import time
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Protocol
+
+import jwt
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+
+from skr.errors import BadRequest, SkrError
+from skr.maa.client import (
+    DATA_TYPE_BINARY,
+    DATA_TYPE_JSON,
+    ReportEnvelope,
+    b64url_decode,
+    decode_report,
+    normalize_endpoint,
+)
+from skr.maa.runtime import rsa_public_members
+from skr.snp.report import AttestationReport, Product
+from skr.snp.verify import verify_evidence_chain
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_API_VERSIONS = ("2020-10-01", "2022-08-01", "2025-06-01")
+TOKEN_LIFETIME = 8 * 60 * 60
+ATTESTATION_TYPE = "sevsnpvm"
+COMPLIANT_UVM = "azure-compliant-uvm"
+MAX_BODY = 1024 * 1024
+SIGNING_KEY_FILE = "attestation-signing-key.pem"
+SIGNING_CERT_FILE = "attestation-signing-cert.pem"
+
+DEFAULT_POLICY = """version= 1.0;
+authorizationrules
+{
+    => permit();
+};
+issuancerules
+{
+};
+"""
+"""The policy text the local service evaluates: permit everything that passed verification."""
+
+CLAIMS_SUPPORTED = (
+    "nonce",
+    "x-ms-ver",
+    "x-ms-attestation-type",
+    "x-ms-policy-hash",
+    "x-ms-runtime",
+    "x-ms-inittime",
+    "x-ms-compliance-status",
+    "x-ms-sevsnpvm-authorkeydigest",
+    "x-ms-sevsnpvm-bootloader-svn",
+    "x-ms-sevsnpvm-familyId",
+    "x-ms-sevsnpvm-guestsvn",
+    "x-ms-sevsnpvm-hostdata",
+    "x-ms-sevsnpvm-idkeydigest",
+    "x-ms-sevsnpvm-imageId",
+    "x-ms-sevsnpvm-is-debuggable",
+    "x-ms-sevsnpvm-launchmeasurement",
+    "x-ms-sevsnpvm-microcode-svn",
+    "x-ms-sevsnpvm-migration-allowed",
+    "x-ms-sevsnpvm-reportdata",
+    "x-ms-sevsnpvm-reportid",
+    "x-ms-sevsnpvm-smt-allowed",
+    "x-ms-sevsnpvm-snpfw-svn",
+    "x-ms-sevsnpvm-tee-svn",
+    "x-ms-sevsnpvm-vmpl",
+)
+
+WRONG_ISSUER = "https://wrong-issuer.invalid"
+
+ROUTE_ATTEST = "attest"
+ROUTE_OPENID = "openid-configuration"
+ROUTE_CERTS = "certs"
+_STARTED: web.RequestKey[float] = web.RequestKey("skr.local.attestation.started", float)
+
+
+class FaultHook(Protocol):
+    """Injects failures for tests and demos: return a response to send it instead of the real one."""
+
+    async def before(self, route: str, request: web.Request) -> web.StreamResponse | None:
+        """Called before route ``route`` handles ``request``; ``None`` lets the request proceed.
+
+        Routes: ``attest`` (both path casings), ``openid-configuration``, ``certs``. A hook may also
+        offer ``mutations_for(request) -> Collection[str]`` to corrupt an issued token on purpose:
+        ``wrong_issuer`` (another ``iss``), ``resign_jws`` (signed by a stranger's key, same ``kid``),
+        ``truncate_jws`` (signature cut short), ``expired_cert`` (a token that expired an hour ago).
+        """
+        ...
+
+
+class AttestationRefused(Exception):
+    """Evidence or a request the service refuses; becomes a 400 in MAA's error shape."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+# --- pure helpers -------------------------------------------------------------------------------
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def policy_hash(policy_text: str) -> str:
+    """``x-ms-policy-hash``: BASE64URL(SHA256(UTF8(BASE64URL(UTF8(policy text))))) (MAA claim sets)."""
+    return _b64url(hashlib.sha256(_b64url(policy_text.encode("utf-8")).encode("utf-8")).digest())
+
+
+def sevsnp_claims(report: AttestationReport, product: Product) -> dict[str, Any]:
+    """The ``x-ms-sevsnpvm-*`` claims MAA derives from a verified report (AZURE_WIRE.md §1.5).
+
+    Byte fields are lowercase hex strings, SVNs and VMPL numbers, policy bits booleans; the TCB
+    parts come from REPORTED_TCB decoded for ``product``.
+    """
+    tcb = report.reported_tcb_version(product)
+    policy = report.guest_policy
+    return {
+        "x-ms-sevsnpvm-authorkeydigest": report.author_key_digest.hex(),
+        "x-ms-sevsnpvm-bootloader-svn": tcb.bl,
+        "x-ms-sevsnpvm-familyId": report.family_id.hex(),
+        "x-ms-sevsnpvm-guestsvn": report.guest_svn,
+        "x-ms-sevsnpvm-hostdata": report.host_data.hex(),
+        "x-ms-sevsnpvm-idkeydigest": report.id_key_digest.hex(),
+        "x-ms-sevsnpvm-imageId": report.image_id.hex(),
+        "x-ms-sevsnpvm-is-debuggable": policy.debug,
+        "x-ms-sevsnpvm-launchmeasurement": report.measurement.hex(),
+        "x-ms-sevsnpvm-microcode-svn": tcb.ucode,
+        "x-ms-sevsnpvm-migration-allowed": policy.migrate_ma,
+        "x-ms-sevsnpvm-reportdata": report.report_data.hex(),
+        "x-ms-sevsnpvm-reportid": report.report_id.hex(),
+        "x-ms-sevsnpvm-smt-allowed": policy.smt,
+        "x-ms-sevsnpvm-snpfw-svn": tcb.snp,
+        "x-ms-sevsnpvm-tee-svn": tcb.tee,
+        "x-ms-sevsnpvm-vmpl": report.vmpl,
+    }
+
+
+def signing_kid(public_key: rsa.RSAPublicKey) -> str:
+    """The JWKS ``kid`` of the signing key: standard base64 of its RFC 7638 SHA-256 thumbprint.
+
+    MAA's kids look the same (44 base64 characters); relying parties treat them as opaque.
+    """
+    canonical = json.dumps(rsa_public_members(public_key), sort_keys=True, separators=(",", ":"))
+    return base64.b64encode(hashlib.sha256(canonical.encode("ascii")).digest()).decode("ascii")
+
+
+def self_signed_certificate(
+    private_key: rsa.RSAPrivateKey, issuer: str, *, now: datetime | None = None
+) -> x509.Certificate:
+    """A self-signed certificate CN=``issuer`` for ``x5c`` (MAA publishes the same kind)."""
+    start = (now or datetime.now(tz=UTC)) - timedelta(days=1)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer[:64])])
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(private_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(private_key, hashes.SHA256())
+    )
+
+
+def _common_name(cert: x509.Certificate) -> str | None:
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    value = names[0].value if names else None
+    return value if isinstance(value, str) else None
+
+
+# --- request parsing ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Data:
+    raw: bytes
+    data_type: str
+
+
+@dataclass(frozen=True)
+class _AttestRequest:
+    envelope: ReportEnvelope
+    runtime_data: _Data | None
+    init_time_data: _Data | None
+    nonce: str | None
+
+
+def _parse_data(body: dict[str, Any], name: str) -> _Data | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise AttestationRefused("InvalidParameter", f"{name} must be an object {{data, dataType}}")
+    data_type = value.get("dataType", DATA_TYPE_BINARY)
+    if data_type not in (DATA_TYPE_JSON, DATA_TYPE_BINARY):
+        raise AttestationRefused(
+            "InvalidParameter", f"{name}.dataType must be 'JSON' or 'Binary', found {data_type!r}"
+        )
+    try:
+        raw = _decode_b64url(value.get("data"), f"{name}.data")
+    except BadRequest as exc:
+        raise AttestationRefused("InvalidParameter", exc.message) from None
+    return _Data(raw=raw, data_type=data_type)
+
+
+def _decode_b64url(value: Any, what: str) -> bytes:
+    if not isinstance(value, str) or not value:
+        raise BadRequest(f"{what} must be a non-empty base64url string")
+    return b64url_decode(value, what=what)
+
+
+def _parse_attest_request(body: Any) -> _AttestRequest:
+    if not isinstance(body, dict):
+        raise AttestationRefused("InvalidParameter", "the request body must be a JSON object")
+    report = body.get("report")
+    if not isinstance(report, str) or not report:
+        raise AttestationRefused("InvalidParameter", "the request has no 'report' string")
+    try:
+        envelope = decode_report(report)
+    except BadRequest as exc:
+        raise AttestationRefused("InvalidReport", f"the report could not be decoded: {exc.message}") from None
+    nonce = body.get("nonce")
+    if nonce is not None and not isinstance(nonce, str):
+        if isinstance(nonce, bool) or not isinstance(nonce, int):
+            raise AttestationRefused("InvalidParameter", "nonce must be a string")
+        nonce = str(nonce)  # the Go sidecar sends a number; MAA echoes it as a string
+    return _AttestRequest(
+        envelope=envelope,
+        runtime_data=_parse_data(body, "runtimeData"),
+        init_time_data=_parse_data(body, "initTimeData"),
+        nonce=nonce or None,
+    )
+
+
+def _json_claim(data: _Data, name: str) -> Any:
+    if data.data_type != DATA_TYPE_JSON:
+        return None
+    try:
+        doc = json.loads(data.raw)
+    except (ValueError, UnicodeDecodeError):
+        raise AttestationRefused(
+            "InvalidParameter", f"{name}.data has dataType JSON but is not valid JSON"
+        ) from None
+    if not isinstance(doc, dict):
+        raise AttestationRefused(
+            "InvalidParameter", f"{name}.data must be a JSON object, found {type(doc).__name__}"
+        )
+    return doc
+
+
+def _check_binding(report: AttestationReport, request: _AttestRequest) -> None:
+    runtime = request.runtime_data
+    if runtime is not None:
+        digest = hashlib.sha256(runtime.raw).digest()
+        if report.report_data[:32] != digest:
+            raise AttestationRefused(
+                "RuntimeDataMismatch",
+                f"SHA-256 of runtimeData is {digest.hex()}"
+                f" but REPORT_DATA[0:32] is {report.report_data[:32].hex()}",
+            )
+        if any(report.report_data[32:]):
+            raise AttestationRefused(
+                "RuntimeDataMismatch",
+                "REPORT_DATA[32:64] must be zero when runtimeData is bound,"
+                f" found {report.report_data[32:].hex()}",
+            )
+    init = request.init_time_data
+    if init is not None:
+        digest = hashlib.sha256(init.raw).digest()
+        if report.host_data != digest:
+            raise AttestationRefused(
+                "InitTimeDataMismatch",
+                f"SHA-256 of initTimeData is {digest.hex()} but HOST_DATA is {report.host_data.hex()}",
+            )
+
+
+# --- the service --------------------------------------------------------------------------------
+
+
+class LocalAttestationService:
+    """An MAA-compatible attestation service for SEV-SNP evidence (see module docstring)."""
+
+    def __init__(
+        self,
+        signing_key: rsa.RSAPrivateKey,
+        certificate: x509.Certificate,
+        *,
+        issuer: str | None = None,
+        trusted_arks: Sequence[x509.Certificate] = (),
+        endorsed_measurements: Collection[bytes] = (),
+        faults: FaultHook | None = None,
+        policy_text: str = DEFAULT_POLICY,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not isinstance(signing_key, rsa.RSAPrivateKey) or signing_key.key_size < 2048:
+            raise BadRequest("the attestation signing key must be an RSA key of at least 2048 bits")
+        if certificate.public_key() != signing_key.public_key():
+            raise BadRequest("the attestation certificate does not belong to the signing key")
+        self._signing_key = signing_key
+        self._certificates: dict[str, x509.Certificate] = {}
+        cn = _common_name(certificate)
+        if cn is not None:
+            self._certificates[cn] = certificate
+        self._issuer: str | None = None
+        self.issuer = issuer
+        self._trusted_arks = tuple(trusted_arks)
+        self._endorsed = frozenset(bytes(m) for m in endorsed_measurements)
+        self._faults = faults
+        self._policy_hash = policy_hash(policy_text)
+        self._clock = clock
+        self._kid = signing_kid(signing_key.public_key())
+        self._app: web.Application | None = None
+
+    # -- construction helpers --
+
+    @classmethod
+    async def create(
+        cls,
+        state_dir: Path,
+        *,
+        issuer: str | None = None,
+        trusted_arks: Sequence[x509.Certificate] = (),
+        endorsed_measurements: Collection[bytes] = (),
+        faults: FaultHook | None = None,
+        policy_text: str = DEFAULT_POLICY,
+        clock: Callable[[], float] = time.time,
+    ) -> LocalAttestationService:
+        """Load the signing key and certificate from ``state_dir`` (files mode 0600), creating them once.
+
+        The RSA-2048 key survives restarts, so tokens and the ``kid`` stay verifiable across them.
+        """
+        key, cert = await asyncio.to_thread(_load_or_create_signing_material, Path(state_dir), issuer)
+        return cls(
+            key,
+            cert,
+            issuer=issuer,
+            trusted_arks=trusted_arks,
+            endorsed_measurements=endorsed_measurements,
+            faults=faults,
+            policy_text=policy_text,
+            clock=clock,
+        )
+
+    def __repr__(self) -> str:
+        return f"LocalAttestationService(issuer={self._issuer!r}, kid={self._kid!r})"
+
+    # -- properties --
+
+    @property
+    def issuer(self) -> str | None:
+        """The ``iss`` of issued tokens (``https://host:port``); ``None`` = taken from each request's Host."""
+        return self._issuer
+
+    @issuer.setter
+    def issuer(self, value: str | None) -> None:
+        self._issuer = normalize_endpoint(value) if value is not None else None
+
+    @property
+    def kid(self) -> str:
+        """The ``kid`` of the signing key in headers and ``/certs``."""
+        return self._kid
+
+    @property
+    def app(self) -> web.Application:
+        """The aiohttp application (created once)."""
+        if self._app is None:
+            self._app = self._build_app()
+        return self._app
+
+    def _build_app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY, middlewares=[self._middleware])
+        app.router.add_post("/attest/SevSnpVm", self._attest, name=ROUTE_ATTEST)
+        app.router.add_post("/attest/SevSnpVM", self._attest, name=f"{ROUTE_ATTEST}-go")
+        app.router.add_get("/.well-known/openid-configuration", self._openid, name=ROUTE_OPENID)
+        app.router.add_get("/certs", self._certs, name=ROUTE_CERTS)
+        app.on_response_prepare.append(_add_server_timing)
+        return app
+
+    # -- middleware --
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        request[_STARTED] = time.perf_counter()
+        route = request.match_info.route.name
+        if self._faults is not None and route is not None:
+            injected = await self._faults.before(
+                ROUTE_ATTEST if route.startswith(ROUTE_ATTEST) else route, request
+            )
+            if injected is not None:
+                return injected
+        try:
+            response: web.StreamResponse = await handler(request)
+        except web.HTTPException as exc:
+            return _maa_error(
+                exc.status, exc.reason.replace(" ", ""), f"{request.method} {request.path}: {exc.reason}"
+            )
+        except Exception:
+            log.exception("local attestation service failed on %s %s", request.method, request.path)
+            return _maa_error(500, "InternalError", "the local attestation service failed; see its log")
+        return response
+
+    # -- handlers --
+
+    def _issuer_for(self, request: web.Request) -> str:
+        if self._issuer is not None:
+            return self._issuer
+        try:
+            return normalize_endpoint(request.host)
+        except BadRequest:
+            raise AttestationRefused(
+                "InvalidParameter", f"the Host header {request.host!r} is not a host"
+            ) from None
+
+    async def _attest(self, request: web.Request) -> web.Response:
+        try:
+            api_version = request.query.get("api-version")
+            if api_version not in SUPPORTED_API_VERSIONS:
+                raise AttestationRefused(
+                    "InvalidApiVersion",
+                    f"api-version {api_version!r} is not supported;"
+                    f" expected one of {', '.join(SUPPORTED_API_VERSIONS)}",
+                )
+            try:
+                body = json.loads(await request.read())
+            except (ValueError, UnicodeDecodeError):
+                raise AttestationRefused("InvalidParameter", "the request body is not JSON") from None
+            parsed = _parse_attest_request(body)
+            issuer = self._issuer_for(request)
+            token = await asyncio.to_thread(self._issue, parsed, issuer, self._mutations(request))
+        except AttestationRefused as exc:
+            return _maa_error(400, exc.code, exc.message)
+        return web.json_response({"token": token})
+
+    async def _openid(self, request: web.Request) -> web.Response:
+        try:
+            issuer = self._issuer_for(request)
+        except AttestationRefused as exc:
+            return _maa_error(400, exc.code, exc.message)
+        return web.json_response(
+            {
+                "issuer": issuer,
+                "jwks_uri": f"{issuer}/certs",
+                "response_types_supported": ["token", "none"],
+                "id_token_signing_alg_values_supported": ["RS256"],
+                "revocation_endpoint": f"{issuer}/revoke",
+                "claims_supported": list(CLAIMS_SUPPORTED),
+            }
+        )
+
+    async def _certs(self, request: web.Request) -> web.Response:
+        try:
+            issuer = self._issuer_for(request)
+        except AttestationRefused as exc:
+            return _maa_error(400, exc.code, exc.message)
+        cert = self._certificate_for(issuer)
+        jwk: dict[str, Any] = {
+            "alg": "RS256",
+            "kid": self._kid,
+            "kty": "RSA",
+            "use": "sig",
+            "x5c": [base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode("ascii")],
+        }
+        members = rsa_public_members(self._signing_key.public_key())
+        jwk["n"], jwk["e"] = members["n"], members["e"]
+        return web.json_response({"keys": [jwk]})
+
+    def _certificate_for(self, issuer: str) -> x509.Certificate:
+        cert = self._certificates.get(issuer[:64])
+        if cert is None:
+            cert = self_signed_certificate(self._signing_key, issuer)
+            self._certificates[issuer[:64]] = cert
+        return cert
+
+    # -- verification and issuance (runs in a worker thread) --
+
+    def _mutations(self, request: web.Request) -> frozenset[str]:
+        chooser = getattr(self._faults, "mutations_for", None)
+        return frozenset(chooser(request)) if callable(chooser) else frozenset()
+
+    def _issue(self, request: _AttestRequest, issuer: str, mutations: frozenset[str] = frozenset()) -> str:
+        now = self._clock()
+        envelope = request.envelope
+        try:
+            verified = verify_evidence_chain(
+                envelope.report,
+                envelope.vcek_chain_pem,
+                at=datetime.fromtimestamp(now, tz=UTC),
+                trusted_arks=self._trusted_arks,
+            )
+        except SkrError as exc:
+            raise AttestationRefused(
+                "InvalidReport" if exc.status == 400 else "EvidenceVerificationFailed",
+                f"the SEV-SNP evidence failed verification: {exc.message}",
+            ) from None
+        report = verified.report
+        _check_binding(report, request)
+        issued_at = int(now) - (TOKEN_LIFETIME + 3600 if "expired_cert" in mutations else 0)
+        claims = self._claims(report, verified.product, request, issuer, issued_at)
+        if "wrong_issuer" in mutations:
+            claims["iss"] = WRONG_ISSUER
+        key = self._signing_key
+        if "resign_jws" in mutations:
+            key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        headers = {"jku": f"{issuer}/certs", "kid": self._kid, "typ": "JWT"}
+        token = jwt.encode(claims, key, algorithm="RS256", headers=headers)
+        return token[:-16] if "truncate_jws" in mutations else token
+
+    def _claims(
+        self, report: AttestationReport, product: Product, request: _AttestRequest, issuer: str, now: int
+    ) -> dict[str, Any]:
+        claims: dict[str, Any] = {
+            "exp": now + TOKEN_LIFETIME,
+            "iat": now,
+            "iss": issuer,
+            "jti": secrets.token_hex(32),
+            "nbf": now,
+            "x-ms-attestation-type": ATTESTATION_TYPE,
+            "x-ms-policy-hash": self._policy_hash,
+            "x-ms-ver": "1.0",
+        }
+        claims.update(sevsnp_claims(report, product))
+        if report.measurement in self._endorsed:
+            claims["x-ms-compliance-status"] = COMPLIANT_UVM
+        if request.runtime_data is not None:
+            runtime = _json_claim(request.runtime_data, "runtimeData")
+            if runtime is not None:
+                claims["x-ms-runtime"] = runtime
+        if request.init_time_data is not None:
+            init = _json_claim(request.init_time_data, "initTimeData")
+            if init is not None:
+                claims["x-ms-inittime"] = init
+        if request.nonce is not None:
+            claims["nonce"] = request.nonce
+        return dict(sorted(claims.items()))
+
+
+# --- responses ----------------------------------------------------------------------------------
+
+
+def _maa_error(status: int, code: str, message: str) -> web.Response:
+    """MAA's error shape (``CloudError`` / Azure Core ``ErrorResponse``) plus ``x-ms-error-code``."""
+    return web.json_response(
+        {"error": {"code": code, "message": message}}, status=status, headers={"x-ms-error-code": code}
+    )
+
+
+async def _add_server_timing(request: web.Request, response: web.StreamResponse) -> None:
+    started = request.get(_STARTED)
+    if isinstance(started, float):
+        response.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - started) * 1000:.1f}"
+
+
+# --- signing material on disk -------------------------------------------------------------------
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` with mode 0600, atomically (a reader never sees half a key)."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def _load_or_create_signing_material(
+    state_dir: Path, issuer: str | None
+) -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    key_path, cert_path = state_dir / SIGNING_KEY_FILE, state_dir / SIGNING_CERT_FILE
+    subject = normalize_endpoint(issuer) if issuer else "skr local attestation"
+    if key_path.exists():
+        loaded = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        if not isinstance(loaded, rsa.RSAPrivateKey):
+            raise BadRequest(
+                f"{key_path} does not hold an RSA private key", hint="delete it to create a new one"
+            )
+        key = loaded
+    else:
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        _write_private(key_path, pem)
+    cert: x509.Certificate | None = None
+    if cert_path.exists():
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        if cert.public_key() != key.public_key() or (issuer and _common_name(cert) != subject[:64]):
+            cert = None
+    if cert is None:
+        cert = self_signed_certificate(key, subject)
+        _write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    return key, cert

@@ -1,0 +1,348 @@
+"""The Microsoft Azure Attestation (MAA) client for SEV-SNP evidence (``AttestSevSnpVm``).
+
+Owns the wire format of ``POST https://{instance}/attest/SevSnpVm?api-version=…`` (AZURE_WIRE.md §1):
+
+* body keys are camelCase: ``report``, ``runtimeData {data, dataType: "JSON"}``, optional
+  ``initTimeData`` and ``nonce`` (a string);
+* ``report`` = base64url(JSON ``{"SnpReport": b64url(report), "VcekCertChain": b64url(PEM chain),
+  "Endorsements": b64url(JSON {"Uvm": [b64url(COSE_Sign1)]})}``), ``Endorsements`` only when the
+  platform supplied a UVM endorsement;
+* **base64url without padding** everywhere (RFC 7515 §2). This is byte-for-byte what Microsoft's own
+  sample client sends (the genuine request in the test vectors re-encodes identically); the Go sidecar
+  pads, and MAA accepts both. Our decoders accept both as well.
+
+Also owns endpoint normalization: a host, ``host:port`` or ``https://`` URL becomes
+``https://host[:port]``; plain HTTP, credentials, paths and queries are refused. TLS is always
+verified (system roots plus ``SKR_CA_BUNDLE``). Every call goes through :func:`skr.http.request`
+(timeouts, retries of transient failures only, deadline).
+
+Never logs or returns the token in a message; error bodies are summarized, never echoed whole.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import json
+import re
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import aiohttp
+
+from skr import __version__
+from skr.errors import AttestationFailed, BadRequest
+from skr.evidence.base import Evidence
+from skr.http import DEFAULT_RETRY, Deadline, RetryPolicy, client_ssl_context, request, summarize_body
+
+SERVICE = "Microsoft Azure Attestation"
+DEFAULT_TEE_PATH = "SevSnpVm"
+DEFAULT_API_VERSION = "2022-08-01"
+DEFAULT_USER_AGENT = f"skr/{__version__}"
+DATA_TYPE_JSON = "JSON"
+DATA_TYPE_BINARY = "Binary"
+
+_HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+_TEE_PATH = re.compile(r"^[A-Za-z0-9]+$")
+
+
+# --- base64url ------------------------------------------------------------------------------------
+
+
+def b64url_encode(data: bytes) -> str:
+    """base64url without padding (RFC 7515 §2)."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64url_decode(text: str, *, what: str = "value") -> bytes:
+    """Decode base64url with or without ``=`` padding; :class:`BadRequest` naming ``what`` otherwise."""
+    if not isinstance(text, str):
+        raise BadRequest(f"{what} must be a base64url string, found {type(text).__name__}")
+    stripped = text.strip().rstrip("=")
+    if len(stripped) % 4 == 1 or not re.fullmatch(r"[A-Za-z0-9_-]*", stripped):
+        raise BadRequest(
+            f"{what} is not base64url",
+            hint="base64url uses A-Z a-z 0-9 - _ with optional '=' padding; '+' and '/' are not accepted",
+        )
+    try:
+        return base64.urlsafe_b64decode(stripped + "=" * (-len(stripped) % 4))
+    except (binascii.Error, ValueError) as exc:  # pragma: no cover - the regex above already rules these out
+        raise BadRequest(f"{what} is not base64url") from exc
+
+
+# --- endpoints ------------------------------------------------------------------------------------
+
+
+def _valid_host(host: str) -> bool:
+    if host.startswith("["):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return False
+        return host.endswith("]")
+    if len(host) > 253:
+        return False
+    return all(_HOST_LABEL.match(label) for label in host.rstrip(".").split("."))
+
+
+def normalize_endpoint(value: str) -> str:
+    """``host``, ``host:port`` or ``https://host[:port][/]`` → ``"https://host[:port]"``.
+
+    The host is lower-cased and the default port 443 dropped, so equal origins compare equal.
+
+    Raises :class:`BadRequest` for ``http://`` and other schemes, credentials (``user@``), paths,
+    queries, fragments, bad host names and bad ports: an attestation endpoint is an origin, nothing more.
+    """
+    if not isinstance(value, str) or not value.strip():
+        raise BadRequest(
+            "the attestation endpoint is empty", hint="give a host such as sharedeus2.eus2.attest.azure.net"
+        )
+    text = value.strip()
+    if any(ch.isspace() for ch in text):
+        raise BadRequest(f"the attestation endpoint {text!r} contains white space")
+    scheme, sep, _ = text.partition("://")
+    if sep and scheme.lower() != "https":
+        raise BadRequest(
+            f"the attestation endpoint must use https, found {scheme.lower()}://",
+            hint="MAA is only reachable over TLS; give the host name or an https:// URL",
+        )
+    parts = urlsplit(text if sep else f"https://{text}")
+    if parts.username is not None or parts.password is not None or "@" in parts.netloc:
+        raise BadRequest("the attestation endpoint must not contain credentials (user@host)")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or "?" in text or "#" in text:
+        raise BadRequest(
+            f"the attestation endpoint must be a bare origin without path or query, found {text!r}",
+            hint="give only the host, e.g. sharedeus2.eus2.attest.azure.net",
+        )
+    try:
+        port = parts.port
+    except ValueError:
+        raise BadRequest(f"the attestation endpoint {text!r} has an invalid port") from None
+    host = (parts.hostname or "").lower()
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    if not host or not _valid_host(host):
+        raise BadRequest(f"the attestation endpoint {text!r} does not name a valid host")
+    if port == 0:
+        raise BadRequest(f"the attestation endpoint {text!r} has an invalid port")
+    return f"https://{host}" if port in (None, 443) else f"https://{host}:{port}"
+
+
+# --- request body ---------------------------------------------------------------------------------
+
+
+def encode_report(evidence: Evidence) -> str:
+    """The ``report`` string: base64url of the compact JSON SNP bundle (AZURE_WIRE.md §1.3)."""
+    bundle: dict[str, str] = {
+        "SnpReport": b64url_encode(evidence.report),
+        "VcekCertChain": b64url_encode(evidence.vcek_chain_pem),
+    }
+    if evidence.uvm_endorsements:
+        endorsements = {"Uvm": [b64url_encode(evidence.uvm_endorsements)]}
+        bundle["Endorsements"] = b64url_encode(_compact_json(endorsements))
+    return b64url_encode(_compact_json(bundle))
+
+
+@dataclass(frozen=True)
+class ReportEnvelope:
+    """The decoded ``report`` string of an ``AttestSevSnpVm`` request."""
+
+    report: bytes
+    vcek_chain_pem: bytes
+    uvm_endorsements: tuple[bytes, ...] = ()
+
+    def __repr__(self) -> str:
+        return (
+            f"ReportEnvelope(report=<{len(self.report)} bytes>,"
+            f" vcek_chain_pem=<{len(self.vcek_chain_pem)} bytes>,"
+            f" uvm_endorsements={len(self.uvm_endorsements)})"
+        )
+
+
+def _json_object(data: bytes, what: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest(f"{what} is not JSON") from None
+    if not isinstance(doc, dict):
+        raise BadRequest(f"{what} must be a JSON object, found {type(doc).__name__}")
+    return doc
+
+
+def decode_report(value: str) -> ReportEnvelope:
+    """Inverse of :func:`encode_report` (padded or unpadded base64url); :class:`BadRequest` when malformed."""
+    bundle = _json_object(b64url_decode(value, what="report"), "the decoded report")
+    for key in ("SnpReport", "VcekCertChain"):
+        if not isinstance(bundle.get(key), str) or not bundle[key]:
+            raise BadRequest(
+                f"the decoded report has no {key!r} string", hint="expected keys SnpReport, VcekCertChain"
+            )
+    report = b64url_decode(bundle["SnpReport"], what="report.SnpReport")
+    chain = b64url_decode(bundle["VcekCertChain"], what="report.VcekCertChain")
+    uvm: tuple[bytes, ...] = ()
+    if bundle.get("Endorsements"):
+        endorsements = _json_object(
+            b64url_decode(bundle["Endorsements"], what="report.Endorsements"), "report.Endorsements"
+        )
+        items = endorsements.get("Uvm", [])
+        if not isinstance(items, list):
+            raise BadRequest("report.Endorsements.Uvm must be a list of base64url strings")
+        uvm = tuple(b64url_decode(item, what="report.Endorsements.Uvm[]") for item in items)
+    return ReportEnvelope(report=report, vcek_chain_pem=chain, uvm_endorsements=uvm)
+
+
+def _compact_json(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode("utf-8")
+
+
+def build_request_body(
+    evidence: Evidence,
+    runtime_data: bytes,
+    nonce: str | None = None,
+    *,
+    init_time_data: bytes | None = None,
+) -> dict[str, Any]:
+    """The JSON body of ``AttestSevSnpVm``.
+
+    ``runtime_data`` must be the exact bytes whose SHA-256 is REPORT_DATA[0:32] (for key release: the
+    wrapping key's JWKS, see :mod:`skr.maa.runtime`); it is sent with ``dataType: "JSON"`` so MAA
+    places it under ``x-ms-runtime``. ``init_time_data`` (JSON whose SHA-256 is HOST_DATA) is sent only
+    when given; ACI never sends it. ``nonce`` is echoed by MAA as the ``nonce`` claim.
+    """
+    body: dict[str, Any] = {
+        "report": encode_report(evidence),
+        "runtimeData": {"data": b64url_encode(runtime_data), "dataType": DATA_TYPE_JSON},
+    }
+    if init_time_data is not None:
+        body["initTimeData"] = {"data": b64url_encode(init_time_data), "dataType": DATA_TYPE_JSON}
+    if nonce is not None:
+        if not isinstance(nonce, str) or not nonce:
+            raise BadRequest("the attestation nonce must be a non-empty string")
+        body["nonce"] = nonce
+    return body
+
+
+def _token_from(body: Any) -> str | None:
+    """The ``token`` member, matched case-insensitively like the Go sidecar does."""
+    if not isinstance(body, Mapping):
+        return None
+    for key, value in body.items():
+        if isinstance(key, str) and key.lower() == "token" and isinstance(value, str):
+            return value
+    return None
+
+
+# --- the client -----------------------------------------------------------------------------------
+
+
+class MaaClient:
+    """Sends SEV-SNP evidence to an MAA instance and returns the attestation token (a JWT).
+
+    ``tee_path`` and ``api_version`` are configurable: the Go sidecar's ``SevSnpVM`` +
+    ``2020-10-01`` is one setting away from the default ``SevSnpVm`` + ``2022-08-01``.
+    ``timeout`` is per attempt; ``retry`` retries only transient failures.
+    """
+
+    encode_report = staticmethod(encode_report)
+    build_request_body = staticmethod(build_request_body)
+    normalize_endpoint = staticmethod(normalize_endpoint)
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        tee_path: str = DEFAULT_TEE_PATH,
+        api_version: str = DEFAULT_API_VERSION,
+        user_agent: str = DEFAULT_USER_AGENT,
+        timeout: float = 10.0,
+        retry: RetryPolicy = DEFAULT_RETRY,
+    ) -> None:
+        if not _TEE_PATH.match(tee_path):
+            raise BadRequest(f"the MAA TEE path must be alphanumeric (e.g. SevSnpVm), found {tee_path!r}")
+        if not api_version or not re.fullmatch(r"[0-9A-Za-z.-]+", api_version):
+            raise BadRequest(f"the MAA api-version {api_version!r} is not valid", hint="e.g. 2022-08-01")
+        self._session = session
+        self._ssl_context = ssl_context if ssl_context is not None else client_ssl_context()
+        self.tee_path = tee_path
+        self.api_version = api_version
+        self.user_agent = user_agent
+        self.timeout = timeout
+        self.retry = retry
+
+    def attest_url(self, endpoint: str) -> str:
+        """``https://{instance}/attest/{tee_path}?api-version={api_version}``."""
+        return f"{normalize_endpoint(endpoint)}/attest/{self.tee_path}?api-version={quote(self.api_version)}"
+
+    async def attest(
+        self,
+        endpoint: str,
+        evidence: Evidence,
+        runtime_data: bytes,
+        *,
+        nonce: str | None = None,
+        init_time_data: bytes | None = None,
+        deadline: Deadline | None = None,
+    ) -> str:
+        """Attest ``evidence`` binding ``runtime_data``; returns the JWT (compact serialization).
+
+        Raises :class:`BadRequest` for a bad endpoint, :class:`AttestationFailed` when MAA refuses or
+        answers something unusable, :class:`skr.errors.UpstreamError` / :class:`UpstreamTimeout` when it
+        stays unreachable or the deadline runs out.
+        """
+        url = self.attest_url(endpoint)
+        origin = normalize_endpoint(endpoint)
+        body = build_request_body(evidence, runtime_data, nonce, init_time_data=init_time_data)
+        result = await request(
+            self._session,
+            "POST",
+            url,
+            service=SERVICE,
+            data=_compact_json(body),
+            headers={
+                "Content-Type": "application/json",
+                "Accept": "application/json",
+                "User-Agent": self.user_agent,
+            },
+            ssl_context=self._ssl_context,
+            timeout=self.timeout,
+            deadline=deadline,
+            retry=self.retry,
+        )
+        if result.status != 200:
+            raise _refusal(origin, result.status, result.body)
+        try:
+            doc = json.loads(result.body)
+        except (ValueError, UnicodeDecodeError):
+            raise AttestationFailed(
+                f"{SERVICE} at {origin} answered HTTP 200 with a body that is not JSON",
+                hint="check that the endpoint is an attestation instance (https://<name>.<region>.attest.azure.net)",
+            ) from None
+        token = _token_from(doc)
+        if token is None or token.count(".") != 2:
+            raise AttestationFailed(
+                f"{SERVICE} at {origin} answered HTTP 200 without a JWT in 'token'",
+                hint="check that the endpoint is an attestation instance and the api-version is supported",
+            )
+        return token
+
+
+def _refusal(origin: str, status: int, body: bytes) -> AttestationFailed:
+    summary = summarize_body(body) or "(empty body)"
+    message = f"{SERVICE} at {origin} answered HTTP {status}: {summary}"
+    if status == 400:
+        hint = (
+            f"the attestation service refused the evidence: {summary}; check the report, its VCEK chain "
+            "and that REPORT_DATA is SHA-256 of the runtime data"
+        )
+    elif status in (401, 403):
+        hint = "the instance requires authorization or its policy refused the request; check the endpoint"
+    elif status == 404:
+        hint = "check the endpoint, the TEE path (SevSnpVm) and the api-version"
+    else:
+        hint = "check the endpoint and the api-version"
+    return AttestationFailed(message, hint=hint)
