@@ -1,0 +1,464 @@
+"""The Key Vault / Managed HSM *release* call, through ``azure.keyvault.keys.aio.KeyClient``.
+
+Owns: parsing what the caller names (``kid`` as ``name``, ``name/version`` or a full key URL; the vault as
+``host``, ``host:port`` or an ``https://`` URL), one SDK client per (vault, credential) reused across
+calls, the SDK's retry and timeout settings, the per-request deadline, and the mapping of the vault's
+answers to skr errors that carry the vault's error code and message plus a hint on what to fix (RBAC
+role, release policy, key name).
+
+It returns the release JWS untouched: verifying and unwrapping it is :mod:`skr.akv.jws`'s job.
+
+TLS is always verified (a CA bundle only *adds* anchors). The SDK's challenge-resource check stays on for
+every Azure domain and is turned off only for explicitly allow-listed non-Azure hosts (local emulators).
+Never logs or puts into a message the attestation token, the access token or the released key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import re
+from collections.abc import Collection
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from azure.core.credentials_async import AsyncTokenCredential
+from azure.core.exceptions import (
+    ClientAuthenticationError,
+    HttpResponseError,
+    ServiceRequestError,
+    ServiceResponseError,
+)
+from azure.keyvault.keys.aio import KeyClient
+
+from skr.akv.keywrap import Enc
+from skr.errors import (
+    BadRequest,
+    IdentityError,
+    KeyNotFound,
+    ReleaseDenied,
+    SkrError,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from skr.http import CA_BUNDLE_ENV, Deadline, client_ssl_context
+from skr.identity import CredentialFactory, StaticTokenCredential, is_azure_host, verifying_transport
+
+VAULT_RELEASE_ROLE = "Key Vault Crypto Service Release User"
+MANAGED_HSM_RELEASE_ROLE = "Managed HSM Crypto Service Release User"
+
+_NAME_RE = re.compile(r"^[0-9A-Za-z-]{1,127}$")
+_VERSION_RE = re.compile(r"^[0-9A-Za-z]{1,64}$")
+_LABEL_RE = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_MAX_DETAIL = 400
+
+
+@dataclass(frozen=True)
+class ReleaseResult:
+    """What the vault answered to a successful release: the JWS (``ReleaseKeyResult.value``) and what
+    was asked for (``version`` is None when the latest version was requested)."""
+
+    jws: str
+    vault_url: str
+    name: str
+    version: str | None
+
+    def __repr__(self) -> str:
+        return f"ReleaseResult(vault_url={self.vault_url!r}, name={self.name!r}, version={self.version!r})"
+
+
+@dataclass(frozen=True)
+class SdkSettings:
+    """How hard the SDK tries per call: its own retry policy handles 408/429/5xx and connection errors."""
+
+    retry_total: int = 3
+    retry_backoff_factor: float = 0.5
+    retry_backoff_max: int = 8
+    connection_timeout: float = 5.0
+    read_timeout: float = 20.0
+
+
+# --- parsing ----------------------------------------------------------------------------------------
+
+
+def _valid_host(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        return True
+    if len(host) > 253:
+        return False
+    return all(_LABEL_RE.match(label) for label in host.split("."))
+
+
+def normalize_vault(value: str) -> str:
+    """``https://host[:port]`` for a vault given as ``host``, ``host:port`` or ``https://host[:port][/]``.
+
+    Refuses ``http://`` (the SDK would refuse bearer auth anyway), user info, paths, queries and fragments,
+    and host names that are not DNS names or IP literals. Lower-cases the host and drops ``:443``.
+    """
+    text = value.strip() if isinstance(value, str) else ""
+    if not text:
+        raise BadRequest("the vault endpoint is empty", hint="name a vault such as myvault.vault.azure.net")
+    if "://" not in text:
+        text = "https://" + text
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError:
+        raise BadRequest(
+            f"the vault endpoint {value[:200]!r} is not a host, host:port or https URL",
+            hint="name a vault such as myvault.vault.azure.net",
+        ) from None
+    if parts.scheme.lower() != "https":
+        raise BadRequest(
+            f"the vault endpoint {value[:200]!r} uses {parts.scheme}://; only https:// is allowed",
+            hint="Key Vault and Managed HSM are only reachable over TLS",
+        )
+    if parts.username is not None or parts.password is not None or "@" in parts.netloc:
+        raise BadRequest(f"the vault endpoint {parts.hostname!r} must not contain user info")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or "\\" in text:
+        raise BadRequest(
+            f"the vault endpoint {value[:200]!r} has a path, query or fragment; expected only a host",
+            hint="name the key in kid, not in the vault endpoint",
+        )
+    host = (parts.hostname or "").rstrip(".").lower()
+    if not host or not _valid_host(host):
+        raise BadRequest(f"the vault endpoint {value[:200]!r} does not name a valid host")
+    shown = f"[{host}]" if ":" in host else host
+    return f"https://{shown}" if port in (None, 443) else f"https://{shown}:{port}"
+
+
+def _check_name(name: str, kid: str) -> str:
+    if not _NAME_RE.match(name):
+        raise BadRequest(
+            f"the key name in kid {kid[:200]!r} is not valid; expected 1-127 letters, digits or '-'",
+            hint="kid is name, name/version or https://<vault>/keys/<name>[/<version>]",
+        )
+    return name
+
+
+def _check_version(version: str, kid: str) -> str | None:
+    if not version:
+        return None
+    if not _VERSION_RE.match(version):
+        raise BadRequest(
+            f"the key version in kid {kid[:200]!r} is not valid; expected letters and digits (32 hex)",
+            hint="kid is name, name/version or https://<vault>/keys/<name>[/<version>]",
+        )
+    return version
+
+
+def parse_kid(kid: str) -> tuple[str | None, str, str | None]:
+    """``(vault_url | None, name, version | None)`` for ``name``, ``name/version`` or a key URL
+    ``https://host[:port]/keys/name[/version]``. Names and versions are checked for their character set
+    (they end up in a URL path)."""
+    text = kid.strip() if isinstance(kid, str) else ""
+    if not text:
+        raise BadRequest("kid is empty", hint="name the key to release")
+    if "://" in text:
+        try:
+            parts = urlsplit(text)
+        except ValueError:
+            raise BadRequest(f"kid {kid[:200]!r} is not a valid URL") from None
+        vault_url = normalize_vault(f"{parts.scheme}://{parts.netloc}")
+        if parts.query or parts.fragment:
+            raise BadRequest(
+                f"kid {kid[:200]!r} has a query or fragment; expected .../keys/<name>[/<version>]"
+            )
+        segments = parts.path.strip("/").split("/")
+        if len(segments) not in (2, 3) or segments[0] != "keys":
+            raise BadRequest(
+                f"kid {kid[:200]!r} is not a key URL; expected https://<vault>/keys/<name>[/<version>]"
+            )
+        name = _check_name(segments[1], kid)
+        version = _check_version(segments[2], kid) if len(segments) == 3 else None
+        return vault_url, name, version
+    segments = text.split("/")
+    if len(segments) > 2:
+        raise BadRequest(
+            f"kid {kid[:200]!r} has too many '/' parts; expected name or name/version",
+            hint="or give the full key URL https://<vault>/keys/<name>/<version>",
+        )
+    name = _check_name(segments[0], kid)
+    version = _check_version(segments[1], kid) if len(segments) == 2 else None
+    return None, name, version
+
+
+# --- error mapping ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VaultError:
+    """The vault's error as it answered (``{"error": {"code", "message", "innererror": {"code"}}}``)."""
+
+    status: int
+    code: str
+    message: str
+    inner_code: str | None
+
+    def describe(self) -> str:
+        """``HTTP 403 Forbidden: <message> (inner: AccessDenied)`` on one line."""
+        text = (
+            f"HTTP {self.status} {self.code}: {self.message}"
+            if self.code
+            else f"HTTP {self.status}: {self.message}"
+        )
+        if self.inner_code:
+            text += f" (inner error: {self.inner_code})"
+        text = " ".join(text.split())
+        return text if len(text) <= _MAX_DETAIL else text[: _MAX_DETAIL - 1] + "…"
+
+
+def vault_error(exc: HttpResponseError) -> VaultError:
+    """Read the vault's error code and message from an SDK exception (body first, SDK model second)."""
+    status = int(exc.status_code or 0)
+    code, message, inner = "", "", None
+    response = exc.response
+    if response is not None:
+        try:
+            document = json.loads(response.text() or "null")
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            document = None
+        error = document.get("error") if isinstance(document, dict) else None
+        if isinstance(error, dict):
+            code = str(error.get("code") or "")
+            message = str(error.get("message") or "")
+            inner_obj = error.get("innererror")
+            if isinstance(inner_obj, dict) and inner_obj.get("code"):
+                inner = str(inner_obj["code"])
+    model = getattr(exc, "error", None)
+    if not code and model is not None:
+        code = str(getattr(model, "code", "") or "")
+    if not message:
+        reason = getattr(response, "reason", None) if response is not None else None
+        message = str((model and getattr(model, "message", None)) or reason or "no error body")
+    return VaultError(status=status, code=code, message=message, inner_code=inner)
+
+
+class KeyVaultReleaser:
+    """Releases keys from Key Vault / Managed HSM with the real SDK.
+
+    ``credentials`` chooses the credential per call; ``api_version`` overrides the SDK default;
+    ``ca_bundle`` adds TLS trust anchors (default: the factory's); ``allow_insecure_challenge_hosts`` names
+    non-Azure endpoints (``host`` or ``host:port``) whose 401 challenge may name a resource that is not
+    their own domain (local emulators). ``sdk`` sets the SDK's retries and timeouts.
+    """
+
+    def __init__(
+        self,
+        *,
+        credentials: CredentialFactory,
+        api_version: str | None = None,
+        ca_bundle: Path | None = None,
+        allow_insecure_challenge_hosts: Collection[str] = (),
+        sdk: SdkSettings | None = None,
+    ) -> None:
+        self._credentials = credentials
+        self._api_version = api_version.strip() if api_version and api_version.strip() else None
+        self._ca_bundle = ca_bundle
+        self._sdk = sdk or SdkSettings()
+        self._insecure_challenge = frozenset(_netloc(h) for h in allow_insecure_challenge_hosts)
+        self._clients: dict[tuple[str, int], KeyClient] = {}
+
+    def verify_challenge_resource(self, vault_url: str) -> bool:
+        """False only for allow-listed endpoints outside Azure's domains; True for everything else."""
+        netloc = _netloc(vault_url)
+        host = netloc[: netloc.index("]") + 1] if netloc.startswith("[") else netloc.split(":", 1)[0]
+        listed = netloc in self._insecure_challenge or host in self._insecure_challenge
+        return not (listed and not is_azure_host(vault_url))
+
+    def _client_kwargs(self, vault_url: str) -> dict[str, Any]:
+        sdk = self._sdk
+        factory = self._credentials
+        transport_settings = {"connection_timeout": sdk.connection_timeout, "read_timeout": sdk.read_timeout}
+        kwargs: dict[str, Any] = {
+            "verify_challenge_resource": self.verify_challenge_resource(vault_url),
+            "retry_total": sdk.retry_total,
+            "retry_backoff_factor": sdk.retry_backoff_factor,
+            "retry_backoff_max": sdk.retry_backoff_max,
+        }
+        if self._api_version:
+            kwargs["api_version"] = self._api_version
+        bundle = self._ca_bundle if self._ca_bundle is not None else factory.ca_bundle
+        if bundle is None:
+            kwargs.update(transport_settings)
+        else:
+            kwargs["transport"] = verifying_transport(client_ssl_context(bundle), **transport_settings)
+        return kwargs
+
+    def _client(self, vault_url: str, credential: AsyncTokenCredential) -> KeyClient:
+        key = (vault_url, id(credential))
+        client = self._clients.get(key)
+        if client is None:
+            client = KeyClient(vault_url, credential, **self._client_kwargs(vault_url))
+            self._clients[key] = client
+        return client
+
+    def _resolve(self, vault: str | None, kid: str) -> tuple[str, str, str | None]:
+        kid_vault, name, version = parse_kid(kid)
+        given = normalize_vault(vault) if vault is not None and vault.strip() else None
+        if given and kid_vault and given != kid_vault:
+            raise BadRequest(
+                f"kid names vault {kid_vault} but the request names {given}",
+                hint="drop one of them or make them agree",
+            )
+        vault_url = given or kid_vault
+        if vault_url is None:
+            raise BadRequest(
+                "no vault named: kid is not a key URL and no akv_endpoint was given",
+                hint="set akv_endpoint or configure a default vault",
+            )
+        return vault_url, name, version
+
+    async def release(
+        self,
+        vault: str | None,
+        kid: str,
+        target_token: str,
+        *,
+        access_token: str | None = None,
+        enc: Enc = Enc.CKM_RSA_AES_KEY_WRAP,
+        deadline: Deadline | None = None,
+    ) -> ReleaseResult:
+        """Ask the vault to release ``kid`` to the TEE described by ``target_token`` (an MAA JWT).
+
+        Raises :class:`ReleaseDenied` (401/403), :class:`KeyNotFound` (404), :class:`BadRequest` (400),
+        :class:`IdentityError` (no access token), :class:`UpstreamError` (unreachable, 429/5xx after the
+        SDK's retries) or :class:`UpstreamTimeout` (``deadline`` ran out).
+        """
+        vault_url, name, version = self._resolve(vault, kid)
+        if not target_token or not target_token.strip():
+            raise BadRequest("the attestation token for the release is empty")
+        try:
+            algorithm = Enc(enc).value
+        except ValueError:
+            raise BadRequest(
+                f"enc {str(enc)[:40]!r} is not one of {', '.join(e.value for e in Enc)}"
+            ) from None
+        credential = self._credentials.for_request(access_token)
+        ephemeral = isinstance(credential, StaticTokenCredential)
+        client = (
+            KeyClient(vault_url, credential, **self._client_kwargs(vault_url))
+            if ephemeral
+            else self._client(vault_url, credential)
+        )
+        remaining = deadline.remaining() if deadline is not None else None
+        try:
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError
+            async with asyncio.timeout(remaining):
+                result = await client.release_key(name, target_token, version=version, algorithm=algorithm)
+        except TimeoutError:
+            raise UpstreamTimeout(
+                f"{self._service(vault_url)} {vault_url} did not answer the release of {name} before the "
+                "request deadline",
+                hint="the vault or the network is slow; retry, or raise the request timeout",
+            ) from None
+        except (HttpResponseError, ServiceRequestError, ServiceResponseError, ValueError) as exc:
+            raise self._map_error(exc, vault_url, name, version) from None
+        finally:
+            if ephemeral:
+                await client.close()
+        if not isinstance(result.value, str) or not result.value:
+            raise UpstreamError(
+                f"{self._service(vault_url)} {vault_url} answered the release of {name} without a value",
+                hint="the endpoint does not speak the Key Vault release protocol",
+            )
+        return ReleaseResult(jws=result.value, vault_url=vault_url, name=name, version=version)
+
+    def _service(self, vault_url: str) -> str:
+        return "Managed HSM" if self._credentials.is_managed_hsm(vault_url) else "Key Vault"
+
+    def _map_error(self, exc: Exception, vault_url: str, name: str, version: str | None) -> SkrError:
+        service = self._service(vault_url)
+        what = f"{name}/{version}" if version else name
+        if isinstance(exc, ClientAuthenticationError) and not _answered_by(exc, vault_url):
+            return IdentityError(
+                f"no access token for {service} {vault_url}: {_first_line(exc.message)}",
+                hint=f"check the {self._credentials.kind.replace('_', ' ')} configuration "
+                f"(scope {self._credentials.scope_for(vault_url)}), or pass access_token",
+            )
+        if isinstance(exc, HttpResponseError) and exc.status_code:
+            return self._map_status(vault_error(exc), service, vault_url, what)
+        if isinstance(exc, ServiceRequestError | ServiceResponseError):
+            text = _first_line(str(exc))
+            if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
+                return UpstreamError(
+                    f"{service} {vault_url} presented a TLS certificate that is not trusted",
+                    hint=f"check the endpoint; for private CAs set {CA_BUNDLE_ENV}",
+                    code="upstream_tls_untrusted",
+                )
+            return UpstreamError(
+                f"{service} {vault_url} could not be reached: {text}",
+                hint="check the vault name, DNS, private endpoint and network egress",
+                code="upstream_unreachable",
+            )
+        if isinstance(exc, ValueError) and "challenge" in str(exc).lower():
+            return UpstreamError(
+                f"{service} {vault_url} sent an authentication challenge for another resource: "
+                f"{_first_line(str(exc))}",
+                hint="check the vault URL; for a trusted local emulator add its host to "
+                "allow_insecure_challenge_hosts",
+                code="vault_challenge_mismatch",
+            )
+        return UpstreamError(f"{service} {vault_url} release of {what} failed: {_first_line(str(exc))}")
+
+    def _map_status(self, error: VaultError, service: str, vault_url: str, what: str) -> SkrError:
+        role = MANAGED_HSM_RELEASE_ROLE if service == "Managed HSM" else VAULT_RELEASE_ROLE
+        detail = error.describe()
+        if error.status in (401, 403):
+            return ReleaseDenied(
+                f"{service} {vault_url} refused to release {what}: {detail}",
+                hint=(
+                    "the attestation token does not satisfy the key's release policy (compare the claim "
+                    f"named above with the policy), or the identity lacks the '{role}' role on the key"
+                    if error.status == 403
+                    else f"the access token was rejected; check its tenant and audience and the '{role}' role"
+                ),
+            )
+        if error.status == 404:
+            return KeyNotFound(
+                f"{service} {vault_url} has no key {what}: {detail}",
+                hint="check kid (name and version) and the vault endpoint",
+            )
+        if error.status == 400:
+            return BadRequest(
+                f"{service} {vault_url} rejected the release of {what}: {detail}",
+                hint="check the key is exportable with a release policy, the enc and the api-version",
+            )
+        if error.status == 429 or error.status >= 500:
+            return UpstreamError(
+                f"{service} {vault_url} kept failing the release of {what}: {detail}",
+                hint="the service is throttling or unavailable; retry later",
+            )
+        return UpstreamError(f"{service} {vault_url} answered the release of {what} with {detail}")
+
+    async def aclose(self) -> None:
+        """Close every cached SDK client (the credentials belong to the factory)."""
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            await client.close()
+
+
+def _netloc(value: str) -> str:
+    """``host[:port]`` of a vault-like value (lower-case host, no ``:443``), for allow-list matching."""
+    return normalize_vault(value).split("://", 1)[1]
+
+
+def _answered_by(exc: HttpResponseError, vault_url: str) -> bool:
+    """True when the HTTP response in ``exc`` came from the vault (not from an identity endpoint)."""
+    response = exc.response
+    request = getattr(response, "request", None) if response is not None else None
+    url = str(getattr(request, "url", "") or "")
+    return url == vault_url or url.startswith(vault_url + "/")
+
+
+def _first_line(text: str | None) -> str:
+    line = (text or "").strip().splitlines()[0] if (text or "").strip() else "no details"
+    return line if len(line) <= _MAX_DETAIL else line[: _MAX_DETAIL - 1] + "…"

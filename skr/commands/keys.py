@@ -1,0 +1,304 @@
+"""``skr keys``: create or import an exportable key with a release policy in Key Vault / Managed HSM.
+
+``create`` generates the key in the HSM (``oct-HSM`` 128/192/256, ``RSA-HSM`` 2048/3072/4096,
+``EC-HSM`` P-256/P-384/P-521/P-256K); ``import`` uploads local key material (a PEM private key, or for
+``oct`` raw key bytes or a JWK JSON file). Both go through ``azure.keyvault.keys.aio.KeyClient`` with the
+same credentials as the sidecar (:class:`skr.identity.CredentialFactory`) and print the new key id.
+
+Never prints key material or tokens; errors are one line naming what the vault said.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from azure.core.exceptions import (
+    ClientAuthenticationError,
+    HttpResponseError,
+    ServiceRequestError,
+    ServiceResponseError,
+)
+from azure.keyvault.keys import JsonWebKey, KeyReleasePolicy, KeyVaultKey
+from azure.keyvault.keys.aio import KeyClient
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from skr.akv.jwk import CURVES, jwk_to_private_key
+from skr.akv.keywrap import b64url_decode
+from skr.akv.policy import encode_policy_for_wire
+from skr.akv.release import normalize_vault, vault_error
+from skr.errors import (
+    BadRequest,
+    Forbidden,
+    IdentityError,
+    KeyWrapError,
+    NotFound,
+    PolicyError,
+    SkrError,
+    UpstreamError,
+)
+from skr.http import ca_bundle_from_env
+from skr.identity import CredentialFactory, is_azure_host
+
+KTY_CHOICES = ("oct-HSM", "RSA-HSM", "EC-HSM")
+OCT_SIZES = (128, 192, 256)
+RSA_SIZES = (2048, 3072, 4096)
+_CURVE_NAMES = {curve().name: name for name, curve in CURVES.items()}
+_TIMEOUTS = {"connection_timeout": 10, "read_timeout": 60}
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``skr keys {create,import}``."""
+    parser = sub.add_parser(
+        "keys",
+        help="create or import exportable keys with a release policy",
+        description="Create or import exportable HSM keys with a key release policy (azure-keyvault-keys).",
+    )
+    actions = parser.add_subparsers(dest="keys_command", metavar="ACTION")
+    actions.required = True
+
+    create = actions.add_parser("create", help="generate an exportable key in the vault; prints its id")
+    _common(create)
+    create.add_argument("--kty", required=True, choices=KTY_CHOICES, help="key type")
+    create.add_argument("--size", type=int, help="oct-HSM: 128/192/256 (256); RSA-HSM: 2048/3072/4096 (2048)")
+    create.add_argument("--curve", choices=tuple(CURVES), help="EC-HSM curve (P-256)")
+    create.set_defaults(func=_create)
+
+    imp = actions.add_parser("import", help="import local key material as an exportable key; prints its id")
+    _common(imp)
+    imp.add_argument(
+        "--key",
+        required=True,
+        type=Path,
+        metavar="FILE",
+        help="PEM private key (RSA/EC), or raw bytes / JWK for oct",
+    )
+    imp.set_defaults(func=_import)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--vault", required=True, help="vault or managed HSM: host, host:port or https URL")
+    parser.add_argument("--name", required=True, help="key name")
+    parser.add_argument("--policy", required=True, type=Path, metavar="FILE", help="release policy JSON")
+    parser.add_argument("--immutable", action="store_true", help="make the release policy immutable")
+    parser.add_argument("--api-version", help="Key Vault API version (default: the SDK's)")
+    parser.add_argument("--client-id", help="user-assigned managed identity client id")
+    parser.add_argument("--access-token-file", type=Path, metavar="FILE", help="an AAD token for the vault")
+    parser.add_argument("--ca-bundle", type=Path, help="extra trust anchors PEM (default: env SKR_CA_BUNDLE)")
+    parser.add_argument(
+        "--allow-insecure-challenge",
+        action="store_true",
+        help="accept an auth challenge for another domain (local emulators only; never for Azure domains)",
+    )
+
+
+# --- inputs ---------------------------------------------------------------------------------------
+
+
+def read_policy(path: Path) -> bytes:
+    """The release policy file as compact JSON bytes, after checking it against the grammar."""
+    try:
+        doc = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError):
+        raise PolicyError(f"{path} is not JSON", hint="write the policy with `skr policy release`") from None
+    if not isinstance(doc, dict):
+        raise PolicyError(f"{path} holds a JSON {type(doc).__name__}; expected a release policy object")
+    return encode_policy_for_wire(doc)
+
+
+def _raw(value: int, size: int | None = None) -> bytes:
+    return value.to_bytes(size or max(1, (value.bit_length() + 7) // 8), "big")
+
+
+def private_key_to_json_web_key(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | bytes) -> JsonWebKey:
+    """The SDK's ``JsonWebKey`` (``*-HSM`` kty) of a private key or raw symmetric key bytes."""
+    if isinstance(key, bytes):
+        if len(key) * 8 not in OCT_SIZES:
+            raise BadRequest(f"an oct key of {len(key)} bytes; expected 16, 24 or 32 (AES-128/192/256)")
+        return JsonWebKey(kty="oct-HSM", k=key)
+    if isinstance(key, rsa.RSAPrivateKey):
+        if key.key_size not in RSA_SIZES:
+            raise BadRequest(f"an RSA-{key.key_size} key; expected 2048, 3072 or 4096 bits")
+        n = key.private_numbers()
+        return JsonWebKey(
+            kty="RSA-HSM",
+            n=_raw(n.public_numbers.n),
+            e=_raw(n.public_numbers.e),
+            d=_raw(n.d),
+            p=_raw(n.p),
+            q=_raw(n.q),
+            dp=_raw(n.dmp1),
+            dq=_raw(n.dmq1),
+            qi=_raw(n.iqmp),
+        )
+    crv = _CURVE_NAMES.get(key.curve.name)
+    if crv is None:
+        raise BadRequest(f"EC curve {key.curve.name} is not supported; expected {', '.join(CURVES)}")
+    size = (key.curve.key_size + 7) // 8
+    numbers = key.private_numbers()
+    return JsonWebKey(
+        kty="EC-HSM",
+        crv=crv,
+        x=_raw(numbers.public_numbers.x, size),
+        y=_raw(numbers.public_numbers.y, size),
+        d=_raw(numbers.private_value, size),
+    )
+
+
+def read_key(path: Path) -> JsonWebKey:
+    """Key material from a file: PEM private key (RSA/EC), a JWK JSON object, or raw oct key bytes."""
+    data = path.read_bytes()
+    stripped = data.strip()
+    if stripped.startswith(b"-----BEGIN"):
+        try:
+            key = serialization.load_pem_private_key(stripped, password=None)
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            raise BadRequest(
+                f"{path} is not an unencrypted PEM private key",
+                hint="export it with `openssl pkcs8 -nocrypt`",
+            ) from None
+        if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+            raise BadRequest(f"{path} holds a {type(key).__name__.lstrip('_')}; expected an RSA or EC key")
+        return private_key_to_json_web_key(key)
+    if stripped.startswith(b"{"):
+        return _jwk_file(path, stripped)
+    return private_key_to_json_web_key(data)
+
+
+def _jwk_file(path: Path, data: bytes) -> JsonWebKey:
+    try:
+        jwk = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest(f"{path} looks like JSON but does not parse") from None
+    if not isinstance(jwk, dict):
+        raise BadRequest(f"{path} is not a JWK object")
+    try:
+        if str(jwk.get("kty", "")).lower().startswith("oct"):
+            k = jwk.get("k")
+            if not isinstance(k, str):
+                raise BadRequest(f"{path}: the oct JWK has no 'k'")
+            return private_key_to_json_web_key(b64url_decode(k, what="JWK member 'k'"))
+        return private_key_to_json_web_key(jwk_to_private_key(jwk))
+    except KeyWrapError as exc:
+        raise BadRequest(f"{path}: {exc.message}") from None
+
+
+# --- the vault call -------------------------------------------------------------------------------
+
+
+def _credentials(args: argparse.Namespace) -> tuple[CredentialFactory, str | None]:
+    bundle = args.ca_bundle if args.ca_bundle is not None else ca_bundle_from_env()
+    factory = CredentialFactory(client_id=args.client_id, ca_bundle=bundle)
+    token = None
+    if args.access_token_file is not None:
+        token = args.access_token_file.read_text().strip()
+        if not token:
+            raise BadRequest(f"{args.access_token_file} is empty")
+    return factory, token
+
+
+def _map_error(exc: Exception, vault: str, name: str) -> SkrError:
+    if isinstance(exc, ClientAuthenticationError) and exc.response is None:
+        first = (exc.message or "").strip().splitlines()
+        return IdentityError(
+            f"no access token for {vault}: {first[0] if first else 'no details'}",
+            hint="check the managed/workload identity, or pass --access-token-file",
+        )
+    if isinstance(exc, HttpResponseError) and exc.status_code:
+        detail = vault_error(exc).describe()
+        status = int(exc.status_code)
+        if status == 400:
+            return BadRequest(f"{vault} refused key {name}: {detail}")
+        if status in (401, 403):
+            return Forbidden(
+                f"{vault} refused key {name}: {detail}",
+                hint="the identity needs the 'Key Vault Crypto Officer' (vault) or "
+                "'Managed HSM Crypto User' (HSM) role",
+            )
+        if status == 404:
+            return NotFound(f"{vault} answered 404 for key {name}: {detail}", hint="check --vault")
+        return UpstreamError(f"{vault} failed for key {name}: {detail}")
+    if isinstance(exc, ServiceRequestError | ServiceResponseError):
+        first = str(exc).strip().splitlines()
+        return UpstreamError(
+            f"{vault} could not be reached: {first[0] if first else type(exc).__name__}",
+            hint="check the vault name, the network, and --ca-bundle for private CAs",
+        )
+    return UpstreamError(f"{vault}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+
+
+async def _with_client(
+    args: argparse.Namespace, call: Callable[[KeyClient], Awaitable[KeyVaultKey]]
+) -> KeyVaultKey:
+    vault = normalize_vault(args.vault)
+    factory, token = _credentials(args)
+    credential = factory.for_request(token)
+    kwargs: dict[str, Any] = factory.transport_kwargs(**_TIMEOUTS)
+    if args.api_version:
+        kwargs["api_version"] = args.api_version
+    relax = args.allow_insecure_challenge and not is_azure_host(vault)
+    try:
+        async with KeyClient(vault, credential, verify_challenge_resource=not relax, **kwargs) as client:
+            return await call(client)
+    except (HttpResponseError, ServiceRequestError, ServiceResponseError) as exc:
+        raise _map_error(exc, vault, args.name) from None
+    except ValueError as exc:  # the SDK's challenge-resource check
+        raise UpstreamError(
+            f"{vault}: {str(exc).splitlines()[0]}",
+            hint="for a local emulator pass --allow-insecure-challenge",
+        ) from None
+    finally:
+        if token is not None:
+            await credential.close()
+        await factory.aclose()
+
+
+def _release_policy(args: argparse.Namespace) -> KeyReleasePolicy:
+    return KeyReleasePolicy(read_policy(args.policy), immutable=True if args.immutable else None)
+
+
+def _create(args: argparse.Namespace) -> int:
+    policy = _release_policy(args)
+    kty: str = args.kty
+    if kty == "EC-HSM" and args.size is not None:
+        raise BadRequest("--size applies to oct-HSM and RSA-HSM keys; use --curve for EC-HSM")
+    if kty != "EC-HSM" and args.curve is not None:
+        raise BadRequest("--curve applies to EC-HSM keys only")
+    sizes = {"oct-HSM": OCT_SIZES, "RSA-HSM": RSA_SIZES}.get(kty)
+    if sizes is not None and args.size is not None and args.size not in sizes:
+        raise BadRequest(
+            f"--size {args.size} is not valid for {kty}; expected one of {', '.join(map(str, sizes))}"
+        )
+
+    async def call(client: KeyClient) -> KeyVaultKey:
+        common: dict[str, Any] = {"hardware_protected": True, "exportable": True, "release_policy": policy}
+        if kty == "oct-HSM":
+            return await client.create_oct_key(args.name, size=args.size or 256, **common)
+        if kty == "RSA-HSM":
+            return await client.create_rsa_key(args.name, size=args.size or 2048, **common)
+        return await client.create_ec_key(args.name, curve=args.curve or "P-256", **common)
+
+    key = asyncio.run(_with_client(args, call))
+    sys.stdout.write(f"{key.id}\n")
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    policy = _release_policy(args)
+    jwk = read_key(args.key)
+
+    async def call(client: KeyClient) -> KeyVaultKey:
+        return await client.import_key(
+            args.name, jwk, hardware_protected=True, exportable=True, release_policy=policy
+        )
+
+    key = asyncio.run(_with_client(args, call))
+    sys.stdout.write(f"{key.id}\n")
+    return 0

@@ -1,0 +1,324 @@
+"""Which Azure credential the sidecar uses to call Key Vault / Managed HSM, and for which scope.
+
+Owns the choice, in the order the Go sidecar uses (GO_SIDECAR.md §12 item 13):
+
+1. an ``access_token`` given in the request → :class:`StaticTokenCredential` (the token as-is);
+2. workload identity when ``AZURE_CLIENT_ID``, ``AZURE_TENANT_ID`` and ``AZURE_FEDERATED_TOKEN_FILE`` are
+   all set → ``azure.identity.aio.WorkloadIdentityCredential``;
+3. otherwise managed identity → ``azure.identity.aio.ManagedIdentityCredential`` (IMDS, or App Service when
+   ``IDENTITY_ENDPOINT``/``IDENTITY_HEADER`` are set), optionally user-assigned by ``client_id``.
+
+The ambient credential (2 or 3) is created once and reused, so the SDK's token cache works. TLS to identity
+endpoints is always verified; a configured CA bundle *adds* trust anchors to the system roots.
+
+Never logs, formats or stores a token anywhere but in the credential objects themselves.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import ssl
+import time
+from collections.abc import Collection, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+from azure.core.credentials import AccessToken, AccessTokenInfo, TokenRequestOptions
+from azure.core.credentials_async import AsyncTokenCredential
+from azure.core.pipeline.transport import AioHttpTransport
+from azure.identity.aio import ManagedIdentityCredential, WorkloadIdentityCredential
+
+from skr.errors import BadRequest, ConfigError
+
+VAULT_SCOPE = "https://vault.azure.net/.default"
+MANAGED_HSM_SCOPE = "https://managedhsm.azure.net/.default"
+
+# Data-plane DNS suffixes per cloud: (Key Vault, Managed HSM). The AAD resource of a vault is
+# ``https://<suffix>`` of its cloud; the scope is that resource plus ``/.default``.
+_CLOUD_SUFFIXES: tuple[tuple[str, str], ...] = (
+    ("vault.azure.net", "managedhsm.azure.net"),  # public
+    ("vault.azure.cn", "managedhsm.azure.cn"),  # Azure China (21Vianet)
+    ("vault.usgovcloudapi.net", "managedhsm.usgovcloudapi.net"),  # Azure US Government
+    ("vault.microsoftazure.de", "managedhsm.microsoftazure.de"),  # Azure Germany (legacy)
+)
+
+# Domains that belong to Microsoft clouds. For these the SDK's challenge-resource check is never turned off.
+AZURE_DOMAIN_SUFFIXES: tuple[str, ...] = (
+    "azure.net",
+    "azure.com",
+    "azure.cn",
+    "azure.us",
+    "usgovcloudapi.net",
+    "microsoftazure.de",
+    "windows.net",
+    "chinacloudapi.cn",
+    "microsoft.com",
+    "microsoftonline.com",
+)
+
+WORKLOAD_IDENTITY_ENV = ("AZURE_CLIENT_ID", "AZURE_TENANT_ID", "AZURE_FEDERATED_TOKEN_FILE")
+STATIC_TOKEN_DEFAULT_LIFETIME = 3600
+
+# Identity endpoints: short timeouts; the SDK retries transient failures itself.
+_CREDENTIAL_TRANSPORT_SETTINGS: dict[str, Any] = {"connection_timeout": 5, "read_timeout": 10}
+
+
+def host_of(vault: str) -> str:
+    """The lower-case host name of a vault given as ``host``, ``host:port`` or ``https://host[:port]/``."""
+    value = vault.strip()
+    if "://" in value:
+        value = value.split("://", 1)[1]
+    value = value.split("/", 1)[0].rsplit("@", 1)[-1]
+    if value.startswith("["):  # IPv6 literal
+        return value.split("]", 1)[0].strip("[").lower()
+    return value.split(":", 1)[0].rstrip(".").lower()
+
+
+def _matches(host: str, suffix: str) -> bool:
+    return host == suffix or host.endswith("." + suffix)
+
+
+def is_azure_host(vault: str) -> bool:
+    """True when the host is in a Microsoft cloud domain (public, sovereign or Microsoft-owned)."""
+    host = host_of(vault)
+    return any(_matches(host, suffix) for suffix in AZURE_DOMAIN_SUFFIXES)
+
+
+def is_managed_hsm(vault: str, *, managed_hsm_hosts: Collection[str] = ()) -> bool:
+    """True for ``*.managedhsm.<cloud>`` hosts and for non-Azure hosts configured as Managed HSM."""
+    host = host_of(vault)
+    if any(_matches(host, mhsm) for _, mhsm in _CLOUD_SUFFIXES):
+        return True
+    configured = {host_of(h) for h in managed_hsm_hosts}
+    return host in configured and not is_azure_host(host)
+
+
+def scope_for(vault: str, *, managed_hsm_hosts: Collection[str] = ()) -> str:
+    """The AAD scope of the data plane a vault host belongs to.
+
+    The rule:
+
+    * ``*.managedhsm.<cloud suffix>`` → ``https://managedhsm.<cloud suffix>/.default`` (public cloud:
+      ``https://managedhsm.azure.net/.default``; Azure China ``managedhsm.azure.cn``; US Government
+      ``managedhsm.usgovcloudapi.net``);
+    * ``*.vault.<cloud suffix>`` → ``https://vault.<cloud suffix>/.default`` (public cloud:
+      ``https://vault.azure.net/.default``; ``vault.azure.cn``, ``vault.usgovcloudapi.net`` ...);
+    * any other host (private endpoints with custom DNS, local emulators) → the public Managed HSM scope
+      when the host is listed in ``managed_hsm_hosts`` (and is not an Azure domain), else the public
+      Key Vault scope — the same default as the Go sidecar.
+
+    The port, a scheme and a path are ignored; matching is case-insensitive and on whole DNS labels
+    (``evilvault.azure.net.example.com`` is not a vault).
+    """
+    host = host_of(vault)
+    for vault_suffix, mhsm_suffix in _CLOUD_SUFFIXES:
+        if _matches(host, mhsm_suffix):
+            return f"https://{mhsm_suffix}/.default"
+        if _matches(host, vault_suffix):
+            return f"https://{vault_suffix}/.default"
+    if is_managed_hsm(host, managed_hsm_hosts=managed_hsm_hosts):
+        return MANAGED_HSM_SCOPE
+    return VAULT_SCOPE
+
+
+def _b64url_decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _jwt_expiry(token: str) -> int | None:
+    """The ``exp`` claim of a JWT (not verified; only used to know when to stop presenting it)."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        payload = json.loads(_b64url_decode(parts[1]))
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        return None
+    exp = payload.get("exp") if isinstance(payload, dict) else None
+    if isinstance(exp, int | float) and not isinstance(exp, bool):
+        return int(exp)
+    return None
+
+
+class StaticTokenCredential:
+    """An ``AsyncTokenCredential`` that presents one access token given by the caller, whatever the scope.
+
+    Expiry comes from the JWT ``exp`` claim when the token is a decodable JWT, else one hour from now.
+    The token never appears in ``repr`` or ``str``.
+    """
+
+    def __init__(self, token: str, *, now: float | None = None) -> None:
+        token = token.strip()
+        if not token:
+            raise BadRequest("access_token is empty", hint="pass a bearer token for the vault, or omit it")
+        self._token = token
+        issued = int(now if now is not None else time.time())
+        self._expires_on = _jwt_expiry(token) or issued + STATIC_TOKEN_DEFAULT_LIFETIME
+
+    @property
+    def expires_on(self) -> int:
+        """When the token stops being valid (epoch seconds)."""
+        return self._expires_on
+
+    async def get_token(
+        self,
+        *scopes: str,
+        claims: str | None = None,
+        tenant_id: str | None = None,
+        enable_cae: bool = False,
+        **kwargs: Any,
+    ) -> AccessToken:
+        """The configured token (scopes and tenant are the caller's business)."""
+        return AccessToken(self._token, self._expires_on)
+
+    async def get_token_info(
+        self, *scopes: str, options: TokenRequestOptions | None = None
+    ) -> AccessTokenInfo:
+        """The configured token with its expiry."""
+        return AccessTokenInfo(self._token, self._expires_on)
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+    async def __aenter__(self) -> StaticTokenCredential:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None = None,
+        exc_value: BaseException | None = None,
+        traceback: TracebackType | None = None,
+    ) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"StaticTokenCredential(expires_on={self._expires_on})"
+
+    __str__ = __repr__
+
+
+def verifying_transport(ssl_context: ssl.SSLContext, **settings: Any) -> AioHttpTransport:
+    """An azure-core aiohttp transport whose session verifies TLS with ``ssl_context``.
+
+    azure-core's ``connection_verify=<path>`` trusts *only* that file (``create_default_context(cafile=)``);
+    skr's rule is system roots *plus* the bundle, so the trust decision is made once, in our context.
+    Must be called while an event loop is running.
+    """
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ssl_context))
+    return AioHttpTransport(session=session, session_owner=True, **settings)
+
+
+class CredentialFactory:
+    """Chooses and keeps the credential for vault calls (request token → workload → managed identity).
+
+    ``env`` decides whether workload identity is configured (default ``os.environ``);
+    ``client_id`` selects a user-assigned managed identity (``SkrSideCarArgs.identity.client_id``);
+    ``ca_bundle`` adds trust anchors for identity endpoints (local services, tests);
+    ``managed_hsm_hosts`` names non-Azure hosts that serve the Managed HSM data plane (for :meth:`scope_for`).
+
+    ``ManagedIdentityCredential`` itself reads ``IDENTITY_ENDPOINT``/``IDENTITY_HEADER``/
+    ``AZURE_POD_IDENTITY_AUTHORITY_HOST`` from the process environment; azure-identity offers no way to
+    inject them.
+    """
+
+    def __init__(
+        self,
+        env: Mapping[str, str] | None = None,
+        *,
+        client_id: str | None = None,
+        ca_bundle: Path | None = None,
+        managed_hsm_hosts: Collection[str] = (),
+    ) -> None:
+        self._env: Mapping[str, str] = dict(env if env is not None else os.environ)
+        self._client_id = client_id.strip() if client_id and client_id.strip() else None
+        self._ca_bundle = ca_bundle
+        self._managed_hsm_hosts = tuple(managed_hsm_hosts)
+        self._ambient: AsyncTokenCredential | None = None
+        self._ssl_context: ssl.SSLContext | None = None
+        if ca_bundle is not None and not ca_bundle.is_file():
+            raise ConfigError(
+                f"the CA bundle {ca_bundle} does not exist",
+                hint="set SKR_CA_BUNDLE to a PEM file or unset it",
+            )
+
+    @property
+    def ca_bundle(self) -> Path | None:
+        """The extra trust anchors for TLS, if any."""
+        return self._ca_bundle
+
+    @property
+    def managed_hsm_hosts(self) -> tuple[str, ...]:
+        """Non-Azure hosts configured as Managed HSM."""
+        return self._managed_hsm_hosts
+
+    @property
+    def kind(self) -> str:
+        """The ambient credential kind: ``workload_identity`` or ``managed_identity``."""
+        return "workload_identity" if self._workload_identity_configured() else "managed_identity"
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The verifying client context: system roots plus the CA bundle (built once)."""
+        if self._ssl_context is None:
+            context = ssl.create_default_context()
+            if self._ca_bundle is not None:
+                context.load_verify_locations(cafile=str(self._ca_bundle))
+            self._ssl_context = context
+        return self._ssl_context
+
+    def transport_kwargs(self, **settings: Any) -> dict[str, Any]:
+        """Keyword arguments for an azure SDK client: a custom transport only when a CA bundle is set."""
+        if self._ca_bundle is None:
+            return dict(settings)
+        return {"transport": verifying_transport(self.ssl_context(), **settings)}
+
+    def _workload_identity_configured(self) -> bool:
+        return all(self._env.get(name, "").strip() for name in WORKLOAD_IDENTITY_ENV)
+
+    def for_request(self, access_token: str | None = None) -> AsyncTokenCredential:
+        """The credential for one vault call.
+
+        A non-empty ``access_token`` gives a fresh :class:`StaticTokenCredential` (owned by the caller);
+        otherwise the shared ambient credential, created on first use. Call from inside the event loop.
+        """
+        if access_token is not None and access_token.strip():
+            return StaticTokenCredential(access_token)
+        if self._ambient is None:
+            self._ambient = self._create_ambient()
+        return self._ambient
+
+    def _create_ambient(self) -> AsyncTokenCredential:
+        settings = self.transport_kwargs(**_CREDENTIAL_TRANSPORT_SETTINGS)
+        if self._workload_identity_configured():
+            authority = self._env.get("AZURE_AUTHORITY_HOST", "").strip() or None
+            return WorkloadIdentityCredential(
+                tenant_id=self._env["AZURE_TENANT_ID"].strip(),
+                client_id=self._env["AZURE_CLIENT_ID"].strip(),
+                token_file_path=self._env["AZURE_FEDERATED_TOKEN_FILE"].strip(),
+                **({"authority": authority} if authority else {}),
+                **settings,
+            )
+        if self._client_id:
+            return ManagedIdentityCredential(client_id=self._client_id, **settings)
+        return ManagedIdentityCredential(**settings)
+
+    def scope_for(self, vault: str) -> str:
+        """The AAD scope for ``vault``; see :func:`scope_for`."""
+        return scope_for(vault, managed_hsm_hosts=self._managed_hsm_hosts)
+
+    def is_managed_hsm(self, vault: str) -> bool:
+        """True when ``vault`` is a Managed HSM (by domain or configuration)."""
+        return is_managed_hsm(vault, managed_hsm_hosts=self._managed_hsm_hosts)
+
+    async def aclose(self) -> None:
+        """Close the ambient credential (and its transport)."""
+        credential, self._ambient = self._ambient, None
+        if credential is not None:
+            await credential.close()
+
+    def __repr__(self) -> str:
+        return f"CredentialFactory(kind={self.kind!r}, client_id={self._client_id!r})"

@@ -1,0 +1,354 @@
+"""The local managed-identity token endpoint of ``skr local``.
+
+Owns two wire protocols that the real ``azure.identity.aio.ManagedIdentityCredential`` speaks
+(AZURE_WIRE.md §6), so the unmodified SDK gets tokens from it:
+
+* IMDS — ``GET /metadata/identity/oauth2/token?api-version=2018-02-01&resource=…[&client_id=…]`` with the
+  header ``Metadata: true`` (reached through ``AZURE_POD_IDENTITY_AUTHORITY_HOST``);
+* App Service — ``GET /msi/token?api-version=2019-08-01&resource=…`` with ``X-IDENTITY-HEADER: <secret>``
+  (reached through ``IDENTITY_ENDPOINT`` + ``IDENTITY_HEADER``).
+
+It issues RS256 JWT access tokens (``aud`` = resource, ``iss``, ``tid``, ``oid``, one hour) and verifies
+them for the local key service (:meth:`LocalIdentityService.verify_access_token`).
+
+It never logs or echoes a token except in the body of the token response itself, and refuses what IMDS
+refuses (missing ``Metadata`` header, proxied requests, missing parameters).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import re
+import secrets
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import jwt
+from aiohttp import web
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from skr.errors import ConfigError, Unauthenticated
+
+IMDS_TOKEN_PATH = "/metadata/identity/oauth2/token"  # noqa: S105 - a URL path, not a secret
+APP_SERVICE_TOKEN_PATH = "/msi/token"  # noqa: S105 - a URL path, not a secret
+APP_SERVICE_API_VERSION = "2019-08-01"
+IMDS_MIN_API_VERSION = "2018-02-01"
+TOKEN_LIFETIME = 3600
+DEFAULT_LEEWAY = 60
+SIGNING_KEY_FILE = "identity-signing-key.pem"
+IDENTITY_HEADER_FILE = "identity-header"
+_API_VERSION_RE = re.compile(r"^\d{4}-\d{2}-\d{2}(-preview)?$")
+_OID_NAMESPACE = uuid.UUID("5f0c2d4e-8a4b-4c53-9d0e-7a3b4f6c1e21")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Faults(Protocol):
+    """A fault injector for the local services (tests, demos): may answer a request instead of the route."""
+
+    async def before(self, route: str, request: web.Request) -> web.StreamResponse | None:
+        """A response to send instead of running ``route``, or None to run it."""
+        ...
+
+
+class InvalidAccessToken(Unauthenticated):
+    """A bearer token that the local identity service did not issue for the resource asked."""
+
+    default_code = "access_token_invalid"
+
+
+def server_timing_middleware() -> Any:
+    """aiohttp middleware adding ``Server-Timing: app;dur=<ms>`` to every response (errors included)."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            exc.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - started) * 1000:.1f}"
+            raise
+        if not response.prepared:
+            response.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - started) * 1000:.1f}"
+        return response
+
+    return middleware
+
+
+def write_private_file(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` with mode 0600 (created that way, never world-readable in between)."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+def key_thumbprint(public_key: rsa.RSAPublicKey) -> str:
+    """A stable key id: the first 32 hex digits of SHA-256 over the SubjectPublicKeyInfo DER."""
+    der = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(der)
+    return digest.finalize().hex()[:32]
+
+
+def _normalize_resource(resource: str) -> str:
+    return resource.strip().rstrip("/")
+
+
+def _error(status: int, error: str, description: str) -> web.Response:
+    return web.json_response({"error": error, "error_description": description}, status=status)
+
+
+class LocalIdentityService:
+    """IMDS- and App-Service-compatible token endpoint issuing RS256 access tokens.
+
+    ``issuer`` is the ``iss`` of issued tokens (Entra form: ``https://sts.windows.net/<tenant>/``);
+    ``identity_header`` is the App Service secret; ``client_id`` is the system-assigned identity's client id
+    (a user-assigned ``client_id`` in the request is honoured as is).
+    """
+
+    def __init__(
+        self,
+        signing_key: rsa.RSAPrivateKey,
+        *,
+        issuer: str,
+        tenant_id: str,
+        identity_header: str,
+        client_id: str | None = None,
+        token_lifetime: int = TOKEN_LIFETIME,
+        faults: Faults | None = None,
+    ) -> None:
+        if not identity_header:
+            raise ConfigError("the local identity service needs a non-empty identity header secret")
+        self._key = signing_key
+        self._public_key = signing_key.public_key()
+        self._kid = key_thumbprint(self._public_key)
+        self.issuer = issuer
+        self.tenant_id = tenant_id
+        self._identity_header = identity_header
+        self.client_id = client_id or str(uuid.uuid5(_OID_NAMESPACE, f"system:{tenant_id}"))
+        self._lifetime = token_lifetime
+        self._faults = faults
+        self.issued = 0
+        self.app = self._build_app()
+
+    @classmethod
+    def create(
+        cls,
+        state_dir: Path,
+        *,
+        tenant_id: str,
+        issuer: str | None = None,
+        identity_header: str | None = None,
+        client_id: str | None = None,
+        faults: Faults | None = None,
+    ) -> LocalIdentityService:
+        """Load or create the signing key (and the App Service secret) in ``state_dir`` (files 0600).
+
+        Synchronous (RSA key generation on first start); call through ``asyncio.to_thread`` from async code.
+        """
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        key_path = state_dir / SIGNING_KEY_FILE
+        if key_path.exists():
+            loaded = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+            if not isinstance(loaded, rsa.RSAPrivateKey):
+                raise ConfigError(
+                    f"{key_path} does not hold an RSA private key", hint="delete it to regenerate"
+                )
+            key = loaded
+        else:
+            key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            pem = key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+            write_private_file(key_path, pem)
+        if identity_header is None:
+            header_path = state_dir / IDENTITY_HEADER_FILE
+            if header_path.exists():
+                identity_header = header_path.read_text().strip()
+            if not identity_header:
+                identity_header = secrets.token_urlsafe(32)
+                write_private_file(header_path, identity_header.encode())
+        return cls(
+            key,
+            issuer=issuer or f"https://sts.windows.net/{tenant_id}/",
+            tenant_id=tenant_id,
+            identity_header=identity_header,
+            client_id=client_id,
+            faults=faults,
+        )
+
+    @property
+    def identity_header(self) -> str:
+        """The App Service secret clients must send as ``X-IDENTITY-HEADER``."""
+        return self._identity_header
+
+    def public_key(self) -> rsa.RSAPublicKey:
+        """The key that verifies issued tokens."""
+        return self._public_key
+
+    # --- tokens ---------------------------------------------------------------------------------------
+
+    def issue_token(
+        self, resource: str, *, client_id: str | None = None, now: int | None = None
+    ) -> dict[str, Any]:
+        """Sign an access token for ``resource``; returns its claims plus ``access_token``."""
+        issued_at = int(now if now is not None else time.time())
+        app_id = client_id or self.client_id
+        oid = str(uuid.uuid5(_OID_NAMESPACE, f"{self.tenant_id}:{app_id}"))
+        claims: dict[str, Any] = {
+            "aud": resource,
+            "iss": self.issuer,
+            "iat": issued_at,
+            "nbf": issued_at,
+            "exp": issued_at + self._lifetime,
+            "tid": self.tenant_id,
+            "oid": oid,
+            "sub": oid,
+            "appid": app_id,
+            "idtyp": "app",
+            "ver": "1.0",
+            "uti": secrets.token_urlsafe(16),
+        }
+        token = jwt.encode(claims, self._key, algorithm="RS256", headers={"kid": self._kid, "typ": "JWT"})
+        self.issued += 1
+        return {**claims, "access_token": token}
+
+    def verify_access_token(
+        self, token: str, resource: str, *, leeway: int = DEFAULT_LEEWAY
+    ) -> dict[str, Any]:
+        """Check an access token's signature, issuer, audience (``resource``, trailing slash tolerated) and
+        lifetime. Returns the claims; raises :class:`InvalidAccessToken` saying what failed."""
+        wanted = _normalize_resource(resource)
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                self._public_key,
+                algorithms=["RS256"],
+                issuer=self.issuer,
+                leeway=leeway,
+                options={"require": ["exp", "iat", "nbf", "aud", "iss"], "verify_aud": False},
+            )
+        except jwt.ExpiredSignatureError:
+            raise InvalidAccessToken(
+                "the bearer token has expired", hint="get a fresh token from the identity endpoint"
+            ) from None
+        except jwt.InvalidIssuerError:
+            raise InvalidAccessToken(
+                f"the bearer token was not issued by {self.issuer}",
+                hint="get the token from this stack's identity endpoint",
+            ) from None
+        except jwt.PyJWTError as exc:
+            raise InvalidAccessToken(
+                f"the bearer token is not valid: {type(exc).__name__}",
+                hint="get the token from this stack's identity endpoint",
+            ) from None
+        aud = claims.get("aud")
+        audiences = aud if isinstance(aud, list) else [aud]
+        if wanted not in {_normalize_resource(str(a)) for a in audiences}:
+            raise InvalidAccessToken(
+                f"the bearer token is for audience {aud!r}, expected {wanted!r}",
+                hint=f"request the token for scope {wanted}/.default",
+            )
+        return claims
+
+    # --- HTTP -----------------------------------------------------------------------------------------
+
+    def _build_app(self) -> web.Application:
+        app = web.Application(middlewares=[server_timing_middleware()], client_max_size=16 * 1024)
+        app.router.add_get(IMDS_TOKEN_PATH, self._imds_token)
+        app.router.add_get(APP_SERVICE_TOKEN_PATH, self._app_service_token)
+        return app
+
+    async def _fault(self, route: str, request: web.Request) -> web.StreamResponse | None:
+        return await self._faults.before(route, request) if self._faults is not None else None
+
+    async def _imds_token(self, request: web.Request) -> web.StreamResponse:
+        if (fault := await self._fault("imds", request)) is not None:
+            return fault
+        if request.headers.get("Metadata", "").strip().lower() != "true":
+            return _error(400, "invalid_request", "Required metadata header not specified")
+        if "X-Forwarded-For" in request.headers:
+            return _error(400, "invalid_request", "Request cannot contain X-Forwarded-For header")
+        problem = self._check_query(request.query, minimum_api_version=IMDS_MIN_API_VERSION)
+        if problem:
+            return _error(400, "invalid_request", problem)
+        issued = self.issue_token(request.query["resource"], client_id=request.query.get("client_id") or None)
+        lifetime = str(issued["exp"] - issued["iat"])
+        body = {
+            "access_token": issued["access_token"],
+            "client_id": issued["appid"],
+            "expires_in": lifetime,
+            "expires_on": str(issued["exp"]),
+            "ext_expires_in": lifetime,
+            "not_before": str(issued["nbf"]),
+            "resource": request.query["resource"],
+            "token_type": "Bearer",
+        }
+        return _token_response(body)
+
+    async def _app_service_token(self, request: web.Request) -> web.StreamResponse:
+        if (fault := await self._fault("app_service", request)) is not None:
+            return fault
+        presented = request.headers.get("X-IDENTITY-HEADER", "")
+        if not hmac.compare_digest(presented.encode(), self._identity_header.encode()):
+            return web.json_response(
+                {
+                    "statusCode": 401,
+                    "message": "Unauthorized: the X-IDENTITY-HEADER header is missing or wrong",
+                },
+                status=401,
+            )
+        if request.query.get("api-version") != APP_SERVICE_API_VERSION:
+            return web.json_response(
+                {"statusCode": 400, "message": f"api-version must be {APP_SERVICE_API_VERSION}"}, status=400
+            )
+        problem = self._check_query(request.query, minimum_api_version=APP_SERVICE_API_VERSION)
+        if problem:
+            return web.json_response({"statusCode": 400, "message": problem}, status=400)
+        issued = self.issue_token(request.query["resource"], client_id=request.query.get("client_id") or None)
+        body = {
+            "access_token": issued["access_token"],
+            "client_id": issued["appid"],
+            "expires_on": str(issued["exp"]),
+            "resource": request.query["resource"],
+            "token_type": "Bearer",
+        }
+        return _token_response(body)
+
+    @staticmethod
+    def _check_query(query: Mapping[str, str], *, minimum_api_version: str) -> str | None:
+        api_version = query.get("api-version", "")
+        if not api_version:
+            return "Required query variable 'api-version' is missing"
+        if not _API_VERSION_RE.match(api_version) or api_version[:10] < minimum_api_version:
+            return f"Bad request. api-version '{api_version}' is not supported"
+        resource = query.get("resource", "").strip()
+        if not resource:
+            return "Required audience parameter not specified"
+        if any(c in resource for c in ", \t\r\n"):
+            return f"Invalid resource {resource[:100]!r}"
+        return None
+
+    def __repr__(self) -> str:
+        return f"LocalIdentityService(issuer={self.issuer!r}, tenant_id={self.tenant_id!r})"
+
+
+def _token_response(body: Mapping[str, str]) -> web.Response:
+    return web.Response(
+        text=json.dumps(body),
+        content_type="application/json",
+        headers={"Cache-Control": "no-store", "Pragma": "no-cache"},
+    )

@@ -1,0 +1,232 @@
+"""Which credential the sidecar uses, for which scope — and that the real azure-identity credentials it
+builds get tokens from local HTTPS endpoints trusted through the CA bundle."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import jwt
+import pytest
+from aiohttp import web
+from azure.core.credentials_async import AsyncTokenCredential
+from azure.identity import CredentialUnavailableError
+from azure.identity.aio import ManagedIdentityCredential, WorkloadIdentityCredential
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from skr.errors import BadRequest, ConfigError
+from skr.identity import (
+    MANAGED_HSM_SCOPE,
+    VAULT_SCOPE,
+    CredentialFactory,
+    StaticTokenCredential,
+    is_azure_host,
+    is_managed_hsm,
+    scope_for,
+)
+from skr.local.ca import LocalCA
+from skr.local.identity import LocalIdentityService
+from tests.test_local_hsm import MI_ENV, TENANT, make_ca, serve
+
+
+@pytest.fixture(scope="session")
+def ca(tmp_path_factory: pytest.TempPathFactory) -> LocalCA:
+    return make_ca(tmp_path_factory)
+
+
+@pytest.mark.parametrize(
+    ("host", "scope"),
+    [
+        ("myvault.vault.azure.net", VAULT_SCOPE),
+        ("https://myvault.vault.azure.net/", VAULT_SCOPE),
+        ("MyVault.Vault.Azure.Net:443", VAULT_SCOPE),
+        ("myhsm.managedhsm.azure.net", MANAGED_HSM_SCOPE),
+        ("https://myhsm.managedhsm.azure.net:443", MANAGED_HSM_SCOPE),
+        ("myvault.vault.azure.cn", "https://vault.azure.cn/.default"),
+        ("myhsm.managedhsm.azure.cn", "https://managedhsm.azure.cn/.default"),
+        ("myvault.vault.usgovcloudapi.net", "https://vault.usgovcloudapi.net/.default"),
+        ("myhsm.managedhsm.usgovcloudapi.net", "https://managedhsm.usgovcloudapi.net/.default"),
+        ("myvault.privatelink.vaultcore.azure.net", VAULT_SCOPE),
+        ("managedhsm.azure.net.example.com", VAULT_SCOPE),  # suffix must match whole labels
+        ("evilmanagedhsm.azure.net", VAULT_SCOPE),
+        ("127.0.0.1:8443", VAULT_SCOPE),  # unknown host, not configured
+        ("keys.internal.example", VAULT_SCOPE),
+    ],
+)
+def test_scope_for(host, scope):
+    assert scope_for(host) == scope
+
+
+@pytest.mark.parametrize(
+    ("host", "configured", "scope"),
+    [
+        ("127.0.0.1:8443", ["127.0.0.1:8443"], MANAGED_HSM_SCOPE),
+        ("https://127.0.0.1:9999", ["127.0.0.1"], MANAGED_HSM_SCOPE),
+        ("keys.internal.example", ["keys.internal.example"], MANAGED_HSM_SCOPE),
+        # configuring an Azure vault as "managed HSM" cannot change Azure's own rule
+        ("myvault.vault.azure.net", ["myvault.vault.azure.net"], VAULT_SCOPE),
+    ],
+)
+def test_scope_for_configured_managed_hsm_hosts(host, configured, scope):
+    assert scope_for(host, managed_hsm_hosts=configured) == scope
+    assert CredentialFactory({}, managed_hsm_hosts=configured).scope_for(host) == scope
+
+
+@pytest.mark.parametrize(
+    ("host", "azure"),
+    [
+        ("x.vault.azure.net", True),
+        ("x.managedhsm.azure.net", True),
+        ("x.vault.azure.cn", True),
+        ("x.vault.usgovcloudapi.net", True),
+        ("sharedeus.eus.attest.azure.net", True),
+        ("127.0.0.1", False),
+        ("localhost", False),
+        ("azure.net.evil.com", False),
+        ("notazure.net", False),
+    ],
+)
+def test_is_azure_host(host, azure):
+    assert is_azure_host(host) is azure
+
+
+def test_is_managed_hsm():
+    assert is_managed_hsm("x.managedhsm.azure.net")
+    assert not is_managed_hsm("x.vault.azure.net")
+    assert is_managed_hsm("localhost:1", managed_hsm_hosts=["localhost"])
+
+
+def _jwt(exp: int | None) -> str:
+    claims = {"aud": "https://vault.azure.net"} | ({"exp": exp} if exp is not None else {})
+    return jwt.encode(
+        claims, rsa.generate_private_key(public_exponent=65537, key_size=2048), algorithm="RS256"
+    )
+
+
+async def test_static_credential_presents_the_token_with_its_jwt_expiry():
+    exp = int(time.time()) + 1234
+    token = _jwt(exp)
+    credential = StaticTokenCredential(token)
+    assert isinstance(credential, AsyncTokenCredential)
+    got = await credential.get_token(VAULT_SCOPE, tenant_id="other", enable_cae=True)
+    info = await credential.get_token_info(MANAGED_HSM_SCOPE)
+    assert got.token == token == info.token and got.expires_on == exp == info.expires_on
+    assert token not in repr(credential) and token not in str(credential)
+
+
+async def test_static_credential_without_exp_lasts_an_hour():
+    now = time.time()
+    assert StaticTokenCredential("opaque-token", now=now).expires_on == int(now) + 3600
+    assert StaticTokenCredential(_jwt(None), now=now).expires_on == int(now) + 3600
+    with pytest.raises(BadRequest):
+        StaticTokenCredential("   ")
+
+
+def _workload_env(tmp_path: Path) -> dict[str, str]:
+    token_file = tmp_path / "token"
+    token_file.write_text("federated-assertion")
+    return {
+        "AZURE_CLIENT_ID": "cid",
+        "AZURE_TENANT_ID": TENANT,
+        "AZURE_FEDERATED_TOKEN_FILE": str(token_file),
+    }
+
+
+async def test_factory_prefers_request_token_then_workload_then_managed_identity(tmp_path, monkeypatch):
+    for name in MI_ENV:
+        monkeypatch.delenv(name, raising=False)
+    workload = CredentialFactory(_workload_env(tmp_path))
+    managed = CredentialFactory({"AZURE_CLIENT_ID": "cid"}, client_id="uami")  # incomplete workload env
+    try:
+        assert isinstance(workload.for_request("tok"), StaticTokenCredential)
+        assert isinstance(workload.for_request(None), WorkloadIdentityCredential)
+        assert workload.kind == "workload_identity"
+        assert isinstance(managed.for_request(""), ManagedIdentityCredential)
+        assert managed.kind == "managed_identity"
+        assert managed.for_request() is managed.for_request()  # created once, reused
+        assert managed.for_request("a") is not managed.for_request("a")
+    finally:
+        await workload.aclose()
+        await managed.aclose()
+
+
+def test_factory_refuses_a_missing_ca_bundle(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        CredentialFactory({}, ca_bundle=tmp_path / "nope.pem")
+
+
+@pytest.fixture
+async def identity(tmp_path: Path, ca: LocalCA) -> AsyncIterator[tuple[LocalIdentityService, str]]:
+    service = LocalIdentityService.create(tmp_path / "identity", tenant_id=TENANT)
+    runner, url = await serve(service.app, ca)
+    yield service, url
+    await runner.cleanup()
+
+
+async def test_factory_managed_identity_over_https_with_ca_bundle_and_cache(identity, ca, monkeypatch):
+    service, url = identity
+    for name in MI_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AZURE_POD_IDENTITY_AUTHORITY_HOST", url)
+    factory = CredentialFactory({}, client_id="uami-client", ca_bundle=ca.ca_pem_path)
+    try:
+        credential = factory.for_request()
+        first = await credential.get_token(factory.scope_for("myhsm.managedhsm.azure.net"))
+        second = await factory.for_request().get_token(factory.scope_for("myhsm.managedhsm.azure.net"))
+    finally:
+        await factory.aclose()
+    claims = service.verify_access_token(first.token, "https://managedhsm.azure.net")
+    assert claims["appid"] == "uami-client"
+    assert second.token == first.token and service.issued == 1
+
+
+async def test_factory_managed_identity_without_the_ca_bundle_does_not_trust_the_local_ca(
+    identity, monkeypatch
+):
+    service, url = identity
+    for name in MI_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AZURE_POD_IDENTITY_AUTHORITY_HOST", url)
+    factory = CredentialFactory({})
+    try:
+        with pytest.raises(CredentialUnavailableError):
+            await factory.for_request().get_token(VAULT_SCOPE)
+    finally:
+        await factory.aclose()
+    assert service.issued == 0  # the TLS handshake failed before any token request
+
+
+async def test_factory_workload_identity_posts_the_federated_assertion(tmp_path, ca, monkeypatch):
+    """A local Entra token endpoint over HTTPS: the real WorkloadIdentityCredential sends the assertion
+    from AZURE_FEDERATED_TOKEN_FILE and the factory's CA bundle makes TLS verify."""
+    for name in MI_ENV:
+        monkeypatch.delenv(name, raising=False)
+    seen: list[dict[str, str]] = []
+
+    async def token(request: web.Request) -> web.Response:
+        form = dict(await request.post())
+        seen.append({k: str(v) for k, v in form.items()} | {"path": request.path})
+        return web.json_response({"token_type": "Bearer", "expires_in": 3599, "access_token": "entra-token"})
+
+    app = web.Application()
+    app.router.add_post(f"/{TENANT}/oauth2/v2.0/token", token)
+    runner, url = await serve(app, ca)
+    env = _workload_env(tmp_path) | {"AZURE_AUTHORITY_HOST": url}
+    factory = CredentialFactory(env, ca_bundle=ca.ca_pem_path)
+    try:
+        got = await factory.for_request().get_token(MANAGED_HSM_SCOPE)
+    finally:
+        await factory.aclose()
+        await runner.cleanup()
+    assert got.token == "entra-token"
+    assert seen == [
+        {
+            "client_assertion": "federated-assertion",
+            "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            "client_id": "cid",
+            "grant_type": "client_credentials",
+            "scope": MANAGED_HSM_SCOPE,
+            "path": f"/{TENANT}/oauth2/v2.0/token",
+        }
+    ]
