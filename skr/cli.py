@@ -16,7 +16,16 @@ from skr import __version__
 from skr.errors import SkrError
 
 # Each module registers one command group; see skr/commands/.
-COMMAND_MODULES: tuple[str, ...] = ("audit",)
+COMMAND_MODULES: tuple[str, ...] = (
+    "serve",
+    "local",
+    "release",
+    "doctor",
+    "report",
+    "policy",
+    "keys",
+    "audit",
+)
 
 EXIT_OK = 0
 EXIT_NEGATIVE = 1

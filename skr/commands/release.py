@@ -1,0 +1,72 @@
+"""``skr release``: one release through the same service as the daemon, for init containers."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import uuid
+from pathlib import Path
+
+from skr.config import add_arguments, load_settings
+from skr.daemon import build_runtime
+from skr.errors import BadRequest
+from skr.logs import setup_logging
+from skr.service import RequestContext
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser("release", help="release one key and write its JWK (stdout or --out, mode 0600)")
+    parser.add_argument("--kid", required=True, help="key name, name/version or key URL")
+    parser.add_argument("--out", type=Path, help="write the JWK here (created 0600) instead of stdout")
+    parser.add_argument("--access-token-file", type=Path, help="a file holding an AAD token for the vault")
+    add_arguments(parser)
+    parser.set_defaults(func=_release)
+
+
+def write_secret_file(path: Path, data: str) -> None:
+    """Write ``data`` to ``path`` atomically with mode 0600 (never briefly world-readable)."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _release(args: argparse.Namespace) -> int:
+    settings = load_settings(args)
+    setup_logging(settings.log_level if args.log_level else "warning", settings.log_file)
+    access_token = None
+    if args.access_token_file is not None:
+        access_token = args.access_token_file.read_text().strip()
+        if not access_token:
+            raise BadRequest(f"{args.access_token_file} is empty")
+
+    async def run() -> str:
+        runtime = await build_runtime(settings, env=os.environ)
+        try:
+            result = await runtime.service.release(
+                kid=args.kid,
+                maa_endpoint=None,
+                akv_endpoint=None,
+                access_token=access_token,
+                ctx=RequestContext(request_id=uuid.uuid4().hex, client="cli"),
+            )
+        finally:
+            await runtime.aclose()
+        return result.key_json
+
+    key_json = asyncio.run(run())
+    if args.out is not None:
+        write_secret_file(args.out, key_json)
+        print(f"released {args.kid} to {args.out}", file=sys.stderr)
+    else:
+        sys.stdout.write(key_json + "\n")
+    return 0

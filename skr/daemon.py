@@ -1,0 +1,251 @@
+"""Assembling and running the sidecar: collaborators from :class:`Settings`, the HTTP server, shutdown.
+
+Owns the process lifecycle: one shared aiohttp client session, credentials and Key Vault clients
+created once, the evidence provider and its self-check, the audit log, and graceful shutdown
+(SIGTERM stops accepting, lets in-flight requests finish within the grace period, then flushes the
+audit log).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+from cryptography import x509
+
+from skr import __version__
+from skr.akv.jws import TrustStore
+from skr.akv.release import KeyVaultReleaser
+from skr.audit import AsyncAuditLog, AuditLog
+from skr.config import Settings, describe
+from skr.errors import ConfigError
+from skr.evidence.base import EvidenceProvider
+from skr.http import client_ssl_context
+from skr.identity import CredentialFactory
+from skr.maa.client import MaaClient
+from skr.metrics import Metrics
+from skr.server import create_app
+from skr.service import ReleaseService
+
+log = logging.getLogger("skr.daemon")
+
+
+@dataclass
+class Runtime:
+    """Everything a running sidecar holds; :meth:`aclose` releases it all."""
+
+    settings: Settings
+    service: ReleaseService
+    metrics: Metrics
+    session: aiohttp.ClientSession
+    releaser: KeyVaultReleaser
+    credentials: CredentialFactory
+    audit: AsyncAuditLog | None
+    app: web.Application
+    closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    async def aclose(self) -> None:
+        await self.service.aclose()
+        await self.releaser.aclose()
+        await self.credentials.aclose()
+        await self.session.close()
+        for close in reversed(self.closers):
+            await close()
+        if self.audit is not None:
+            await self.audit.aclose()
+
+
+def _audit_echo(line: str) -> None:
+    sys.stdout.write(line)
+    sys.stdout.flush()
+
+
+def open_audit(settings: Settings) -> AsyncAuditLog | None:
+    if settings.audit_log is None and not settings.audit_stdout:
+        return None
+    if settings.audit_log is None:
+        raise ConfigError("--audit-stdout needs --audit-log (the chain must be persisted to be verifiable)")
+    echo = _audit_echo if settings.audit_stdout else None
+    return AsyncAuditLog(AuditLog(settings.audit_log, max_bytes=settings.audit_max_bytes, echo=echo))
+
+
+async def create_evidence_provider(
+    settings: Settings, session: aiohttp.ClientSession, env: Mapping[str, str]
+) -> tuple[EvidenceProvider, list[x509.Certificate], bytes | None]:
+    """The configured evidence provider, extra ARKs to trust (the virtual TEE's), and the security policy.
+
+    Device probing, security-context reading and the virtual TEE's first key generation are blocking,
+    so they run in a worker thread.
+    """
+    from skr.evidence import create_provider
+    from skr.evidence.context import load_security_context
+    from skr.snp.collateral import CollateralClient
+
+    context = await asyncio.to_thread(load_security_context, env)
+    policy = context.security_policy
+    if settings.evidence == "virtual" and policy is None:
+        from skr.local.demo import DEMO_SECURITY_POLICY
+
+        policy = DEMO_SECURITY_POLICY
+    collateral = CollateralClient.from_certcache(
+        session,
+        settings.certcache,
+        ssl_context=client_ssl_context(settings.ca_bundle),
+        timeout=settings.upstream_timeout,
+    )
+    provider = await asyncio.to_thread(
+        create_provider,
+        settings.evidence,
+        context=context,
+        state_dir=settings.state_dir / "tee",
+        collateral=collateral,
+        security_policy=policy,
+    )
+    arks: list[x509.Certificate] = []
+    ark = getattr(provider, "ark_certificate", None)
+    if isinstance(ark, x509.Certificate):
+        arks.append(ark)
+    return provider, arks, policy
+
+
+async def build_runtime(
+    settings: Settings,
+    *,
+    env: Mapping[str, str],
+    provider: EvidenceProvider | None = None,
+    trusted_arks: Sequence[x509.Certificate] = (),
+    security_policy: bytes | None = None,
+) -> Runtime:
+    """Create every collaborator. ``provider`` overrides the configured evidence source (local mode)."""
+    metrics = Metrics(__version__)
+    connector = aiohttp.TCPConnector(limit=100, ttl_dns_cache=300)
+    session = aiohttp.ClientSession(connector=connector, headers={"User-Agent": settings.user_agent})
+    try:
+        if provider is None:
+            provider, arks, security_policy = await create_evidence_provider(settings, session, env)
+            trusted_arks = [*trusted_arks, *arks]
+        ssl_ctx = client_ssl_context(settings.ca_bundle)
+        maa = MaaClient(
+            session,
+            ssl_context=ssl_ctx,
+            tee_path=settings.maa_tee_path,
+            api_version=settings.maa_api_version,
+            user_agent=settings.user_agent,
+            timeout=settings.upstream_timeout,
+        )
+        credentials = CredentialFactory(
+            env, client_id=settings.identity_client_id, ca_bundle=settings.ca_bundle
+        )
+        local_vaults = [
+            ep.authority
+            for ep in (settings.akv_endpoint,)
+            if ep is not None and not ep.is_azure() and settings.allowlist.explicitly_names(ep)
+        ]
+        releaser = KeyVaultReleaser(
+            credentials=credentials,
+            api_version=settings.akv_api_version,
+            ca_bundle=settings.ca_bundle,
+            allow_insecure_challenge_hosts=[*local_vaults, *_named_non_azure(settings)],
+        )
+        trust = TrustStore([settings.ca_bundle] if settings.ca_bundle else [])
+        audit = open_audit(settings)
+    except BaseException:
+        await session.close()
+        raise
+    service = ReleaseService(
+        settings,
+        provider=provider,
+        maa=maa,
+        releaser=releaser,
+        trust=trust,
+        audit=audit,
+        metrics=metrics,
+        trusted_arks=trusted_arks,
+        security_policy=security_policy,
+    )
+    app = create_app(service, metrics)
+    return Runtime(settings, service, metrics, session, releaser, credentials, audit, app)
+
+
+def _named_non_azure(settings: Settings) -> list[str]:
+    """Exact (non-wildcard) allowlist entries outside Azure's domains: local or private vaults."""
+    from skr.endpoints import parse_endpoint
+
+    out = []
+    for pattern in settings.allowlist.patterns:
+        if "*" in pattern:
+            continue
+        try:
+            ep = parse_endpoint(pattern)
+        except Exception:  # noqa: S112 - a pattern that is not a plain endpoint names nothing to relax
+            continue
+        if not ep.is_azure():
+            out.append(ep.authority)
+    return out
+
+
+async def start_site(runtime: Runtime) -> tuple[web.AppRunner, int]:
+    """Bind the HTTP server; returns the runner and the bound port (useful with port 0)."""
+    settings = runtime.settings
+    runner = web.AppRunner(
+        runtime.app, handle_signals=False, access_log=None, shutdown_timeout=settings.grace_period
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ConfigError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}") from None
+    port = settings.port
+    for address in runner.addresses:  # the bound address, useful with port 0
+        port = int(address[1])
+        break
+    return runner, port
+
+
+def announce(settings: Settings, port: int) -> None:
+    log.info(
+        "skr sidecar listening", extra={"address": f"{settings.host}:{port}", "settings": describe(settings)}
+    )
+    if settings.allow_remote:
+        log.warning("--allow-remote: clients outside the loopback interface are accepted")
+    if settings.evidence == "virtual":
+        log.warning(
+            "evidence source is the VIRTUAL TEE: reports are signed by a software key, "
+            "nothing is confidential; use only for local development"
+        )
+
+
+async def serve_forever(runtime: Runtime, stop: asyncio.Event | None = None) -> None:
+    """Run until SIGTERM/SIGINT (or ``stop``), then shut down gracefully."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
+            loop.add_signal_handler(sig, stop.set)
+    runner, port = await start_site(runtime)
+    try:
+        announce(runtime.settings, port)
+        await runtime.service.start()
+        await stop.wait()
+        log.info(
+            "shutting down: finishing in-flight requests",
+            extra={"grace_seconds": runtime.settings.grace_period},
+        )
+    finally:
+        await runner.cleanup()  # stops accepting, waits for in-flight handlers up to the grace period
+        await runtime.aclose()
+        log.info("stopped")
+
+
+def state_path(settings: Settings, *parts: str) -> Path:
+    return settings.state_dir.joinpath(*parts)

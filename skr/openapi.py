@@ -1,0 +1,197 @@
+"""The OpenAPI 3.1 document of the sidecar's HTTP API, served at ``/openapi.json``.
+
+A test keeps it true: every route of the app is documented, every documented route exists, and the
+responses of a real run validate against these schemas.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from skr import __version__
+
+_ERROR = {
+    "type": "object",
+    "required": ["error", "code", "request_id"],
+    "properties": {
+        "error": {"type": "string", "description": "One clear sentence."},
+        "code": {"type": "string", "pattern": "^[a-z][a-z0-9_]*$", "description": "Stable snake_case code."},
+        "request_id": {"type": "string"},
+        "hint": {"type": "string", "description": "What to check."},
+    },
+}
+_B64 = {"type": "string", "description": "Standard base64 (RFC 4648 §4) with padding."}
+_RUNTIME = {
+    "type": "object",
+    "required": ["runtime_data"],
+    "properties": {"runtime_data": {**_B64, "minLength": 1}},
+}
+_HOST = {"type": "string", "description": "host, host:port or https://host[:port]; must pass the allowlist."}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    text = {
+        400: "Bad input.",
+        401: "Client token missing or wrong (only when SKR_CLIENT_TOKEN_FILE is set).",
+        403: "Release denied, endpoint not allowed, or non-loopback client.",
+        404: "Unknown key.",
+        413: "Body too large.",
+        502: "An upstream service failed.",
+        503: "Evidence unavailable.",
+        504: "Deadline exceeded.",
+    }
+    return {
+        str(c): {
+            "description": text[c],
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+        }
+        for c in codes
+    }
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _post(summary: str, request: dict[str, Any], ok: dict[str, Any], *codes: int) -> dict[str, Any]:
+    return {
+        "post": {
+            "summary": summary,
+            "requestBody": {"required": True, "content": {"application/json": {"schema": request}}},
+            "responses": {"200": _json(ok, "Success."), **_errors(400, 401, 403, 413, *codes)},
+        }
+    }
+
+
+def document() -> dict[str, Any]:
+    """The OpenAPI document (a fresh dict each call)."""
+    obj = {"type": "object"}
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "skr — Secure Key Release sidecar",
+            "version": __version__,
+            "description": "Drop-in compatible with Microsoft's confidential-sidecar-containers SKR API.",
+        },
+        "servers": [{"url": "http://127.0.0.1:8080"}],
+        "paths": {
+            "/status": {
+                "get": {
+                    "summary": "Go-compatible liveness.",
+                    "responses": {
+                        "200": _json(
+                            {
+                                **obj,
+                                "required": ["message"],
+                                "properties": {"message": {"const": "Status OK"}},
+                            },
+                            "Alive.",
+                        )
+                    },
+                }
+            },
+            "/healthz": {
+                "get": {
+                    "summary": "The process is alive.",
+                    "responses": {"200": _json({**obj, "properties": {"status": {"const": "ok"}}}, "Alive.")},
+                }
+            },
+            "/readyz": {
+                "get": {
+                    "summary": "Evidence source usable, policy-hash self-check passed, wrapping key ready.",
+                    "responses": {
+                        code: _json(
+                            {
+                                **obj,
+                                "required": ["ready", "checks"],
+                                "properties": {"ready": {"type": "boolean"}, "checks": obj},
+                            },
+                            text,
+                        )
+                        for code, text in (("200", "Ready."), ("503", "Not ready; checks say why."))
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics (text format 0.0.4).",
+                    "responses": {
+                        "200": {
+                            "description": "Metrics.",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        },
+                        **_errors(401),
+                    },
+                }
+            },
+            "/openapi.json": {
+                "get": {
+                    "summary": "This document.",
+                    "responses": {"200": _json(obj, "OpenAPI 3.1."), **_errors(401)},
+                }
+            },
+            "/attest/raw": _post(
+                "A raw SEV-SNP report with REPORT_DATA = SHA-256(runtime_data) ‖ 32 zero bytes.",
+                _RUNTIME,
+                {
+                    **obj,
+                    "required": ["report"],
+                    "properties": {"report": {"type": "string", "pattern": "^[0-9a-f]+$"}},
+                },
+                503,
+                504,
+            ),
+            "/attest/combined": _post(
+                "The report with its collateral (VCEK chain, endorsed TCB, UVM endorsement).",
+                _RUNTIME,
+                {
+                    **obj,
+                    "required": ["endorsed_tcb", "endorsements", "evidence", "uvm_endorsements"],
+                    "properties": {
+                        "endorsed_tcb": {"type": "string"},
+                        "endorsements": _B64,
+                        "evidence": _B64,
+                        "uvm_endorsements": {"type": "string"},
+                    },
+                },
+                503,
+                504,
+            ),
+            "/attest/maa": _post(
+                "An MAA token for the caller's runtime data (sent as JSON runtime data).",
+                {**_RUNTIME, "properties": {**_RUNTIME["properties"], "maa_endpoint": _HOST}},  # type: ignore[dict-item]
+                {**obj, "required": ["token"], "properties": {"token": {"type": "string"}}},
+                502,
+                503,
+                504,
+            ),
+            "/key/release": _post(
+                "Release a key from Azure Key Vault / Managed HSM; the JWK comes back as a JSON string.",
+                {
+                    **obj,
+                    "required": ["kid"],
+                    "properties": {
+                        "kid": {"type": "string", "description": "name, name/version, or a key URL"},
+                        "maa_endpoint": _HOST,
+                        "akv_endpoint": _HOST,
+                        "access_token": {
+                            "type": "string",
+                            "description": "Optional AAD token for the vault.",
+                        },
+                    },
+                },
+                {
+                    **obj,
+                    "required": ["key"],
+                    "properties": {
+                        "key": {"type": "string", "description": "The JWK, serialized with sorted keys."}
+                    },
+                },
+                404,
+                502,
+                503,
+                504,
+            ),
+        },
+        "components": {"schemas": {"Error": _ERROR}},
+    }

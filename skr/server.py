@@ -1,0 +1,298 @@
+"""The HTTP API: Microsoft's Go sidecar's routes and bodies, plus health, readiness, metrics, OpenAPI.
+
+Owns: request parsing (JSON whatever the Content-Type, strict standard base64 for ``runtime_data``,
+unknown fields ignored), the error model (always ``{"error", "code", "request_id"}``, never a traceback,
+never a 5xx for bad input), loopback-only access unless allowed, optional client-token authentication,
+request ids, metrics and the ``Server-Timing`` header.
+
+Never logs request bodies, tokens or keys.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import ipaddress
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from skr.errors import (
+    BadRequest,
+    NotFound,
+    PayloadTooLarge,
+    RemoteClientRefused,
+    SkrError,
+    Unauthenticated,
+)
+from skr.logs import request_id_var
+from skr.metrics import Metrics
+from skr.service import ReleaseService, RequestContext
+
+log = logging.getLogger("skr.server")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+SERVICE_KEY: web.AppKey[ReleaseService] = web.AppKey("service", ReleaseService)
+METRICS_KEY: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
+OPEN_PATHS = frozenset({"/status", "/healthz", "/readyz"})
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+JSON_CT = "application/json; charset=utf-8"
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def json_response(
+    body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    """Compact JSON without a trailing newline, as Go's ``c.JSON`` writes it."""
+    resp = web.Response(text=_dumps(body), status=status, headers=headers)
+    resp.content_type = "application/json"
+    resp.charset = "utf-8"
+    return resp
+
+
+def error_response(exc: SkrError, request_id: str) -> web.Response:
+    body = {"error": exc.message, "code": exc.code, "request_id": request_id}
+    if exc.hint:
+        body["hint"] = exc.hint
+    headers = {"WWW-Authenticate": 'Bearer realm="skr"'} if exc.status == 401 else None
+    return json_response(body, exc.status, headers)
+
+
+# --- body parsing ------------------------------------------------------------------------------------
+
+
+async def read_json_object(request: web.Request) -> dict[str, Any]:
+    """The body as a JSON object, whatever the Content-Type (curl -d sends form-urlencoded)."""
+    raw = await request.read()
+    if not raw.strip():
+        raise BadRequest("the request body is empty; send a JSON object", code="invalid_json")
+    try:
+        doc = json.loads(raw)
+    except RecursionError:
+        raise BadRequest("the request body is nested too deeply", code="invalid_json") from None
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("the request body is not valid JSON", code="invalid_json") from None
+    if not isinstance(doc, dict):
+        raise BadRequest("the request body must be a JSON object", code="invalid_json")
+    return doc
+
+
+def required_str(doc: dict[str, Any], name: str) -> str:
+    value = doc.get(name)
+    if value is None or value == "":
+        raise BadRequest(f"{name} is required", code="missing_field")
+    if not isinstance(value, str):
+        raise BadRequest(f"{name} must be a string", code="invalid_field")
+    return value
+
+
+def optional_str(doc: dict[str, Any], name: str) -> str | None:
+    value = doc.get(name)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise BadRequest(f"{name} must be a string", code="invalid_field")
+    return value
+
+
+def decode_runtime_data(value: str) -> bytes:
+    """Strict standard base64 with padding, ignoring CR/LF — exactly Go's ``base64.StdEncoding``."""
+    cleaned = value.replace("\r", "").replace("\n", "")
+    try:
+        return base64.b64decode(cleaned, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest(
+            "runtime_data is not standard base64 (RFC 4648 §4 alphabet with '=' padding)",
+            hint="URL-safe base64 ('-' and '_') is not accepted",
+            code="invalid_base64",
+        ) from None
+
+
+# --- middleware --------------------------------------------------------------------------------------
+
+
+def _is_loopback(remote: str | None) -> bool:
+    if remote is None:
+        return True  # a Unix socket or an in-process test transport
+    try:
+        return ipaddress.ip_address(remote.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def _route_label(request: web.Request) -> str:
+    info = request.match_info.route.resource
+    return info.canonical if info is not None else "unmatched"
+
+
+@web.middleware
+async def _frame(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Request id, access control, error mapping, metrics — in that order."""
+    service = request.app[SERVICE_KEY]
+    metrics = request.app[METRICS_KEY]
+    supplied = request.headers.get("X-Request-Id", "")
+    request_id = supplied if _REQUEST_ID.match(supplied) else uuid.uuid4().hex
+    token = request_id_var.set(request_id)
+    started = time.monotonic()
+    response: web.StreamResponse
+    try:
+        if not service.settings.allow_remote and not _is_loopback(request.remote):
+            raise RemoteClientRefused(
+                "this sidecar only answers clients on the loopback interface",
+                hint="call it on localhost from a container of the same group",
+            )
+        expected = service.settings.client_token
+        if expected is not None and request.path not in OPEN_PATHS:
+            header = request.headers.get("Authorization", "")
+            presented = header[7:].strip() if header[:7].lower() == "bearer " else ""
+            if not hmac.compare_digest(presented.encode(), expected.encode()):
+                raise Unauthenticated(
+                    "this sidecar requires a client token",
+                    hint="send Authorization: Bearer <contents of SKR_CLIENT_TOKEN_FILE>",
+                )
+        response = await handler(request)
+    except SkrError as exc:
+        response = error_response(exc, request_id)
+        level = logging.WARNING if exc.status < 500 else logging.ERROR
+        log.log(level, "request failed", extra={"path": request.path, "status": exc.status, "code": exc.code})
+    except web.HTTPRequestEntityTooLarge:
+        response = error_response(
+            PayloadTooLarge(f"the request body exceeds {service.settings.max_body} bytes"), request_id
+        )
+    except web.HTTPMethodNotAllowed as exc:
+        response = error_response(
+            SkrError(f"{request.method} is not allowed on {request.path}", code="method_not_allowed"),
+            request_id,
+        )
+        response.set_status(405)
+        response.headers["Allow"] = ",".join(sorted(exc.allowed_methods))
+    except web.HTTPNotFound:
+        response = error_response(NotFound(f"no such endpoint: {request.path}"), request_id)
+    except web.HTTPException as exc:
+        response = error_response(SkrError(exc.reason, code="http_error"), request_id)
+        response.set_status(exc.status)
+    except Exception:
+        log.exception("unexpected error", extra={"path": request.path})
+        response = error_response(
+            SkrError("internal error; see the sidecar log for this request id"), request_id
+        )
+    finally:
+        request_id_var.reset(token)
+    response.headers["X-Request-Id"] = request_id
+    route = _route_label(request)
+    metrics.http_requests.inc(route=route, status=str(response.status))
+    metrics.http_duration.observe(time.monotonic() - started, route=route)
+    return response
+
+
+def _ctx(request: web.Request) -> RequestContext:
+    return RequestContext(request_id=request_id_var.get() or "", client=request.remote)
+
+
+def _timing(ctx: RequestContext, started: float) -> dict[str, str]:
+    total = (time.monotonic() - started) * 1000
+    upstream = ctx.upstream_seconds * 1000
+    own = max(total - upstream, 0.0)
+    return {"Server-Timing": f"upstream;dur={upstream:.3f}, app;dur={own:.3f}, total;dur={total:.3f}"}
+
+
+# --- handlers ----------------------------------------------------------------------------------------
+
+
+async def status(_: web.Request) -> web.Response:
+    return json_response({"message": "Status OK"})
+
+
+async def healthz(_: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    service = request.app[SERVICE_KEY]
+    checks = dict(service.readiness)
+    checks["wrapping_key"] = "ready" if service.wrapping_key_ready else "generating"
+    ready = service.ready and service.wrapping_key_ready
+    return json_response({"ready": ready, "checks": checks}, 200 if ready else 503)
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    resp = web.Response(text=request.app[METRICS_KEY].render())
+    resp.content_type = "text/plain"
+    resp.headers["Content-Type"] = "text/plain; version=0.0.4; charset=utf-8"
+    return resp
+
+
+async def openapi(_: web.Request) -> web.Response:
+    from skr.openapi import document
+
+    return json_response(document())
+
+
+async def attest_raw(request: web.Request) -> web.Response:
+    doc = await read_json_object(request)
+    runtime_data = decode_runtime_data(required_str(doc, "runtime_data"))
+    ctx = _ctx(request)
+    report = await request.app[SERVICE_KEY].raw_report(runtime_data, ctx)
+    return json_response({"report": report.hex()})
+
+
+async def attest_combined(request: web.Request) -> web.Response:
+    doc = await read_json_object(request)
+    runtime_data = decode_runtime_data(required_str(doc, "runtime_data"))
+    body = await request.app[SERVICE_KEY].combined(runtime_data, _ctx(request))
+    return json_response(body)
+
+
+async def attest_maa(request: web.Request) -> web.Response:
+    doc = await read_json_object(request)
+    runtime_data = decode_runtime_data(required_str(doc, "runtime_data"))
+    maa = optional_str(doc, "maa_endpoint")
+    token = await request.app[SERVICE_KEY].maa_token(maa, runtime_data, _ctx(request))
+    return json_response({"token": token})
+
+
+async def key_release(request: web.Request) -> web.Response:
+    started = time.monotonic()
+    doc = await read_json_object(request)
+    kid = required_str(doc, "kid")
+    ctx = _ctx(request)
+    result = await request.app[SERVICE_KEY].release(
+        kid=kid,
+        maa_endpoint=optional_str(doc, "maa_endpoint"),
+        akv_endpoint=optional_str(doc, "akv_endpoint"),
+        access_token=optional_str(doc, "access_token"),
+        ctx=ctx,
+    )
+    return json_response({"key": result.key_json}, headers=_timing(ctx, started))
+
+
+ROUTES: tuple[tuple[str, str, Handler], ...] = (
+    ("GET", "/status", status),
+    ("GET", "/healthz", healthz),
+    ("GET", "/readyz", readyz),
+    ("GET", "/metrics", metrics_handler),
+    ("GET", "/openapi.json", openapi),
+    ("POST", "/attest/raw", attest_raw),
+    ("POST", "/attest/combined", attest_combined),
+    ("POST", "/attest/maa", attest_maa),
+    ("POST", "/key/release", key_release),
+)
+
+
+def create_app(service: ReleaseService, metrics: Metrics) -> web.Application:
+    app = web.Application(middlewares=[_frame], client_max_size=service.settings.max_body)
+    app[SERVICE_KEY] = service
+    app[METRICS_KEY] = metrics
+    for method, path, handler in ROUTES:
+        app.router.add_route(method, path, handler)
+    return app
