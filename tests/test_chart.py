@@ -1,0 +1,581 @@
+"""The Helm chart charts/skr, rendered by a real Helm engine (helm-python-sdk embeds Helm 4; no cluster).
+
+Every rendered object is validated against the Kubernetes OpenAPI schemas (kubernetes-validate, strict:
+unknown fields are errors), Helm lint runs on the chart, and values.schema.json must refuse bad values
+with a message naming the offending key. The exec probes and the example app are run for real against a
+loopback server, because kubelet cannot do that for us here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import copy
+import json
+import re
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import kubernetes_validate  # type: ignore[import-untyped]
+import pytest
+from aiohttp import web
+
+CHART = Path(__file__).resolve().parents[1] / "charts" / "skr"
+KUBE_VERSION = "1.30.0"  # oldest Kubernetes minor AKS still supports for confidential pods; schemas bundled
+CLIENT_ID = "0f3e1c2a-1b2c-4d5e-8f90-a1b2c3d4e5f6"
+EXAMPLE = {"example": {"enabled": True, "kid": "app-key"}}
+
+
+def merge(*layers: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge value overrides (later layers win), like repeated `helm -f`."""
+    out: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if isinstance(value, dict) and isinstance(out.get(key), dict):
+                out[key] = merge(out[key], value)
+            else:
+                out[key] = copy.deepcopy(value)
+    return out
+
+
+@pytest.fixture(scope="module")
+def chart() -> Iterator[helm.Chart]:
+    with helm.Chart.load(CHART) as loaded:
+        yield loaded
+
+
+def parse_manifests(rendered: dict[str, str]) -> list[dict[str, Any]]:
+    """Rendered templates → Kubernetes objects, parsed by Helm's own YAML reader (sigs.k8s.io/yaml)."""
+    objects = []
+    for name, text in rendered.items():
+        if name.endswith("NOTES.txt"):
+            continue
+        for doc in re.split(r"^---\s*$", text, flags=re.MULTILINE):
+            if doc.strip():
+                objects.append(helm.values_from_yaml(doc))
+    return objects
+
+
+def render(chart: helm.Chart, *layers: dict[str, Any]) -> list[dict[str, Any]]:
+    return parse_manifests(chart.render(merge(*layers), name="demo", namespace="apps"))
+
+
+def one(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    found = [o for o in objects if o["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind}, found {[o['kind'] for o in objects]}"
+    return found[0]
+
+
+def pod_spec(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    spec: dict[str, Any] = one(objects, "Deployment")["spec"]["template"]["spec"]
+    return spec
+
+
+def container(objects: list[dict[str, Any]], name: str = "skr") -> dict[str, Any]:
+    (found,) = [c for c in pod_spec(objects)["containers"] if c["name"] == name]
+    return dict(found)
+
+
+def env_of(c: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e.get("value", "") for e in c.get("env", [])}
+
+
+def volume(objects: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    (found,) = [v for v in pod_spec(objects)["volumes"] if v["name"] == name]
+    return dict(found)
+
+
+def assert_valid_kubernetes(objects: list[dict[str, Any]]) -> None:
+    assert objects, "nothing rendered"
+    for obj in objects:
+        try:
+            kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            path = ".".join(str(p) for p in exc.path)
+            pytest.fail(
+                f"{obj['kind']}/{obj['metadata']['name']} is not valid Kubernetes: {path}: {exc.message}"
+            )
+
+
+# --- Defaults -------------------------------------------------------------------------------------------
+
+
+def test_default_values_render_no_workload_so_the_chart_can_be_a_template_dependency(chart):
+    rendered = chart.render(name="demo", namespace="apps")
+    assert parse_manifests(rendered) == []
+    notes = next(text for name, text in rendered.items() if name.endswith("NOTES.txt"))
+    assert '"skr.sidecar"' in notes
+
+
+def test_values_image_tag_follows_the_chart_app_version(chart):
+    assert chart.values["image"]["tag"] == chart.metadata["appVersion"]
+
+
+def test_example_renders_a_deployment_and_service_account_valid_for_kubernetes(chart):
+    objects = render(chart, EXAMPLE)
+    assert sorted(o["kind"] for o in objects) == ["Deployment", "ServiceAccount"]
+    assert_valid_kubernetes(objects)
+    spec = pod_spec(objects)
+    assert spec["serviceAccountName"] == one(objects, "ServiceAccount")["metadata"]["name"]
+    assert spec["automountServiceAccountToken"] is False
+    assert [c["name"] for c in spec["containers"]] == ["app", "skr"]
+
+
+# --- Secure by default ----------------------------------------------------------------------------------
+
+
+def test_every_container_is_non_root_read_only_unprivileged_and_confined(chart):
+    objects = render(chart, EXAMPLE)
+    for c in pod_spec(objects)["containers"]:
+        sc = c["securityContext"]
+        assert sc["runAsNonRoot"] is True, c["name"]
+        assert sc["readOnlyRootFilesystem"] is True, c["name"]
+        assert sc["allowPrivilegeEscalation"] is False, c["name"]
+        assert sc["privileged"] is False, c["name"]
+        assert sc["capabilities"] == {"drop": ["ALL"]}, c["name"]
+        assert sc["seccompProfile"] == {"type": "RuntimeDefault"}, c["name"]
+    skr = container(objects)["securityContext"]
+    assert skr["runAsUser"] == 65532 and skr["runAsGroup"] == 65532
+    pod = pod_spec(objects)["securityContext"]
+    assert pod["runAsNonRoot"] is True and pod["runAsUser"] == 65532
+    assert pod["seccompProfile"] == {"type": "RuntimeDefault"}
+
+
+def test_every_container_has_cpu_and_memory_requests_and_limits(chart):
+    for c in pod_spec(render(chart, EXAMPLE))["containers"]:
+        for kind in ("requests", "limits"):
+            assert set(c["resources"][kind]) == {"cpu", "memory"}, (c["name"], kind)
+
+
+def test_the_sidecar_exposes_no_port_and_the_chart_no_service(chart):
+    objects = render(chart, EXAMPLE)
+    assert "ports" not in container(objects)
+    assert not [o for o in objects if o["kind"] in ("Service", "Ingress")]
+
+
+def test_only_state_and_audit_are_writable_and_the_endorsement_is_read_only(chart):
+    mounts = {m["mountPath"]: m for m in container(render(chart, EXAMPLE))["volumeMounts"]}
+    writable = sorted(path for path, m in mounts.items() if not m.get("readOnly"))
+    assert writable == ["/var/lib/skr", "/var/log/skr"]
+    reference = "/opt/confidential-containers/share/kata-containers/reference-info-base64"
+    assert mounts[reference]["readOnly"] is True
+
+
+# --- Probes ---------------------------------------------------------------------------------------------
+
+
+def test_probes_are_exec_probes_against_the_loopback_listener(chart):
+    skr = container(render(chart, EXAMPLE, {"port": 9123}))
+    for probe, path in (
+        ("startupProbe", "/healthz"),
+        ("livenessProbe", "/healthz"),
+        ("readinessProbe", "/readyz"),
+    ):
+        command = skr[probe]["exec"]["command"]
+        assert command[:2] == ["python3", "-c"], probe
+        assert f"'http://127.0.0.1:9123{path}'" in command[2], probe
+        assert "httpGet" not in skr[probe]
+        assert skr[probe]["timeoutSeconds"] >= 2
+    assert skr["startupProbe"]["failureThreshold"] * skr["startupProbe"]["periodSeconds"] >= 30
+
+
+@pytest.fixture
+async def fake_skr_health() -> Any:
+    """A loopback server answering like skr's health endpoints: alive (/healthz 200) but not ready (503)."""
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(_: web.Request) -> web.Response:
+        return web.json_response(
+            {"error": "evidence unavailable", "code": "evidence_unavailable"}, status=503
+        )
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    yield site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    await runner.cleanup()
+
+
+async def run_probe(command: list[str], *, proxy: str = "http://127.0.0.1:9/") -> int:
+    """Run a rendered exec-probe command the way kubelet would, with this interpreter as python3. An
+    HTTP proxy that does not exist is set, to prove the probe never goes through a proxy."""
+    assert command[0] == "python3"
+    env = {"HTTP_PROXY": proxy, "http_proxy": proxy, "PATH": "/usr/bin:/bin"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *command[1:],
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    return await asyncio.wait_for(proc.wait(), timeout=20)
+
+
+async def test_rendered_probe_commands_pass_on_200_and_fail_on_503_or_no_listener(chart, fake_skr_health):
+    skr = container(render(chart, EXAMPLE, {"port": fake_skr_health}))
+    assert await run_probe(skr["livenessProbe"]["exec"]["command"]) == 0
+    assert await run_probe(skr["startupProbe"]["exec"]["command"]) == 0
+    assert await run_probe(skr["readinessProbe"]["exec"]["command"]) != 0  # 503: not ready
+
+    # Nobody listening (port 1 on loopback refuses the connection).
+    skr = container(render(chart, EXAMPLE, {"port": 1}))
+    assert await run_probe(skr["livenessProbe"]["exec"]["command"]) != 0
+
+
+# --- Placement, identity, policy --------------------------------------------------------------------------
+
+
+def test_runtime_class_defaults_to_kata_confidential_and_can_be_changed_or_unset(chart):
+    assert pod_spec(render(chart, EXAMPLE))["runtimeClassName"] == "kata-cc-isolation"
+    assert pod_spec(render(chart, EXAMPLE, {"runtimeClassName": "kata-cc"}))["runtimeClassName"] == "kata-cc"
+    assert "runtimeClassName" not in pod_spec(render(chart, EXAMPLE, {"runtimeClassName": ""}))
+
+
+def test_workload_identity_labels_the_pod_and_annotates_the_service_account(chart):
+    objects = render(chart, EXAMPLE, {"workloadIdentity": {"clientId": CLIENT_ID}})
+    labels = one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert labels["azure.workload.identity/use"] == "true"
+    annotations = one(objects, "ServiceAccount")["metadata"]["annotations"]
+    assert annotations == {"azure.workload.identity/client-id": CLIENT_ID}
+    assert_valid_kubernetes(objects)
+
+
+def test_workload_identity_disabled_leaves_no_label_and_no_annotation(chart):
+    objects = render(chart, EXAMPLE, {"workloadIdentity": {"enabled": False, "clientId": CLIENT_ID}})
+    assert (
+        "azure.workload.identity/use"
+        not in one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    )
+    assert "annotations" not in one(objects, "ServiceAccount")["metadata"]
+
+
+def test_kata_agent_policy_becomes_the_pod_annotation_only_when_given(chart):
+    policy = base64.b64encode(b"package agent_policy\n\ndefault CreateContainerRequest := false\n").decode()
+    template = one(render(chart, EXAMPLE, {"kataPolicy": policy}), "Deployment")["spec"]["template"]
+    assert template["metadata"]["annotations"] == {"io.katacontainers.config.agent.policy": policy}
+    template = one(render(chart, EXAMPLE), "Deployment")["spec"]["template"]
+    assert "annotations" not in template["metadata"]
+
+
+# --- Environment and flags --------------------------------------------------------------------------------
+
+
+def test_defaults_wire_only_log_level_state_and_the_uvm_context(chart):
+    skr = container(render(chart, EXAMPLE))
+    assert env_of(skr) == {
+        "LogLevel": "info",
+        "SKR_STATE_DIR": "/var/lib/skr",
+        "UVM_SECURITY_CONTEXT_DIR": "/opt/confidential-containers/share/kata-containers",
+    }
+    assert skr["args"] == [
+        "--port",
+        "8080",
+        "--evidence",
+        "auto",
+        "--audit-log",
+        "/var/log/skr/audit.jsonl",
+        "--audit-stdout",
+    ]
+    assert "command" not in skr  # the image's ENTRYPOINT `skr serve` runs
+    assert skr["image"] == "myregistry.azurecr.io/skr:0.1.0"
+
+
+def test_custom_values_reach_the_sidecar_environment(chart):
+    values = {
+        "logLevel": "debug",
+        "maa": {"endpoint": "sharedeus.eus.attest.azure.net"},
+        "keyVault": {"endpoint": "myhsm.managedhsm.azure.net"},
+        "allowedEndpoints": ["sharedeus.eus.attest.azure.net", "myhsm.managedhsm.azure.net"],
+        "tokenReuse": False,
+        "sidecarArgs": {"identity": {"client_id": CLIENT_ID}, "maaconfig": {"user_agent": "contoso/1"}},
+        "caBundle": {"configMap": "corp-roots"},
+        "clientToken": {"secretName": "skr-client"},
+        "extraEnv": [{"name": "SKR_REQUEST_DEADLINE", "value": "20"}],
+        "extraArgs": ["--deadline", "20"],
+        "uvmReferenceInfo": {"enabled": False},
+        "port": 9000,
+    }
+    objects = render(chart, EXAMPLE, values)
+    assert_valid_kubernetes(objects)
+    skr = container(objects)
+    env = env_of(skr)
+    assert env["LogLevel"] == "debug"
+    assert env["SKR_MAA_ENDPOINT"] == "sharedeus.eus.attest.azure.net"
+    assert env["SKR_AKV_ENDPOINT"] == "myhsm.managedhsm.azure.net"
+    assert env["SKR_ALLOWED_ENDPOINTS"] == "sharedeus.eus.attest.azure.net,myhsm.managedhsm.azure.net"
+    assert env["SKR_TOKEN_REUSE"] == "off"
+    assert json.loads(base64.b64decode(env["SkrSideCarArgs"], validate=True)) == values["sidecarArgs"]
+    assert env["SKR_CA_BUNDLE"] == "/etc/skr/ca/ca.crt"
+    assert env["SKR_CLIENT_TOKEN_FILE"] == "/etc/skr/client-token/token"
+    assert env["SKR_REQUEST_DEADLINE"] == "20"
+    assert "UVM_SECURITY_CONTEXT_DIR" not in env
+    assert skr["args"][:2] == ["--port", "9000"] and skr["args"][-2:] == ["--deadline", "20"]
+    assert volume(objects, "skr-ca-bundle")["configMap"]["name"] == "corp-roots"
+    assert volume(objects, "skr-client-token")["secret"]["secretName"] == "skr-client"
+    assert not [v for v in pod_spec(objects)["volumes"] if v["name"] == "skr-uvm-reference-info"]
+    app = container(objects, "app")
+    assert env_of(app)["SKR_URL"] == "http://127.0.0.1:9000"
+    assert env_of(app)["SKR_CLIENT_TOKEN_FILE"] == "/etc/skr/client-token/token"
+
+
+def test_the_sidecars_args_and_env_mean_what_the_values_say_to_skr_serve(chart):
+    """The contract between chart and daemon: the rendered flags parse with the real `skr serve` parser
+    and, with the rendered environment, resolve to the settings the values asked for."""
+    from skr.commands import serve
+    from skr.config import load_settings
+
+    values = {
+        "logLevel": "warning",
+        "maa": {"endpoint": "sharedeus.eus.attest.azure.net"},
+        "keyVault": {"endpoint": "myvault.vault.azure.net"},
+        "allowedEndpoints": ["sharedeus.eus.attest.azure.net", "myvault.vault.azure.net"],
+        "tokenReuse": False,
+        "sidecarArgs": {"identity": {"client_id": CLIENT_ID}},
+        "caBundle": {"configMap": "corp-roots"},
+        "port": 9000,
+        "evidence": "tsm",
+    }
+    skr = container(render(chart, EXAMPLE, values))
+    parser = argparse.ArgumentParser(prog="skr")
+    serve.register(parser.add_subparsers())
+    args = parser.parse_args(["serve", *skr["args"]])
+    settings = load_settings(args, env_of(skr))
+    assert (settings.host, settings.port, settings.allow_remote) == ("127.0.0.1", 9000, False)
+    assert settings.log_level == "warning"
+    assert settings.evidence == "tsm"
+    assert str(settings.maa_endpoint) == "sharedeus.eus.attest.azure.net"
+    assert str(settings.akv_endpoint) == "myvault.vault.azure.net"
+    assert settings.allowlist.patterns == ("sharedeus.eus.attest.azure.net", "myvault.vault.azure.net")
+    assert settings.token_reuse is False
+    assert settings.identity_client_id == CLIENT_ID
+    assert settings.ca_bundle == Path("/etc/skr/ca/ca.crt")
+    assert settings.state_dir == Path("/var/lib/skr")
+    assert settings.audit_log == Path("/var/log/skr/audit.jsonl") and settings.audit_stdout is True
+
+
+def test_image_digest_pins_the_image_by_digest(chart):
+    digest = "sha256:" + "ab" * 32
+    assert container(render(chart, EXAMPLE, {"image": {"digest": digest}}))["image"] == (
+        f"myregistry.azurecr.io/skr@{digest}"
+    )
+
+
+# --- Audit volume -----------------------------------------------------------------------------------------
+
+
+def test_audit_log_defaults_to_an_empty_dir_with_a_size_limit(chart):
+    objects = render(chart, EXAMPLE)
+    assert volume(objects, "skr-audit") == {"name": "skr-audit", "emptyDir": {"sizeLimit": "256Mi"}}
+
+
+def test_audit_log_on_an_existing_claim(chart):
+    objects = render(
+        chart, EXAMPLE, {"audit": {"volume": {"type": "existingClaim", "claimName": "skr-audit"}}}
+    )
+    assert volume(objects, "skr-audit") == {
+        "name": "skr-audit",
+        "persistentVolumeClaim": {"claimName": "skr-audit"},
+    }
+    assert pod_spec(objects)["securityContext"]["fsGroup"] == 65532  # so uid 65532 can write to the claim
+    assert_valid_kubernetes(objects)
+
+
+def test_audit_disabled_drops_its_flags_volume_and_mount(chart):
+    objects = render(chart, EXAMPLE, {"audit": {"enabled": False}})
+    skr = container(objects)
+    assert not [a for a in skr["args"] if a.startswith("--audit")]
+    assert "/var/log/skr" not in [m["mountPath"] for m in skr["volumeMounts"]]
+    assert not [v for v in pod_spec(objects)["volumes"] if v["name"] == "skr-audit"]
+
+
+def test_audit_without_stdout_shipping_keeps_only_the_file(chart):
+    skr = container(render(chart, EXAMPLE, {"audit": {"stdout": False}}))
+    assert "--audit-log" in skr["args"] and "--audit-stdout" not in skr["args"]
+
+
+# --- Helm lint and schema ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values", [{}, EXAMPLE], ids=["defaults", "example"])
+def test_helm_lint_strict_finds_nothing_but_the_missing_icon(values):
+    report = helm.lint(CHART, values, strict=True, kube_version="v" + KUBE_VERSION)
+    assert report["errors"] == []
+    findings = [m for m in report["messages"] if m["error"] != "icon is recommended"]
+    assert findings == []
+
+
+BAD_VALUES = [
+    ({"port": "abc"}, "/port", "got string, want integer"),
+    ({"port": 70000}, "/port", "want 65,535"),
+    ({"runtimeClassName": 5}, "/runtimeClassName", "got number, want string"),
+    (
+        {"audit": {"volume": {"type": "hostPath"}}},
+        "/audit/volume/type",
+        "must be one of 'emptyDir', 'existingClaim'",
+    ),
+    ({"audit": {"volume": {"type": "existingClaim"}}}, "/audit/volume/claimName", "minLength"),
+    ({"image": {"tag": "latest"}}, "/image/tag", "'not' failed"),
+    ({"evidence": "virtual"}, "/evidence", "must be one of 'auto', 'sevguest', 'sev', 'tsm'"),
+    ({"securityContext": {"runAsUser": 0}}, "/securityContext/runAsUser", "minimum"),
+    ({"runtimeClasName": "kata-cc"}, "'runtimeClasName' not allowed", "additional properties"),
+    (
+        {"resources": {"requests": {"cpu": "50m", "memory": "96Mi"}, "limits": None}},
+        "/resources",
+        "missing property 'limits'",
+    ),
+    ({"example": {"enabled": True}}, "/example/kid", "minLength"),
+    ({"maa": {"endpoint": "https://sharedeus.eus.attest.azure.net"}}, "/maa/endpoint", "pattern"),
+    ({"workloadIdentity": {"clientId": "not-a-guid"}}, "/workloadIdentity/clientId", "pattern"),
+    ({"kataPolicy": "not base64!"}, "/kataPolicy", "pattern"),
+    ({"example": {"image": {"repository": "contoso.azurecr.io/app"}}}, "/example/image/tag", "minLength"),
+]
+
+
+@pytest.mark.parametrize(("values", "where", "why"), BAD_VALUES, ids=[w for _, w, _ in BAD_VALUES])
+def test_schema_refuses_bad_values_naming_the_key(chart, values, where, why):
+    with pytest.raises(helm.HelmValuesError) as info:
+        chart.render(values, name="demo", namespace="apps")
+    message = str(info.value)
+    assert where in message and why in message, message
+
+
+def test_helm_lint_reports_schema_violations_as_errors():
+    report = helm.lint(CHART, {"port": "abc", "runtimeClassName": 5})
+    joined = "\n".join(report["errors"])
+    assert "/port" in joined and "/runtimeClassName" in joined
+
+
+# --- The named templates in someone else's chart -----------------------------------------------------------
+
+PARENT_DEPLOYMENT = """\
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: {{ .Release.Name }}-shop
+spec:
+  selector:
+    matchLabels: {app: shop}
+  template:
+    metadata:
+      labels:
+        app: shop
+        {{- with include "skr.podLabels" (dict "values" .Values.skr) }}
+        {{- . | nindent 8 }}
+        {{- end }}
+      {{- with include "skr.podAnnotations" (dict "values" .Values.skr) }}
+      annotations:
+        {{- . | nindent 8 }}
+      {{- end }}
+    spec:
+      runtimeClassName: {{ .Values.skr.runtimeClassName }}
+      containers:
+        - name: shop
+          image: contoso.azurecr.io/shop:1.4.2
+          resources:
+            requests: {cpu: 100m, memory: 128Mi}
+            limits: {cpu: 500m, memory: 256Mi}
+        {{- include "skr.sidecar" (dict "values" .Values.skr) | nindent 8 }}
+      volumes:
+        {{- include "skr.volumes" (dict "values" .Values.skr) | nindent 8 }}
+"""
+
+
+def test_named_templates_inject_the_sidecar_into_a_parent_charts_pod(tmp_path):
+    parent = tmp_path / "shop"
+    (parent / "templates").mkdir(parents=True)
+    (parent / "Chart.yaml").write_text(
+        "apiVersion: v2\nname: shop\nversion: 1.0.0\ndependencies:\n  - name: skr\n    version: 0.1.0\n"
+    )
+    (parent / "values.yaml").write_text("skr:\n  port: 9100\n  kataPolicy: cGFja2FnZQ==\n")
+    (parent / "templates" / "deployment.yaml").write_text(PARENT_DEPLOYMENT)
+    shutil.copytree(CHART, parent / "charts" / "skr")
+
+    with helm.Chart.load(parent) as shop:
+        objects = parse_manifests(shop.render(name="shop", namespace="apps"))
+        assert_valid_kubernetes(objects)
+        deployment = one(objects, "Deployment")
+        template = deployment["spec"]["template"]
+        assert template["metadata"]["labels"]["azure.workload.identity/use"] == "true"
+        assert template["metadata"]["annotations"]["io.katacontainers.config.agent.policy"] == "cGFja2FnZQ=="
+        assert template["spec"]["runtimeClassName"] == "kata-cc-isolation"
+        assert container(objects)["args"][:2] == ["--port", "9100"]
+        assert {v["name"] for v in template["spec"]["volumes"]} == {
+            "skr-state",
+            "skr-audit",
+            "skr-uvm-reference-info",
+        }
+
+        # The subchart's schema guards the parent's skr values too.
+        with pytest.raises(helm.HelmValuesError, match="/port"):
+            shop.render({"skr": {"port": "abc"}}, name="shop", namespace="apps")
+
+
+# --- The example app, run for real -------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def fake_skr_release() -> Any:
+    """A loopback server with skr's documented release API: /readyz turns ready after one 503, and
+    /key/release answers {"key": "<JWK as a JSON string>"} for the kid it is asked for."""
+    state: dict[str, Any] = {"readyz_calls": 0, "kids": []}
+    jwk = {
+        "k": "c2VjcmV0LWtleS1tYXRlcmlhbC0zMi1ieXRlcyEhISE",
+        "key_ops": ["encrypt", "decrypt"],
+        "kty": "oct",
+    }
+
+    async def readyz(_: web.Request) -> web.Response:
+        state["readyz_calls"] += 1
+        if state["readyz_calls"] == 1:
+            return web.json_response({"error": "warming up", "code": "not_ready"}, status=503)
+        return web.json_response({"status": "ready"})
+
+    async def release(request: web.Request) -> web.Response:
+        state["kids"].append((await request.json())["kid"])
+        return web.json_response({"key": json.dumps(jwk, sort_keys=True, separators=(",", ":"))})
+
+    app = web.Application()
+    app.router.add_get("/readyz", readyz)
+    app.router.add_post("/key/release", release)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    yield site._server.sockets[0].getsockname()[1], state, jwk  # type: ignore[union-attr]
+    await runner.cleanup()
+
+
+async def test_example_app_waits_for_readiness_releases_its_key_and_never_prints_it(chart, fake_skr_release):
+    port, state, jwk = fake_skr_release
+    app = container(render(chart, EXAMPLE, {"port": port}), "app")
+    assert app["command"][:2] == ["python3", "-c"]
+    env = {**env_of(app), "PATH": "/usr/bin:/bin"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", app["command"][2], env=env, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert proc.stdout is not None
+        lines: list[str] = []
+        while not lines or not lines[-1].startswith("released"):
+            line = await asyncio.wait_for(proc.stdout.readline(), timeout=20)
+            assert line, f"the example app exited early: {lines}"
+            lines.append(line.decode().strip())
+        assert state["kids"] == ["app-key"]
+        assert state["readyz_calls"] == 2
+        assert lines[-1] == "released a oct key, key_ops ['encrypt', 'decrypt']"
+        assert jwk["k"] not in "\n".join(lines)
+        assert proc.returncode is None  # it keeps running, holding the key, like a real app
+    finally:
+        proc.kill()
+        await proc.wait()
