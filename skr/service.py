@@ -328,11 +328,11 @@ class ReleaseService:
 
     # --- use cases -------------------------------------------------------------------------------------
 
-    async def raw_report(self, runtime_data: bytes, ctx: RequestContext) -> bytes:
-        """``/attest/raw``: a report whose REPORT_DATA is SHA-256(runtime_data) ‖ 32 zero bytes."""
+    async def _audited_evidence(self, runtime_data: bytes, ctx: RequestContext, event: str) -> Evidence:
+        """A report binding ``runtime_data`` within the deadline, with its audit record."""
         started = time.monotonic()
         deadline = Deadline.after(self.settings.request_deadline)
-        fields: dict[str, Any] = {"event": "attest.raw", "request_id": ctx.request_id, "client": ctx.client}
+        fields: dict[str, Any] = {"event": event, "request_id": ctx.request_id, "client": ctx.client}
         try:
             evidence = await self._within(
                 deadline, "fetching the report", lambda: self._evidence(report_data_for(runtime_data), ctx)
@@ -343,34 +343,21 @@ class ReleaseService:
         await self._record(
             {**fields, "outcome": "granted", **_report_fields(evidence.report), **_duration(started)}
         )
-        return evidence.report
+        return evidence
+
+    async def raw_report(self, runtime_data: bytes, ctx: RequestContext) -> bytes:
+        """``/attest/raw``: a report whose REPORT_DATA is SHA-256(runtime_data) ‖ 32 zero bytes."""
+        return (await self._audited_evidence(runtime_data, ctx, "attest.raw")).report
 
     async def combined(self, runtime_data: bytes, ctx: RequestContext) -> dict[str, str]:
         """``/attest/combined``: the report plus its collateral, in the Go sidecar's field order."""
-        started = time.monotonic()
-        deadline = Deadline.after(self.settings.request_deadline)
-        fields: dict[str, Any] = {
-            "event": "attest.combined",
-            "request_id": ctx.request_id,
-            "client": ctx.client,
-        }
-        try:
-            evidence = await self._within(
-                deadline, "fetching the report", lambda: self._evidence(report_data_for(runtime_data), ctx)
-            )
-        except SkrError as exc:
-            await self._record({**fields, "outcome": "error", "error_code": exc.code, **_duration(started)})
-            raise
-        await self._record(
-            {**fields, "outcome": "granted", **_report_fields(evidence.report), **_duration(started)}
-        )
+        evidence = await self._audited_evidence(runtime_data, ctx, "attest.combined")
+        uvm = evidence.uvm_endorsements
         return {
             "endorsed_tcb": evidence.endorsed_tcb or "",
             "endorsements": base64.b64encode(evidence.vcek_chain_pem).decode(),
             "evidence": base64.b64encode(evidence.report).decode(),
-            "uvm_endorsements": base64.b64encode(evidence.uvm_endorsements).decode()
-            if evidence.uvm_endorsements
-            else "",
+            "uvm_endorsements": base64.b64encode(uvm).decode() if uvm else "",
         }
 
     async def maa_token(self, maa_endpoint: str | None, runtime_data: bytes, ctx: RequestContext) -> str:
@@ -482,7 +469,12 @@ class ReleaseService:
                 "akv",
                 ctx,
                 self.releaser.release(
-                    vault.url, kid, attestation.token, access_token=access_token, enc=Enc.CKM_RSA_AES_KEY_WRAP
+                    vault.url,
+                    kid,
+                    attestation.token,
+                    access_token=access_token,
+                    enc=Enc.CKM_RSA_AES_KEY_WRAP,
+                    deadline=deadline,
                 ),
             )
         except ReleaseDenied:
@@ -496,7 +488,12 @@ class ReleaseService:
                 "akv",
                 ctx,
                 self.releaser.release(
-                    vault.url, kid, attestation.token, access_token=access_token, enc=Enc.CKM_RSA_AES_KEY_WRAP
+                    vault.url,
+                    kid,
+                    attestation.token,
+                    access_token=access_token,
+                    enc=Enc.CKM_RSA_AES_KEY_WRAP,
+                    deadline=deadline,
                 ),
             )
         opened = await asyncio.to_thread(

@@ -16,7 +16,6 @@ Never logs or puts into a message the attestation token, the access token or the
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import re
 from collections.abc import Collection
@@ -35,6 +34,7 @@ from azure.core.exceptions import (
 from azure.keyvault.keys.aio import KeyClient
 
 from skr.akv.keywrap import Enc
+from skr.endpoints import parse_endpoint
 from skr.errors import (
     BadRequest,
     IdentityError,
@@ -52,8 +52,11 @@ MANAGED_HSM_RELEASE_ROLE = "Managed HSM Crypto Service Release User"
 
 _NAME_RE = re.compile(r"^[0-9A-Za-z-]{1,127}$")
 _VERSION_RE = re.compile(r"^[0-9A-Za-z]{1,64}$")
-_LABEL_RE = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _MAX_DETAIL = 400
+# azure-core retries POST only on 500/503/504 and never after a connection error. A release changes nothing
+# in the vault (it only wraps the key for the target), so it is safe to repeat: let the SDK retry it like a
+# GET — on 408/429/502 too, and after a reset connection.
+_RETRY_METHODS = frozenset({"HEAD", "GET", "PUT", "DELETE", "OPTIONS", "TRACE", "POST"})
 
 
 @dataclass(frozen=True)
@@ -84,54 +87,14 @@ class SdkSettings:
 # --- parsing ----------------------------------------------------------------------------------------
 
 
-def _valid_host(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        pass
-    else:
-        return True
-    if len(host) > 253:
-        return False
-    return all(_LABEL_RE.match(label) for label in host.split("."))
-
-
 def normalize_vault(value: str) -> str:
     """``https://host[:port]`` for a vault given as ``host``, ``host:port`` or ``https://host[:port][/]``.
 
     Refuses ``http://`` (the SDK would refuse bearer auth anyway), user info, paths, queries and fragments,
-    and host names that are not DNS names or IP literals. Lower-cases the host and drops ``:443``.
+    and host names that are not DNS names or IP literals (:func:`skr.endpoints.parse_endpoint`).
+    Lower-cases the host and drops ``:443``.
     """
-    text = value.strip() if isinstance(value, str) else ""
-    if not text:
-        raise BadRequest("the vault endpoint is empty", hint="name a vault such as myvault.vault.azure.net")
-    if "://" not in text:
-        text = "https://" + text
-    try:
-        parts = urlsplit(text)
-        port = parts.port
-    except ValueError:
-        raise BadRequest(
-            f"the vault endpoint {value[:200]!r} is not a host, host:port or https URL",
-            hint="name a vault such as myvault.vault.azure.net",
-        ) from None
-    if parts.scheme.lower() != "https":
-        raise BadRequest(
-            f"the vault endpoint {value[:200]!r} uses {parts.scheme}://; only https:// is allowed",
-            hint="Key Vault and Managed HSM are only reachable over TLS",
-        )
-    if parts.username is not None or parts.password is not None or "@" in parts.netloc:
-        raise BadRequest(f"the vault endpoint {parts.hostname!r} must not contain user info")
-    if parts.path not in ("", "/") or parts.query or parts.fragment or "\\" in text:
-        raise BadRequest(
-            f"the vault endpoint {value[:200]!r} has a path, query or fragment; expected only a host",
-            hint="name the key in kid, not in the vault endpoint",
-        )
-    host = (parts.hostname or "").rstrip(".").lower()
-    if not host or not _valid_host(host):
-        raise BadRequest(f"the vault endpoint {value[:200]!r} does not name a valid host")
-    shown = f"[{host}]" if ":" in host else host
-    return f"https://{shown}" if port in (None, 443) else f"https://{shown}:{port}"
+    return parse_endpoint(value, what="the vault endpoint").url
 
 
 def _check_name(name: str, kid: str) -> str:
@@ -353,7 +316,9 @@ class KeyVaultReleaser:
             if remaining is not None and remaining <= 0:
                 raise TimeoutError
             async with asyncio.timeout(remaining):
-                result = await client.release_key(name, target_token, version=version, algorithm=algorithm)
+                result = await client.release_key(
+                    name, target_token, version=version, algorithm=algorithm, retry_on_methods=_RETRY_METHODS
+                )
         except TimeoutError:
             raise UpstreamTimeout(
                 f"{self._service(vault_url)} {vault_url} did not answer the release of {name} before the "

@@ -12,6 +12,7 @@ from pathlib import Path
 from skr.config import add_arguments, load_settings
 from skr.daemon import build_runtime
 from skr.errors import BadRequest
+from skr.files import write_private_file
 from skr.logs import setup_logging
 from skr.service import RequestContext
 
@@ -23,21 +24,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.add_argument("--access-token-file", type=Path, help="a file holding an AAD token for the vault")
     add_arguments(parser)
     parser.set_defaults(func=_release)
-
-
-def write_secret_file(path: Path, data: str) -> None:
-    """Write ``data`` to ``path`` atomically with mode 0600 (never briefly world-readable)."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _release(args: argparse.Namespace) -> int:
@@ -65,7 +51,7 @@ def _release(args: argparse.Namespace) -> int:
 
     key_json = asyncio.run(run())
     if args.out is not None:
-        write_secret_file(args.out, key_json)
+        write_private_file(args.out, key_json)
         print(f"released {args.kid} to {args.out}", file=sys.stderr)
     else:
         sys.stdout.write(key_json + "\n")

@@ -34,6 +34,7 @@ from cryptography.x509.oid import NameOID
 
 from skr.errors import BadRequest, CertificateError, ConfigError
 from skr.evidence.base import REPORT_DATA_SIZE, Evidence
+from skr.files import write_private_file
 from skr.snp import certs
 from skr.snp.hostdata import host_data_of_policy
 from skr.snp.report import AttestationReport, Product, TcbVersion
@@ -58,22 +59,6 @@ _BACKDATE = timedelta(days=1)
 
 
 # --- state directory -------------------------------------------------------------------------------
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` atomically to ``path`` with mode 0600."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
 
 
 def _read_private(path: Path) -> bytes | None:
@@ -209,7 +194,7 @@ class _State:
         seed = _read_private(path)
         if seed is None or len(seed) != CHIP_SEED_SIZE:
             seed = secrets.token_bytes(CHIP_SEED_SIZE)
-            _write_private(path, seed)
+            write_private_file(path, seed)
         return seed
 
     def certificate(self, stem: str) -> x509.Certificate | None:
@@ -239,8 +224,8 @@ class _State:
         return key if isinstance(key, ec.EllipticCurvePrivateKey) else None
 
     def save(self, stem: str, pair: _Pair[_K]) -> _Pair[_K]:
-        _write_private(self.dir / f"{stem}.key", _key_pem(pair.key))
-        _write_private(self.dir / f"{stem}.pem", _pem(pair.cert))
+        write_private_file(self.dir / f"{stem}.key", _key_pem(pair.key))
+        write_private_file(self.dir / f"{stem}.pem", _pem(pair.cert))
         return pair
 
 

@@ -32,7 +32,6 @@ import base64
 import hashlib
 import json
 import logging
-import os
 import secrets
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -50,6 +49,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
 from skr.errors import BadRequest, SkrError
+from skr.files import write_private_file
 from skr.maa.client import (
     DATA_TYPE_BINARY,
     DATA_TYPE_JSON,
@@ -601,19 +601,6 @@ async def _add_server_timing(request: web.Request, response: web.StreamResponse)
 # --- signing material on disk -------------------------------------------------------------------
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` with mode 0600, atomically (a reader never sees half a key)."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
 def _load_or_create_signing_material(
     state_dir: Path, issuer: str | None
 ) -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
@@ -632,7 +619,7 @@ def _load_or_create_signing_material(
         pem = key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
-        _write_private(key_path, pem)
+        write_private_file(key_path, pem)
     cert: x509.Certificate | None = None
     if cert_path.exists():
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
@@ -640,5 +627,5 @@ def _load_or_create_signing_material(
             cert = None
     if cert is None:
         cert = self_signed_certificate(key, subject)
-        _write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+        write_private_file(cert_path, cert.public_bytes(serialization.Encoding.PEM))
     return key, cert

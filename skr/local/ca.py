@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from skr.errors import ConfigError
+from skr.files import write_atomically, write_private_file
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +143,8 @@ class LocalCA:
         key_pem = key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
-        _write_private(key_path, key_pem)
-        _write_atomically(cert_path, certificate.public_bytes(serialization.Encoding.PEM), 0o644)
+        write_private_file(key_path, key_pem)
+        write_atomically(cert_path, certificate.public_bytes(serialization.Encoding.PEM), 0o644)
         log.info("created local CA %s in %s", _fingerprint(certificate), state_dir)
         return cls(state_dir, certificate, key)
 
@@ -198,7 +199,7 @@ class LocalCA:
         with tempfile.TemporaryDirectory(prefix="skr-tls-") as tmp:
             cert_file, key_file = Path(tmp) / "cert.pem", Path(tmp) / "key.pem"
             cert_file.write_bytes(issued.cert_pem)
-            _write_private(key_file, issued.key_pem)
+            write_private_file(key_file, issued.key_pem)
             context.load_cert_chain(cert_file, key_file)
         return context
 
@@ -252,24 +253,3 @@ def _leaf_key_usage() -> x509.KeyUsage:
 
 def _fingerprint(certificate: x509.Certificate) -> str:
     return "sha256:" + hashlib.sha256(certificate.public_bytes(serialization.Encoding.DER)).hexdigest()[:16]
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    _write_atomically(path, data, 0o600)
-
-
-def _write_atomically(path: Path, data: bytes, mode: int) -> None:
-    """Write to a sibling temp file created with ``mode``, then rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

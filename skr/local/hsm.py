@@ -49,7 +49,8 @@ from skr.akv.jws import ALLOWED_ALGORITHMS, sign_release_jws
 from skr.akv.keywrap import Enc, b64url_encode, encode_key_hsm, wrap
 from skr.akv.policy import ReleasePolicy, evaluate, normalize_authority, parse_policy
 from skr.errors import BadRequest, ConfigError, KeyWrapError, PolicyError, SkrError
-from skr.local.identity import Faults, InvalidAccessToken, server_timing_middleware, write_private_file
+from skr.files import write_private_file
+from skr.local.identity import Faults, InvalidAccessToken, server_timing_middleware
 from skr.maa.token import unverified_claims
 
 MANAGED_HSM_RESOURCE = "https://managedhsm.azure.net"

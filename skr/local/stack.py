@@ -33,6 +33,7 @@ from skr.akv.policy import build_confidential_containers_policy, encode_policy_f
 from skr.config import Settings
 from skr.daemon import Runtime, build_runtime, start_site
 from skr.endpoints import Allowlist, Endpoint
+from skr.files import write_atomically, write_private_file
 from skr.local.attestation import LocalAttestationService
 from skr.local.ca import LocalCA
 from skr.local.demo import DEMO_KEYS, DEMO_SECURITY_POLICY, OTHER_SECURITY_POLICY
@@ -290,19 +291,11 @@ class LocalStack:
 
 
 def _write_server_pem(directory: Path, cert_pem: bytes, key_pem: bytes) -> tuple[str, str]:
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     cert_path, key_path = directory / "tls-cert.pem", directory / "tls-key.pem"
-    cert_path.write_bytes(cert_pem)
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(key_pem)
+    write_private_file(key_path, key_pem)
+    write_atomically(cert_path, cert_pem, 0o644)
     return str(cert_path), str(key_path)
 
 
 def _write_manifest(path: Path, info: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(info, fh, indent=2, sort_keys=True)
-        fh.write("\n")
-    os.replace(tmp, path)
+    write_private_file(path, json.dumps(info, indent=2, sort_keys=True) + "\n")

@@ -23,18 +23,18 @@ from __future__ import annotations
 
 import base64
 import binascii
-import ipaddress
 import json
 import re
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import aiohttp
 
 from skr import __version__
+from skr.endpoints import parse_endpoint
 from skr.errors import AttestationFailed, BadRequest
 from skr.evidence.base import Evidence
 from skr.http import DEFAULT_RETRY, Deadline, RetryPolicy, client_ssl_context, request, summarize_body
@@ -46,7 +46,6 @@ DEFAULT_USER_AGENT = f"skr/{__version__}"
 DATA_TYPE_JSON = "JSON"
 DATA_TYPE_BINARY = "Binary"
 
-_HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 _TEE_PATH = re.compile(r"^[A-Za-z0-9]+$")
 
 
@@ -77,59 +76,14 @@ def b64url_decode(text: str, *, what: str = "value") -> bytes:
 # --- endpoints ------------------------------------------------------------------------------------
 
 
-def _valid_host(host: str) -> bool:
-    if host.startswith("["):
-        try:
-            ipaddress.IPv6Address(host[1:-1])
-        except ValueError:
-            return False
-        return host.endswith("]")
-    if len(host) > 253:
-        return False
-    return all(_HOST_LABEL.match(label) for label in host.rstrip(".").split("."))
-
-
 def normalize_endpoint(value: str) -> str:
     """``host``, ``host:port`` or ``https://host[:port][/]`` → ``"https://host[:port]"``.
 
-    The host is lower-cased and the default port 443 dropped, so equal origins compare equal.
-
-    Raises :class:`BadRequest` for ``http://`` and other schemes, credentials (``user@``), paths,
-    queries, fragments, bad host names and bad ports: an attestation endpoint is an origin, nothing more.
+    The host is lower-cased and the default port 443 dropped, so equal origins compare equal. Refuses
+    ``http://`` and other schemes, credentials, paths, queries, fragments, bad hosts and ports
+    (:func:`skr.endpoints.parse_endpoint`): an attestation endpoint is an origin, nothing more.
     """
-    if not isinstance(value, str) or not value.strip():
-        raise BadRequest(
-            "the attestation endpoint is empty", hint="give a host such as sharedeus2.eus2.attest.azure.net"
-        )
-    text = value.strip()
-    if any(ch.isspace() for ch in text):
-        raise BadRequest(f"the attestation endpoint {text!r} contains white space")
-    scheme, sep, _ = text.partition("://")
-    if sep and scheme.lower() != "https":
-        raise BadRequest(
-            f"the attestation endpoint must use https, found {scheme.lower()}://",
-            hint="MAA is only reachable over TLS; give the host name or an https:// URL",
-        )
-    parts = urlsplit(text if sep else f"https://{text}")
-    if parts.username is not None or parts.password is not None or "@" in parts.netloc:
-        raise BadRequest("the attestation endpoint must not contain credentials (user@host)")
-    if parts.path not in ("", "/") or parts.query or parts.fragment or "?" in text or "#" in text:
-        raise BadRequest(
-            f"the attestation endpoint must be a bare origin without path or query, found {text!r}",
-            hint="give only the host, e.g. sharedeus2.eus2.attest.azure.net",
-        )
-    try:
-        port = parts.port
-    except ValueError:
-        raise BadRequest(f"the attestation endpoint {text!r} has an invalid port") from None
-    host = (parts.hostname or "").lower()
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    if not host or not _valid_host(host):
-        raise BadRequest(f"the attestation endpoint {text!r} does not name a valid host")
-    if port == 0:
-        raise BadRequest(f"the attestation endpoint {text!r} has an invalid port")
-    return f"https://{host}" if port in (None, 443) else f"https://{host}:{port}"
+    return parse_endpoint(value, what="the attestation endpoint").url
 
 
 # --- request body ---------------------------------------------------------------------------------

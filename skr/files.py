@@ -1,0 +1,37 @@
+"""Writing files that hold secrets or state: atomically, never readable by others in between.
+
+Used for private keys, the local services' state, the client's released-key file and manifests.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+
+def write_atomically(path: Path, data: bytes | str, mode: int = 0o600) -> None:
+    """Write ``data`` to a sibling temp file created with ``mode``, fsync it, then rename over ``path``.
+
+    A reader sees the old content or the new, never half a key; the file is never briefly
+    world-readable (the mode is set at creation, not after).
+    """
+    payload = data.encode() if isinstance(data, str) else data
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), mode)  # the umask may have narrowed it; never widened
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_private_file(path: Path, data: bytes | str) -> None:
+    """:func:`write_atomically` with mode 0600, creating the parent directory (0700) if needed."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_atomically(path, data, 0o600)
