@@ -247,6 +247,8 @@ def load_settings(
         changes["maa_tee_path"] = str(v)
     if (v := pick("akv_api_version", "SKR_AKV_API_VERSION")) is not None:
         changes["akv_api_version"] = str(v)
+    if (v := pick("grace_period", "SKR_SHUTDOWN_GRACE")) is not None:
+        changes["grace_period"] = _number(v, "SKR_SHUTDOWN_GRACE")
     if (v := pick("client_token_file", "SKR_CLIENT_TOKEN_FILE")) is not None:
         changes["client_token"] = read_client_token(Path(v))
     return replace(s, **changes)
