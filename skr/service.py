@@ -115,6 +115,7 @@ class ReleaseService:
         self._inflight: dict[str, asyncio.Future[_Attestation]] = {}
         self._next_key: asyncio.Future[WrappingKey] | None = None
         self.readiness: dict[str, Any] = {"evidence": "not checked", "policy_hash": "not checked"}
+        self._keys_generated = False
         self.ready = False
 
     # --- lifecycle -----------------------------------------------------------------------------------
@@ -124,6 +125,7 @@ class ReleaseService:
         self._prepare_key()
         assert self._next_key is not None
         await asyncio.gather(asyncio.shield(self._next_key), self.self_check())
+        self._keys_generated = True
 
     async def aclose(self) -> None:
         for fut in self._inflight.values():
@@ -170,7 +172,11 @@ class ReleaseService:
 
     @property
     def wrapping_key_ready(self) -> bool:
-        return self._next_key is not None and self._next_key.done() and not self._next_key.cancelled()
+        """True once a wrapping key has been generated and the latest generation has not failed."""
+        nxt = self._next_key
+        if nxt is not None and nxt.done() and not nxt.cancelled() and nxt.exception() is not None:
+            return False
+        return self._keys_generated
 
     # --- wrapping keys ---------------------------------------------------------------------------------
 

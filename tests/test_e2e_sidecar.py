@@ -49,6 +49,10 @@ async def test_readyz_reports_the_self_check(env):
     assert resp.status == 200 and body["ready"] is True
     assert body["checks"]["host_data"] == stack.info["host_data"]
     assert body["checks"]["policy_hash"] == "ok"
+    # readiness does not flap while the next wrapping key is being generated after a release
+    assert (await post(client, "/key/release", {"kid": "demo-oct"}))[0] == 200
+    async with client.get("/readyz") as resp:
+        assert resp.status == 200
 
 
 @pytest.mark.parametrize("name", ["demo-oct", "demo-rsa", "demo-ec"])
