@@ -15,7 +15,7 @@ import os
 import random
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -25,7 +25,7 @@ import aiohttp
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
-    retry_if_exception_type,
+    retry_if_exception,
     stop_after_attempt,
 )
 
@@ -152,18 +152,29 @@ def summarize_body(body: bytes, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def _transient_retry_after(exc: BaseException | None) -> float | None:
+    return exc.retry_after if isinstance(exc, TransientHTTPError) else None
+
+
 class _Wait:
     """tenacity wait: Retry-After when the upstream sent one, else exponential backoff with full jitter."""
 
-    def __init__(self, policy: RetryPolicy, deadline: Deadline) -> None:
+    def __init__(
+        self,
+        policy: RetryPolicy,
+        deadline: Deadline,
+        retry_after: Callable[[BaseException | None], float | None] = _transient_retry_after,
+    ) -> None:
         self.policy = policy
         self.deadline = deadline
+        self.retry_after = retry_after
 
     def __call__(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
+        hinted = self.retry_after(exc)
         delay: float
-        if isinstance(exc, TransientHTTPError) and exc.retry_after is not None:
-            delay = min(exc.retry_after, self.policy.max_retry_after)
+        if hinted is not None:
+            delay = min(hinted, self.policy.max_retry_after)
         else:
             cap = min(self.policy.max_backoff, self.policy.initial_backoff * 2 ** (state.attempt_number - 1))
             delay = random.uniform(0, cap)  # noqa: S311 - jitter, not cryptography
@@ -181,6 +192,24 @@ def _stop_at_deadline(deadline: Deadline, policy: RetryPolicy) -> Any:
         return deadline.remaining() - (state.upcoming_sleep or 0.0) <= 0.05
 
     return stop
+
+
+def transient_retrying(
+    *,
+    deadline: Deadline,
+    policy: RetryPolicy = DEFAULT_RETRY,
+    is_transient: Callable[[BaseException], bool],
+    retry_after: Callable[[BaseException | None], float | None] = _transient_retry_after,
+) -> AsyncRetrying:
+    """The project's one retry policy for upstream calls made through other clients (the Azure SDK):
+    retry only what ``is_transient`` says, honour ``retry_after``, back off with jitter, stop at the
+    deadline or after ``policy.attempts``; the last exception is re-raised."""
+    return AsyncRetrying(
+        retry=retry_if_exception(is_transient),
+        wait=_Wait(policy, deadline, retry_after),
+        stop=_stop_at_deadline(deadline, policy),
+        reraise=True,
+    )
 
 
 async def request(
@@ -238,11 +267,12 @@ async def request(
                 server_timing=resp.headers.getall("Server-Timing", []),
             )
 
-    retrying = AsyncRetrying(
-        retry=retry_if_exception_type((aiohttp.ClientConnectionError, TimeoutError, TransientHTTPError)),
-        wait=_Wait(retry, deadline),
-        stop=_stop_at_deadline(deadline, retry),
-        reraise=True,
+    retrying = transient_retrying(
+        deadline=deadline,
+        policy=retry,
+        is_transient=lambda exc: isinstance(
+            exc, aiohttp.ClientConnectionError | TimeoutError | TransientHTTPError
+        ),
     )
     try:
         result: HttpResult = await retrying(attempt)

@@ -32,7 +32,7 @@ from skr.errors import (
     UpstreamTimeout,
 )
 from skr.evidence.virtual import VirtualTee
-from skr.http import Deadline
+from skr.http import Deadline, RetryPolicy
 from skr.identity import CredentialFactory
 from skr.local.ca import LocalCA
 from skr.local.faults import FaultRule
@@ -48,7 +48,9 @@ from tests.test_local_hsm import (
 )
 
 FAST = SdkSettings(
-    retry_total=3, retry_backoff_factor=0.01, retry_backoff_max=1, connection_timeout=2, read_timeout=5
+    retry=RetryPolicy(attempts=4, initial_backoff=0.01, max_backoff=0.05),
+    connection_timeout=2,
+    read_timeout=5,
 )
 
 
@@ -271,11 +273,12 @@ async def test_token_without_runtime_key_is_bad_request(stack, releaser):
     assert "BadParameter" in info.value.message and "x-ms-runtime.keys" in info.value.message
 
 
-async def test_transient_errors_are_retried_by_the_sdk(stack, releaser, wrapping_key):
+async def test_transient_errors_are_retried(stack, releaser, wrapping_key):
     await stack.hsm.create_key("k", kty="oct-HSM", release_policy=stack.policy())
     stack.faults.add(FaultRule(route="hsm.release", action="status", status=503, times=2))
     result = await releaser.release(stack.hsm_host, "k", await stack.target_token(wrapping_key))
-    assert result.jws and stack.faults.count("hsm.release") >= 3
+    # two 503s (each on the SDK's bodiless challenge request), then the 401 challenge and the release
+    assert result.jws and stack.faults.count("hsm.release") == 4
 
 
 async def test_persistent_5xx_is_upstream_error_after_the_retry_budget(stack, releaser):
@@ -283,7 +286,15 @@ async def test_persistent_5xx_is_upstream_error_after_the_retry_budget(stack, re
     with pytest.raises(UpstreamError) as info:
         await releaser.release(stack.hsm_host, "k", "t.t.t")
     assert "HTTP 503 InjectedFault" in info.value.message
-    assert stack.faults.count("hsm.release") == 1 + FAST.retry_total
+    assert stack.faults.count("hsm.release") == FAST.retry.attempts
+
+
+async def test_retry_after_is_honoured(stack, releaser, wrapping_key):
+    await stack.hsm.create_key("k", kty="oct-HSM", release_policy=stack.policy())
+    stack.faults.add(FaultRule(route="hsm.release", action="status", status=429, retry_after=0.5, times=1))
+    started = asyncio.get_running_loop().time()
+    result = await releaser.release(stack.hsm_host, "k", await stack.target_token(wrapping_key))
+    assert result.jws and asyncio.get_running_loop().time() - started >= 0.5
 
 
 async def test_throttling_is_upstream_error(stack, releaser):

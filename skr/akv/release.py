@@ -19,7 +19,7 @@ import asyncio
 import json
 import re
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -31,6 +31,7 @@ from azure.core.exceptions import (
     ServiceRequestError,
     ServiceResponseError,
 )
+from azure.keyvault.keys import ReleaseKeyResult
 from azure.keyvault.keys.aio import KeyClient
 
 from skr.akv.keywrap import Enc
@@ -44,7 +45,15 @@ from skr.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from skr.http import CA_BUNDLE_ENV, Deadline, client_ssl_context
+from skr.http import (
+    CA_BUNDLE_ENV,
+    Deadline,
+    RetryPolicy,
+    client_ssl_context,
+    is_transient_status,
+    parse_retry_after,
+    transient_retrying,
+)
 from skr.identity import CredentialFactory, StaticTokenCredential, is_azure_host, verifying_transport
 
 VAULT_RELEASE_ROLE = "Key Vault Crypto Service Release User"
@@ -56,7 +65,6 @@ _MAX_DETAIL = 400
 # azure-core retries POST only on 500/503/504 and never after a connection error. A release changes nothing
 # in the vault (it only wraps the key for the target), so it is safe to repeat: let the SDK retry it like a
 # GET — on 408/429/502 too, and after a reset connection.
-_RETRY_METHODS = frozenset({"HEAD", "GET", "PUT", "DELETE", "OPTIONS", "TRACE", "POST"})
 
 
 @dataclass(frozen=True)
@@ -75,11 +83,14 @@ class ReleaseResult:
 
 @dataclass(frozen=True)
 class SdkSettings:
-    """How hard the SDK tries per call: its own retry policy handles 408/429/5xx and connection errors."""
+    """Per-attempt timeouts of the SDK's transport and the retry policy around each release.
 
-    retry_total: int = 3
-    retry_backoff_factor: float = 0.5
-    retry_backoff_max: int = 8
+    The SDK's own retry loop is off: transient failures (408, 429, 5xx, connection errors) are retried by
+    :func:`skr.http.transient_retrying`, the policy every upstream call uses, which honours Retry-After
+    and never sleeps past the request deadline.
+    """
+
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
     connection_timeout: float = 5.0
     read_timeout: float = 20.0
 
@@ -242,9 +253,7 @@ class KeyVaultReleaser:
         transport_settings = {"connection_timeout": sdk.connection_timeout, "read_timeout": sdk.read_timeout}
         kwargs: dict[str, Any] = {
             "verify_challenge_resource": self.verify_challenge_resource(vault_url),
-            "retry_total": sdk.retry_total,
-            "retry_backoff_factor": sdk.retry_backoff_factor,
-            "retry_backoff_max": sdk.retry_backoff_max,
+            "retry_total": 0,  # retries are ours (transient_retrying), bounded by the request deadline
         }
         if self._api_version:
             kwargs["api_version"] = self._api_version
@@ -316,8 +325,14 @@ class KeyVaultReleaser:
             if remaining is not None and remaining <= 0:
                 raise TimeoutError
             async with asyncio.timeout(remaining):
-                result = await client.release_key(
-                    name, target_token, version=version, algorithm=algorithm, retry_on_methods=_RETRY_METHODS
+                retrying = transient_retrying(
+                    deadline=deadline or Deadline.after(self._sdk.read_timeout * self._sdk.retry.attempts),
+                    policy=self._sdk.retry,
+                    is_transient=_is_transient,
+                    retry_after=_retry_after,
+                )
+                result: ReleaseKeyResult = await retrying(
+                    client.release_key, name, target_token, version=version, algorithm=algorithm
                 )
         except TimeoutError:
             raise UpstreamTimeout(
@@ -427,3 +442,21 @@ def _answered_by(exc: HttpResponseError, vault_url: str) -> bool:
 def _first_line(text: str | None) -> str:
     line = (text or "").strip().splitlines()[0] if (text or "").strip() else "no details"
     return line if len(line) <= _MAX_DETAIL else line[: _MAX_DETAIL - 1] + "…"
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """Worth another attempt: 408, 429, 5xx, or no answer at all (but never an untrusted certificate)."""
+    if isinstance(exc, ClientAuthenticationError):
+        return False
+    if isinstance(exc, HttpResponseError) and exc.status_code is not None:
+        return is_transient_status(exc.status_code)
+    if isinstance(exc, ServiceRequestError | ServiceResponseError):
+        text = str(exc)
+        return "CERTIFICATE_VERIFY_FAILED" not in text and "certificate verify failed" not in text
+    return False
+
+
+def _retry_after(exc: BaseException | None) -> float | None:
+    response = getattr(exc, "response", None)
+    headers = getattr(response, "headers", None)
+    return parse_retry_after(headers.get("Retry-After")) if headers is not None else None
