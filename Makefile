@@ -19,8 +19,8 @@ run: $(STAMP)
 	$(BIN)/skr local --port $${SKR_PORT:-8080}
 
 lint: $(STAMP)
-	$(BIN)/ruff check skr tests
-	$(BIN)/ruff format --check skr tests
+	$(BIN)/ruff check skr tests examples
+	$(BIN)/ruff format --check skr tests examples
 	$(BIN)/mypy
 	$(BIN)/hadolint Dockerfile
 

@@ -11,14 +11,17 @@ from pathlib import Path
 
 from skr.config import add_arguments, load_settings
 from skr.daemon import build_runtime
-from skr.errors import BadRequest
+from skr.errors import BadRequest, ReleaseDenied
 from skr.files import write_private_file
 from skr.logs import setup_logging
 from skr.service import RequestContext
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = sub.add_parser("release", help="release one key and write its JWK (stdout or --out, mode 0600)")
+    parser = sub.add_parser(
+        "release",
+        help="release one key, write its JWK (stdout or --out, 0600); exit 1 when denied",
+    )
     parser.add_argument("--kid", required=True, help="key name, name/version or key URL")
     parser.add_argument("--out", type=Path, help="write the JWK here (created 0600) instead of stdout")
     parser.add_argument("--access-token-file", type=Path, help="a file holding an AAD token for the vault")
@@ -49,7 +52,11 @@ def _release(args: argparse.Namespace) -> int:
             await runtime.aclose()
         return result.key_json
 
-    key_json = asyncio.run(run())
+    try:
+        key_json = asyncio.run(run())
+    except ReleaseDenied as exc:  # a negative verdict, not unusable input: exit 1
+        print(f"skr: {exc.diagnostics()}", file=sys.stderr)
+        return 1
     if args.out is not None:
         write_private_file(args.out, key_json)
         print(f"released {args.kid} to {args.out}", file=sys.stderr)
