@@ -19,8 +19,8 @@ run: $(STAMP)
 	$(BIN)/skr local --port $${SKR_PORT:-8080}
 
 lint: $(STAMP)
-	$(BIN)/ruff check skr tests examples
-	$(BIN)/ruff format --check skr tests examples
+	$(BIN)/ruff check skr tests examples benchmarks
+	$(BIN)/ruff format --check skr tests examples benchmarks
 	$(BIN)/mypy
 	$(BIN)/hadolint Dockerfile
 
@@ -30,10 +30,10 @@ unit: $(STAMP)
 test: lint unit
 
 bench: $(STAMP)
-	$(BIN)/python -m skr.bench
+	$(BIN)/python -m benchmarks.bench
 
 soak: $(STAMP)
-	$(BIN)/python -m skr.bench --soak
+	$(BIN)/python -m benchmarks.soak
 
 # Refresh the hash-pinned lock files the Dockerfile installs from (needs the package index; commit the
 # result). Resolved for this venv's Python (3.11, the Dockerfile's base image). LOCK_ENV keeps a machine's

@@ -97,6 +97,20 @@ def chain_files(path: Path) -> list[Path]:
 # --- writing -----------------------------------------------------------------------------------------
 
 
+def check_fields(fields: Mapping[str, Any]) -> None:
+    """Refuse a record the log must not hold: unknown fields, a bad outcome, or values that have no
+    canonical UTF-8 JSON form (e.g. a lone surrogate from a hostile request) — before it joins a batch."""
+    unknown = set(fields) - RECORD_FIELDS
+    if unknown:
+        raise AuditError(f"audit record fields not allowed: {sorted(unknown)}")
+    if fields.get("outcome") not in OUTCOMES:
+        raise AuditError(f"audit outcome must be one of {OUTCOMES}, got {fields.get('outcome')!r}")
+    try:
+        canonical(fields)
+    except (TypeError, ValueError):
+        raise AuditError("an audit record value is not JSON text that can be written as UTF-8") from None
+
+
 @dataclass(frozen=True)
 class _Tail:
     seq: int
@@ -120,7 +134,9 @@ def _read_tail(path: Path) -> _Tail | None:
     try:
         rec = json.loads(complete[-1])
         seq, digest = int(rec["seq"]), str(rec["hash"])
-    except (ValueError, KeyError, TypeError):
+        if not _HEX64.match(digest):
+            raise ValueError(digest)
+    except (ValueError, KeyError, TypeError, RecursionError, OverflowError):
         # A complete but unparsable last line is tampering, not a crash: leave it for `verify`.
         raise AuditError(
             f"the last complete line of {path} is not a valid audit record",
@@ -185,11 +201,7 @@ class AuditLog:
     def append_many(self, batch: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         """Append records with a single fsync (group commit)."""
         for fields in batch:
-            unknown = set(fields) - RECORD_FIELDS
-            if unknown:
-                raise AuditError(f"audit record fields not allowed: {sorted(unknown)}")
-            if fields.get("outcome") not in OUTCOMES:
-                raise AuditError(f"audit outcome must be one of {OUTCOMES}, got {fields.get('outcome')!r}")
+            check_fields(fields)
         with self._lock:
             return self._write_batch(batch)
 
@@ -262,6 +274,7 @@ class AsyncAuditLog:
                     fut.set_result(record)
 
     async def append(self, fields: Mapping[str, Any]) -> dict[str, Any]:
+        check_fields(fields)  # here, so that one bad record cannot fail the whole group commit
         fut: Future[dict[str, Any]] = Future()
         with self._cond:
             if self._closed:
@@ -338,7 +351,7 @@ def verify_chain(files: Sequence[Path]) -> VerifyResult:
             rec = json.loads(raw)
             if not isinstance(rec, dict):
                 raise TypeError
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, RecursionError):
             if torn_candidate:
                 return bad(
                     "truncated tail: the last line is incomplete (a crash during a write)",
@@ -350,7 +363,11 @@ def verify_chain(files: Sequence[Path]) -> VerifyResult:
         if not isinstance(seq, int):
             return bad("record has no integer seq (edited)")
         digest = rec.get("hash")
-        if not isinstance(digest, str) or not _HEX64.match(digest) or record_hash(rec) != digest:
+        try:
+            content_hash = record_hash(rec)
+        except ValueError:  # a lone surrogate escape: no canonical UTF-8 form, never written by us
+            content_hash = None
+        if not isinstance(digest, str) or not _HEX64.match(digest) or content_hash != digest:
             return bad("record hash does not match its content (edited)", seq)
         if seq != expected_seq:
             what = "deleted records before it" if seq > expected_seq else "reordered or duplicated"
@@ -371,7 +388,7 @@ def read_records(files: Iterable[Path]) -> Iterator[dict[str, Any]]:
             for raw in fh:
                 try:
                     rec = json.loads(raw)
-                except ValueError:
+                except (ValueError, RecursionError):
                     continue
                 if isinstance(rec, dict):
                     yield rec

@@ -21,12 +21,28 @@ _ERROR = {
     },
 }
 _B64 = {"type": "string", "description": "Standard base64 (RFC 4648 §4) with padding."}
+# What the server accepts, so that the document stays true (tests/test_schemathesis.py): standard base64
+# with padding, CR/LF ignored anywhere (Go's base64.StdEncoding); a DNS name or IPv4 address with an
+# optional port and https:// prefix ("" means the configured default); a key name[/version] or key URL.
+_C = r"[\r\n]*[A-Za-z0-9+/]"
+_B64_PATTERN = rf"^(?:(?:{_C}){{4}})*(?:(?:{_C}){{2}}[\r\n]*=[\r\n]*=|(?:{_C}){{3}}[\r\n]*=)?[\r\n]*$"
+_B64_NONEMPTY_PATTERN = (
+    rf"^(?:(?:{_C}){{4}})*(?:(?:{_C}){{4}}|(?:{_C}){{2}}[\r\n]*=[\r\n]*=|(?:{_C}){{3}}[\r\n]*=)[\r\n]*$"
+)
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTPORT = rf"{_LABEL}(?:\.{_LABEL})*(?::[1-9][0-9]{{0,3}})?"
+_KID_PATTERN = rf"^(?:https://{_HOSTPORT}/keys/)?[0-9A-Za-z-]{{1,127}}(?:/[0-9A-Za-z]{{1,64}})?$"
 _RUNTIME = {
     "type": "object",
     "required": ["runtime_data"],
-    "properties": {"runtime_data": {**_B64, "minLength": 1}},
+    "properties": {"runtime_data": {**_B64, "minLength": 1, "pattern": _B64_PATTERN}},
 }
-_HOST = {"type": "string", "description": "host, host:port or https://host[:port]; must pass the allowlist."}
+_HOST = {
+    "type": ["string", "null"],
+    "pattern": rf"^(?:(?:https://)?{_HOSTPORT}/?)?$",
+    "description": "host, host:port or https://host[:port]; must pass the allowlist. Empty or null: the "
+    "configured default.",
+}
 
 
 def _errors(*codes: int) -> dict[str, Any]:
@@ -159,7 +175,22 @@ def document() -> dict[str, Any]:
             ),
             "/attest/maa": _post(
                 "An MAA token for the caller's runtime data (sent as JSON runtime data).",
-                {**_RUNTIME, "properties": {**_RUNTIME["properties"], "maa_endpoint": _HOST}},  # type: ignore[dict-item]
+                {
+                    **_RUNTIME,
+                    "properties": {
+                        "runtime_data": {
+                            **_B64,
+                            "minLength": 1,
+                            "pattern": _B64_NONEMPTY_PATTERN,
+                            "contentEncoding": "base64",
+                            "contentMediaType": "application/json",
+                            "description": "Standard base64 of a UTF-8 JSON object"
+                            " (MAA receives it as JSON runtime data).",
+                            "examples": ["eyJub25jZSI6ImFiYyJ9"],
+                        },
+                        "maa_endpoint": _HOST,
+                    },
+                },
                 {**obj, "required": ["token"], "properties": {"token": {"type": "string"}}},
                 502,
                 503,
@@ -171,11 +202,18 @@ def document() -> dict[str, Any]:
                     **obj,
                     "required": ["kid"],
                     "properties": {
-                        "kid": {"type": "string", "description": "name, name/version, or a key URL"},
+                        "kid": {
+                            "type": "string",
+                            "minLength": 1,
+                            "pattern": _KID_PATTERN,
+                            "description": "name, name/version, or a key URL https://<vault>/keys/<name>[/<version>]"
+                            " (whose vault must be akv_endpoint's when both are given)",
+                        },
                         "maa_endpoint": _HOST,
                         "akv_endpoint": _HOST,
                         "access_token": {
-                            "type": "string",
+                            "type": ["string", "null"],
+                            "pattern": r"^(?:[A-Za-z0-9._~+/-]+=*)?$",
                             "description": "Optional AAD token for the vault.",
                         },
                     },

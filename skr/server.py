@@ -73,7 +73,12 @@ def error_response(exc: SkrError, request_id: str) -> web.Response:
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:
     """The body as a JSON object, whatever the Content-Type (curl -d sends form-urlencoded)."""
-    raw = await request.read()
+    try:
+        raw = await request.read()
+    except ConnectionResetError:  # the client went away mid-body: its fault, and nobody reads the answer
+        raise BadRequest(
+            "the client closed the connection before the request body was complete", code="incomplete_body"
+        ) from None
     if not raw.strip():
         raise BadRequest("the request body is empty; send a JSON object", code="invalid_json")
     try:
@@ -93,7 +98,7 @@ def required_str(doc: dict[str, Any], name: str) -> str:
         raise BadRequest(f"{name} is required", code="missing_field")
     if not isinstance(value, str):
         raise BadRequest(f"{name} must be a string", code="invalid_field")
-    return value
+    return _unicode(name, value)
 
 
 def optional_str(doc: dict[str, Any], name: str) -> str | None:
@@ -102,7 +107,50 @@ def optional_str(doc: dict[str, Any], name: str) -> str | None:
         return None
     if not isinstance(value, str):
         raise BadRequest(f"{name} must be a string", code="invalid_field")
+    return _unicode(name, value)
+
+
+def _unicode(name: str, value: str) -> str:
+    """JSON lets ``\\ud800`` escapes through; such a string has no UTF-8 form (audit, logs, upstreams)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest(
+            f"{name} is not valid Unicode text (a lone surrogate escape)", code="invalid_field"
+        ) from None
     return value
+
+
+_B64TOKEN = re.compile(r"^[A-Za-z0-9._~+/-]+=*$")
+
+
+def _bearer(token: str | None) -> str | None:
+    """An access token goes into an Authorization header: only RFC 6750 ``b64token`` characters."""
+    if token is not None and not _B64TOKEN.match(token):
+        raise BadRequest(
+            "access_token is not a bearer token (RFC 6750 b64token characters only)",
+            hint="pass the raw AAD access token, without 'Bearer ' and without whitespace",
+            code="invalid_field",
+        )
+    return token
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(name)
+
+
+def _require_json(runtime_data: bytes) -> None:
+    """``/attest/maa`` sends the runtime data to MAA as ``dataType: JSON``, which MAA refuses unless it is
+    a JSON object: say so with a 400 here instead of a 502 from upstream."""
+    try:
+        doc = json.loads(runtime_data.decode("utf-8"), parse_constant=_reject_constant)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        doc = None
+    if not isinstance(doc, dict):
+        raise BadRequest(
+            "runtime_data must be base64 of a UTF-8 JSON object: it is sent to MAA as JSON runtime data",
+            code="invalid_field",
+        )
 
 
 def decode_runtime_data(value: str) -> bytes:
@@ -125,9 +173,12 @@ def _is_loopback(remote: str | None) -> bool:
     if remote is None:
         return True  # a Unix socket or an in-process test transport
     try:
-        return ipaddress.ip_address(remote.split("%")[0]).is_loopback
+        address = ipaddress.ip_address(remote.split("%")[0])
     except ValueError:
         return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # ::ffff:127.0.0.1 on a dual-stack socket
+    return address.is_loopback
 
 
 def _route_label(request: web.Request) -> str:
@@ -169,6 +220,18 @@ async def _frame(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = error_response(
             PayloadTooLarge(f"the request body exceeds {service.settings.max_body} bytes"), request_id
         )
+    except web.RequestPayloadError:
+        # A body that does not match its Content-Encoding or chunked framing: bad input, not a 500.
+        response = error_response(
+            BadRequest(
+                "the request body could not be read: it does not match its Content-Encoding or framing",
+                hint="send plain JSON, or a body that really is encoded as Content-Encoding says",
+                code="invalid_body",
+            ),
+            request_id,
+        )
+        response.force_close()  # the rest of the stream is unusable: close the connection after answering
+        request.content.feed_eof()  # and do not drain it (aiohttp would log the decode error as unhandled)
     except web.HTTPMethodNotAllowed as exc:
         response = error_response(
             SkrError(f"{request.method} is not allowed on {request.path}", code="method_not_allowed"),
@@ -256,6 +319,7 @@ async def attest_combined(request: web.Request) -> web.Response:
 async def attest_maa(request: web.Request) -> web.Response:
     doc = await read_json_object(request)
     runtime_data = decode_runtime_data(required_str(doc, "runtime_data"))
+    _require_json(runtime_data)
     maa = optional_str(doc, "maa_endpoint")
     token = await request.app[SERVICE_KEY].maa_token(maa, runtime_data, _ctx(request))
     return json_response({"token": token})
@@ -270,7 +334,7 @@ async def key_release(request: web.Request) -> web.Response:
         kid=kid,
         maa_endpoint=optional_str(doc, "maa_endpoint"),
         akv_endpoint=optional_str(doc, "akv_endpoint"),
-        access_token=optional_str(doc, "access_token"),
+        access_token=_bearer(optional_str(doc, "access_token")),
         ctx=ctx,
     )
     return json_response({"key": result.key_json}, headers=_timing(ctx, started))

@@ -17,6 +17,7 @@ import asyncio
 import base64
 import binascii
 import json
+import math
 import ssl
 import time
 import warnings
@@ -92,6 +93,8 @@ def _numeric_claim(claims: Mapping[str, Any], name: str) -> int | None:
         raise TokenError(
             f"the token's {name!r} claim must be a number of seconds, found {type(value).__name__}"
         )
+    if not math.isfinite(value):  # JSON decoders accept Infinity/NaN and 1e999
+        raise TokenError(f"the token's {name!r} claim must be a finite number of seconds")
     return int(value)
 
 
@@ -100,7 +103,10 @@ def token_expiry(claims: Mapping[str, Any]) -> datetime:
     exp = _numeric_claim(claims, "exp")
     if exp is None:
         raise TokenError("the attestation token has no 'exp' claim")
-    return datetime.fromtimestamp(exp, tz=UTC)
+    try:
+        return datetime.fromtimestamp(exp, tz=UTC)
+    except (OverflowError, ValueError, OSError):
+        raise TokenError(f"the attestation token's 'exp' claim {exp} is not a representable time") from None
 
 
 def normalize_issuer(value: str) -> str:
@@ -245,7 +251,7 @@ class TokenVerifier:
         token = token.strip() if isinstance(token, str) else token
         header = unverified_header(token)
         alg = header.get("alg")
-        if alg not in ALLOWED_ALGORITHMS:
+        if not isinstance(alg, str) or alg not in ALLOWED_ALGORITHMS:
             raise TokenError(
                 f"the attestation token uses algorithm {alg!r};"
                 f" expected one of {', '.join(sorted(ALLOWED_ALGORITHMS))}",
@@ -394,4 +400,7 @@ def _loose_issuer(value: str) -> str | None:
 
 
 def _iso(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, tz=UTC).isoformat().replace("+00:00", "Z")
+    try:
+        return datetime.fromtimestamp(seconds, tz=UTC).isoformat().replace("+00:00", "Z")
+    except (OverflowError, ValueError, OSError):  # a hostile exp/nbf far outside datetime's range
+        return f"{seconds:.0f} s after the epoch"

@@ -114,7 +114,7 @@ def parse_thim_json(data: bytes) -> ThimCertificates:
     """Parse THIM JSON strictly. Raises :class:`CollateralError` saying which field is wrong and how."""
     try:
         doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise CollateralError(
             f"the THIM certificate document is not JSON ({exc.__class__.__name__}: {exc})",
             hint="expected {vcekCert, tcbm, certificateChain, cacheControl}",
@@ -157,6 +157,8 @@ def _thim_string(doc: Mapping[str, Any], name: str) -> str:
             f"THIM field {name!r} is {found}, expected a non-empty string",
             hint="expected {vcekCert, tcbm, certificateChain, cacheControl}",
         )
+    if not value.isascii():  # PEM and hex are ASCII; this also refuses lone surrogates before .encode()
+        raise CollateralError(f"THIM field {name!r} holds non-ASCII text, expected PEM or hex")
     return value
 
 
