@@ -15,6 +15,10 @@ Actions:
   (``truncate_jws``, ``resign_jws``, ``wrong_issuer``, ``expired_cert``); the service asks
   :meth:`FaultPlan.mutations_for` while building its response.
 
+Delays add up and mutations combine, but a request gets at most one answer (``status``, ``reset``,
+``malformed``): the first answer rule that fires; later answer rules are not consumed, so answer rules
+with ``times`` form a sequence (e.g. 500 once, then 502 once, then 429 once).
+
 File format (``skr local --faults FILE``)::
 
     {"seed": 7, "rules": [
@@ -139,7 +143,11 @@ class FaultPlan:
         with self._lock:
             self.requests[route] += 1
             for rule in self.rules:
-                if not rule.matches(route) or not self._fires(rule):
+                if not rule.matches(route):
+                    continue
+                if terminal is not None and rule.action not in ("delay", "mutate"):
+                    continue  # one answer per request: later answer rules keep their turn (a sequence)
+                if not self._fires(rule):
                     continue
                 self.injected[f"{route}:{rule.action}"] += 1
                 if rule.action == "delay":
