@@ -39,19 +39,28 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_ERROR, f"{self.prog}: error: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser for every command, or only for ``command`` (each command module is imported to
+    register itself, and some import heavy libraries: ``skr serve`` need not pay for ``skr keys``)."""
     parser = _Parser(prog="skr", description="Secure Key Release sidecar for Azure confidential containers.")
     parser.add_argument("--version", action="version", version=f"skr {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     for name in COMMAND_MODULES:
-        importlib.import_module(f"skr.commands.{name}").register(sub)
+        if command is None or name == command:
+            importlib.import_module(f"skr.commands.{name}").register(sub)
     return parser
 
 
+def _named_command(argv: Sequence[str]) -> str | None:
+    """The command ``argv`` names when it starts with a known one (else None: build the whole parser)."""
+    return argv[0] if argv and argv[0] in COMMAND_MODULES else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(list(argv) if argv is not None else None)
+    arguments = list(argv) if argv is not None else sys.argv[1:]
+    parser = build_parser(_named_command(arguments))
+    args = parser.parse_args(arguments)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

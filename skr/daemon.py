@@ -9,9 +9,11 @@ audit log).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import signal
+import ssl
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +33,7 @@ from skr.evidence.base import EvidenceProvider
 from skr.http import client_ssl_context
 from skr.identity import CredentialFactory
 from skr.maa.client import MaaClient
+from skr.maa.runtime import WrappingKey
 from skr.metrics import Metrics
 from skr.server import create_app
 from skr.service import ReleaseService
@@ -78,7 +81,11 @@ def open_audit(settings: Settings) -> AsyncAuditLog | None:
 
 
 async def create_evidence_provider(
-    settings: Settings, session: aiohttp.ClientSession, env: Mapping[str, str]
+    settings: Settings,
+    session: aiohttp.ClientSession,
+    env: Mapping[str, str],
+    *,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> tuple[EvidenceProvider, list[x509.Certificate], bytes | None]:
     """The configured evidence provider, extra ARKs to trust (the virtual TEE's), and the security policy.
 
@@ -98,7 +105,7 @@ async def create_evidence_provider(
     collateral = CollateralClient.from_certcache(
         session,
         settings.certcache,
-        ssl_context=client_ssl_context(settings.ca_bundle),
+        ssl_context=ssl_context or client_ssl_context(settings.ca_bundle),
         timeout=settings.upstream_timeout,
     )
     provider = await asyncio.to_thread(
@@ -129,10 +136,12 @@ async def build_runtime(
     connector = aiohttp.TCPConnector(limit=100, ttl_dns_cache=300)
     session = aiohttp.ClientSession(connector=connector, headers={"User-Agent": settings.user_agent})
     try:
+        ssl_ctx = client_ssl_context(settings.ca_bundle)  # one context (CA parsing is ~30 ms per context)
         if provider is None:
-            provider, arks, security_policy = await create_evidence_provider(settings, session, env)
+            provider, arks, security_policy = await create_evidence_provider(
+                settings, session, env, ssl_context=ssl_ctx
+            )
             trusted_arks = [*trusted_arks, *arks]
-        ssl_ctx = client_ssl_context(settings.ca_bundle)
         maa = MaaClient(
             session,
             ssl_context=ssl_ctx,
@@ -195,8 +204,11 @@ def _named_non_azure(settings: Settings) -> list[str]:
 async def start_site(runtime: Runtime) -> tuple[web.AppRunner, int]:
     """Bind the HTTP server; returns the runner and the bound port (useful with port 0)."""
     settings = runtime.settings
+    # aiohttp waits up to shutdown_timeout for a busy handler, then up to shutdown_timeout again after
+    # cancelling its request body, then cancels it: half the grace period each keeps the total the grace
+    # period (a handler that already read its body may finish in either half).
     runner = web.AppRunner(
-        runtime.app, handle_signals=False, access_log=None, shutdown_timeout=settings.grace_period
+        runtime.app, handle_signals=False, access_log=None, shutdown_timeout=settings.grace_period / 2
     )
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)
@@ -225,8 +237,14 @@ def announce(settings: Settings, port: int) -> None:
         )
 
 
-async def serve_forever(runtime: Runtime, stop: asyncio.Event | None = None) -> None:
-    """Run until SIGTERM/SIGINT (or ``stop``), then shut down gracefully."""
+async def serve_forever(
+    runtime: Runtime,
+    stop: asyncio.Event | None = None,
+    *,
+    first_key: concurrent.futures.Future[WrappingKey] | None = None,
+) -> None:
+    """Run until SIGTERM/SIGINT (or ``stop``), then shut down gracefully. ``first_key``: see
+    :meth:`ReleaseService.start`."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -235,7 +253,7 @@ async def serve_forever(runtime: Runtime, stop: asyncio.Event | None = None) -> 
     runner, port = await start_site(runtime)
     try:
         announce(runtime.settings, port)
-        await runtime.service.start()
+        await runtime.service.start(first_key)
         await stop.wait()
         log.info(
             "shutting down: finishing in-flight requests",

@@ -31,7 +31,6 @@ import aiohttp
 from azure.core.credentials import AccessToken, AccessTokenInfo, TokenRequestOptions
 from azure.core.credentials_async import AsyncTokenCredential
 from azure.core.pipeline.transport import AioHttpTransport
-from azure.identity.aio import ManagedIdentityCredential, WorkloadIdentityCredential
 
 from skr.errors import BadRequest, ConfigError
 
@@ -292,6 +291,10 @@ class CredentialFactory:
         return self._ambient
 
     def _create_ambient(self) -> AsyncTokenCredential:
+        # azure-identity (with msal, requests, urllib3) is imported on first use, not at start-up: it is
+        # the heaviest import of the sidecar (~0.1 s and ~8 MiB).
+        from azure.identity.aio import ManagedIdentityCredential, WorkloadIdentityCredential
+
         settings = self.transport_kwargs(**_CREDENTIAL_TRANSPORT_SETTINGS)
         if self._workload_identity_configured():
             authority = self._env.get("AZURE_AUTHORITY_HOST", "").strip() or None

@@ -23,6 +23,7 @@ import json
 import os
 import re
 import ssl
+import threading
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -98,16 +99,22 @@ def _read(path: Path) -> bytes:
 
 @functools.cache
 def _system_anchors() -> tuple[x509.Certificate, ...]:
-    """The OS trust store: OpenSSL's default CA file and directory, plus what ``ssl`` loaded itself."""
+    """The OS trust store: OpenSSL's default CA file and directory, plus what ``ssl`` loaded itself.
+
+    Each distinct PEM block is parsed once: the directory holds every certificate of the CA file again,
+    under its own name and under its hash link. ``ssl``'s default context is asked only when OpenSSL has no
+    default CA file (where it has one, the context loads exactly that file; building it costs ~30 ms).
+    """
     paths = ssl.get_default_verify_paths()
-    certs: list[x509.Certificate] = []
-    if paths.cafile:
-        certs.extend(_pem_certificates(_read(Path(paths.cafile))))
+    files = [Path(paths.cafile)] if paths.cafile else []
     if paths.capath and Path(paths.capath).is_dir():
-        for entry in sorted(Path(paths.capath).iterdir()):
-            if entry.is_file():
-                certs.extend(_pem_certificates(_read(entry)))
-    for der in ssl.create_default_context().get_ca_certs(binary_form=True):
+        files.extend(entry for entry in sorted(Path(paths.capath).iterdir()) if entry.is_file())
+    blocks: dict[bytes, None] = {}
+    for path in files:
+        blocks.update(dict.fromkeys(_PEM_RE.findall(_read(path))))
+    certs = _pem_certificates(b"\n".join(blocks))
+    loaded_by_ssl = [] if paths.cafile else ssl.create_default_context().get_ca_certs(binary_form=True)
+    for der in loaded_by_ssl:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", CryptographyDeprecationWarning)
@@ -124,8 +131,19 @@ def _unique(certs: Iterable[x509.Certificate]) -> list[x509.Certificate]:
     return list(seen.values())
 
 
+@dataclass(frozen=True)
+class _Anchors:
+    certificates: tuple[x509.Certificate, ...]
+    fingerprints: frozenset[bytes]  # DER
+    store: Store | None
+
+
 class TrustStore:
-    """Trust anchors for release-JWS signer chains: system roots and/or extra PEM bundles."""
+    """Trust anchors for release-JWS signer chains: system roots and/or extra PEM bundles.
+
+    Extra bundles are read and checked at once. The OS trust store is read on first use (thread-safe): it
+    takes tens of milliseconds that the sidecar's start-up need not wait for.
+    """
 
     def __init__(
         self,
@@ -134,7 +152,7 @@ class TrustStore:
         include_system: bool = True,
         extra_certificates: Sequence[x509.Certificate] = (),
     ) -> None:
-        anchors: list[x509.Certificate] = list(_system_anchors()) if include_system else []
+        extra: list[x509.Certificate] = []
         if isinstance(extra_pem_paths, str | os.PathLike):  # one path given bare, not in a list
             extra_pem_paths = [extra_pem_paths]
         for name in extra_pem_paths:
@@ -152,11 +170,25 @@ class TrustStore:
                     f"the CA bundle {path} holds no PEM certificate",
                     hint="expected one or more '-----BEGIN CERTIFICATE-----' blocks",
                 )
-            anchors.extend(certs)
-        anchors.extend(extra_certificates)
-        self._anchors = tuple(_unique(anchors))
-        self._fingerprints = frozenset(c.public_bytes(serialization.Encoding.DER) for c in self._anchors)
-        self._store = Store(list(self._anchors)) if self._anchors else None
+            extra.extend(certs)
+        extra.extend(extra_certificates)
+        self._include_system = include_system
+        self._extra = tuple(extra)
+        self._lock = threading.Lock()
+        self._loaded: _Anchors | None = None
+
+    def _load(self) -> _Anchors:
+        loaded = self._loaded
+        if loaded is None:
+            with self._lock:
+                loaded = self._loaded
+                if loaded is None:
+                    system = _system_anchors() if self._include_system else ()
+                    unique = tuple(_unique([*system, *self._extra]))
+                    fingerprints = frozenset(c.public_bytes(serialization.Encoding.DER) for c in unique)
+                    loaded = _Anchors(unique, fingerprints, Store(list(unique)) if unique else None)
+                    self._loaded = loaded
+        return loaded
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> TrustStore:
@@ -169,25 +201,26 @@ class TrustStore:
     @property
     def anchors(self) -> tuple[x509.Certificate, ...]:
         """The trust anchors, without duplicates."""
-        return self._anchors
+        return self._load().certificates
 
     def __contains__(self, cert: object) -> bool:
         return (
             isinstance(cert, x509.Certificate)
-            and cert.public_bytes(serialization.Encoding.DER) in self._fingerprints
+            and cert.public_bytes(serialization.Encoding.DER) in self._load().fingerprints
         )
 
     def __len__(self) -> int:
-        return len(self._anchors)
+        return len(self._load().certificates)
 
     def __repr__(self) -> str:
-        return f"TrustStore({len(self._anchors)} anchors)"
+        return f"TrustStore({len(self)} anchors)"
 
     def store(self) -> Store:
         """The anchors as a cryptography verification store (JwsError when there are none)."""
-        if self._store is None:
+        store = self._load().store
+        if store is None:
             raise JwsError("the trust store for release signatures is empty", hint=_TRUST_HINT)
-        return self._store
+        return store
 
 
 # --- compact JWS ----------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import re
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from azure.core.credentials_async import AsyncTokenCredential
@@ -31,8 +31,6 @@ from azure.core.exceptions import (
     ServiceRequestError,
     ServiceResponseError,
 )
-from azure.keyvault.keys import ReleaseKeyResult
-from azure.keyvault.keys.aio import KeyClient
 
 from skr.akv.keywrap import Enc
 from skr.endpoints import parse_endpoint
@@ -55,6 +53,10 @@ from skr.http import (
     transient_retrying,
 )
 from skr.identity import CredentialFactory, StaticTokenCredential, is_azure_host, verifying_transport
+
+if TYPE_CHECKING:  # the SDK is imported on first use: it costs start-up time and memory (see _key_client)
+    from azure.keyvault.keys import ReleaseKeyResult
+    from azure.keyvault.keys.aio import KeyClient
 
 VAULT_RELEASE_ROLE = "Key Vault Crypto Service Release User"
 MANAGED_HSM_RELEASE_ROLE = "Managed HSM Crypto Service Release User"
@@ -268,7 +270,7 @@ class KeyVaultReleaser:
         key = (vault_url, id(credential))
         client = self._clients.get(key)
         if client is None:
-            client = KeyClient(vault_url, credential, **self._client_kwargs(vault_url))
+            client = _key_client(vault_url, credential, **self._client_kwargs(vault_url))
             self._clients[key] = client
         return client
 
@@ -316,7 +318,7 @@ class KeyVaultReleaser:
         credential = self._credentials.for_request(access_token)
         ephemeral = isinstance(credential, StaticTokenCredential)
         client = (
-            KeyClient(vault_url, credential, **self._client_kwargs(vault_url))
+            _key_client(vault_url, credential, **self._client_kwargs(vault_url))
             if ephemeral
             else self._client(vault_url, credential)
         )
@@ -424,6 +426,13 @@ class KeyVaultReleaser:
         clients, self._clients = list(self._clients.values()), {}
         for client in clients:
             await client.close()
+
+
+def _key_client(vault_url: str, credential: AsyncTokenCredential, **kwargs: Any) -> KeyClient:
+    """A new SDK client. The SDK is imported here, on the first release, not when the sidecar starts."""
+    from azure.keyvault.keys.aio import KeyClient
+
+    return KeyClient(vault_url, credential, **kwargs)
 
 
 def _netloc(value: str) -> str:

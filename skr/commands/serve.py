@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 from skr.config import add_arguments, load_settings
-from skr.daemon import build_runtime, serve_forever
 from skr.logs import setup_logging
+
+if TYPE_CHECKING:
+    from skr.maa.runtime import WrappingKey
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -20,13 +24,27 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.set_defaults(func=_serve)
 
 
+def _first_key() -> Future[WrappingKey]:
+    """Start generating the first wrapping key now, on another core (OpenSSL releases the GIL), so that
+    readiness does not wait for it after the daemon's imports and set-up."""
+    from skr.maa.runtime import WrappingKey
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="skr-first-key")
+    try:
+        return pool.submit(WrappingKey.generate)
+    finally:
+        pool.shutdown(wait=False)
+
+
 def _serve(args: argparse.Namespace) -> int:
     settings = load_settings(args)
     setup_logging(settings.log_level, settings.log_file)
+    first_key = _first_key()
+    from skr.daemon import build_runtime, serve_forever  # the heavy imports, while the key is made
 
     async def run() -> None:
         runtime = await build_runtime(settings, env=os.environ)
-        await serve_forever(runtime)
+        await serve_forever(runtime, first_key=first_key)
 
     asyncio.run(run())
     return 0
