@@ -11,6 +11,7 @@ Never logs request or response bodies: they may carry tokens.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import ssl
@@ -30,6 +31,8 @@ from tenacity import (
 )
 
 from skr.errors import UpstreamError, UpstreamTimeout
+
+log = logging.getLogger("skr.http")
 
 CA_BUNDLE_ENV = "SKR_CA_BUNDLE"
 TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
@@ -208,7 +211,22 @@ def transient_retrying(
         retry=retry_if_exception(is_transient),
         wait=_Wait(policy, deadline, retry_after),
         stop=_stop_at_deadline(deadline, policy),
+        before_sleep=_log_retry,
         reraise=True,
+    )
+
+
+def _log_retry(state: RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome else None
+    status = exc.status if isinstance(exc, TransientHTTPError) else getattr(exc, "status_code", None)
+    log.info(
+        "retrying an upstream call",
+        extra={
+            "attempt": state.attempt_number,
+            "failure": type(exc).__name__ if exc else None,
+            "status": status,
+            "sleep_seconds": round(state.upcoming_sleep or 0.0, 3),
+        },
     )
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
+import contextlib
 import logging
 import os
 import re
@@ -39,7 +41,7 @@ from skr.errors import (
 from skr.evidence.base import Evidence, EvidenceProvider, report_data_for
 from skr.http import Deadline
 from skr.maa.client import MaaClient
-from skr.maa.runtime import WrappingKey
+from skr.maa.runtime import DEFAULT_BITS, WrappingKey
 from skr.maa.token import unverified_claims
 from skr.metrics import Metrics
 
@@ -49,7 +51,7 @@ T = TypeVar("T")
 
 _KEY_NAME = re.compile(r"^[0-9A-Za-z-]{1,127}$")
 _KEY_VERSION = re.compile(r"^[0-9A-Za-z]{1,64}$")
-WRAPPING_KEY_BITS = 2048
+WRAPPING_KEY_BITS = DEFAULT_BITS  # 2048; `skr serve` makes its first key with this default too
 
 
 @dataclass
@@ -120,8 +122,13 @@ class ReleaseService:
 
     # --- lifecycle -----------------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Generate the first wrapping key and run the evidence self-check (for /readyz)."""
+    async def start(self, first_key: concurrent.futures.Future[WrappingKey] | None = None) -> None:
+        """Generate the first wrapping key and run the evidence self-check (for /readyz).
+
+        ``first_key``: a key already being generated (``skr serve`` starts one before its imports).
+        """
+        if first_key is not None and self._next_key is None:
+            self._next_key = asyncio.wrap_future(first_key)
         self._prepare_key()
         assert self._next_key is not None
         await asyncio.gather(asyncio.shield(self._next_key), self.self_check())
@@ -430,6 +437,13 @@ class ReleaseService:
                     fields=fields,
                 ),
             )
+        except asyncio.CancelledError:
+            # The client went away or shutdown cut the request off: the attempt still gets its record.
+            self.metrics.releases.inc(outcome="error")
+            record = {**fields, "outcome": "error", "error_code": "cancelled", **_duration(started)}
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._record(record))
+            raise
         except SkrError as exc:
             self.metrics.releases.inc(outcome="denied" if exc.status == 403 else "error")
             outcome = "denied" if exc.status in (403, 404) else "error"

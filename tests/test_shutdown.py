@@ -137,6 +137,10 @@ async def test_the_grace_period_bounds_shutdown_when_an_upstream_hangs(tmp_path,
         assert [r["outcome"] for r in audit_records(audit, "before")] == ["granted"]
         assert len(granted_releases(audit, "finishing")) == 1
         assert granted_releases(audit, "stuck") == []
+        # the cut-off attempt is still on the record, as an error
+        assert [(r["outcome"], r.get("error_code")) for r in audit_records(audit, "stuck")] == [
+            ("error", "cancelled")
+        ]
     finally:
         stack.faults.clear()
         await stack.stop()
