@@ -230,3 +230,32 @@ def test_inconsistent_rsa_jwk_is_refused(rsa_key):
     jwk["d"] = minimal(rsa_key.private_numbers().d + 2)
     with pytest.raises(KeyWrapError, match="not a consistent"):
         jwk_to_private_key(jwk)
+
+
+@pytest.mark.parametrize("field", ["dmp1", "dmq1", "iqmp", "d"])
+def test_inconsistent_rsa_plaintext_is_refused(field):
+    """Keys are loaded without OpenSSL's slow primality checks, so the arithmetic is checked instead."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa as rsa_mod
+
+    from skr.akv.jwk import plaintext_to_jwk
+    from skr.errors import KeyWrapError
+
+    good = rsa_mod.generate_private_key(65537, 2048).private_numbers()
+    values = {
+        "p": good.p,
+        "q": good.q,
+        "d": good.d,
+        "dmp1": good.dmp1,
+        "dmq1": good.dmq1,
+        "iqmp": good.iqmp,
+    }
+    values[field] += 2
+    bad = rsa_mod.RSAPrivateNumbers(public_numbers=good.public_numbers, **values).private_key(
+        unsafe_skip_rsa_key_validation=True
+    )
+    der = bad.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    with pytest.raises(KeyWrapError):
+        plaintext_to_jwk(der, kty="RSA-HSM", key_ops=None)
