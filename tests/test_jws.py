@@ -183,6 +183,25 @@ def test_genuine_release_is_expired_in_2024(genuine, digicert_trust):
         )
 
 
+def test_a_remembered_chain_never_widens_what_is_accepted(genuine, digicert_trust, trust):
+    """The chain-validation cache answers only for the same host, inside the chain's validity window,
+    and only for the trust store that validated it; the signature is checked every time."""
+    verify_release_jws(genuine, host=GENUINE_HOST, trust=digicert_trust, at=GENUINE_TIME)
+    verify_release_jws(genuine, host=GENUINE_HOST, trust=digicert_trust, at=GENUINE_TIME)  # from the cache
+    with pytest.raises(JwsError, match="not valid at validation time"):
+        verify_release_jws(
+            genuine, host=GENUINE_HOST, trust=digicert_trust, at=datetime(2024, 1, 10, tzinfo=UTC)
+        )
+    with pytest.raises(JwsError, match="subjectAltName"):
+        verify_release_jws(genuine, host="evil.example.com", trust=digicert_trust, at=GENUINE_TIME)
+    with pytest.raises(JwsError, match="not trusted"):
+        verify_release_jws(genuine, host=GENUINE_HOST, trust=trust, at=GENUINE_TIME)
+    header, payload, signature = genuine.split(".")
+    forged = ".".join((header, payload, signature[:-4] + ("AAAA" if signature[-4:] != "AAAA" else "BBBB")))
+    with pytest.raises(JwsError):
+        verify_release_jws(forged, host=GENUINE_HOST, trust=digicert_trust, at=GENUINE_TIME)
+
+
 @pytest.mark.parametrize("host", ["evil.example.com", "vault.azure.net.evil.com", "a.b.vault.azure.net"])
 def test_genuine_release_is_not_valid_for_another_host(genuine, digicert_trust, host):
     with pytest.raises(JwsError, match="subjectAltName"):

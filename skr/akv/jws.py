@@ -65,6 +65,7 @@ ALLOWED_ALGORITHMS: Mapping[str, RSAAlgorithm] = {
 
 _MIN_SIGNER_BITS = 2048
 _MAX_X5C = 10
+_CHAIN_CACHE_SIZE = 64
 _MAX_COMPACT_CHARS = 1 << 20
 _PART_RE = re.compile(r"[A-Za-z0-9_-]+")
 _PEM_RE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
@@ -176,6 +177,8 @@ class TrustStore:
         self._extra = tuple(extra)
         self._lock = threading.Lock()
         self._loaded: _Anchors | None = None
+        # validated chains (see _verify_chain): (host, x5c DER...) -> validity window of the built chain
+        self._chain_cache: dict[tuple[str, tuple[bytes, ...]], tuple[datetime, datetime]] = {}
 
     def _load(self) -> _Anchors:
         loaded = self._loaded
@@ -335,9 +338,20 @@ def _subject(host: str) -> Subject:
 
 
 def _verify_chain(certs: list[x509.Certificate], host: str, trust: TrustStore, at: datetime) -> None:
-    verifier = PolicyBuilder().store(trust.store()).time(at).build_server_verifier(_subject(host))
+    """Path validation of ``certs`` to the trust store for ``host`` at ``at``.
+
+    A successful validation is remembered per trust store for the same host and the same x5c bytes, and
+    reused only while ``at`` lies inside the validity window of every certificate of the built chain (the
+    anchor included): the answer cannot change inside it, since nothing else the check depends on does.
+    """
+    subject = _subject(host)
+    key = (repr(subject), tuple(c.public_bytes(serialization.Encoding.DER) for c in certs))
+    window = trust._chain_cache.get(key)
+    if window is not None and window[0] <= at <= window[1]:
+        return
+    verifier = PolicyBuilder().store(trust.store()).time(at).build_server_verifier(subject)
     try:
-        verifier.verify(certs[0], certs[1:])
+        built = verifier.verify(certs[0], certs[1:])
     except VerificationError as exc:
         detail = str(exc).split(" (encountered", 1)[0]
         raise JwsError(
@@ -345,6 +359,12 @@ def _verify_chain(certs: list[x509.Certificate], host: str, trust: TrustStore, a
             f"trusted for host {host[:64]!r} at {at.isoformat(timespec='seconds')}: {detail}",
             hint=_TRUST_HINT,
         ) from None
+    not_before = max(c.not_valid_before_utc for c in built)
+    not_after = min(c.not_valid_after_utc for c in built)
+    with trust._lock:
+        if len(trust._chain_cache) >= _CHAIN_CACHE_SIZE:
+            trust._chain_cache.pop(next(iter(trust._chain_cache)))
+        trust._chain_cache[key] = (not_before, not_after)
 
 
 def _check_thumbprints(header: Mapping[str, Any], leaf: x509.Certificate) -> None:
