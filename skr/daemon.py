@@ -34,6 +34,7 @@ from skr.http import client_ssl_context
 from skr.identity import CredentialFactory
 from skr.maa.client import MaaClient
 from skr.maa.runtime import WrappingKey
+from skr.maa.token import TokenVerifier
 from skr.metrics import Metrics
 from skr.server import create_app
 from skr.service import ReleaseService
@@ -179,6 +180,7 @@ async def build_runtime(
         metrics=metrics,
         trusted_arks=trusted_arks,
         security_policy=security_policy,
+        token_verifier=TokenVerifier(session, ssl_context=ssl_ctx, timeout=settings.upstream_timeout),
     )
     app = create_app(service, metrics)
     return Runtime(settings, service, metrics, session, releaser, credentials, audit, app)

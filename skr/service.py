@@ -42,7 +42,7 @@ from skr.evidence.base import Evidence, EvidenceProvider, report_data_for
 from skr.http import Deadline
 from skr.maa.client import MaaClient
 from skr.maa.runtime import DEFAULT_BITS, WrappingKey
-from skr.maa.token import unverified_claims
+from skr.maa.token import TokenVerifier, unverified_claims
 from skr.metrics import Metrics
 
 log = logging.getLogger("skr.service")
@@ -103,6 +103,7 @@ class ReleaseService:
         metrics: Metrics,
         trusted_arks: Sequence[x509.Certificate] = (),
         security_policy: bytes | None = None,
+        token_verifier: TokenVerifier | None = None,
     ) -> None:
         self.settings = settings
         self.provider = provider
@@ -113,6 +114,7 @@ class ReleaseService:
         self.metrics = metrics
         self.trusted_arks = tuple(trusted_arks)
         self.security_policy = security_policy
+        self.token_verifier = token_verifier
         self._cache: dict[str, _Attestation] = {}
         self._inflight: dict[str, asyncio.Future[_Attestation]] = {}
         self._next_key: asyncio.Future[WrappingKey] | None = None
@@ -384,9 +386,15 @@ class ReleaseService:
 
             async def work() -> str:
                 evidence = await self._evidence(report_data_for(runtime_data), ctx)
-                return await self._timed(
+                token = await self._timed(
                     "maa", ctx, self.maa.attest(maa.url, evidence, runtime_data, deadline=deadline)
                 )
+                if self.token_verifier is not None:
+                    # the app gets the token as proof: it must really be the endpoint's (issuer, signature)
+                    await self._timed(
+                        "maa", ctx, self.token_verifier.verify(token, issuer=maa.url, deadline=deadline)
+                    )
+                return token
 
             token = await self._within(deadline, "attestation", work)
         except SkrError as exc:

@@ -325,3 +325,17 @@ async def test_virtual_tee_host_data_is_the_demo_policy_hash(env):
 
     stack, _ = env
     assert stack.info["host_data"] == host_data_of_policy(DEMO_SECURITY_POLICY).hex()
+
+
+async def test_attest_maa_never_returns_a_forged_or_foreign_token(tmp_path):
+    """/attest/maa hands the token to the app as proof, so it is verified against the endpoint first."""
+    from skr.local.faults import FaultRule
+
+    async for stack, client in stack_session(tmp_path):
+        for mutation in ("wrong_issuer", "resign_jws"):
+            stack.faults.add(FaultRule("maa.attest", "mutate", mutation=mutation, times=1))
+            status, body = await post(client, "/attest/maa", {"runtime_data": b64(b'{"a":1}')})
+            _assert_error(status, body, 502)
+            assert body["code"].startswith("token_") and "token" not in body
+        status, body = await post(client, "/attest/maa", {"runtime_data": b64(b'{"a":1}')})
+        assert status == 200 and body["token"].count(".") == 2
