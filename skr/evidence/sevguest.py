@@ -18,6 +18,7 @@ exercised against a simulated kernel that reads the request structures and write
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import ctypes
 import errno
@@ -176,7 +177,7 @@ def parse_report_response(response: bytes, *, device: str) -> bytes:
 # --- providers ---------------------------------------------------------------------------------------
 
 
-class _DeviceProvider:
+class _DeviceProvider(abc.ABC):
     """What both device providers share: open-per-call, to_thread, and the evidence checks."""
 
     name: str = ""
@@ -208,11 +209,12 @@ class _DeviceProvider:
             self.name, raw, table, report_data=report_data, context=self.context, collateral=self.collateral
         )
 
-    async def aclose(self) -> None:
+    async def aclose(self) -> None:  # noqa: B027 - a deliberate no-op, not an abstract hook
         """Nothing is held open between calls."""
 
+    @abc.abstractmethod
     def _fetch(self, report_data: bytes) -> tuple[bytes, bytes | None]:
-        raise NotImplementedError
+        """The raw report and the GHCB certificate table (if the interface returns one); blocking."""
 
     def _call(self, request: int, argument: ctypes.Array[ctypes.c_char], what: str) -> OSError | None:
         """Open the device, issue one ioctl, close it. Returns the ioctl's OSError (open errors raise)."""
