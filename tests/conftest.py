@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -29,3 +30,42 @@ def vectors() -> Path:
 def expected(vectors: Path) -> dict[str, Any]:
     data: dict[str, Any] = json.loads((vectors / "EXPECTED.json").read_text())
     return data
+
+
+# --- the local key-vault stack (tests/kvstack.py), shared by the Key Vault, identity and CLI tests ------
+
+
+@pytest.fixture(scope="session")
+def ca(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from tests.kvstack import make_ca
+
+    return make_ca(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tee(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from tests.kvstack import make_tee
+
+    return make_tee(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def wrapping_key() -> Any:
+    from skr.maa.runtime import WrappingKey
+
+    return WrappingKey.generate()
+
+
+@pytest.fixture
+async def stack(ca: Any, tee: Any, tmp_path: Path) -> AsyncIterator[Any]:
+    from tests.kvstack import running_stack
+
+    async with running_stack(ca, tee, tmp_path) as s:
+        yield s
+
+
+@pytest.fixture
+def imds_env(monkeypatch: pytest.MonkeyPatch, stack: Any) -> None:
+    from tests.kvstack import point_imds_at
+
+    point_imds_at(monkeypatch, stack.identity_url)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -31,19 +30,13 @@ from skr.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from skr.evidence.virtual import VirtualTee
 from skr.http import Deadline, RetryPolicy
 from skr.identity import CredentialFactory
-from skr.local.ca import LocalCA
 from skr.local.faults import FaultRule
 from skr.maa.runtime import WrappingKey
-from tests.test_local_hsm import (
+from tests.kvstack import (
     OTHER_HOST_DATA,
     Stack,
-    make_ca,
-    make_tee,
-    point_imds_at,
-    running_stack,
     serve,
 )
 
@@ -52,32 +45,6 @@ FAST = SdkSettings(
     connection_timeout=2,
     read_timeout=5,
 )
-
-
-@pytest.fixture(scope="session")
-def ca(tmp_path_factory: pytest.TempPathFactory) -> LocalCA:
-    return make_ca(tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def tee(tmp_path_factory: pytest.TempPathFactory) -> VirtualTee:
-    return make_tee(tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def wrapping_key() -> WrappingKey:
-    return WrappingKey.generate()
-
-
-@pytest.fixture
-async def stack(ca: LocalCA, tee: VirtualTee, tmp_path: Path) -> AsyncIterator[Stack]:
-    async with running_stack(ca, tee, tmp_path) as s:
-        yield s
-
-
-@pytest.fixture
-def imds_env(monkeypatch: pytest.MonkeyPatch, stack: Stack) -> None:
-    point_imds_at(monkeypatch, stack.identity_url)
 
 
 # --- naming ------------------------------------------------------------------------------------------

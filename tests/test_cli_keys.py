@@ -8,7 +8,6 @@ import base64
 import json
 import os
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,36 +17,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from skr.akv.jws import open_release
 from skr.cli import main
-from skr.evidence.virtual import VirtualTee
-from skr.local.ca import LocalCA
 from skr.maa.runtime import WrappingKey
-from tests.test_local_hsm import OTHER_HOST_DATA, Stack, make_ca, make_tee, point_imds_at, running_stack
-
-
-@pytest.fixture(scope="session")
-def ca(tmp_path_factory: pytest.TempPathFactory) -> LocalCA:
-    return make_ca(tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def tee(tmp_path_factory: pytest.TempPathFactory) -> VirtualTee:
-    return make_tee(tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def wrapping_key() -> WrappingKey:
-    return WrappingKey.generate()
-
-
-@pytest.fixture
-async def stack(ca: LocalCA, tee: VirtualTee, tmp_path: Path) -> AsyncIterator[Stack]:
-    async with running_stack(ca, tee, tmp_path) as s:
-        yield s
-
-
-@pytest.fixture
-def imds_env(monkeypatch: pytest.MonkeyPatch, stack: Stack) -> None:
-    point_imds_at(monkeypatch, stack.identity_url)
+from tests.kvstack import OTHER_HOST_DATA, Stack
 
 
 @pytest.fixture

@@ -27,12 +27,7 @@ from skr.identity import (
 )
 from skr.local.ca import LocalCA
 from skr.local.identity import LocalIdentityService
-from tests.test_local_hsm import MI_ENV, TENANT, make_ca, serve
-
-
-@pytest.fixture(scope="session")
-def ca(tmp_path_factory: pytest.TempPathFactory) -> LocalCA:
-    return make_ca(tmp_path_factory)
+from tests.kvstack import MI_ENV, TENANT, serve
 
 
 @pytest.mark.parametrize(

@@ -19,13 +19,7 @@ from multidict import CIMultiDictProxy
 
 from skr.local.ca import LocalCA
 from skr.local.identity import SIGNING_KEY_FILE, InvalidAccessToken, LocalIdentityService
-from tests.test_local_hsm import MI_ENV, TENANT, make_ca, serve
-
-
-@pytest.fixture(scope="session")
-def ca(tmp_path_factory: pytest.TempPathFactory) -> LocalCA:
-    return make_ca(tmp_path_factory)
-
+from tests.kvstack import MI_ENV, TENANT, serve
 
 VAULT = "https://vault.azure.net"
 UAMI = "0b5fbb31-8d44-4c0f-9b7e-0f8b0b6a1c11"
