@@ -78,7 +78,7 @@ class Deadline:
 class RetryPolicy:
     """How an upstream call is retried. ``attempts`` counts the first try."""
 
-    attempts: int = 4
+    attempts: int = 5
     initial_backoff: float = 0.2
     max_backoff: float = 5.0
     max_retry_after: float = 30.0

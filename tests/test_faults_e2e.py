@@ -6,10 +6,10 @@ skr.http's retry policy, azure-identity for tokens). What the app sees is checke
 says about each request (matched by the X-Request-Id the test chooses).
 
 Retry budgets these tests rely on, as the code has them:
-- MAA (skr.http.RetryPolicy): 4 attempts, transient = connection errors, timeouts, 408, 429, 5xx;
+- MAA (skr.http.RetryPolicy): 5 attempts, transient = connection errors, timeouts, 408, 429, 5xx;
   Retry-After honoured (capped by the deadline).
 - Key Vault (skr.akv.release.SdkSettings): the SDK's own retry loop is off; the same policy wraps each
-  release call (4 attempts; 408, 429, 5xx and connection errors; Retry-After honoured).
+  release call (5 attempts; 408, 429, 5xx and connection errors; Retry-After honoured).
 - Both: a Retry-After that would end past the request deadline is not waited out.
 - Identity (azure-identity): its own policy (backoff grows to seconds); tokens are cached, so only the
   first token can fail.
@@ -160,13 +160,14 @@ async def test_answer_rules_with_times_form_a_sequence():
 
 TRANSIENT = {
     "maa 503 twice": ([FaultRule("maa.attest", "status", status=503, times=2)], {"maa.attest": 3}),
-    "maa 500, 502, 429 (the whole budget)": (
+    "maa 500, 502, 429, 503 (the whole budget)": (
         [
             FaultRule("maa.attest", "status", status=500, times=1),
             FaultRule("maa.attest", "status", status=502, times=1),
             FaultRule("maa.attest", "status", status=429, retry_after=0.1, times=1),
+            FaultRule("maa.attest", "status", status=503, times=1),
         ],
-        {"maa.attest": 4},
+        {"maa.attest": 5},
     ),
     "maa connection reset": ([FaultRule("maa.attest", "reset", times=1)], {"maa.attest": 2}),
     "maa slow (0.3 s)": ([FaultRule("maa.attest", "delay", seconds=0.3, times=1)], {"maa.attest": 1}),
@@ -242,31 +243,31 @@ PERSISTENT = {
         FaultRule("hsm.release", "status", status=502),
         "upstream_error",
         ["Key Vault", "502", "demo-oct"],
-        {"hsm.release": 4},
+        {"hsm.release": 5},
     ),
     "vault always 503": (
         FaultRule("hsm.release", "status", status=503),
         "upstream_error",
         ["Key Vault", "503"],
-        {"hsm.release": 4},
+        {"hsm.release": 5},
     ),
     "vault always resets": (
         FaultRule("hsm.release", "reset"),
         "upstream_unreachable",
         ["Key Vault", "could not be reached"],
-        {"hsm.release": 4},
+        {"hsm.release": 5},
     ),
     "maa always 503": (
         FaultRule("maa.attest", "status", status=503),
         "upstream_error",
-        ["Microsoft Azure Attestation", "503", "4 attempts"],
-        {"maa.attest": 4, "hsm.release": 0},
+        ["Microsoft Azure Attestation", "503", "5 attempts"],
+        {"maa.attest": 5, "hsm.release": 0},
     ),
     "maa always resets": (
         FaultRule("maa.attest", "reset"),
         "upstream_unreachable",
-        ["Microsoft Azure Attestation", "could not be reached", "4 attempts"],
-        {"maa.attest": 4, "hsm.release": 0},
+        ["Microsoft Azure Attestation", "could not be reached", "5 attempts"],
+        {"maa.attest": 5, "hsm.release": 0},
     ),
 }
 
