@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import logging
 import signal
 import ssl
 import sys
+import threading
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -239,6 +239,16 @@ def announce(settings: Settings, port: int) -> None:
         )
 
 
+def on_signal(stop: asyncio.Event) -> None:
+    """SIGTERM and SIGINT set ``stop``. Only the main thread can own signals: an embedded daemon (tests,
+    another program's thread) is stopped through ``stop`` directly."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+
 async def serve_forever(
     runtime: Runtime,
     stop: asyncio.Event | None = None,
@@ -248,10 +258,7 @@ async def serve_forever(
     """Run until SIGTERM/SIGINT (or ``stop``), then shut down gracefully. ``first_key``: see
     :meth:`ReleaseService.start`."""
     stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
-            loop.add_signal_handler(sig, stop.set)
+    on_signal(stop)
     runner, port = await start_site(runtime)
     try:
         announce(runtime.settings, port)

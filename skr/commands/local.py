@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import signal
 import sys
 from pathlib import Path
 
 from skr.config import default_state_dir
+from skr.daemon import on_signal
 from skr.local.faults import FaultPlan
 from skr.logs import setup_logging
 
@@ -60,10 +59,7 @@ def _local(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, stop.set)
+        on_signal(stop)
         stack = await LocalStack.start(options)
         try:
             info = stack.info
