@@ -27,7 +27,7 @@ from cryptography import x509
 from skr.akv.jwk import jwk_to_json
 from skr.akv.jws import TrustStore, open_release
 from skr.akv.keywrap import Enc
-from skr.akv.release import KeyVaultReleaser, parse_kid
+from skr.akv.release import KeyVaultReleaser, ReleaseResult, parse_kid
 from skr.audit import AsyncAuditLog, token_fingerprint
 from skr.config import Settings
 from skr.endpoints import Endpoint, parse_endpoint
@@ -490,10 +490,10 @@ class ReleaseService:
         fields: dict[str, Any],
     ) -> ReleasedKeyResult:
         kid = f"{name}/{version}" if version else name
-        attestation = await self._attestation(maa, deadline, ctx)
-        fields.update(_token_fields(attestation.token, attestation.claims))
-        try:
-            released = await self._timed(
+
+        async def release_to(attestation: _Attestation) -> ReleaseResult:
+            fields.update(_token_fields(attestation.token, attestation.claims))
+            return await self._timed(
                 "akv",
                 ctx,
                 self.releaser.release(
@@ -505,25 +505,17 @@ class ReleaseService:
                     deadline=deadline,
                 ),
             )
+
+        attestation = await self._attestation(maa, deadline, ctx)
+        try:
+            released = await release_to(attestation)
         except ReleaseDenied:
             if ctx.attestation not in ("cached", "shared"):
                 raise
             # Key Vault refused a token we reused (revoked signing key, changed policy...): attest once more.
             log.info("key vault refused a reused attestation token; attesting again")
             attestation = await self._attestation(maa, deadline, ctx, reject=attestation.token)
-            fields.update(_token_fields(attestation.token, attestation.claims))
-            released = await self._timed(
-                "akv",
-                ctx,
-                self.releaser.release(
-                    vault.url,
-                    kid,
-                    attestation.token,
-                    access_token=access_token,
-                    enc=Enc.CKM_RSA_AES_KEY_WRAP,
-                    deadline=deadline,
-                ),
-            )
+            released = await release_to(attestation)
         # ~0.5 ms of CPU (RS256 verify, one RSA-2048 OAEP decrypt, AES-KWP; the signer chain is validated
         # once per validity window): cheaper than a worker-thread hop, so it runs on the loop.
         opened = open_release(

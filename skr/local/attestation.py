@@ -49,7 +49,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
 from skr.errors import BadRequest, SkrError
-from skr.files import write_private_file
+from skr.files import load_or_create_rsa_key, write_private_file
 from skr.maa.client import (
     DATA_TYPE_BINARY,
     DATA_TYPE_JSON,
@@ -607,19 +607,7 @@ def _load_or_create_signing_material(
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     key_path, cert_path = state_dir / SIGNING_KEY_FILE, state_dir / SIGNING_CERT_FILE
     subject = normalize_endpoint(issuer) if issuer else "skr local attestation"
-    if key_path.exists():
-        loaded = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-        if not isinstance(loaded, rsa.RSAPrivateKey):
-            raise BadRequest(
-                f"{key_path} does not hold an RSA private key", hint="delete it to create a new one"
-            )
-        key = loaded
-    else:
-        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        pem = key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-        write_private_file(key_path, pem)
+    key = load_or_create_rsa_key(key_path)
     cert: x509.Certificate | None = None
     if cert_path.exists():
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())

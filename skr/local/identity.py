@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from skr.errors import ConfigError, Unauthenticated
-from skr.files import write_private_file
+from skr.files import load_or_create_rsa_key, write_private_file
 
 IMDS_TOKEN_PATH = "/metadata/identity/oauth2/token"  # noqa: S105 - a URL path, not a secret
 APP_SERVICE_TOKEN_PATH = "/msi/token"  # noqa: S105 - a URL path, not a secret
@@ -147,19 +147,7 @@ class LocalIdentityService:
         """
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         key_path = state_dir / SIGNING_KEY_FILE
-        if key_path.exists():
-            loaded = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-            if not isinstance(loaded, rsa.RSAPrivateKey):
-                raise ConfigError(
-                    f"{key_path} does not hold an RSA private key", hint="delete it to regenerate"
-                )
-            key = loaded
-        else:
-            key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-            pem = key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-            write_private_file(key_path, pem)
+        key = load_or_create_rsa_key(key_path)
         if identity_header is None:
             header_path = state_dir / IDENTITY_HEADER_FILE
             if header_path.exists():
