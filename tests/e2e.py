@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import base64
 import json
+import ssl
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from skr.akv.policy import build_confidential_containers_policy, encode_policy_for_wire
@@ -89,3 +92,16 @@ def expected_ec_jwk(key: ec.EllipticCurvePrivateKey) -> dict[str, str]:
         "y": b64url_int(n.public_numbers.y, size),
         "d": b64url_int(n.private_value, size),
     }
+
+
+@asynccontextmanager
+async def serve_tls(app: web.Application, ssl_context: ssl.SSLContext) -> AsyncIterator[str]:
+    """Serve ``app`` over HTTPS on 127.0.0.1 (ephemeral port) and yield ``"127.0.0.1:<port>"``."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context)
+    await site.start()
+    try:
+        yield f"127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()

@@ -195,7 +195,13 @@ def one_line(text: str) -> str:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    state = fresh_state(tmp_path_factory, "daemon-stack")
+    yield from local_stack(tmp_path_factory, "daemon-stack")
+
+
+def local_stack(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[dict[str, Any]]:
+    """A running ``skr local`` process on a copy of the prepared state: local.json plus ``state_dir``;
+    stopped with SIGINT (which must exit 0) afterwards."""
+    state = fresh_state(tmp_path_factory, name)
     proc = start_local(state)
     try:
         info: dict[str, Any] = json.loads((state / "local.json").read_text())

@@ -29,7 +29,15 @@ from cryptography.hazmat.primitives import hashes, hmac, padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from tests.test_cli_daemon import SKR, Proc, clean_env, closed_port, fresh_state, http, run, start_local
+from tests.test_cli_daemon import (
+    SKR,
+    Proc,
+    clean_env,
+    closed_port,
+    http,
+    local_stack,
+    run,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "examples" / "python-app" / "app.py"
@@ -130,15 +138,7 @@ RFC7518_B1 = {
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    state = fresh_state(tmp_path_factory, "examples-stack")
-    proc = start_local(state)
-    try:
-        info: dict[str, Any] = json.loads((state / "local.json").read_text())
-        info["state_dir"] = str(state)
-        yield info
-        assert proc.stop(signal.SIGINT) == 0, proc.stderr
-    finally:
-        proc.kill()
+    yield from local_stack(tmp_path_factory, "examples-stack")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import ssl
 import stat
 import struct
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -37,6 +36,7 @@ from skr.local.ca import LocalCA
 from skr.maa.client import MaaClient
 from skr.maa.runtime import WrappingKey
 from skr.maa.token import TokenVerifier, unverified_header
+from tests.e2e import serve_tls as serve
 
 POLICY = b'package policy\n\napi_version := "0.10.0"\nframework_version := "0.2.3"\n'
 FAST_RETRY = RetryPolicy(attempts=3, initial_backoff=0.01, max_backoff=0.02)
@@ -61,18 +61,6 @@ def request_body(evidence: Evidence, runtime: bytes | None, **extra: Any) -> dic
     if runtime is not None:
         body["runtimeData"] = {"data": b64url(runtime), "dataType": "JSON"}
     return body
-
-
-@asynccontextmanager
-async def serve(app: web.Application, ssl_context: ssl.SSLContext) -> AsyncIterator[str]:
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context)
-    await site.start()
-    try:
-        yield f"127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
 
 
 @dataclass

@@ -8,8 +8,6 @@ import asyncio
 import base64
 import json
 import ssl
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
@@ -29,6 +27,7 @@ from skr.maa.client import (
     encode_report,
     normalize_endpoint,
 )
+from tests.e2e import serve_tls as serve
 
 FAST_RETRY = RetryPolicy(attempts=3, initial_backoff=0.01, max_backoff=0.02)
 FAKE_JWT = "eyJhbGciOiJSUzI1NiJ9.eyJ4IjoxfQ.c2ln"
@@ -39,18 +38,6 @@ FAKE_JWT = "eyJhbGciOiJSUzI1NiJ9.eyJ4IjoxfQ.c2ln"
 
 def unb64url(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-@asynccontextmanager
-async def serve(app: web.Application, ssl_context: ssl.SSLContext) -> AsyncIterator[str]:
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context)
-    await site.start()
-    try:
-        yield f"127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
 
 
 class Recorder:

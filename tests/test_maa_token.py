@@ -10,8 +10,6 @@ import base64
 import json
 import ssl
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -24,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from skr.errors import TokenError
 from skr.local.ca import LocalCA
 from skr.maa.token import TokenVerifier, token_expiry, unverified_claims, unverified_header
+from tests.e2e import serve_tls as serve
 
 SHAREDWEU = "https://sharedweu.weu.attest.azure.net"
 GENUINE = {
@@ -75,18 +74,6 @@ class FakeIssuer:
 def tls(tmp_path_factory) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     ca = LocalCA.load_or_create(tmp_path_factory.mktemp("ca"))
     return ca.server_ssl_context(["127.0.0.1"]), ca.client_ssl_context()
-
-
-@asynccontextmanager
-async def serve(app: web.Application, ssl_context: ssl.SSLContext) -> AsyncIterator[str]:
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context)
-    await site.start()
-    try:
-        yield f"127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
 
 
 @pytest.fixture(scope="module")
