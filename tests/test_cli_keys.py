@@ -17,6 +17,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from skr.akv.jws import open_release
 from skr.cli import main
+from skr.commands.keys import read_key
+from skr.errors import BadRequest
 from skr.maa.runtime import WrappingKey
 from tests.kvstack import OTHER_HOST_DATA, Stack
 
@@ -238,3 +240,39 @@ async def test_subprocess_create_has_no_traceback(cli_env, tmp_path):
     )
     _, err = await proc.communicate()
     assert proc.returncode == 2 and b"Traceback" not in err and err.decode().startswith("skr: ")
+
+
+# --- reading the key file (pure, no vault) ----------------------------------------------------------
+
+
+def _oct_bytes(jwk: Any) -> bytes:
+    assert jwk.kty == "oct-HSM"
+    return bytes(jwk.k)
+
+
+@pytest.mark.parametrize("prefix", [b"{", b" {", b"\n{", b"-----BEGIN"])
+def test_auto_reads_binary_key_bytes_that_begin_like_text_formats_as_raw(tmp_path, prefix):
+    # A random AES key starts with "{" once in 256 keys; it is still a key, not a broken JWK.
+    secret = (prefix + b"\xff\xfe" + os.urandom(32))[:32]
+    path = tmp_path / "aes"
+    path.write_bytes(secret)
+    assert _oct_bytes(read_key(path)) == secret
+
+
+def test_raw_format_takes_the_bytes_even_when_they_are_text(tmp_path):
+    secret = b'{"kty":"oct","k":"AAAAAAAAAAAA"}'
+    assert len(secret) == 32
+    path = tmp_path / "aes"
+    path.write_bytes(secret)
+    assert _oct_bytes(read_key(path, "raw")) == secret
+    with pytest.raises(BadRequest, match="16, 24 or 32"):
+        read_key(path)  # auto: a text file starting with "{" is a JWK, and this one holds 9 bytes
+
+
+def test_broken_jwk_text_is_a_clear_error(tmp_path):
+    path = tmp_path / "key.jwk"
+    path.write_text('{"kty": "oct", "k": ')
+    with pytest.raises(BadRequest, match="looks like JSON but does not parse"):
+        read_key(path)
+    with pytest.raises(BadRequest, match="not an unencrypted PEM private key"):
+        read_key(path, "pem")

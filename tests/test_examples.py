@@ -175,6 +175,8 @@ def owner_key(stack: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -
             OWNER_KID,
             "--key",
             str(key_file),
+            "--key-format",
+            "raw",
             "--policy",
             str(policy),
             "--allow-insecure-challenge",

@@ -80,6 +80,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="FILE",
         help="PEM private key (RSA/EC), or raw bytes / JWK for oct",
     )
+    imp.add_argument(
+        "--key-format",
+        choices=KEY_FORMATS,
+        default="auto",
+        help="how to read --key (default auto: PEM or JWK when the file is text, else raw bytes)",
+    )
     imp.set_defaults(func=_import)
 
 
@@ -152,24 +158,48 @@ def private_key_to_json_web_key(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivate
     )
 
 
-def read_key(path: Path) -> JsonWebKey:
-    """Key material from a file: PEM private key (RSA/EC), a JWK JSON object, or raw oct key bytes."""
+KEY_FORMATS = ("auto", "pem", "jwk", "raw")
+
+
+def read_key(path: Path, key_format: str = "auto") -> JsonWebKey:
+    """Key material from a file: PEM private key (RSA/EC), a JWK JSON object, or raw oct key bytes.
+
+    ``auto`` decides by content: PEM and JWK files are text, so a file that is not UTF-8 text is raw
+    key bytes — even when a random AES key happens to begin with ``{`` or whitespace. ``raw``, ``pem``
+    and ``jwk`` remove any doubt.
+    """
     data = path.read_bytes()
+    if key_format == "auto":
+        key_format = _sniff_key_format(data)
+    if key_format == "raw":
+        return private_key_to_json_web_key(data)
     stripped = data.strip()
-    if stripped.startswith(b"-----BEGIN"):
-        try:
-            key = serialization.load_pem_private_key(stripped, password=None)
-        except (ValueError, TypeError, UnsupportedAlgorithm):
-            raise BadRequest(
-                f"{path} is not an unencrypted PEM private key",
-                hint="export it with `openssl pkcs8 -nocrypt`",
-            ) from None
-        if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
-            raise BadRequest(f"{path} holds a {type(key).__name__.lstrip('_')}; expected an RSA or EC key")
-        return private_key_to_json_web_key(key)
-    if stripped.startswith(b"{"):
+    if key_format == "jwk":
         return _jwk_file(path, stripped)
-    return private_key_to_json_web_key(data)
+    if key_format != "pem":
+        raise BadRequest(f"unknown key format {key_format!r}; expected one of {', '.join(KEY_FORMATS)}")
+    try:
+        key = serialization.load_pem_private_key(stripped, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise BadRequest(
+            f"{path} is not an unencrypted PEM private key",
+            hint="export it with `openssl pkcs8 -nocrypt`",
+        ) from None
+    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+        raise BadRequest(f"{path} holds a {type(key).__name__.lstrip('_')}; expected an RSA or EC key")
+    return private_key_to_json_web_key(key)
+
+
+def _sniff_key_format(data: bytes) -> str:
+    try:
+        text = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return "raw"
+    if text.startswith("-----BEGIN"):
+        return "pem"
+    if text.startswith("{"):
+        return "jwk"
+    return "raw"
 
 
 def _jwk_file(path: Path, data: bytes) -> JsonWebKey:
@@ -292,7 +322,7 @@ def _create(args: argparse.Namespace) -> int:
 
 def _import(args: argparse.Namespace) -> int:
     policy = _release_policy(args)
-    jwk = read_key(args.key)
+    jwk = read_key(args.key, args.key_format)
 
     async def call(client: KeyClient) -> KeyVaultKey:
         return await client.import_key(
