@@ -36,7 +36,7 @@ from skr.maa.client import MaaClient
 from skr.maa.runtime import WrappingKey
 from skr.maa.token import TokenVerifier
 from skr.metrics import Metrics
-from skr.server import create_app
+from skr.server import ApiRunner, create_app
 from skr.service import ReleaseService
 
 log = logging.getLogger("skr.daemon")
@@ -209,7 +209,7 @@ async def start_site(runtime: Runtime) -> tuple[web.AppRunner, int]:
     # aiohttp waits up to shutdown_timeout for a busy handler, then up to shutdown_timeout again after
     # cancelling its request body, then cancels it: half the grace period each keeps the total the grace
     # period (a handler that already read its body may finish in either half).
-    runner = web.AppRunner(
+    runner = ApiRunner(
         runtime.app, handle_signals=False, access_log=None, shutdown_timeout=settings.grace_period / 2
     )
     await runner.setup()

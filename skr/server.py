@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiohttp import web
+from aiohttp import http_exceptions, web, web_protocol
 
 from skr.errors import (
     BadRequest,
@@ -66,6 +66,73 @@ def error_response(exc: SkrError, request_id: str) -> web.Response:
         body["hint"] = exc.hint
     headers = {"WWW-Authenticate": 'Bearer realm="skr"'} if exc.status == 401 else None
     return json_response(body, exc.status, headers)
+
+
+# --- requests that are not HTTP at all ----------------------------------------------------------------
+
+_PROTOCOL_ERRORS: tuple[tuple[type[http_exceptions.BadHttpMessage], str], ...] = (
+    (http_exceptions.BadHttpMethod, "the request method is not one this server accepts"),
+    (http_exceptions.LineTooLong, "the request line or a header is too long"),
+    (http_exceptions.InvalidHeader, "a request header is malformed"),
+    (http_exceptions.BadStatusLine, "the request line is malformed"),
+    (http_exceptions.InvalidURLError, "the request target is not a valid URL"),
+    (http_exceptions.TransferEncodingError, "the chunked request body is malformed"),
+    (http_exceptions.ContentLengthError, "the request body does not match its Content-Length"),
+)
+
+
+def _protocol_error_message(exc: BaseException | None) -> str:
+    """A fixed sentence per parser error: the parser's own text quotes request bytes (maybe a token)."""
+    for kind, message in _PROTOCOL_ERRORS:
+        if isinstance(exc, kind):
+            return message
+    return "the request is not valid HTTP/1.1"
+
+
+class _JsonErrorHandler(web_protocol.RequestHandler):
+    """aiohttp's connection handler, answering what its parser refuses in our JSON error model.
+
+    A request that is not HTTP (an unknown method token, conflicting framing headers, a bad chunk size,
+    an oversized header) never reaches the application or its middleware; aiohttp answers it from
+    ``handle_error`` with ``text/plain``. Here it gets ``{"error", "code", "request_id"}`` like every other
+    refusal. The connection is closed afterwards, as aiohttp does.
+    """
+
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status >= 500 or request.writer.output_size > 0:
+            return super().handle_error(request, status, exc, message)
+        request_id = uuid.uuid4().hex
+        log.warning(
+            "refused a request that is not valid HTTP",
+            extra={"status": status, "reason": type(exc).__name__, "client": request.remote},
+        )
+        response = error_response(SkrError(_protocol_error_message(exc), code="malformed_http"), request_id)
+        response.set_status(status)
+        response.headers["X-Request-Id"] = request_id
+        response.force_close()
+        return response
+
+
+class _JsonErrorServer(web.Server):
+    def __call__(self) -> web_protocol.RequestHandler:
+        return _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
+
+
+class ApiRunner(web.AppRunner):
+    """``web.AppRunner`` whose connections answer HTTP protocol errors as JSON (see ``_JsonErrorHandler``)."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _JsonErrorServer  # same object layout; only the handler factory differs
+        return server
 
 
 # --- body parsing ------------------------------------------------------------------------------------

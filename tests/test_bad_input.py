@@ -6,9 +6,8 @@ a client timeout). After each test the sidecar's own metrics must show no 5xx an
 error. Table-driven; tests/test_e2e_sidecar.py holds the first, smaller table — this one extends it.
 
 Requests that are not HTTP at all (an invalid method token, conflicting framing headers, a bad chunk
-size) are refused by aiohttp's HTTP parser before the application sees them: those answers are a plain
-``400 Bad Request`` and the connection is closed; they are tested for "4xx, no traceback, no hang, the
-sidecar keeps serving".
+size) are refused by aiohttp's HTTP parser before the application sees them; the sidecar's connection
+handler answers them in the same JSON model (code ``malformed_http``) and closes the connection.
 
 One local stack serves the whole module; two more apps share its collaborators with other body limits
 (``Settings.max_body``).
@@ -36,7 +35,7 @@ from multidict import CIMultiDict
 from skr import __version__
 from skr.local.stack import LocalStack
 from skr.metrics import Metrics
-from skr.server import create_app
+from skr.server import ApiRunner, create_app
 from skr.service import ReleaseService
 from tests.e2e import b64, stack_session
 
@@ -70,7 +69,7 @@ REQUIRED = {"runtime_data", "kid"}
 
 
 async def _serve(app: web.Application) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(app, access_log=None)
+    runner = ApiRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -738,14 +737,31 @@ PROTOCOL_GARBAGE = [
 
 
 @pytest.mark.parametrize("data", PROTOCOL_GARBAGE, ids=range(len(PROTOCOL_GARBAGE)))
-async def test_protocol_garbage_is_a_4xx_and_the_sidecar_keeps_serving(env, data):
+async def test_protocol_garbage_is_a_4xx_json_error_and_the_sidecar_keeps_serving(env, data):
     answer = await _raw_exchange(env["url"], data)
-    if answer:  # a TLS ClientHello may just be dropped
-        status_line = answer.split(b"\r\n", 1)[0]
-        assert re.match(rb"^HTTP/1\.[01] 4\d\d ", status_line), answer[:200]
-        assert b"Traceback" not in answer
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.split(b"\r\n")
+    assert re.match(rb"^HTTP/1\.[01] 4\d\d ", status_line), answer[:200]
+    headers = {
+        name.strip().lower(): value.strip()
+        for name, _, value in (line.partition(b":") for line in header_lines)
+    }
+    assert headers[b"content-type"] == b"application/json; charset=utf-8"
+    doc = json.loads(body)
+    assert doc["code"] == "malformed_http" and isinstance(doc["error"], str) and doc["error"]
+    assert doc["request_id"] == headers[b"x-request-id"].decode()
+    assert b"Traceback" not in answer and b"aiohttp" not in body
     status, _, _ = await call(env["url"], "GET", "/status")
     assert status == 200
+
+
+async def test_protocol_error_answer_does_not_echo_the_request(env):
+    """The parser's own message quotes the offending bytes; ours is a fixed sentence (no token echoed)."""
+    secret = b"sk-should-never-come-back"
+    answer = await _raw_exchange(
+        env["url"], b"GET /status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + secret + b"\x01\r\n\r\n"
+    )
+    assert re.match(rb"^HTTP/1\.[01] 400 ", answer) and b"malformed_http" in answer and secret not in answer
 
 
 async def test_client_that_vanishes_mid_body_is_not_a_server_error(env):
