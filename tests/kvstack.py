@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from azure.keyvault.keys._shared import http_challenge_cache
 from azure.keyvault.keys.aio import KeyClient
 
 from skr.akv.jws import TrustStore
@@ -160,6 +161,9 @@ class Stack:
 @asynccontextmanager
 async def running_stack(ca: LocalCA, tee: VirtualTee, state_dir: Path) -> AsyncIterator[Stack]:
     """Identity, attestation and key service, each over HTTPS on 127.0.0.1 with ``ca`` certificates."""
+    # azure-keyvault-keys remembers each vault's auth challenge process-wide, keyed by host:port. A new
+    # stack may get an ephemeral port an earlier test's key service had: it is a new vault all the same.
+    http_challenge_cache.clear()
     session = aiohttp.ClientSession()
     runners: list[web.AppRunner] = []
     faults = FaultPlan()
