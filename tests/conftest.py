@@ -9,6 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
+
+# Property tests are reproducible by default: the same examples on every machine, no wall-clock deadline
+# (a slow CI machine is not a bug), no example database. HYPOTHESIS_PROFILE=explore draws new examples.
+settings.register_profile("skr", derandomize=True, deadline=None, database=None, print_blob=True)
+settings.register_profile("explore", deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "skr"))
 
 _DEFAULT_VECTORS = Path(__file__).resolve().parents[2] / "shared" / "testvectors"
 
