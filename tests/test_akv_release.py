@@ -6,19 +6,25 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
+import threading
 from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp import web
 
+import skr.akv.release as release_module
 from skr.akv.jws import open_release
 from skr.akv.keywrap import Enc
 from skr.akv.release import (
+    IDENTITY_MODULES,
     MANAGED_HSM_RELEASE_ROLE,
+    SDK_MODULES,
     VAULT_RELEASE_ROLE,
     KeyVaultReleaser,
     ReleaseResult,
     SdkSettings,
+    import_off_loop,
     normalize_vault,
     parse_kid,
 )
@@ -353,3 +359,36 @@ async def test_vault_and_kid_must_agree(releaser):
 def test_role_names_are_azure_rbac_role_names():
     assert VAULT_RELEASE_ROLE == "Key Vault Crypto Service Release User"
     assert MANAGED_HSM_RELEASE_ROLE == "Managed HSM Crypto Service Release User"
+
+
+# --- the SDKs are loaded off the event loop -------------------------------------------------------------
+
+
+async def test_import_off_loop_imports_in_a_worker_thread(tmp_path, monkeypatch):
+    (tmp_path / "skr_probe_module.py").write_text(
+        "import threading\nIMPORTED_ON = threading.current_thread().name\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "skr_probe_module", raising=False)
+    await import_off_loop("skr_probe_module", "json")
+    assert threading.main_thread().name != sys.modules["skr_probe_module"].IMPORTED_ON
+    monkeypatch.delitem(sys.modules, "skr_probe_module")
+
+
+@pytest.mark.parametrize("with_token", [False, True])
+async def test_release_loads_the_sdks_off_the_loop_first(
+    stack, releaser, wrapping_key, monkeypatch, with_token
+):
+    asked: list[tuple[str, ...]] = []
+    original = release_module.import_off_loop
+
+    async def recording(*modules: str) -> None:
+        asked.append(modules)
+        await original(*modules)
+
+    monkeypatch.setattr(release_module, "import_off_loop", recording)
+    await stack.hsm.create_key("k", kty="oct-HSM", release_policy=stack.policy())
+    token = await stack.target_token(wrapping_key)
+    await releaser.release(stack.hsm_host, "k", token, access_token=stack.bearer() if with_token else None)
+    expected = SDK_MODULES if with_token else SDK_MODULES + IDENTITY_MODULES
+    assert asked == [expected]
