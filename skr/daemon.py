@@ -25,7 +25,7 @@ from cryptography import x509
 
 from skr import __version__
 from skr.akv.jws import TrustStore
-from skr.akv.release import KeyVaultReleaser
+from skr.akv.release import KeyVaultReleaser, SdkSettings
 from skr.audit import AsyncAuditLog, AuditLog
 from skr.config import Settings, describe
 from skr.errors import ConfigError
@@ -164,6 +164,11 @@ async def build_runtime(
             api_version=settings.akv_api_version,
             ca_bundle=settings.ca_bundle,
             allow_insecure_challenge_hosts=[*local_vaults, *_named_non_azure(settings)],
+            sdk=SdkSettings(
+                connection_timeout=min(5.0, settings.upstream_timeout),
+                read_timeout=settings.upstream_timeout,
+                max_connections=settings.akv_max_connections,
+            ),
         )
         trust = TrustStore([settings.ca_bundle] if settings.ca_bundle else [])
         audit = open_audit(settings)

@@ -201,14 +201,18 @@ class StaticTokenCredential:
     __str__ = __repr__
 
 
-def verifying_transport(ssl_context: ssl.SSLContext, **settings: Any) -> AioHttpTransport:
+def verifying_transport(
+    ssl_context: ssl.SSLContext, *, connections_per_host: int = 0, **settings: Any
+) -> AioHttpTransport:
     """An azure-core aiohttp transport whose session verifies TLS with ``ssl_context``.
 
     azure-core's ``connection_verify=<path>`` trusts *only* that file (``create_default_context(cafile=)``);
     skr's rule is system roots *plus* the bundle, so the trust decision is made once, in our context.
-    Must be called while an event loop is running.
+    ``connections_per_host`` caps simultaneous connections to one host (0: no cap); further requests wait
+    for a free connection. Must be called while an event loop is running.
     """
-    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ssl_context))
+    connector = aiohttp.TCPConnector(ssl=ssl_context, limit_per_host=connections_per_host)
+    session = aiohttp.ClientSession(connector=connector)
     return AioHttpTransport(session=session, session_owner=True, **settings)
 
 

@@ -5,6 +5,7 @@ azure-identity credentials — the release itself and how every refusal and fail
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import sys
 import threading
@@ -392,3 +393,28 @@ async def test_release_loads_the_sdks_off_the_loop_first(
     await releaser.release(stack.hsm_host, "k", token, access_token=stack.bearer() if with_token else None)
     expected = SDK_MODULES if with_token else SDK_MODULES + IDENTITY_MODULES
     assert asked == [expected]
+
+
+async def test_connections_to_one_vault_are_capped(stack, imds_env, wrapping_key):
+    """Six concurrent releases through two connections take three rounds of the vault's answer time."""
+    credentials = CredentialFactory(
+        os.environ, ca_bundle=stack.ca.ca_pem_path, managed_hsm_hosts=[stack.hsm_host]
+    )
+    releaser = KeyVaultReleaser(
+        credentials=credentials,
+        allow_insecure_challenge_hosts=[stack.hsm_host],
+        sdk=dataclasses.replace(FAST, max_connections=2),
+    )
+    try:
+        await stack.hsm.create_key("k", kty="oct-HSM", release_policy=stack.policy())
+        token = await stack.target_token(wrapping_key)
+        await releaser.release(stack.hsm_host, "k", token)  # challenge + identity token, outside the timing
+        stack.faults.add(FaultRule(route="hsm.release", action="delay", seconds=0.4, times=6))
+        started = asyncio.get_running_loop().time()
+        results = await asyncio.gather(*(releaser.release(stack.hsm_host, "k", token) for _ in range(6)))
+        elapsed = asyncio.get_running_loop().time() - started
+    finally:
+        await releaser.aclose()
+        await credentials.aclose()
+    assert all(r.jws for r in results)
+    assert elapsed >= 3 * 0.4 - 0.05, f"6 releases over 2 connections took {elapsed:.2f} s"

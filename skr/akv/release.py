@@ -19,6 +19,7 @@ import asyncio
 import importlib
 import json
 import re
+import ssl
 import sys
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -97,6 +98,9 @@ class SdkSettings:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     connection_timeout: float = 5.0
     read_timeout: float = 20.0
+    max_connections: int = 16
+    """Simultaneous connections to one vault; more concurrent releases wait for one. Each pooled TLS
+    connection holds ~0.3 MiB, and a vault throttles long before 16 calls in flight limit throughput."""
 
 
 # --- parsing ----------------------------------------------------------------------------------------
@@ -243,6 +247,7 @@ class KeyVaultReleaser:
         self._sdk = sdk or SdkSettings()
         self._insecure_challenge = frozenset(_netloc(h) for h in allow_insecure_challenge_hosts)
         self._clients: dict[tuple[str, int], KeyClient] = {}
+        self._own_ssl_context: ssl.SSLContext | None = None
 
     def verify_challenge_resource(self, vault_url: str) -> bool:
         """False only for allow-listed endpoints outside Azure's domains; True for everything else."""
@@ -253,7 +258,6 @@ class KeyVaultReleaser:
 
     def _client_kwargs(self, vault_url: str) -> dict[str, Any]:
         sdk = self._sdk
-        factory = self._credentials
         transport_settings = {"connection_timeout": sdk.connection_timeout, "read_timeout": sdk.read_timeout}
         kwargs: dict[str, Any] = {
             "verify_challenge_resource": self.verify_challenge_resource(vault_url),
@@ -261,12 +265,19 @@ class KeyVaultReleaser:
         }
         if self._api_version:
             kwargs["api_version"] = self._api_version
-        bundle = self._ca_bundle if self._ca_bundle is not None else factory.ca_bundle
-        if bundle is None:
-            kwargs.update(transport_settings)
-        else:
-            kwargs["transport"] = verifying_transport(client_ssl_context(bundle), **transport_settings)
+        kwargs["transport"] = verifying_transport(
+            self._ssl_context(), connections_per_host=sdk.max_connections, **transport_settings
+        )
         return kwargs
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        """System roots plus the CA bundle, built once (the factory's, unless a bundle of our own)."""
+        factory = self._credentials
+        if self._ca_bundle is None or self._ca_bundle == factory.ca_bundle:
+            return factory.ssl_context()
+        if self._own_ssl_context is None:
+            self._own_ssl_context = client_ssl_context(self._ca_bundle)
+        return self._own_ssl_context
 
     def _client(self, vault_url: str, credential: AsyncTokenCredential) -> KeyClient:
         key = (vault_url, id(credential))
