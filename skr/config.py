@@ -73,6 +73,7 @@ class Settings:
     maa_tee_path: str = "SevSnpVm"
     user_agent: str = f"skr/{__version__}"
     akv_api_version: str | None = None
+    akv_max_connections: int = 16
     identity_client_id: str | None = None
     certcache: CertCacheConfig = field(default_factory=CertCacheConfig)
     grace_period: float = 10.0
@@ -116,6 +117,13 @@ def _number(value: str | float, name: str, *, minimum: float = 0.0) -> float:
     if n < minimum:
         raise ConfigError(f"{name} must be at least {minimum}")
     return n
+
+
+def _count(value: str | int, name: str, *, minimum: int = 1) -> int:
+    n = _number(value, name, minimum=minimum)
+    if not n.is_integer():
+        raise ConfigError(f"{name} must be a whole number, got {value!r}")
+    return int(n)
 
 
 def _port(value: str | int, name: str) -> int:
@@ -175,7 +183,12 @@ def load_settings(
     changes: dict[str, Any] = {}
 
     # SkrSideCarArgs (lowest precedence after defaults)
-    raw_args = flags.get("sidecar_args") or env.get("SkrSideCarArgs", "").strip()
+    # skr.sh's order: env SkrSideCarArgs, else its positional $1 (``skr serve <base64> [<port>]``)
+    raw_args = (
+        flags.get("sidecar_args")
+        or env.get("SkrSideCarArgs", "").strip()
+        or str(flags.get("sidecar_args_positional") or "").strip()
+    )
     if raw_args:
         doc = decode_sidecar_args(raw_args)
         identity, maaconfig, certcache = (_section(doc, n) for n in ("identity", "maaconfig", "certcache"))
@@ -187,15 +200,17 @@ def load_settings(
             known = {f.name for f in fields(CertCacheConfig)}
             changes["certcache"] = CertCacheConfig(**{k: str(v) for k, v in certcache.items() if k in known})
 
-    def pick(flag: str, *names: str) -> Any:
+    def pick(flag: str, *names: str, positional: str | None = None) -> Any:
         if flag in flags:
             return flags[flag]
         for name in names:
             if env.get(name, "").strip():
                 return env[name].strip()
+        if positional is not None and str(flags.get(positional) or "").strip():
+            return str(flags[positional]).strip()
         return None
 
-    if (v := pick("port", "SKR_PORT", "Port")) is not None:
+    if (v := pick("port", "SKR_PORT", "Port", positional="port_positional")) is not None:
         changes["port"] = _port(v, "port")
     if (v := pick("host", "SKR_HOST")) is not None:
         changes["host"] = str(v)
@@ -247,6 +262,8 @@ def load_settings(
         changes["maa_tee_path"] = str(v)
     if (v := pick("akv_api_version", "SKR_AKV_API_VERSION")) is not None:
         changes["akv_api_version"] = str(v)
+    if (v := pick("akv_max_connections", "SKR_AKV_MAX_CONNECTIONS")) is not None:
+        changes["akv_max_connections"] = _count(v, "SKR_AKV_MAX_CONNECTIONS")
     if (v := pick("grace_period", "SKR_SHUTDOWN_GRACE")) is not None:
         changes["grace_period"] = _number(v, "SKR_SHUTDOWN_GRACE")
     if (v := pick("client_token_file", "SKR_CLIENT_TOKEN_FILE")) is not None:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from skr.config import add_arguments, load_settings
+from skr.errors import ConfigError
 from skr.logs import setup_logging
 
 if TYPE_CHECKING:
@@ -21,7 +23,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.add_argument(
         "--client-token-file", type=str, default=None, help="require this bearer token (file)"
     )
+    # The Go image's /skr.sh takes SkrSideCarArgs as $1 and the port as $2 (the environment wins).
+    parser.add_argument(
+        "sidecar_args_positional", nargs="?", metavar="SKRSIDECARARGS", help="as env SkrSideCarArgs"
+    )
+    parser.add_argument("port_positional", nargs="?", metavar="PORT", help="as env Port")
     parser.set_defaults(func=_serve)
+
+
+def check_server_type(env: Mapping[str, str]) -> None:
+    """The Go image's ``ServerType=grpc`` starts a gRPC key-provider instead of HTTP: refuse, clearly."""
+    server_type = env.get("ServerType", "").strip()
+    if server_type and server_type.lower() != "http":
+        raise ConfigError(
+            f"ServerType={server_type} is not supported: skr serves the HTTP API only",
+            hint="unset ServerType (or set it to http); the gRPC key-provider flow is not provided",
+        )
 
 
 def _first_key() -> Future[WrappingKey]:
@@ -37,6 +54,7 @@ def _first_key() -> Future[WrappingKey]:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    check_server_type(os.environ)
     settings = load_settings(args)
     setup_logging(settings.log_level, settings.log_file)
     first_key = _first_key()
