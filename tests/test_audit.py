@@ -3,6 +3,7 @@
 import asyncio
 import hashlib
 import json
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -189,3 +190,60 @@ async def test_async_log_group_commits_concurrent_appends_in_order(tmp_path):
     await alog.aclose()
     assert sorted(r["seq"] for r in records) == list(range(1, 51))
     assert verify_chain([path]).records == 50
+
+
+# --- start-up reads the tail only -----------------------------------------------------------------------
+
+
+def _big_log_then(path: Path, tail: bytes, *, filler_bytes: int = 8 << 20) -> None:
+    """A valid log of 3 records, with megabytes of earlier history in front (only the tail is read)."""
+    _write(path, 3)
+    records = path.read_bytes()
+    line = b"x" * 1023 + b"\n"
+    path.write_bytes(line * (filler_bytes // len(line)) + records + tail)
+
+
+@pytest.mark.parametrize(
+    "tail", [b"", b'{"event":"key.rel', b"y" * (200 * 1024)], ids=["clean", "torn", "long-torn"]
+)
+def test_restart_reads_only_the_tail_of_a_large_log(tmp_path, tail):
+    path = tmp_path / "audit.log"
+    _big_log_then(path, tail)
+    size = path.stat().st_size
+    tracemalloc.start()
+    try:
+        log = AuditLog(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    log.append(_grant(9))
+    log.close()
+    assert peak < 1 << 20, f"opening a {size >> 20} MiB log allocated {peak >> 10} KiB"
+    records = path.read_bytes().splitlines()[-2 if tail else -1 :]
+    last = json.loads(records[-1])
+    assert last["kid"] == "key-9" and last["seq"] == (5 if tail else 4)
+    if tail:
+        assert json.loads(records[0])["truncated_bytes"] == len(tail)
+
+
+def test_last_record_split_across_read_blocks_is_found(tmp_path):
+    """Records straddling the 64 KiB read blocks: the chain continues from the true last record."""
+    path = tmp_path / "audit.log"
+    log = AuditLog(path)
+    for i in range(700):  # ~170 KiB: several blocks, boundaries inside records
+        log.append(_grant(i))
+    log.close()
+    for cut in range(0, 400, 37):  # shift the block boundaries against the records
+        shifted = tmp_path / f"shifted-{cut}.log"
+        shifted.write_bytes(b"z" * cut + b"\n" + path.read_bytes())
+        reopened = AuditLog(shifted)
+        assert (reopened.last_seq, reopened.last_hash) == (700, verify_chain([path]).last_hash)
+        reopened.close()
+
+
+def test_an_enormous_last_line_is_refused_as_damage(tmp_path):
+    path = tmp_path / "audit.log"
+    _write(path, 1)
+    path.write_bytes(path.read_bytes() + b"{" + b" " * (2 << 20) + b"}\n")
+    with pytest.raises(AuditError, match="not a valid audit record"):
+        AuditLog(path)
