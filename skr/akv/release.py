@@ -99,8 +99,9 @@ class SdkSettings:
     connection_timeout: float = 5.0
     read_timeout: float = 20.0
     max_connections: int = 16
-    """Simultaneous connections to one vault; more concurrent releases wait for one. Each pooled TLS
-    connection holds ~0.3 MiB, and a vault throttles long before 16 calls in flight limit throughput."""
+    """Releases in flight to one vault (and connections to it); more wait their turn, first come first
+    served. Each pooled TLS connection holds ~0.3 MiB, and a vault throttles long before 16 calls in
+    flight limit throughput."""
 
 
 # --- parsing ----------------------------------------------------------------------------------------
@@ -248,6 +249,7 @@ class KeyVaultReleaser:
         self._insecure_challenge = frozenset(_netloc(h) for h in allow_insecure_challenge_hosts)
         self._clients: dict[tuple[str, int], KeyClient] = {}
         self._own_ssl_context: ssl.SSLContext | None = None
+        self._slots: dict[str, asyncio.Semaphore] = {}
 
     def verify_challenge_resource(self, vault_url: str) -> bool:
         """False only for allow-listed endpoints outside Azure's domains; True for everything else."""
@@ -347,9 +349,17 @@ class KeyVaultReleaser:
                     is_transient=_is_transient,
                     retry_after=_retry_after,
                 )
-                result: ReleaseKeyResult = await retrying(
-                    client.release_key, name, target_token, version=version, algorithm=algorithm
-                )
+                slot = self._slots.setdefault(vault_url, asyncio.Semaphore(self._sdk.max_connections))
+
+                async def attempt() -> ReleaseKeyResult:
+                    # A slot per attempt (not across retry pauses). asyncio.Semaphore queues fairly; the
+                    # connector's own limit lets newcomers take a freed connection before older waiters.
+                    async with slot:
+                        return await client.release_key(
+                            name, target_token, version=version, algorithm=algorithm
+                        )
+
+                result: ReleaseKeyResult = await retrying(attempt)
         except TimeoutError:
             raise UpstreamTimeout(
                 f"{self._service(vault_url)} {vault_url} did not answer the release of {name} before the "
