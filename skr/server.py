@@ -117,6 +117,7 @@ class _JsonErrorHandler(web_protocol.RequestHandler):
         response = error_response(SkrError(_protocol_error_message(exc), code="malformed_http"), request_id)
         response.set_status(status)
         response.headers["X-Request-Id"] = request_id
+        response.headers["Server"] = SERVER_HEADER
         response.force_close()
         return response
 
@@ -426,4 +427,13 @@ def create_app(service: ReleaseService, metrics: Metrics) -> web.Application:
     app[METRICS_KEY] = metrics
     for method, path, handler in ROUTES:
         app.router.add_route(method, path, handler)
+    app.on_response_prepare.append(_server_header)
     return app
+
+
+SERVER_HEADER = "skr"
+
+
+async def _server_header(_: web.Request, response: web.StreamResponse) -> None:
+    """``Server: skr`` instead of aiohttp's ``Python/<x.y> aiohttp/<x.y.z>`` (no versions to fingerprint)."""
+    response.headers["Server"] = SERVER_HEADER

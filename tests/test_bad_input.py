@@ -750,9 +750,24 @@ async def test_protocol_garbage_is_a_4xx_json_error_and_the_sidecar_keeps_servin
     doc = json.loads(body)
     assert doc["code"] == "malformed_http" and isinstance(doc["error"], str) and doc["error"]
     assert doc["request_id"] == headers[b"x-request-id"].decode()
+    assert headers[b"server"] == b"skr"
     assert b"Traceback" not in answer and b"aiohttp" not in body
     status, _, _ = await call(env["url"], "GET", "/status")
     assert status == 200
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("GET", "/status", None),
+        ("GET", "/nope", None),
+        ("POST", "/key/release", b"{"),
+        ("GET", "/metrics", None),
+    ],
+)
+async def test_responses_name_no_software_versions(env, method, path, body):
+    _, headers, _ = await call(env["url"], method, path, body)
+    assert headers["Server"] == "skr"
 
 
 async def test_protocol_error_answer_does_not_echo_the_request(env):
