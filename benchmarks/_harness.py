@@ -134,6 +134,28 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def serve_command(state_dir: Path, port: int, audit_log: Path, *extra: str) -> list[str]:
+    """``skr serve`` on the virtual TEE kept in ``state_dir`` (the one the local attestation service
+    trusts), quiet logs, its own audit log."""
+    return [
+        sys.executable,
+        "-m",
+        "skr.cli",
+        "serve",
+        "--evidence",
+        "virtual",
+        "--state-dir",
+        str(state_dir),
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        "--audit-log",
+        str(audit_log),
+        *extra,
+    ]
+
+
 async def _http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
     """A one-shot ``GET`` on a fresh connection (cheap enough to poll readiness every few ms)."""
     reader, writer = await asyncio.wait_for(asyncio.open_connection(LOOPBACK, port), timeout)
@@ -175,23 +197,8 @@ class Sidecar:
         audit_dir: Path | None = None,
     ) -> Sidecar:
         port = free_port()
-        args = [
-            sys.executable,
-            "-m",
-            "skr.cli",
-            "serve",
-            "--evidence",
-            "virtual",
-            "--state-dir",
-            str(state_dir),
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-            "--token-reuse",
-            "on" if token_reuse else "off",
-        ]
-        args += ["--audit-log", str((audit_dir or state_dir) / f"audit-{name}.jsonl")]
+        audit_log = (audit_dir or state_dir) / f"audit-{name}.jsonl"
+        args = serve_command(state_dir, port, audit_log, "--token-reuse", "on" if token_reuse else "off")
         log_path = state_dir / f"sidecar-{name}.log"
         log = log_path.open("wb")
         started = time.perf_counter()

@@ -25,7 +25,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,12 +36,12 @@ from typing import Any
 
 import aiohttp
 
+from benchmarks._harness import LOOPBACK, free_port, serve_command, sidecar_env
 from skr.audit import chain_files, read_records, verify_chain
 from skr.local.attestation import TOKEN_LIFETIME
 from skr.local.faults import FaultPlan, FaultRule
 from skr.local.stack import LocalStack, StackOptions
 
-LOOPBACK = "127.0.0.1"
 REPO = Path(__file__).resolve().parent.parent
 FAULT_ROUTES = ("maa.attest", "hsm.release")
 
@@ -72,12 +71,6 @@ class Phase:
 # --- the sidecar process ---------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
-
-
 def rss_kib(pid: int) -> int:
     """``VmRSS`` of a process, KiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -94,32 +87,15 @@ class SidecarProcess:
     """``skr serve`` wired to the local services, in its own process."""
 
     def __init__(self, stack: LocalStack, state_dir: Path, *, token_refresh: float) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.audit_log = state_dir / "audit.jsonl"
         self.log_path = state_dir / "sidecar.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("SKR_", "AZURE_"))}
-        env.update(stack.info["env"])
-        env["PYTHONPATH"] = str(REPO)
+        env = sidecar_env(stack)
         # Re-attest every ``token_refresh`` seconds (instead of once per 8-hour token), so attestation,
         # its faults, wrapping-key generation and token-cache replacement are soaked too.
         env["SKR_TOKEN_MARGIN"] = str(TOKEN_LIFETIME - token_refresh)
         self._env = env
-        self._args = [
-            sys.executable,
-            "-m",
-            "skr.cli",
-            "serve",
-            "--evidence",
-            "virtual",
-            "--state-dir",
-            str(stack.options.state_dir),  # the virtual TEE the local attestation service trusts
-            "--port",
-            str(self.port),
-            "--log-level",
-            "warning",
-            "--audit-log",
-            str(self.audit_log),
-        ]
+        self._args = serve_command(stack.options.state_dir, self.port, self.audit_log)
         self.process: asyncio.subprocess.Process | None = None
         self._log: Any = None
 

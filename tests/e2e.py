@@ -95,9 +95,9 @@ def expected_ec_jwk(key: ec.EllipticCurvePrivateKey) -> dict[str, str]:
 
 
 @asynccontextmanager
-async def serve_tls(app: web.Application, ssl_context: ssl.SSLContext) -> AsyncIterator[str]:
-    """Serve ``app`` over HTTPS on 127.0.0.1 (ephemeral port) and yield ``"127.0.0.1:<port>"``."""
-    runner = web.AppRunner(app)
+async def serve_local(app: web.Application, ssl_context: ssl.SSLContext | None = None) -> AsyncIterator[str]:
+    """Serve ``app`` on 127.0.0.1 (ephemeral port; HTTPS with ``ssl_context``); yields ``host:port``."""
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context)
     await site.start()

@@ -25,6 +25,8 @@ import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 from aiohttp import web
 
+from tests.e2e import serve_local
+
 CHART = Path(__file__).resolve().parents[1] / "charts" / "skr"
 KUBE_VERSION = "1.30.0"  # oldest Kubernetes minor AKS still supports for confidential pods; schemas bundled
 CLIENT_ID = "0f3e1c2a-1b2c-4d5e-8f90-a1b2c3d4e5f6"
@@ -199,12 +201,8 @@ async def fake_skr_health() -> Any:
     app = web.Application()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    runner = web.AppRunner(app, shutdown_timeout=0.1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    yield site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    await runner.cleanup()
+    async with serve_local(app) as address:
+        yield int(address.rsplit(":", 1)[1])
 
 
 async def run_probe(command: list[str], *, proxy: str = "http://127.0.0.1:9/") -> int:
@@ -548,12 +546,8 @@ async def fake_skr_release() -> Any:
     app = web.Application()
     app.router.add_get("/readyz", readyz)
     app.router.add_post("/key/release", release)
-    runner = web.AppRunner(app, shutdown_timeout=0.1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    yield site._server.sockets[0].getsockname()[1], state, jwk  # type: ignore[union-attr]
-    await runner.cleanup()
+    async with serve_local(app) as address:
+        yield int(address.rsplit(":", 1)[1]), state, jwk
 
 
 async def test_example_app_waits_for_readiness_releases_its_key_and_never_prints_it(chart, fake_skr_release):

@@ -210,36 +210,24 @@ async def test_unreachable_vault(cli_env, tmp_path, capsys):
     assert "could not be reached" in capsys.readouterr().err
 
 
+async def skr_process(*argv: str) -> tuple[int | None, bytes, bytes]:
+    """``python -m skr.cli ARGV`` as its own process (the environment is this test's)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "skr.cli", *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await proc.communicate()
+    return proc.returncode, out, err
+
+
 async def test_subprocess_create_has_no_traceback(cli_env, tmp_path):
     stack = cli_env
     policy = write_policy(stack, tmp_path)
-    argv = [
-        sys.executable,
-        "-m",
-        "skr.cli",
-        *keys("create", stack, "sub", policy),
-        "--kty",
-        "oct-HSM",
-    ]
-    proc = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=dict(os.environ)
-    )
-    out, err = await proc.communicate()
-    assert proc.returncode == 0, err.decode()
+    code, out, err = await skr_process(*keys("create", stack, "sub", policy), "--kty", "oct-HSM")
+    assert code == 0, err.decode()
     assert out.decode().startswith(f"{stack.hsm_url}/keys/sub/") and b"Traceback" not in err
-    bad = [
-        sys.executable,
-        "-m",
-        "skr.cli",
-        *keys("create", stack, "sub", tmp_path / "missing.json"),
-        "--kty",
-        "oct-HSM",
-    ]
-    proc = await asyncio.create_subprocess_exec(
-        *bad, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    _, err = await proc.communicate()
-    assert proc.returncode == 2 and b"Traceback" not in err and err.decode().startswith("skr: ")
+    missing = tmp_path / "missing.json"
+    code, _, err = await skr_process(*keys("create", stack, "sub", missing), "--kty", "oct-HSM")
+    assert code == 2 and b"Traceback" not in err and err.decode().startswith("skr: ")
 
 
 # --- reading the key file (pure, no vault) ----------------------------------------------------------

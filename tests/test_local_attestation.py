@@ -36,7 +36,7 @@ from skr.local.ca import LocalCA
 from skr.maa.client import MaaClient
 from skr.maa.runtime import WrappingKey
 from skr.maa.token import TokenVerifier, unverified_header
-from tests.e2e import serve_tls as serve
+from tests.e2e import serve_local as serve
 
 POLICY = b'package policy\n\napi_version := "0.10.0"\nframework_version := "0.2.3"\n'
 FAST_RETRY = RetryPolicy(attempts=3, initial_backoff=0.01, max_backoff=0.02)

@@ -27,7 +27,7 @@ from skr.maa.client import (
     encode_report,
     normalize_endpoint,
 )
-from tests.e2e import serve_tls as serve
+from tests.e2e import serve_local as serve
 
 FAST_RETRY = RetryPolicy(attempts=3, initial_backoff=0.01, max_backoff=0.02)
 FAKE_JWT = "eyJhbGciOiJSUzI1NiJ9.eyJ4IjoxfQ.c2ln"

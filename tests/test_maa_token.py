@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from skr.errors import TokenError
 from skr.local.ca import LocalCA
 from skr.maa.token import TokenVerifier, token_expiry, unverified_claims, unverified_header
-from tests.e2e import serve_tls as serve
+from tests.e2e import serve_local as serve
 
 SHAREDWEU = "https://sharedweu.weu.attest.azure.net"
 GENUINE = {
