@@ -16,12 +16,14 @@ Never logs or puts into a message the attestation token, the access token or the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import json
 import re
 import ssl
 import sys
 from collections.abc import Collection
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -100,8 +102,8 @@ class SdkSettings:
     read_timeout: float = 20.0
     max_connections: int = 16
     """Releases in flight to one vault (and connections to it); more wait their turn, first come first
-    served. Each pooled TLS connection holds ~0.3 MiB, and a vault throttles long before 16 calls in
-    flight limit throughput."""
+    served (0: no limit). Each pooled TLS connection holds ~0.3 MiB, and a vault throttles long before
+    16 calls in flight limit throughput."""
 
 
 # --- parsing ----------------------------------------------------------------------------------------
@@ -268,7 +270,7 @@ class KeyVaultReleaser:
         if self._api_version:
             kwargs["api_version"] = self._api_version
         kwargs["transport"] = verifying_transport(
-            self._ssl_context(), connections_per_host=sdk.max_connections, **transport_settings
+            self._ssl_context(), connections_per_host=max(sdk.max_connections, 0), **transport_settings
         )
         return kwargs
 
@@ -280,6 +282,12 @@ class KeyVaultReleaser:
         if self._own_ssl_context is None:
             self._own_ssl_context = client_ssl_context(self._ca_bundle)
         return self._own_ssl_context
+
+    def _slot(self, vault_url: str) -> AbstractAsyncContextManager[Any]:
+        """The vault's in-flight limit (``SdkSettings.max_connections``; 0 or less: none)."""
+        if self._sdk.max_connections <= 0:
+            return contextlib.nullcontext()
+        return self._slots.setdefault(vault_url, asyncio.Semaphore(self._sdk.max_connections))
 
     def _client(self, vault_url: str, credential: AsyncTokenCredential) -> KeyClient:
         key = (vault_url, id(credential))
@@ -349,7 +357,7 @@ class KeyVaultReleaser:
                     is_transient=_is_transient,
                     retry_after=_retry_after,
                 )
-                slot = self._slots.setdefault(vault_url, asyncio.Semaphore(self._sdk.max_connections))
+                slot = self._slot(vault_url)
 
                 async def attempt() -> ReleaseKeyResult:
                     # A slot per attempt (not across retry pauses). asyncio.Semaphore queues fairly; the
