@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint unit bench soak clean lock
+.PHONY: install run test lint unit unit-fast bench soak clean lock
 
 install: $(STAMP)
 
@@ -26,6 +26,10 @@ lint: $(STAMP)
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The in-process tests only (no sockets, no child processes): seconds, for iterating. CI runs `make test`.
+unit-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m unit -p no:cacheprovider
 
 test: lint unit
 

@@ -87,8 +87,12 @@ async def create_evidence_provider(
     env: Mapping[str, str],
     *,
     ssl_context: ssl.SSLContext | None = None,
+    virtual_policy: bytes | None = None,
 ) -> tuple[EvidenceProvider, list[x509.Certificate], bytes | None]:
     """The configured evidence provider, extra ARKs to trust (the virtual TEE's), and the security policy.
+
+    ``virtual_policy``: the policy a virtual TEE launches with when the security context has none (the
+    caller's choice — ``skr serve`` passes local mode's demo policy; the daemon never imports local mode).
 
     Device probing, security-context reading and the virtual TEE's first key generation are blocking,
     so they run in a worker thread.
@@ -100,9 +104,7 @@ async def create_evidence_provider(
     context = await asyncio.to_thread(load_security_context, env)
     policy = context.security_policy
     if settings.evidence == "virtual" and policy is None:
-        from skr.local.demo import DEMO_SECURITY_POLICY
-
-        policy = DEMO_SECURITY_POLICY
+        policy = virtual_policy
     collateral = CollateralClient.from_certcache(
         session,
         settings.certcache,
@@ -118,9 +120,11 @@ async def create_evidence_provider(
         security_policy=policy,
     )
     arks: list[x509.Certificate] = []
-    ark = getattr(provider, "ark_certificate", None)
-    if isinstance(ark, x509.Certificate):
-        arks.append(ark)
+    if settings.evidence == "virtual":
+        from skr.evidence.virtual import VirtualTee  # already imported by create_provider
+
+        if isinstance(provider, VirtualTee):  # a software TEE's reports chain to its own ARK
+            arks.append(provider.ark_certificate)
     return provider, arks, policy
 
 
@@ -131,8 +135,10 @@ async def build_runtime(
     provider: EvidenceProvider | None = None,
     trusted_arks: Sequence[x509.Certificate] = (),
     security_policy: bytes | None = None,
+    virtual_policy: bytes | None = None,
 ) -> Runtime:
-    """Create every collaborator. ``provider`` overrides the configured evidence source (local mode)."""
+    """Create every collaborator. ``provider`` overrides the configured evidence source (local mode);
+    ``virtual_policy`` is the launch policy of a configured virtual TEE (:func:`create_evidence_provider`)."""
     metrics = Metrics(__version__)
     connector = aiohttp.TCPConnector(limit=100, ttl_dns_cache=300)
     session = aiohttp.ClientSession(connector=connector, headers={"User-Agent": settings.user_agent})
@@ -140,7 +146,7 @@ async def build_runtime(
         ssl_ctx = client_ssl_context(settings.ca_bundle)  # one context (CA parsing is ~30 ms per context)
         if provider is None:
             provider, arks, security_policy = await create_evidence_provider(
-                settings, session, env, ssl_context=ssl_ctx
+                settings, session, env, ssl_context=ssl_ctx, virtual_policy=virtual_policy
             )
             trusted_arks = [*trusted_arks, *arks]
         maa = MaaClient(

@@ -76,3 +76,43 @@ def imds_env(monkeypatch: pytest.MonkeyPatch, stack: Any) -> None:
     from tests.kvstack import point_imds_at
 
     point_imds_at(monkeypatch, stack.identity_url)
+
+
+# --- markers: unit (in process, no sockets), e2e (local services over HTTPS), process (skr as a child
+# process), chart (Helm chart, Dockerfile, ACI template). `make unit-fast` runs `-m unit`; `make test` all.
+# A test file not named here is a unit test file; a test may still carry its own marker.
+_FILE_MARKERS: dict[str, str] = {
+    "test_aci_template.py": "chart",
+    "test_chart.py": "chart",
+    "test_dockerfile.py": "chart",
+    "test_cli_audit.py": "process",
+    "test_cli_daemon.py": "process",
+    "test_cli_keys.py": "process",
+    "test_cli_policy.py": "process",
+    "test_cli_report.py": "process",
+    "test_crash_safety.py": "process",
+    "test_examples.py": "process",
+    "test_shutdown.py": "process",
+    "test_akv_release.py": "e2e",
+    "test_bad_input.py": "e2e",
+    "test_collateral.py": "e2e",
+    "test_e2e_sidecar.py": "e2e",
+    "test_faults_e2e.py": "e2e",
+    "test_http_faults.py": "e2e",
+    "test_identity.py": "e2e",
+    "test_local_attestation.py": "e2e",
+    "test_local_ca.py": "e2e",
+    "test_local_hsm.py": "e2e",
+    "test_local_identity.py": "e2e",
+    "test_maa_client.py": "e2e",
+    "test_maa_token.py": "e2e",
+    "test_schemathesis.py": "e2e",
+    "test_security.py": "e2e",
+}
+_KINDS = frozenset({"unit", "e2e", "process", "chart"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if not any(mark.name in _KINDS for mark in item.iter_markers()):
+            item.add_marker(getattr(pytest.mark, _FILE_MARKERS.get(item.path.name, "unit")))

@@ -77,6 +77,7 @@ async def _endpoint_check(name: str, ep: Endpoint, settings: Settings, path: str
 async def _run(settings: Settings, *, skip_network: bool) -> list[Check]:
     from skr.daemon import create_evidence_provider
     from skr.evidence.context import load_security_context
+    from skr.local.demo import DEMO_SECURITY_POLICY
     from skr.snp.hostdata import host_data_of_policy
     from skr.snp.verify import verify_evidence_chain
 
@@ -113,7 +114,9 @@ async def _run(settings: Settings, *, skip_network: bool) -> list[Check]:
 
     async with aiohttp.ClientSession() as session:
         try:
-            provider, arks, policy = await create_evidence_provider(settings, session, os.environ)
+            provider, arks, policy = await create_evidence_provider(
+                settings, session, os.environ, virtual_policy=DEMO_SECURITY_POLICY
+            )
         except SkrError as exc:
             checks.append(
                 Check(

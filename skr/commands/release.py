@@ -13,6 +13,7 @@ from skr.config import add_arguments, load_settings
 from skr.daemon import build_runtime
 from skr.errors import BadRequest, ReleaseDenied
 from skr.files import write_private_file
+from skr.local.demo import DEMO_SECURITY_POLICY
 from skr.logs import setup_logging
 from skr.service import RequestContext
 
@@ -39,7 +40,7 @@ def _release(args: argparse.Namespace) -> int:
             raise BadRequest(f"{args.access_token_file} is empty")
 
     async def run() -> str:
-        runtime = await build_runtime(settings, env=os.environ)
+        runtime = await build_runtime(settings, env=os.environ, virtual_policy=DEMO_SECURITY_POLICY)
         try:
             result = await runtime.service.release(
                 kid=args.kid,

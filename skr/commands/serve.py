@@ -59,9 +59,10 @@ def _serve(args: argparse.Namespace) -> int:
     setup_logging(settings.log_level, settings.log_file)
     first_key = _first_key()
     from skr.daemon import build_runtime, serve_forever  # the heavy imports, while the key is made
+    from skr.local.demo import DEMO_SECURITY_POLICY  # a virtual TEE without a context launches with it
 
     async def run() -> None:
-        runtime = await build_runtime(settings, env=os.environ)
+        runtime = await build_runtime(settings, env=os.environ, virtual_policy=DEMO_SECURITY_POLICY)
         await serve_forever(runtime, first_key=first_key)
 
     asyncio.run(run())
