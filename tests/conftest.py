@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import settings
+from hypothesis.configuration import set_hypothesis_home_dir
 
 # Property tests are reproducible by default: the same examples on every machine, no wall-clock deadline
 # (a slow CI machine is not a bug), no example database. HYPOTHESIS_PROFILE=explore draws new examples.
 settings.register_profile("skr", derandomize=True, deadline=None, database=None, print_blob=True)
 settings.register_profile("explore", deadline=None, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "skr"))
+# Hypothesis' caches (constants, unicode data) go to the temp dir, never into the checkout.
+if not os.environ.get("HYPOTHESIS_STORAGE_DIRECTORY"):
+    set_hypothesis_home_dir(Path(tempfile.gettempdir()) / f"skr-hypothesis-{os.getuid()}")
 
 _DEFAULT_VECTORS = Path(__file__).resolve().parents[2] / "shared" / "testvectors"
 

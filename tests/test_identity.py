@@ -183,6 +183,11 @@ async def test_factory_managed_identity_without_the_ca_bundle_does_not_trust_the
     for name in MI_ENV:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AZURE_POD_IDENTITY_AUTHORITY_HOST", url)
+    # a TLS failure is final here: no need to sit through azure-identity's retry backoff to see it
+    monkeypatch.setattr(
+        "skr.identity._CREDENTIAL_TRANSPORT_SETTINGS",
+        {"connection_timeout": 5, "read_timeout": 10, "retry_total": 0},
+    )
     factory = CredentialFactory({})
     try:
         with pytest.raises(CredentialUnavailableError):
