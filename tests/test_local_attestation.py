@@ -381,6 +381,19 @@ async def test_go_sidecar_path_and_api_versions_are_accepted(stack, tee, wrappin
         assert (await stack.verifier().verify(token, issuer=stack.issuer))["iss"] == stack.issuer
 
 
+async def test_the_clients_random_nonce_is_echoed_as_the_nonce_claim(stack, tee, wrapping_key):
+    runtime = wrapping_key.runtime_data()
+    evidence = await tee.collect(report_data_for(runtime))
+    seen: list[str] = []
+    for _ in range(2):
+        token = await stack.maa().attest(stack.host, evidence, runtime)
+        seen.append((await stack.verifier().verify(token, issuer=stack.host))["nonce"])
+    assert all(n.isdigit() for n in seen) and seen[0] != seen[1]
+    status, body, _ = await stack.post(request_body(evidence, runtime, nonce="chosen-nonce"))
+    assert status == 200
+    assert jwt.decode(body["token"], options={"verify_signature": False})["nonce"] == "chosen-nonce"
+
+
 async def test_numeric_nonce_from_the_go_sidecar_is_echoed_as_a_string(stack, tee, wrapping_key):
     runtime = wrapping_key.runtime_data()
     evidence = await tee.collect(report_data_for(runtime))
