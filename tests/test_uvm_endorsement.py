@@ -10,6 +10,7 @@ import base64
 import hashlib
 import json
 import shutil
+import signal
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,9 @@ from skr.maa.endorsement import (
     verify_uvm_endorsement,
     verify_uvm_endorsement_signature,
 )
+from tests.e2e import post, stack_session
 from tests.kvstack import SECURITY_POLICY
+from tests.test_cli_daemon import SKR, Proc, clean_env, fresh_state, http, run
 
 ACI = "snp/aci-confidential-sidecar"
 GENUINE_ISS = "did:x509:0:sha256:I__iuL25oXEVFdTP_aBLx_eT1RPHbCQ_ECBQfYZpt9s::eku:1.3.6.1.4.1.311.76.59.1.2"
@@ -356,3 +359,87 @@ def test_malformed_endorsements_are_refused_with_a_stable_code(ca):
             parse_uvm_endorsement(raw)
         assert info.value.code == "uvm_endorsement_invalid", name
         assert info.value.message.startswith("UVM endorsement: "), name
+
+
+# --- local mode end to end: default compliance, --no-uvm-endorsement denial, warnings ---------------------
+
+
+async def test_stack_without_endorsement_is_denied_and_endorsed_again_on_restart(tmp_path):
+    state = tmp_path / "stack"
+    async for stack, client in stack_session(state, uvm_endorsement=False):
+        assert stack.info["uvm_endorsement"] is False and stack.info["keys"]["granted"] == []
+        assert not (state / "tee" / UVM_ENDORSEMENT_FILE).exists()
+        status, body = await post(client, "/key/release", {"kid": "demo-oct"})
+        assert status == 403 and body["code"] == "release_denied", body
+        assert "x-ms-compliance-status" in body["error"]
+        async with client.get("/readyz") as resp:
+            ready = await resp.json()
+        assert resp.status == 200 and ready["ready"] is True  # a warning, not a failure
+        assert ready["checks"]["uvm_endorsement"].startswith("warning: ")
+        assert len(ready["warnings"]) == 1 and "reference-info-base64" in ready["warnings"][0]
+    async for stack, client in stack_session(state):
+        assert stack.info["uvm_endorsement"] is True and "demo-oct" in stack.info["keys"]["granted"]
+        status, body = await post(client, "/key/release", {"kid": "demo-oct"})
+        assert status == 200, body
+        async with client.get("/readyz") as resp:
+            ready = await resp.json()
+        assert ready["checks"]["uvm_endorsement"] == "ok" and "warnings" not in ready
+
+
+def test_skr_local_no_uvm_endorsement_shows_the_denial_and_doctor_warns(tmp_path_factory):
+    state = fresh_state(tmp_path_factory, "no-uvm")
+    proc = Proc(
+        [*SKR, "local", "--port", "0", "--no-uvm-endorsement", "--state-dir", str(state)], clean_env()
+    )
+    try:
+        proc.wait_for(lambda: "Ctrl-C stops everything" in proc.stdout, "skr local start")
+        info = json.loads((state / "local.json").read_text())
+        assert "UVM endorsement  NONE (--no-uvm-endorsement)" in proc.stdout
+        assert "keys granted     none" in proc.stdout
+        assert "See the denial (no UVM endorsement" in proc.stdout
+        status, body = http(info["sidecar"] + "/key/release", {"kid": "demo-oct"})
+        assert status == 403 and body["code"] == "release_denied"
+        doctor = [*SKR, "doctor", "--skip-network", "--evidence", "virtual", "--state-dir", str(state)]
+        done = run(doctor, clean_env(info["env"]))
+        assert done.returncode == 0, done.stdout + done.stderr  # a warning does not fail the doctor
+        warn = [line for line in done.stdout.splitlines() if line.startswith("[warn]")]
+        assert (
+            len(warn) == 1
+            and warn[0].startswith("[warn] UVM endorsement: ")
+            and "reference-info-base64" in warn[0]
+        )
+        assert "fix: " in done.stdout and "--no-uvm-endorsement" in done.stdout
+        assert proc.stop(signal.SIGINT) == 0, proc.stderr
+    finally:
+        proc.kill()
+
+
+def test_doctor_decodes_the_endorsement_and_compares_its_measurement(vectors, tmp_path_factory):
+    # the genuine ACI endorsement given to the virtual TEE: decoded, and it endorses another UVM
+    state = fresh_state(tmp_path_factory, "doctor-genuine")
+    (state / "tee" / UVM_ENDORSEMENT_FILE).write_bytes(
+        (vectors / ACI / "body.uvm_reference_info.bin").read_bytes()
+    )
+    done = run(
+        [*SKR, "doctor", "--skip-network", "--evidence", "virtual", "--state-dir", str(state)], clean_env()
+    )
+    assert done.returncode == 1, done.stdout
+    line = next(line for line in done.stdout.splitlines() if "UVM endorsement:" in line)
+    assert line.startswith("[FAIL] UVM endorsement: PS384 by 'CN=ContainerPlat,"), done.stdout
+    assert "feed ContainerPlat-AMD-UVM, UVM SVN 22" in line
+    assert "endorses launch measurement 51068107cdc7ee3d" in line
+
+
+def test_doctor_warns_about_a_security_context_policy_without_reference_info(vectors, tmp_path):
+    # no TEE here (sevguest has no device): the security context alone shows the missing endorsement
+    context = tmp_path / "security-context"
+    context.mkdir()
+    (context / "security-policy-base64").write_bytes(
+        (vectors / ACI / "uvm_security_policy.base64").read_bytes()
+    )
+    env = clean_env({"UVM_SECURITY_CONTEXT_DIR": str(context)})
+    done = run(
+        [*SKR, "doctor", "--skip-network", "--evidence", "sevguest", "--state-dir", str(tmp_path)], env
+    )
+    warn = [line for line in done.stdout.splitlines() if line.startswith("[warn]")]
+    assert len(warn) == 1 and "reference-info-base64" in warn[0], done.stdout

@@ -139,6 +139,22 @@ def load_security_context(env: Mapping[str, str] = os.environ, root: Path = Path
     )
 
 
+def missing_uvm_endorsement_warning(
+    security_policy: bytes | None, uvm_reference_info: bytes | None
+) -> str | None:
+    """The warning for a security policy without a UVM endorsement (``reference-info-base64``), else None.
+
+    Without ``Endorsements.Uvm`` MAA emits no ``x-ms-compliance-status``, so a release policy that requires
+    ``azure-compliant-uvm`` (the default one) is denied; the sidecar still runs, so this is a warning.
+    """
+    if security_policy is None or uvm_reference_info:
+        return None
+    return (
+        f"a security policy is set but no UVM endorsement ({REFERENCE_INFO_FILE}) comes with the evidence: "
+        "MAA will not emit x-ms-compliance-status, so policies requiring azure-compliant-uvm deny the release"
+    )
+
+
 def check_policy_hash(context: SecurityContext, report_host_data: bytes) -> None:
     """Require SHA-256(security policy) == the report's HOST_DATA; EvidenceUnavailable naming both if not.
 
