@@ -7,6 +7,7 @@ decoded independently the same way, and endorsements built in the test by hand e
 """
 
 import base64
+import contextlib
 import hashlib
 import json
 import shutil
@@ -22,6 +23,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from skr.errors import VerificationError
 from skr.evidence.base import report_data_for
@@ -443,3 +446,40 @@ def test_doctor_warns_about_a_security_context_policy_without_reference_info(vec
     )
     warn = [line for line in done.stdout.splitlines() if line.startswith("[warn]")]
     assert len(warn) == 1 and "reference-info-base64" in warn[0], done.stdout
+
+
+# --- hostile bytes -------------------------------------------------------------------------------------
+
+
+@given(st.binary(max_size=512))
+@settings(max_examples=300)
+def test_arbitrary_bytes_only_ever_raise_the_documented_error(data):
+    with contextlib.suppress(VerificationError):
+        parse_uvm_endorsement(data)
+
+
+_cbor_leaves = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.binary(max_size=64), st.text(max_size=32)
+)
+_cbor_values = st.recursive(
+    _cbor_leaves,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.integers(-40, 40) | st.text(max_size=8), inner)
+    ),
+    max_leaves=12,
+)
+
+
+@given(
+    headers=st.dictionaries(
+        st.sampled_from([1, 3, 33, 34, "iss", "feed", "signingtime"]) | st.integers(-40, 40), _cbor_values
+    ),
+    body=st.binary(max_size=128) | _cbor_values.map(lambda v: json.dumps(v, default=str).encode()),
+    signature=st.binary(max_size=128),
+)
+@settings(max_examples=300)
+def test_cose_shaped_documents_with_hostile_headers_only_raise_the_documented_error(headers, body, signature):
+    raw = cbor2.dumps(cbor2.CBORTag(18, [cbor2.dumps(headers), {}, body, signature]))
+    with contextlib.suppress(VerificationError):
+        endorsement = parse_uvm_endorsement(raw)
+        verify_uvm_endorsement_signature(endorsement)

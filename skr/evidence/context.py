@@ -6,7 +6,9 @@ Owns: finding the security-context directory (``UVM_SECURITY_CONTEXT_DIR``; else
 (``security-policy-base64`` — the CCE Rego policy; ``host-amd-cert-base64`` — THIM JSON with the host's
 VCEK chain; ``reference-info-base64`` — the UVM endorsement COSE_Sign1), the legacy environment fallbacks
 (``UVM_SECURITY_POLICY``, ``UVM_HOST_AMD_CERTIFICATE``, ``UVM_REFERENCE_INFO``), and the policy-hash
-self-check: SHA-256 of the decoded policy must equal the report's HOST_DATA.
+self-check: SHA-256 of the decoded policy must equal the report's HOST_DATA, and the warning for a
+policy that comes without a UVM endorsement (:func:`missing_uvm_endorsement_warning`, for ``skr doctor``
+and ``/readyz``): MAA then emits no ``x-ms-compliance-status`` and the default release policy is denied.
 
 Never guesses: a file that exists but does not decode is an error naming the file, not a silent skip.
 Never verifies the UVM endorsement's signature (MAA does); it only checks it is a COSE_Sign1.

@@ -36,7 +36,7 @@ from typing import Any, Final
 
 import cbor2
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
@@ -154,7 +154,7 @@ def parse_uvm_endorsement(data: bytes) -> UvmEndorsement:
     if not isinstance(headers, Mapping):
         raise _fail("the protected header must be a map")
     algorithm = headers.get(HEADER_ALG)
-    if algorithm not in _ALG_NAMES:
+    if type(algorithm) is not int or algorithm not in _ALG_NAMES:
         raise _fail(
             f"algorithm {algorithm!r} is not supported", hint="expected PS256/384/512 or ES256/384/512"
         )
@@ -301,7 +301,7 @@ def _check_chain(
 def _signed(child: x509.Certificate, parent: x509.Certificate) -> None:
     try:
         child.verify_directly_issued_by(parent)
-    except (ValueError, TypeError, InvalidSignature):
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
         child_name, parent_name = child.subject.rfc4514_string(), parent.subject.rfc4514_string()
         raise _fail(f"certificate {child_name!r} is not signed by {parent_name!r}") from None
 
@@ -311,6 +311,8 @@ def _leaf_ekus(leaf: x509.Certificate) -> list[x509.ObjectIdentifier]:
         return list(leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
     except x509.ExtensionNotFound:
         return []
+    except ValueError:  # a malformed or duplicated extension
+        raise _fail("the signing certificate's extensions do not parse") from None
 
 
 def verify_uvm_endorsement(
