@@ -120,7 +120,11 @@ def document() -> dict[str, Any]:
                             {
                                 **obj,
                                 "required": ["ready", "checks"],
-                                "properties": {"ready": {"type": "boolean"}, "checks": obj},
+                                "properties": {
+                                    "ready": {"type": "boolean"},
+                                    "checks": obj,
+                                    "warnings": {"type": "array", "items": {"type": "string"}},
+                                },
                             },
                             text,
                         )

@@ -353,7 +353,11 @@ async def readyz(request: web.Request) -> web.Response:
     checks = dict(service.readiness)
     checks["wrapping_key"] = "ready" if service.wrapping_key_ready else "generating"
     ready = service.ready and service.wrapping_key_ready
-    return json_response({"ready": ready, "checks": checks}, 200 if ready else 503)
+    body: dict[str, Any] = {"ready": ready, "checks": checks}
+    warnings = [v.removeprefix("warning: ") for v in checks.values() if str(v).startswith("warning: ")]
+    if warnings:  # ready all the same, but something will bite (e.g. no UVM endorsement)
+        body["warnings"] = warnings
+    return json_response(body, 200 if ready else 503)
 
 
 async def metrics_handler(request: web.Request) -> web.Response:

@@ -172,6 +172,14 @@ class ReleaseService:
                     result["policy_hash"] = "ok"
             else:
                 result["policy_hash"] = "ok (no security policy in the context to compare)"
+            from skr.evidence.context import missing_uvm_endorsement_warning
+
+            warning = missing_uvm_endorsement_warning(self.security_policy, evidence.uvm_endorsements)
+            if warning is not None:
+                log.warning("%s", warning)
+                result["uvm_endorsement"] = f"warning: {warning}"
+            elif self.security_policy is not None:
+                result["uvm_endorsement"] = "ok"
         except SkrError as exc:
             result.setdefault("evidence", f"unavailable: {exc.diagnostics()}")
             result.setdefault("policy_hash", "not checked")

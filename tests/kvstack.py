@@ -173,8 +173,11 @@ async def running_stack(ca: LocalCA, tee: VirtualTee, state_dir: Path) -> AsyncI
         )
         runner, identity_url = await serve(identity.app, ca)
         runners.append(runner)
+        # the TEE carries a UVM endorsement by the CA's UVM signing key, which the attestation service trusts
+        signer = await asyncio.to_thread(ca.uvm_signer)
+        await asyncio.to_thread(tee.endorse, signer.private_key, signer.chain)
         maa = await LocalAttestationService.create(
-            state_dir / "maa", trusted_arks=[tee.ark_certificate], endorsed_measurements=[tee.measurement]
+            state_dir / "maa", trusted_arks=[tee.ark_certificate], uvm_signing_roots=[ca.ca_certificate]
         )
         runner, maa_url = await serve(maa.app, ca)
         runners.append(runner)

@@ -9,6 +9,7 @@ import base64
 import hashlib
 import json
 import re
+import shutil
 import ssl
 import stat
 import struct
@@ -19,12 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import cbor2
 import jwt
 import pytest
 from aiohttp import web
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
 
 from skr.errors import AttestationFailed, TokenError
@@ -33,7 +35,7 @@ from skr.evidence.virtual import VirtualTee
 from skr.http import RetryPolicy
 from skr.local.attestation import DEFAULT_POLICY, LocalAttestationService
 from skr.local.ca import LocalCA
-from skr.maa.client import MaaClient
+from skr.maa.client import MaaClient, encode_report
 from skr.maa.runtime import WrappingKey
 from skr.maa.token import TokenVerifier, unverified_header
 from tests.e2e import serve_local as serve
@@ -130,10 +132,22 @@ async def stack(tee, ca, server_ssl, state_dir) -> AsyncIterator[Stack]:
         yield Stack(host, service, session, ca.client_ssl_context())
 
 
+@pytest.fixture(scope="module")
+def endorsed_tee(tee, ca, tmp_path_factory) -> VirtualTee:
+    """The module's virtual TEE (a copy of its state), carrying a UVM endorsement by the CA's UVM signer."""
+    copy = tmp_path_factory.mktemp("endorsed") / "tee"
+    shutil.copytree(tee.state_dir, copy)
+    endorsed = VirtualTee.load_or_create(copy, security_policy=POLICY)
+    signer = ca.uvm_signer()
+    endorsed.endorse(signer.private_key, signer.chain)
+    return endorsed
+
+
 @pytest.fixture
 async def endorsing_stack(tee, ca, server_ssl, state_dir) -> AsyncIterator[Stack]:
+    """A service that trusts UVM endorsements chained to the local CA (as ``skr local``'s does)."""
     service = await LocalAttestationService.create(
-        state_dir, trusted_arks=[tee.ark_certificate], endorsed_measurements=[tee.measurement]
+        state_dir, trusted_arks=[tee.ark_certificate], uvm_signing_roots=[ca.ca_certificate]
     )
     async with serve(service.app, server_ssl) as host, aiohttp.ClientSession() as session:
         service.issuer = f"https://{host}"
@@ -228,12 +242,134 @@ async def test_policy_hash_follows_the_claim_sets_definition(stack, tee, wrappin
     assert claims["x-ms-policy-hash"] == b64url(hashlib.sha256(inner).digest())
 
 
-async def test_compliance_status_only_for_endorsed_measurements(endorsing_stack, tee, wrapping_key):
+async def test_verified_uvm_endorsement_yields_compliance_and_the_endorsement_claims(
+    endorsing_stack, endorsed_tee, wrapping_key
+):
     runtime = wrapping_key.runtime_data()
-    evidence = await tee.collect(report_data_for(runtime))
+    evidence = await endorsed_tee.collect(report_data_for(runtime))
+    assert evidence.uvm_endorsements == endorsed_tee.uvm_endorsement
     token = await endorsing_stack.maa().attest(endorsing_stack.host, evidence, runtime)
     claims = await endorsing_stack.verifier().verify(token, issuer=endorsing_stack.host)
     assert claims["x-ms-compliance-status"] == "azure-compliant-uvm"
+    # string values, as genuine ACI tokens carry them (AZURE_WIRE.md §1.5), read from the report here
+    assert claims["x-ms-sevsnpvm-uvm-endorsement"] == {
+        "x-ms-sevsnpvm-guestsvn": str(u32(evidence.report, 0x04)),
+        "x-ms-sevsnpvm-launchmeasurement": evidence.report[0x90:0xC0].hex(),
+    }
+    assert claims["x-ms-sevsnpvm-guestsvn"] == 0  # the report's own claim stays a number
+
+
+async def test_request_without_endorsement_gets_neither_claim(endorsing_stack, tee, wrapping_key):
+    runtime = wrapping_key.runtime_data()
+    evidence = await tee.collect(report_data_for(runtime))
+    assert evidence.uvm_endorsements is None
+    token = await endorsing_stack.maa().attest(endorsing_stack.host, evidence, runtime)
+    claims = await endorsing_stack.verifier().verify(token, issuer=endorsing_stack.host)
+    assert "x-ms-compliance-status" not in claims and "x-ms-sevsnpvm-uvm-endorsement" not in claims
+
+
+async def test_endorsement_from_an_untrusted_signer_gets_neither_claim(stack, endorsed_tee, wrapping_key):
+    # ``stack`` trusts no UVM signing root: the same endorsement that verifies above is not enough
+    runtime = wrapping_key.runtime_data()
+    evidence = await endorsed_tee.collect(report_data_for(runtime))
+    token = await stack.maa().attest(stack.host, evidence, runtime)
+    claims = jwt.decode(token, options={"verify_signature": False})
+    assert "x-ms-compliance-status" not in claims and "x-ms-sevsnpvm-uvm-endorsement" not in claims
+
+
+def _signed_endorsement(key: rsa.RSAPrivateKey, chain: list[x509.Certificate], measurement: bytes) -> bytes:
+    """A COSE_Sign1 UVM endorsement built here with cbor2 + cryptography (PS384, like the genuine one)."""
+    root = chain[-1].public_bytes(serialization.Encoding.DER)
+    did = "did:x509:0:sha256:" + b64url(hashlib.sha256(root).digest()) + "::eku:1.3.6.1.4.1.311.76.59.1.2"
+    protected = cbor2.dumps(
+        {
+            1: -38,
+            3: "application/json",
+            33: [c.public_bytes(serialization.Encoding.DER) for c in chain],
+            "iss": did,
+            "feed": "ContainerPlat-AMD-UVM",
+        }
+    )
+    body = json.dumps(
+        {"x-ms-sevsnpvm-guestsvn": "3", "x-ms-sevsnpvm-launchmeasurement": measurement.hex()}
+    ).encode()
+    pss = padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=48)
+    signature = key.sign(cbor2.dumps(["Signature1", protected, b"", body]), pss, hashes.SHA384())
+    return cbor2.dumps(cbor2.CBORTag(18, [protected, {}, body, signature]))
+
+
+async def test_endorsement_built_independently_is_accepted(endorsing_stack, ca, tee, wrapping_key):
+    signer = ca.uvm_signer()
+    runtime = wrapping_key.runtime_data()
+    evidence = await tee.collect(report_data_for(runtime))
+    cose = _signed_endorsement(signer.private_key, signer.chain, evidence.report[0x90:0xC0])
+    endorsed = Evidence(evidence.report, evidence.vcek_chain_pem, "test", uvm_endorsements=cose)
+    token = await endorsing_stack.maa().attest(endorsing_stack.host, endorsed, runtime)
+    claims = jwt.decode(token, options={"verify_signature": False})
+    assert claims["x-ms-compliance-status"] == "azure-compliant-uvm"
+    assert claims["x-ms-sevsnpvm-uvm-endorsement"]["x-ms-sevsnpvm-guestsvn"] == "3"
+
+
+@pytest.mark.parametrize("defect", ["other measurement", "tls leaf", "flipped signature", "garbage"])
+async def test_bad_endorsement_gets_neither_claim_but_a_token(endorsing_stack, ca, tee, wrapping_key, defect):
+    signer = ca.uvm_signer()
+    runtime = wrapping_key.runtime_data()
+    evidence = await tee.collect(report_data_for(runtime))
+    measurement = evidence.report[0x90:0xC0]
+    if defect == "other measurement":  # properly signed, for another UVM
+        cose = _signed_endorsement(signer.private_key, signer.chain, bytes(48))
+    elif defect == "tls leaf":  # the same CA, but a certificate without the UVM-signing EKU
+        tls = ca.issue(["127.0.0.1"])
+        cose = _signed_endorsement(tls.private_key, tls.chain, measurement)
+    elif defect == "flipped signature":
+        good = _signed_endorsement(signer.private_key, signer.chain, measurement)
+        cose = good[:-1] + bytes([good[-1] ^ 1])
+    else:
+        cose = b"\xd2\x84not a cose sign1"
+    endorsed = Evidence(evidence.report, evidence.vcek_chain_pem, "test", uvm_endorsements=cose)
+    status, body, _ = await endorsing_stack.post(
+        {"report": encode_report(endorsed), "runtimeData": {"data": b64url(runtime), "dataType": "JSON"}}
+    )
+    assert status == 200, body
+    claims = jwt.decode(body["token"], options={"verify_signature": False})
+    assert "x-ms-compliance-status" not in claims and "x-ms-sevsnpvm-uvm-endorsement" not in claims
+    assert claims["x-ms-sevsnpvm-launchmeasurement"] == measurement.hex()
+
+
+async def test_genuine_aci_report_with_its_genuine_endorsement_is_compliant(
+    vectors, ca, server_ssl, tmp_path
+):
+    # The genuine ACI report, its VCEK chain and its UVM endorsement; trusting Microsoft's supply-chain root
+    # (taken from the endorsement itself) at the endorsement's signing time, the service emits what MAA does.
+    aci = vectors / "snp/aci-confidential-sidecar"
+    cose = (aci / "body.uvm_reference_info.bin").read_bytes()
+    chain = [x509.load_der_x509_certificate(c) for c in cbor2.loads(cbor2.loads(cose).value[0])[33]]
+    signed_at = datetime(2023, 2, 8, 5, 42, 23, tzinfo=UTC)
+    service = await LocalAttestationService.create(
+        tmp_path, uvm_signing_roots=[chain[-1]], clock=signed_at.timestamp
+    )
+    report = (aci / "snp_report.bin").read_bytes()
+    evidence = Evidence(
+        report, (aci / "uvm_host_amd_certificate.pem").read_bytes(), "test", uvm_endorsements=cose
+    )
+    runtime = b'{\n   "akey" : "avalue"\n}\n'  # the runtime data behind this report's REPORT_DATA
+    async with serve(service.app, server_ssl) as host, aiohttp.ClientSession() as session:
+        service.issuer = f"https://{host}"
+        stack = Stack(host, service, session, ca.client_ssl_context())
+        status, body, _ = await stack.post(
+            {
+                "report": encode_report(evidence),
+                "runtimeData": {"data": b64url(runtime), "dataType": "Binary"},
+            }
+        )
+    assert status == 200, body
+    claims = jwt.decode(body["token"], options={"verify_signature": False})
+    assert claims["x-ms-compliance-status"] == "azure-compliant-uvm"
+    assert claims["x-ms-sevsnpvm-uvm-endorsement"] == {
+        "x-ms-sevsnpvm-guestsvn": "22",
+        "x-ms-sevsnpvm-launchmeasurement": report[0x90:0xC0].hex(),
+    }
+    assert claims["x-ms-sevsnpvm-guestsvn"] == 2  # the report's guest SVN, not the UVM's
 
 
 async def test_go_sidecar_path_and_api_versions_are_accepted(stack, tee, wrapping_key):
@@ -243,6 +379,19 @@ async def test_go_sidecar_path_and_api_versions_are_accepted(stack, tee, wrappin
         client = stack.maa(tee_path="SevSnpVM", api_version=version)
         token = await client.attest(stack.host, evidence, runtime)
         assert (await stack.verifier().verify(token, issuer=stack.issuer))["iss"] == stack.issuer
+
+
+async def test_the_clients_random_nonce_is_echoed_as_the_nonce_claim(stack, tee, wrapping_key):
+    runtime = wrapping_key.runtime_data()
+    evidence = await tee.collect(report_data_for(runtime))
+    seen: list[str] = []
+    for _ in range(2):
+        token = await stack.maa().attest(stack.host, evidence, runtime)
+        seen.append((await stack.verifier().verify(token, issuer=stack.host))["nonce"])
+    assert all(n.isdigit() for n in seen) and seen[0] != seen[1]
+    status, body, _ = await stack.post(request_body(evidence, runtime, nonce="chosen-nonce"))
+    assert status == 200
+    assert jwt.decode(body["token"], options={"verify_signature": False})["nonce"] == "chosen-nonce"
 
 
 async def test_numeric_nonce_from_the_go_sidecar_is_echoed_as_a_string(stack, tee, wrapping_key):

@@ -397,7 +397,7 @@ async def test_expired_target_token_cannot_be_verified(stack, wrapping_key):
     past = await LocalAttestationService.create(
         stack.state_dir / "maa",
         trusted_arks=[stack.tee.ark_certificate],
-        endorsed_measurements=[stack.tee.measurement],
+        uvm_signing_roots=[stack.ca.ca_certificate],
         clock=lambda: time.time() - 9 * 3600,
     )
     past.issuer = stack.maa_url

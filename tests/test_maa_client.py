@@ -235,6 +235,33 @@ async def test_attest_posts_the_documented_request_and_returns_the_token(tls, se
     assert "Endorsements" not in bundle
 
 
+async def test_every_request_carries_a_fresh_random_nonce_byte_for_byte(vectors, tls, session, aci_evidence):
+    server_ctx, client_ctx = tls
+    fake = Recorder((200, {"token": FAKE_JWT}))
+    async with serve(fake.app(), server_ctx) as host:
+        client = MaaClient(session, ssl_context=client_ctx, retry=FAST_RETRY)
+        await client.attest(host, aci_evidence, RUNTIME)
+        await client.attest(host, aci_evidence, RUNTIME)
+    nonces = [json.loads(seen["body"])["nonce"] for seen in fake.requests]
+    for nonce in nonces:  # a random uint64 in decimal, like the Go sidecar's, as the string MAA specifies
+        assert isinstance(nonce, str) and nonce.isdigit() and 0 <= int(nonce) < 2**64
+    assert nonces[0] != nonces[1]
+    # the whole body, rebuilt here from the genuine report string: compact JSON, nonce last, top level
+    genuine = (vectors / "maa/sevsnpvm-aci-request.report.EXTRACTED.b64url").read_text().strip()
+    runtime = base64.urlsafe_b64encode(RUNTIME).decode().rstrip("=")
+    expected = (
+        '{"report":"' + genuine + '","runtimeData":{"data":"' + runtime + '","dataType":"JSON"},'
+        '"nonce":"' + nonces[0] + '"}'
+    ).encode()
+    assert fake.requests[0]["body"] == expected
+
+
+def test_the_genuine_request_without_a_nonce_is_still_built_byte_for_byte(vectors, aci_evidence):
+    genuine = (vectors / "maa/sevsnpvm-aci-request.report.EXTRACTED.b64url").read_text().strip()
+    body = build_request_body(aci_evidence, RUNTIME)
+    assert body["report"] == genuine and "nonce" not in body
+
+
 async def test_go_sidecar_path_and_version_are_one_setting_away(tls, session, aci_evidence):
     server_ctx, client_ctx = tls
     fake = Recorder((200, {"token": FAKE_JWT}))

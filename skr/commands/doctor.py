@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import os
 import socket
 import ssl
@@ -28,11 +29,54 @@ class Check:
     ok: bool
     detail: str
     fix: str = ""
+    warn: bool = False  # passed, but something will bite later (printed [warn] with its fix)
 
     def line(self) -> str:
-        mark = "ok  " if self.ok else "FAIL"
+        mark = "FAIL" if not self.ok else "warn" if self.warn else "ok  "
         text = f"[{mark}] {self.name}: {self.detail}"
-        return text if self.ok or not self.fix else f"{text}\n       fix: {self.fix}"
+        return text if (self.ok and not self.warn) or not self.fix else f"{text}\n       fix: {self.fix}"
+
+
+def _uvm_endorsement_check(
+    policy: bytes | None, endorsement: bytes | None, measurement: bytes | None
+) -> Check | None:
+    """Warn when a security policy comes without a UVM endorsement (MAA then emits no compliance status);
+    when one is present and CBOR support is installed, say whose it is and whether it endorses this
+    report's launch measurement. None when there is neither a policy nor an endorsement."""
+    from skr.evidence.context import missing_uvm_endorsement_warning
+
+    name = "UVM endorsement"
+    warning = missing_uvm_endorsement_warning(policy, endorsement)
+    if warning is not None:
+        return Check(
+            name,
+            True,
+            warning,
+            "on ACI, deploy a confidential container group (the platform mounts reference-info-base64); "
+            "in local mode drop --no-uvm-endorsement",
+            warn=True,
+        )
+    if endorsement is None:
+        return None
+    if importlib.util.find_spec("cbor2") is None:
+        return Check(name, True, f"present ({len(endorsement)} bytes; install skr[local] to decode it)")
+    from skr.maa.endorsement import parse_uvm_endorsement
+
+    try:
+        parsed = parse_uvm_endorsement(endorsement)
+    except SkrError as exc:
+        return Check(name, False, exc.message, "reference-info-base64 must be the platform's UVM endorsement")
+    signer = parsed.x5chain[0].subject.rfc4514_string()
+    detail = f"{parsed.algorithm_name} by {signer!r}, feed {parsed.feed}, UVM SVN {parsed.guest_svn}"
+    if measurement is not None and parsed.launch_measurement != measurement:
+        return Check(
+            name,
+            False,
+            f"{detail}; it endorses launch measurement {parsed.launch_measurement.hex()}, "
+            f"the report has {measurement.hex()}",
+            "the endorsement belongs to another UVM; MAA will not emit x-ms-compliance-status",
+        )
+    return Check(name, True, detail + (", matches the report's launch measurement" if measurement else ""))
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -126,6 +170,10 @@ async def _run(settings: Settings, *, skip_network: bool) -> list[Check]:
                     exc.hint or "run in a confidential container group, or use --evidence virtual locally",
                 )
             )
+            if context is not None:
+                uvm = _uvm_endorsement_check(context.security_policy, context.uvm_reference_info, None)
+                if uvm is not None:
+                    checks.append(uvm)
             return checks
         checks.append(Check("evidence source", True, provider.name))
         try:
@@ -156,10 +204,17 @@ async def _run(settings: Settings, *, skip_network: bool) -> list[Check]:
                         "the security policy is not this group's; fix the mount or redeploy",
                     )
                 )
+            uvm = _uvm_endorsement_check(policy, evidence.uvm_endorsements, verified.report.measurement)
+            if uvm is not None:
+                checks.append(uvm)
         except SkrError as exc:
             checks.append(
                 Check("report and AMD chain", False, exc.message, exc.hint or "see the sidecar log")
             )
+            if context is not None:
+                uvm = _uvm_endorsement_check(context.security_policy, context.uvm_reference_info, None)
+                if uvm is not None:
+                    checks.append(uvm)
         finally:
             await provider.aclose()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -35,11 +36,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     parser.add_argument("--token-reuse", choices=("on", "off"), default="on", help="reuse attestation tokens")
     parser.add_argument("--no-sidecar", action="store_true", help="start only the local services")
+    parser.add_argument(
+        "--no-uvm-endorsement",
+        action="store_true",
+        help="send no UVM endorsement: no x-ms-compliance-status, so the demo keys are denied, as on Azure",
+    )
     parser.add_argument("--log-level", default="warning", help="log level (default warning)")
     parser.set_defaults(func=_local)
 
 
 def _local(args: argparse.Namespace) -> int:
+    if importlib.util.find_spec("cbor2") is None:
+        print(
+            "skr: skr local needs the 'local' extra (cbor2, for UVM endorsements): pip install 'skr[local]'",
+            file=sys.stderr,
+        )
+        return 2
     from skr.local.stack import LocalStack, StackOptions
 
     setup_logging(args.log_level)
@@ -55,6 +67,7 @@ def _local(args: argparse.Namespace) -> int:
         audit_log=args.audit_log or state_dir / "audit.log",
         token_reuse=args.token_reuse == "on",  # noqa: S105 - an on/off switch, not a secret
         log_level=args.log_level,
+        uvm_endorsement=not args.no_uvm_endorsement,
     )
 
     async def run() -> None:
@@ -70,11 +83,20 @@ def _local(args: argparse.Namespace) -> int:
             print(f"  key service      {info['key_vault_url']}")
             print(f"  identity         {info['identity_endpoint']}")
             print(f"  HOST_DATA        {info['host_data']}")
-            print(f"  keys granted     {', '.join(info['keys']['granted'])}")
+            if info["uvm_endorsement"]:
+                print("  UVM endorsement  signed by the local UVM signing key (azure-compliant-uvm)")
+            else:
+                print(
+                    "  UVM endorsement  NONE (--no-uvm-endorsement): no x-ms-compliance-status in tokens, so "
+                    "every release policy that requires azure-compliant-uvm is denied, as on Azure"
+                )
+            print(f"  keys granted     {', '.join(info['keys']['granted']) or 'none'}")
             print(f"  keys denied      {', '.join(info['keys']['denied'])}")
             print(f"  manifest         {state_dir / 'local.json'}")
             print(f"  audit log        {options.audit_log}")
-            if "sidecar" in info:
+            if "sidecar" in info and not info["uvm_endorsement"]:
+                print("\nSee the denial (no UVM endorsement, no compliance status):\n  " + stack.curl())
+            elif "sidecar" in info:
                 print("\nRelease a demo key:\n  " + stack.curl())
                 print(
                     "See a denial (the key is bound to another policy hash):\n  " + stack.curl("demo-denied")

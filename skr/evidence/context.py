@@ -6,7 +6,9 @@ Owns: finding the security-context directory (``UVM_SECURITY_CONTEXT_DIR``; else
 (``security-policy-base64`` — the CCE Rego policy; ``host-amd-cert-base64`` — THIM JSON with the host's
 VCEK chain; ``reference-info-base64`` — the UVM endorsement COSE_Sign1), the legacy environment fallbacks
 (``UVM_SECURITY_POLICY``, ``UVM_HOST_AMD_CERTIFICATE``, ``UVM_REFERENCE_INFO``), and the policy-hash
-self-check: SHA-256 of the decoded policy must equal the report's HOST_DATA.
+self-check: SHA-256 of the decoded policy must equal the report's HOST_DATA, and the warning for a
+policy that comes without a UVM endorsement (:func:`missing_uvm_endorsement_warning`, for ``skr doctor``
+and ``/readyz``): MAA then emits no ``x-ms-compliance-status`` and the default release policy is denied.
 
 Never guesses: a file that exists but does not decode is an error naming the file, not a silent skip.
 Never verifies the UVM endorsement's signature (MAA does); it only checks it is a COSE_Sign1.
@@ -136,6 +138,22 @@ def load_security_context(env: Mapping[str, str] = os.environ, root: Path = Path
         security_policy=policy[0] if policy else None,
         thim=thim,
         uvm_reference_info=reference[0] if reference else None,
+    )
+
+
+def missing_uvm_endorsement_warning(
+    security_policy: bytes | None, uvm_reference_info: bytes | None
+) -> str | None:
+    """The warning for a security policy without a UVM endorsement (``reference-info-base64``), else None.
+
+    Without ``Endorsements.Uvm`` MAA emits no ``x-ms-compliance-status``, so a release policy that requires
+    ``azure-compliant-uvm`` (the default one) is denied; the sidecar still runs, so this is a warning.
+    """
+    if security_policy is None or uvm_reference_info:
+        return None
+    return (
+        f"a security policy is set but no UVM endorsement ({REFERENCE_INFO_FILE}) comes with the evidence: "
+        "MAA will not emit x-ms-compliance-status, so policies requiring azure-compliant-uvm deny the release"
     )
 
 

@@ -7,6 +7,12 @@ reloaded on every later start; only the VCEK is re-issued when the product or re
 just as real hardware gets a new VCEK per TCB. Its reports verify with
 :func:`skr.snp.verify.verify_report` when its ARK is passed as a trusted anchor, and never otherwise.
 
+It also carries the virtual UVM's endorsement (``uvm-endorsement.cose`` in the state directory, what
+ACI's ``reference-info-base64`` is on real hardware): a COSE_Sign1 over its launch measurement and guest
+SVN made by :meth:`VirtualTee.endorse` with local mode's UVM signing key, sent with every report as
+``Endorsements.Uvm``. Every process using the same state directory sends the same endorsement;
+:meth:`VirtualTee.withdraw_uvm_endorsement` removes it (``skr local --no-uvm-endorsement``).
+
 Must never: be picked without explicit configuration (see ``skr.evidence.create_provider``), claim
 to be AMD (its certificates name the organisation "skr virtual TEE"), or put key material in a
 message, log or repr.
@@ -21,7 +27,7 @@ import fcntl
 import hashlib
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -40,6 +46,8 @@ from skr.snp.hostdata import host_data_of_policy
 from skr.snp.report import AttestationReport, Product, TcbVersion
 
 PROVIDER_NAME = "virtual"
+GUEST_SVN = 0  # of every report, and of the UVM endorsement
+UVM_ENDORSEMENT_FILE = "uvm-endorsement.cose"
 DEFAULT_GUEST_POLICY = 0x30000
 DEFAULT_REPORTED_TCB = 0x7308000000000003
 MEASUREMENT_SIZE = 48
@@ -351,6 +359,8 @@ class VirtualTee:
         ark: x509.Certificate,
         ask: x509.Certificate,
         vcek: _Pair[ec.EllipticCurvePrivateKey],
+        *,
+        uvm_endorsement: bytes | None = None,
     ) -> None:
         self._state_dir = state_dir
         self._launch = launch
@@ -358,6 +368,7 @@ class VirtualTee:
         self._ask = ask
         self._vcek = vcek
         self._chain_pem = _pem(vcek.cert) + _pem(ask) + _pem(ark)
+        self._uvm_endorsement = uvm_endorsement
 
     @classmethod
     def load_or_create(
@@ -396,6 +407,7 @@ class VirtualTee:
             chip_id = seed[:8] + bytes(56) if product is Product.TURIN else seed
             hwid = chip_id[:8] if product is Product.TURIN else chip_id
             ark, ask, vcek = _ensure_chain(state, product, tcb, hwid)
+            endorsement = _read_private(state_dir / UVM_ENDORSEMENT_FILE) or None
         derived = hashlib.sha384(b"skr virtual TEE launch measurement\x00" + seed).digest()
         launch = _Launch(
             product=product,
@@ -407,7 +419,7 @@ class VirtualTee:
             reported_tcb=reported_tcb,
             report_version=report_version,
         )
-        return cls(state_dir, launch, ark, ask, vcek)
+        return cls(state_dir, launch, ark, ask, vcek, uvm_endorsement=endorsement)
 
     # -- identity --
 
@@ -461,8 +473,47 @@ class VirtualTee:
         """Where the keys live."""
         return self._state_dir
 
+    @property
+    def uvm_endorsement(self) -> bytes | None:
+        """The UVM endorsement (COSE_Sign1) sent with every report, or ``None``."""
+        return self._uvm_endorsement
+
     def __repr__(self) -> str:
         return f"VirtualTee(product={self.product!s}, state_dir={str(self._state_dir)!r})"
+
+    # -- the UVM endorsement --
+
+    def endorse(
+        self,
+        signing_key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey,
+        chain: Sequence[x509.Certificate],
+        *,
+        at: datetime | None = None,
+    ) -> bytes:
+        """Sign this TEE's launch measurement and guest SVN as a UVM endorsement and keep it (state dir too).
+
+        ``chain``: the UVM signing certificate first, then its issuers (the local CA's
+        :meth:`skr.local.ca.LocalCA.uvm_signer`). Blocking (file I/O, a signature): use a thread.
+        """
+        from skr.maa.endorsement import sign_uvm_endorsement  # lazy: CBOR is needed in local mode only
+
+        endorsement = sign_uvm_endorsement(
+            signing_key,
+            chain,
+            launch_measurement=self._launch.measurement,
+            guest_svn=GUEST_SVN,
+            signing_time=at or datetime.now(UTC),
+        )
+        with _locked(self._state_dir):
+            write_private_file(self._state_dir / UVM_ENDORSEMENT_FILE, endorsement)
+        self._uvm_endorsement = endorsement
+        return endorsement
+
+    def withdraw_uvm_endorsement(self) -> None:
+        """Send no UVM endorsement from now on (and remove it from the state directory)."""
+        with _locked(self._state_dir), contextlib.suppress(FileNotFoundError):
+            (self._state_dir / UVM_ENDORSEMENT_FILE).unlink()
+        self._uvm_endorsement = None
 
     # -- reports --
 
@@ -476,7 +527,7 @@ class VirtualTee:
         major, minor, build = _FIRMWARE
         unsigned = AttestationReport(
             version=launch.report_version,
-            guest_svn=0,
+            guest_svn=GUEST_SVN,
             policy=launch.guest_policy,
             family_id=bytes(16),
             image_id=bytes(16),
@@ -520,6 +571,7 @@ class VirtualTee:
             report=report,
             vcek_chain_pem=self._chain_pem,
             provider=PROVIDER_NAME,
+            uvm_endorsements=self._uvm_endorsement,
             endorsed_tcb=f"{self._launch.reported_tcb:016x}",
         )
 

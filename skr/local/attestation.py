@@ -10,9 +10,16 @@ Owns an aiohttp application that speaks MAA's wire format (AZURE_WIRE.md §1):
 It really verifies, like MAA: the VCEK chain to a pinned AMD ARK or one of ``trusted_arks`` (the virtual
 TEE's), the report signature, SHA-256(``runtimeData``) == REPORT_DATA[0:32] with REPORT_DATA[32:64] zero,
 SHA-256(``initTimeData``) == HOST_DATA when sent. Then it issues an RS256 JWT with the SEV-SNP claim set
-of MAA (exact names and JSON types), valid 8 hours. ``x-ms-compliance-status`` is
-``azure-compliant-uvm`` only for launch measurements it was told to endorse. UVM endorsements
-(COSE_Sign1) in the request are accepted but not evaluated.
+of MAA (exact names and JSON types), valid 8 hours, echoing the request's ``nonce`` as the ``nonce``
+claim (a string, also when the Go sidecar sends a number).
+
+UVM endorsements are evaluated as on ACI: ``x-ms-compliance-status: azure-compliant-uvm`` and the
+``x-ms-sevsnpvm-uvm-endorsement`` object (``x-ms-sevsnpvm-guestsvn``, ``x-ms-sevsnpvm-launchmeasurement``,
+string values) are emitted only when an ``Endorsements.Uvm`` COSE_Sign1 verifies
+(:func:`skr.maa.endorsement.verify_uvm_endorsement`: signature, ``x5chain`` to one of
+``uvm_signing_roots`` through a UVM-signing leaf, ``iss``, ``feed``) and its launch measurement equals the
+report's MEASUREMENT. No endorsement or a bad one: neither claim (the token is still issued, so a release
+policy that requires compliance is denied, exactly as MAA's tokens make Key Vault deny it).
 
 Issuer: the ``issuer`` given (or assigned later through the ``issuer`` property once the server has
 bound its port); when none is set, each request's issuer is ``https://`` + its ``Host`` header. The
@@ -34,7 +41,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -57,6 +64,12 @@ from skr.maa.client import (
     b64url_decode,
     decode_report,
     normalize_endpoint,
+)
+from skr.maa.endorsement import (
+    CLAIM_UVM_ENDORSEMENT,
+    UvmEndorsement,
+    parse_uvm_endorsement,
+    verify_uvm_endorsement,
 )
 from skr.maa.runtime import rsa_public_members
 from skr.snp.report import AttestationReport, Product
@@ -107,6 +120,7 @@ CLAIMS_SUPPORTED = (
     "x-ms-sevsnpvm-smt-allowed",
     "x-ms-sevsnpvm-snpfw-svn",
     "x-ms-sevsnpvm-tee-svn",
+    "x-ms-sevsnpvm-uvm-endorsement",
     "x-ms-sevsnpvm-vmpl",
 )
 
@@ -335,7 +349,7 @@ class LocalAttestationService:
         *,
         issuer: str | None = None,
         trusted_arks: Sequence[x509.Certificate] = (),
-        endorsed_measurements: Collection[bytes] = (),
+        uvm_signing_roots: Sequence[x509.Certificate] = (),
         faults: FaultHook | None = None,
         policy_text: str = DEFAULT_POLICY,
         clock: Callable[[], float] = time.time,
@@ -352,7 +366,7 @@ class LocalAttestationService:
         self._issuer: str | None = None
         self.issuer = issuer
         self._trusted_arks = tuple(trusted_arks)
-        self._endorsed = frozenset(bytes(m) for m in endorsed_measurements)
+        self._uvm_signing_roots = tuple(uvm_signing_roots)
         self._faults = faults
         self._policy_hash = policy_hash(policy_text)
         self._clock = clock
@@ -368,7 +382,7 @@ class LocalAttestationService:
         *,
         issuer: str | None = None,
         trusted_arks: Sequence[x509.Certificate] = (),
-        endorsed_measurements: Collection[bytes] = (),
+        uvm_signing_roots: Sequence[x509.Certificate] = (),
         faults: FaultHook | None = None,
         policy_text: str = DEFAULT_POLICY,
         clock: Callable[[], float] = time.time,
@@ -376,6 +390,8 @@ class LocalAttestationService:
         """Load the signing key and certificate from ``state_dir`` (files mode 0600), creating them once.
 
         The RSA-2048 key survives restarts, so tokens and the ``kid`` stay verifiable across them.
+        ``uvm_signing_roots``: the roots a UVM endorsement's ``x5chain`` must lead to (local mode: the
+        local CA, whose UVM signing leaf signs the virtual TEE's endorsement); none = nothing is compliant.
         """
         key, cert = await asyncio.to_thread(_load_or_create_signing_material, Path(state_dir), issuer)
         return cls(
@@ -383,7 +399,7 @@ class LocalAttestationService:
             cert,
             issuer=issuer,
             trusted_arks=trusted_arks,
-            endorsed_measurements=endorsed_measurements,
+            uvm_signing_roots=uvm_signing_roots,
             faults=faults,
             policy_text=policy_text,
             clock=clock,
@@ -542,8 +558,9 @@ class LocalAttestationService:
             ) from None
         report = verified.report
         _check_binding(report, request)
+        endorsement = self._uvm_endorsement(envelope.uvm_endorsements, report, now)
         issued_at = int(now) - (TOKEN_LIFETIME + 3600 if "expired_cert" in mutations else 0)
-        claims = self._claims(report, verified.product, request, issuer, issued_at)
+        claims = self._claims(report, verified.product, request, issuer, issued_at, endorsement=endorsement)
         if "wrong_issuer" in mutations:
             claims["iss"] = WRONG_ISSUER
         key = self._signing_key
@@ -553,8 +570,40 @@ class LocalAttestationService:
         token = jwt.encode(claims, key, algorithm="RS256", headers=headers)
         return token[:-16] if "truncate_jws" in mutations else token
 
+    def _uvm_endorsement(
+        self, endorsements: Sequence[bytes], report: AttestationReport, now: float
+    ) -> UvmEndorsement | None:
+        """The first endorsement that verifies and endorses the report's MEASUREMENT, else ``None``."""
+        if not endorsements:
+            log.info("no UVM endorsement in the request: no x-ms-compliance-status")
+        for raw in endorsements:
+            try:
+                endorsement = parse_uvm_endorsement(raw)
+                verify_uvm_endorsement(
+                    endorsement, trusted_roots=self._uvm_signing_roots, at=datetime.fromtimestamp(now, tz=UTC)
+                )
+            except SkrError as exc:
+                log.warning("UVM endorsement refused: %s", exc.message)
+                continue
+            if endorsement.launch_measurement != report.measurement:
+                log.warning(
+                    "UVM endorsement refused: it endorses launch measurement %s, the report has %s",
+                    endorsement.launch_measurement.hex(),
+                    report.measurement.hex(),
+                )
+                continue
+            return endorsement
+        return None
+
     def _claims(
-        self, report: AttestationReport, product: Product, request: _AttestRequest, issuer: str, now: int
+        self,
+        report: AttestationReport,
+        product: Product,
+        request: _AttestRequest,
+        issuer: str,
+        now: int,
+        *,
+        endorsement: UvmEndorsement | None,
     ) -> dict[str, Any]:
         claims: dict[str, Any] = {
             "exp": now + TOKEN_LIFETIME,
@@ -567,8 +616,9 @@ class LocalAttestationService:
             "x-ms-ver": "1.0",
         }
         claims.update(sevsnp_claims(report, product))
-        if report.measurement in self._endorsed:
+        if endorsement is not None:
             claims["x-ms-compliance-status"] = COMPLIANT_UVM
+            claims[CLAIM_UVM_ENDORSEMENT] = endorsement.claims()
         if request.runtime_data is not None:
             runtime = _json_claim(request.runtime_data, "runtimeData")
             if runtime is not None:

@@ -8,6 +8,11 @@ context with a freshly issued certificate, and a client context that trusts this
 Keys are RSA-2048 (the root too): the local key service signs release JWS with RS256 using an issued
 certificate's key, and RSA keeps every verifier in the stack on one code path.
 
+It also holds local mode's "UVM signing" certificate (``uvm-signer.pem`` / ``uvm-signer.key``): a leaf with
+the UVM-signing EKU (never serverAuth) that signs the virtual TEE's UVM endorsement, the way Microsoft's
+"ContainerPlat" certificate signs ACI's ``reference-info-base64``; the local attestation service trusts
+endorsements chained to this CA's root only when signed by such a leaf.
+
 Never a production CA: it exists so ``skr local`` can speak real TLS to real Azure SDK clients on one
 machine. Never logs or reprs private keys. Key generation is synchronous; call from async code through
 :func:`asyncio.to_thread`.
@@ -29,6 +34,7 @@ from pathlib import Path
 from typing import Final
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -40,6 +46,9 @@ log = logging.getLogger(__name__)
 
 CA_CERT_FILE: Final = "local-ca.pem"
 CA_KEY_FILE: Final = "local-ca.key"
+UVM_SIGNER_CERT_FILE: Final = "uvm-signer.pem"
+UVM_SIGNER_KEY_FILE: Final = "uvm-signer.key"
+UVM_SIGNER_VALIDITY: Final = dt.timedelta(days=365)
 CA_VALIDITY: Final = dt.timedelta(days=3650)
 LEAF_VALIDITY: Final = dt.timedelta(days=90)
 CLOCK_SKEW: Final = dt.timedelta(minutes=5)
@@ -190,6 +199,74 @@ class LocalCA:
             private_key=key,
         )
 
+    def uvm_signer(self) -> IssuedCert:
+        """The persisted UVM-signing certificate and key (created once; re-issued when it belongs to another
+        CA or expires within 30 days). ``chain`` is [signer, CA]: what goes into the endorsement's x5chain.
+        """
+        cert_path, key_path = self._directory / UVM_SIGNER_CERT_FILE, self._directory / UVM_SIGNER_KEY_FILE
+        if cert_path.exists() and key_path.exists():
+            loaded = self._load_uvm_signer(cert_path, key_path)
+            if loaded is not None:
+                return loaded
+        from skr.maa.endorsement import UVM_SIGNING_EKU
+
+        key = rsa.generate_private_key(public_exponent=65537, key_size=KEY_BITS)
+        now = _now()
+        leaf = (
+            x509.CertificateBuilder()
+            .subject_name(
+                x509.Name(
+                    [
+                        x509.NameAttribute(NameOID.COMMON_NAME, "skr local UVM signing"),
+                        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "skr local mode (not Microsoft)"),
+                    ]
+                )
+            )
+            .issuer_name(self._certificate.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - CLOCK_SKEW)
+            .not_valid_after(min(now + UVM_SIGNER_VALIDITY, self._certificate.not_valid_after_utc))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(_signing_key_usage(), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([UVM_SIGNING_EKU]), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()), critical=False
+            )
+            .sign(self._key, hashes.SHA256())
+        )
+        pem = serialization.Encoding.PEM
+        issued = IssuedCert(
+            cert_pem=leaf.public_bytes(pem) + self._certificate.public_bytes(pem),
+            key_pem=key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+            chain=[leaf, self._certificate],
+            private_key=key,
+        )
+        write_private_file(key_path, issued.key_pem)
+        write_atomically(cert_path, issued.cert_pem, 0o644)
+        log.info("issued the local UVM signing certificate %s", _fingerprint(leaf))
+        return issued
+
+    def _load_uvm_signer(self, cert_path: Path, key_path: Path) -> IssuedCert | None:
+        try:
+            leaf = x509.load_pem_x509_certificate(cert_path.read_bytes())
+            key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+            leaf.verify_directly_issued_by(self._certificate)
+        except (ValueError, TypeError, InvalidSignature):
+            return None
+        if not isinstance(key, rsa.RSAPrivateKey) or key.public_key() != leaf.public_key():
+            return None
+        if leaf.not_valid_after_utc - dt.timedelta(days=30) <= _now():
+            return None
+        pem = serialization.Encoding.PEM
+        return IssuedCert(
+            cert_pem=leaf.public_bytes(pem) + self._certificate.public_bytes(pem),
+            key_pem=key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+            chain=[leaf, self._certificate],
+            private_key=key,
+        )
+
     def server_ssl_context(self, hosts: Sequence[str]) -> ssl.SSLContext:
         """A TLS server context (TLS 1.2+) with a fresh certificate for ``hosts``."""
         issued = self.issue(hosts)
@@ -242,6 +319,20 @@ def _leaf_key_usage() -> x509.KeyUsage:
         digital_signature=True,
         content_commitment=False,
         key_encipherment=True,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=False,
+        crl_sign=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _signing_key_usage() -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
         data_encipherment=False,
         key_agreement=False,
         key_cert_sign=False,

@@ -3,7 +3,9 @@
 The policy text has the shape of a confidential-containers (CCE) Rego policy; its SHA-256 is the virtual
 TEE's HOST_DATA, and the demo keys' release policies are bound to that value — exactly how a real ACI
 deployment binds keys to its ``ccePolicy``. One extra key is bound to a *different* policy hash so that
-a denial can be seen.
+a denial can be seen. The demo release policies (``skr.akv.policy.build_confidential_containers_policy``)
+also require ``x-ms-compliance-status: azure-compliant-uvm``, which the local attestation service emits
+only for a verified UVM endorsement — so ``skr local --no-uvm-endorsement`` denies every demo key.
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
 """``skr local``: the whole secure-key-release flow on one machine, no Azure and no SEV hardware.
 
 Starts on 127.0.0.1: a local CA, the virtual SEV-SNP TEE (launched with the demo security policy, so
-HOST_DATA = SHA-256 of it), the local attestation service (HTTPS), the local Managed-HSM-compatible key
-service (HTTPS) with demo keys whose release policies are bound to that HOST_DATA (plus one bound to a
-different policy, to show a denial), a local managed-identity endpoint (plain HTTP on loopback, like
-the real App Service and IMDS endpoints), and the sidecar wired to all of it through exactly the
-clients it uses for Azure.
+HOST_DATA = SHA-256 of it, and endorsed by the local CA's UVM signing key unless ``uvm_endorsement`` is
+off), the local attestation service (HTTPS; it trusts UVM endorsements chained to the local CA only),
+the local Managed-HSM-compatible key service (HTTPS) with demo keys whose release policies are bound
+to that HOST_DATA (plus one bound to a different policy, to show a denial), a local managed-identity
+endpoint (plain HTTP on loopback, like the real App Service and IMDS endpoints), and the sidecar wired
+to all of it through exactly the clients it uses for Azure.
 
 The managed-identity credential of azure-identity reads ``IDENTITY_ENDPOINT`` and ``IDENTITY_HEADER``
 from the process environment, so the stack sets them in this process (and lists them in
@@ -64,6 +65,7 @@ class StackOptions:
     token_reuse: bool = True
     request_deadline: float = 30.0
     log_level: str = "info"
+    uvm_endorsement: bool = True  # False: no Endorsements.Uvm, so no x-ms-compliance-status (a denial)
 
 
 def _bind(port: int) -> socket.socket:
@@ -134,6 +136,11 @@ class LocalStack:
             asyncio.to_thread(LocalCA.load_or_create, state / "ca"),
             asyncio.to_thread(VirtualTee.load_or_create, state / "tee", security_policy=DEMO_SECURITY_POLICY),
         )
+        if opts.uvm_endorsement:
+            signer = await asyncio.to_thread(ca.uvm_signer)
+            await asyncio.to_thread(tee.endorse, signer.private_key, signer.chain)
+        else:
+            await asyncio.to_thread(tee.withdraw_uvm_endorsement)
         tenant = _tenant(state)
         maa_sock, hsm_sock, id_sock = (
             _bind(opts.attestation_port),
@@ -160,7 +167,7 @@ class LocalStack:
             state / "attestation",
             issuer=maa_ep.url,
             trusted_arks=[tee.ark_certificate],
-            endorsed_measurements=[tee.measurement],
+            uvm_signing_roots=[ca.ca_certificate],
             faults=self.faults.scoped("maa"),
         )
         self.attestation = attestation
@@ -186,6 +193,8 @@ class LocalStack:
         self._runners.append(await _serve(key_service.app, hsm_sock, server_ctx))
 
         granted, denied = await self._demo_keys(key_service, maa_ep.url, tee.host_data.hex())
+        if tee.uvm_endorsement is None:  # every demo policy requires azure-compliant-uvm
+            granted, denied = [], granted + denied
 
         identity_endpoint = f"http://{LOOPBACK}:{id_port}/msi/token"
         client_env = {
@@ -206,6 +215,7 @@ class LocalStack:
             "tenant_id": tenant,
             "host_data": tee.host_data.hex(),
             "measurement": tee.measurement.hex(),
+            "uvm_endorsement": tee.uvm_endorsement is not None,
             "keys": {"granted": granted, "denied": denied},
             "env": client_env,
         }

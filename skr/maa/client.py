@@ -3,7 +3,9 @@
 Owns the wire format of ``POST https://{instance}/attest/SevSnpVm?api-version=…`` (AZURE_WIRE.md §1):
 
 * body keys are camelCase: ``report``, ``runtimeData {data, dataType: "JSON"}``, optional
-  ``initTimeData`` and ``nonce`` (a string);
+  ``initTimeData``, and ``nonce`` (a string): :meth:`MaaClient.attest` sends a fresh random one with
+  every request, like the Go sidecar (a random uint64, in decimal), and MAA echoes it as the ``nonce``
+  claim; :func:`build_request_body` adds one only when given (the genuine request had none);
 * ``report`` = base64url(JSON ``{"SnpReport": b64url(report), "VcekCertChain": b64url(PEM chain),
   "Endorsements": b64url(JSON {"Uvm": [b64url(COSE_Sign1)]})}``), ``Endorsements`` only when the
   platform supplied a UVM endorsement;
@@ -25,6 +27,7 @@ import base64
 import binascii
 import json
 import re
+import secrets
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -180,6 +183,12 @@ def build_request_body(
     return body
 
 
+def new_nonce() -> str:
+    """A fresh request nonce: a random 64-bit number in decimal, what the Go sidecar's ``Uint64()`` sends
+    (as a number) and MAA echoes as a string claim; sent here as the string the REST API specifies."""
+    return str(secrets.randbits(64))
+
+
 def _token_from(body: Any) -> str | None:
     """The ``token`` member, matched case-insensitively like the Go sidecar does."""
     if not isinstance(body, Mapping):
@@ -244,12 +253,16 @@ class MaaClient:
     ) -> str:
         """Attest ``evidence`` binding ``runtime_data``; returns the JWT (compact serialization).
 
+        ``nonce``: echoed by MAA as the ``nonce`` claim; ``None`` sends a fresh random one
+        (:func:`new_nonce`), the same for every retry of this call.
+
         Raises :class:`BadRequest` for a bad endpoint, :class:`AttestationFailed` when MAA refuses or
         answers something unusable, :class:`skr.errors.UpstreamError` / :class:`UpstreamTimeout` when it
         stays unreachable or the deadline runs out.
         """
         url = self.attest_url(endpoint)
         origin = normalize_endpoint(endpoint)
+        nonce = new_nonce() if nonce is None else nonce
         body = build_request_body(evidence, runtime_data, nonce, init_time_data=init_time_data)
         result = await request(
             self._session,
