@@ -1,7 +1,7 @@
 """UVM endorsements (ACI's ``reference-info-base64``): the genuine one, and local mode's.
 
 The genuine ACI endorsement (COSE_Sign1, PS384, x5chain to "Microsoft Supply Chain RSA Root CA 2022") is
-decoded and its signature checked here twice: by skr.maa.endorsement, and independently in the test with
+decoded and its signature checked here twice: by skr.evidence.endorsement, and independently in the test with
 cbor2 + cryptography over the RFC 9052 Sig_structure. Local endorsements made by the virtual TEE are
 decoded independently the same way, and endorsements built in the test by hand exercise each refusal.
 """
@@ -28,9 +28,7 @@ from hypothesis import strategies as st
 
 from skr.errors import VerificationError
 from skr.evidence.base import report_data_for
-from skr.evidence.virtual import UVM_ENDORSEMENT_FILE, VirtualTee
-from skr.local.ca import LocalCA
-from skr.maa.endorsement import (
+from skr.evidence.endorsement import (
     UVM_FEED,
     UVM_SIGNING_EKU,
     did_x509,
@@ -38,6 +36,8 @@ from skr.maa.endorsement import (
     verify_uvm_endorsement,
     verify_uvm_endorsement_signature,
 )
+from skr.evidence.virtual import UVM_ENDORSEMENT_FILE, VirtualTee
+from skr.local.ca import LocalCA
 from tests.e2e import post, stack_session
 from tests.kvstack import SECURITY_POLICY
 from tests.test_cli_daemon import SKR, Proc, clean_env, fresh_state, http, run

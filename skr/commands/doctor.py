@@ -60,7 +60,7 @@ def _uvm_endorsement_check(
         return None
     if importlib.util.find_spec("cbor2") is None:
         return Check(name, True, f"present ({len(endorsement)} bytes; install skr[local] to decode it)")
-    from skr.maa.endorsement import parse_uvm_endorsement
+    from skr.evidence.endorsement import parse_uvm_endorsement
 
     try:
         parsed = parse_uvm_endorsement(endorsement)

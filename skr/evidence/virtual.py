@@ -495,7 +495,7 @@ class VirtualTee:
         ``chain``: the UVM signing certificate first, then its issuers (the local CA's
         :meth:`skr.local.ca.LocalCA.uvm_signer`). Blocking (file I/O, a signature): use a thread.
         """
-        from skr.maa.endorsement import sign_uvm_endorsement  # lazy: CBOR is needed in local mode only
+        from skr.evidence.endorsement import sign_uvm_endorsement  # lazy: CBOR is needed in local mode only
 
         endorsement = sign_uvm_endorsement(
             signing_key,

@@ -16,7 +16,7 @@ claim (a string, also when the Go sidecar sends a number).
 UVM endorsements are evaluated as on ACI: ``x-ms-compliance-status: azure-compliant-uvm`` and the
 ``x-ms-sevsnpvm-uvm-endorsement`` object (``x-ms-sevsnpvm-guestsvn``, ``x-ms-sevsnpvm-launchmeasurement``,
 string values) are emitted only when an ``Endorsements.Uvm`` COSE_Sign1 verifies
-(:func:`skr.maa.endorsement.verify_uvm_endorsement`: signature, ``x5chain`` to one of
+(:func:`skr.evidence.endorsement.verify_uvm_endorsement`: signature, ``x5chain`` to one of
 ``uvm_signing_roots`` through a UVM-signing leaf, ``iss``, ``feed``) and its launch measurement equals the
 report's MEASUREMENT. No endorsement or a bad one: neither claim (the token is still issued, so a release
 policy that requires compliance is denied, exactly as MAA's tokens make Key Vault deny it).
@@ -56,6 +56,12 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
 from skr.errors import BadRequest, SkrError
+from skr.evidence.endorsement import (
+    CLAIM_UVM_ENDORSEMENT,
+    UvmEndorsement,
+    parse_uvm_endorsement,
+    verify_uvm_endorsement,
+)
 from skr.files import load_or_create_rsa_key, write_private_file
 from skr.maa.client import (
     DATA_TYPE_BINARY,
@@ -64,12 +70,6 @@ from skr.maa.client import (
     b64url_decode,
     decode_report,
     normalize_endpoint,
-)
-from skr.maa.endorsement import (
-    CLAIM_UVM_ENDORSEMENT,
-    UvmEndorsement,
-    parse_uvm_endorsement,
-    verify_uvm_endorsement,
 )
 from skr.maa.runtime import rsa_public_members
 from skr.snp.report import AttestationReport, Product

@@ -208,7 +208,7 @@ class LocalCA:
             loaded = self._load_uvm_signer(cert_path, key_path)
             if loaded is not None:
                 return loaded
-        from skr.maa.endorsement import UVM_SIGNING_EKU
+        from skr.evidence.endorsement import UVM_SIGNING_EKU
 
         key = rsa.generate_private_key(public_exponent=65537, key_size=KEY_BITS)
         now = _now()
