@@ -28,6 +28,7 @@ from skr.akv.jws import TrustStore
 from skr.akv.release import KeyVaultReleaser, SdkSettings
 from skr.audit import AsyncAuditLog, AuditLog
 from skr.config import Settings, describe
+from skr.connections import ConnectionGuard, GuardedRunner
 from skr.errors import ConfigError
 from skr.evidence.base import EvidenceProvider
 from skr.http import client_ssl_context
@@ -36,7 +37,7 @@ from skr.maa.client import MaaClient
 from skr.maa.runtime import WrappingKey
 from skr.maa.token import TokenVerifier
 from skr.metrics import Metrics
-from skr.server import ApiRunner, create_app
+from skr.server import create_app
 from skr.service import ReleaseService
 
 log = logging.getLogger("skr.daemon")
@@ -214,8 +215,13 @@ async def start_site(runtime: Runtime) -> tuple[web.AppRunner, int]:
     # aiohttp waits up to shutdown_timeout for a busy handler, then up to shutdown_timeout again after
     # cancelling its request body, then cancels it: half the grace period each keeps the total the grace
     # period (a handler that already read its body may finish in either half).
-    runner = ApiRunner(
-        runtime.app, handle_signals=False, access_log=None, shutdown_timeout=settings.grace_period / 2
+    guard = ConnectionGuard(client_timeout=settings.client_timeout, max_connections=settings.max_connections)
+    runner = GuardedRunner(
+        runtime.app,
+        guard=guard,
+        handle_signals=False,
+        access_log=None,
+        shutdown_timeout=settings.grace_period / 2,
     )
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)
