@@ -31,6 +31,7 @@ from skr.config import Settings, describe
 from skr.connections import ConnectionGuard, GuardedRunner
 from skr.errors import ConfigError
 from skr.evidence.base import EvidenceProvider
+from skr.files import check_state_tree
 from skr.http import client_ssl_context
 from skr.identity import CredentialFactory
 from skr.maa.client import MaaClient
@@ -134,6 +135,7 @@ async def build_runtime(
     security_policy: bytes | None = None,
 ) -> Runtime:
     """Create every collaborator. ``provider`` overrides the configured evidence source (local mode)."""
+    await asyncio.to_thread(check_state_tree, settings.state_dir)  # no link anywhere in it (before use)
     metrics = Metrics(__version__)
     connector = aiohttp.TCPConnector(limit=100, ttl_dns_cache=300)
     session = aiohttp.ClientSession(connector=connector, headers={"User-Agent": settings.user_agent})

@@ -5,6 +5,8 @@
 - slow clients cannot starve the sidecar: a request that does not arrive within ``SKR_CLIENT_TIMEOUT`` is
   closed, at most ``SKR_MAX_CONNECTIONS`` connections are held, and with 300 half-sent requests open
   ``/status`` and a release still answer within a second;
+- no symlink is followed for the state directory, anything under it, or ``skr release --out``: refused at
+  start with one line (``config_invalid``), and nothing is read, written or chmod-ed through the link;
 - no core dumps: a sidecar that has released keys, crashed with SIGABRT while cores are enabled, leaves
   no core file; its open-file limit is raised to the hard limit.
 """
@@ -12,9 +14,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import resource
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -30,7 +34,7 @@ from skr.config import Settings, load_settings
 from skr.errors import ConfigError
 from skr.local.faults import FaultRule
 from tests.e2e import stack_session
-from tests.procs import Processes, start_serve
+from tests.procs import Processes, clean_env, sidecar_env, start_serve
 from tests.sidecars import audit_records, extra_sidecar, non_loopback_address
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -400,3 +404,131 @@ async def test_a_crashed_sidecar_that_released_keys_leaves_no_core_file(env, tmp
         pytest.skip(
             "this machine writes no core files to the working directory (core_pattern); limits checked"
         )
+
+
+# --- no symlink is followed for the state directory or skr release --out --------------------------------
+
+
+def _skr(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "skr.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+
+
+def _one_line_refusal(done: subprocess.CompletedProcess[str], *words: str) -> str:
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("skr: ")]
+    assert len(lines) == 1, done.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+async def test_release_out_through_a_symlink_is_refused_before_any_release(env, tmp_path):
+    stack, _ = env
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    link = tmp_path / "key.jwk"
+    link.symlink_to(victim)
+    argv = [
+        "release",
+        "--kid",
+        "demo-oct",
+        "--evidence",
+        "virtual",
+        "--state-dir",
+        str(stack.options.state_dir),
+    ]
+    releases = stack.faults.count("hsm.release")
+    done = await asyncio.to_thread(_skr, [*argv, "--out", str(link)], sidecar_env(stack.info))
+    _one_line_refusal(done, str(link), "symbolic link")
+    assert victim.read_text() == "precious\n" and link.is_symlink()
+    done = await asyncio.to_thread(_skr, [*argv, "--out", str(tmp_path)], sidecar_env(stack.info))
+    _one_line_refusal(done, "not a regular file")
+    assert stack.faults.count("hsm.release") == releases  # nothing was released for a refused output
+    # a plain path still works, and so does replacing an earlier output
+    out = tmp_path / "real.jwk"
+    for _ in range(2):
+        done = await asyncio.to_thread(_skr, [*argv, "--out", str(out)], sidecar_env(stack.info))
+        assert done.returncode == 0, done.stderr
+        assert stat.S_IMODE(out.lstat().st_mode) == 0o600 and json.loads(out.read_text())["kty"] == "oct"
+
+
+async def test_a_symlinked_state_directory_or_a_link_inside_it_is_refused_at_start(env, tmp_path):
+    stack, _ = env
+    link = tmp_path / "state-link"
+    link.symlink_to(stack.options.state_dir)
+    serve = ["serve", "--evidence", "virtual", "--port", "0", "--state-dir"]
+    done = await asyncio.to_thread(_skr, [*serve, str(link)], sidecar_env(stack.info))
+    _one_line_refusal(done, str(link), "symbolic link")
+    done = await asyncio.to_thread(_skr, ["local", "--port", "0", "--state-dir", str(link)], clean_env())
+    _one_line_refusal(done, str(link), "symbolic link")
+
+    # a link planted inside the state directory (here: the virtual TEE's chip seed)
+    state = tmp_path / "state"
+    (state / "tee").mkdir(parents=True)
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"\0" * 64)
+    (state / "tee" / "chip_seed.bin").symlink_to(outside)
+    done = await asyncio.to_thread(_skr, [*serve, str(state)], sidecar_env(stack.info))
+    _one_line_refusal(done, "chip_seed.bin", "symbolic link")
+    done = await asyncio.to_thread(_skr, ["local", "--port", "0", "--state-dir", str(state)], clean_env())
+    _one_line_refusal(done, "chip_seed.bin", "symbolic link")
+    assert outside.read_bytes() == b"\0" * 64
+
+
+def _load_tee(state: Path) -> object:
+    from skr.evidence.virtual import VirtualTee
+    from skr.local.demo import DEMO_SECURITY_POLICY
+
+    return VirtualTee.load_or_create(state, security_policy=DEMO_SECURITY_POLICY)
+
+
+async def test_the_virtual_tee_never_reads_or_chmods_through_a_link(tmp_path):
+    outside = tmp_path / "outside.pem"
+    outside.write_text("not yours\n")
+    outside.chmod(0o644)
+    state = tmp_path / "tee"
+    state.mkdir()
+    (state / "ark.pem").symlink_to(outside)
+    with pytest.raises(ConfigError, match=r"ark\.pem"):
+        await asyncio.to_thread(_load_tee, state)
+    assert stat.S_IMODE(outside.stat().st_mode) == 0o644  # not tightened to 0600 through the link
+    (state / "ark.pem").unlink()
+    os.mkfifo(state / "chip_seed.bin")  # a FIFO is refused, not read (reading would block forever)
+    with pytest.raises(ConfigError, match=r"chip_seed\.bin"):
+        await asyncio.wait_for(asyncio.to_thread(_load_tee, state), timeout=20)
+
+
+async def test_private_files_are_never_written_or_read_through_a_link(tmp_path):
+    from skr.files import read_regular_file, write_private_file
+
+    outside = tmp_path / "outside"
+    outside.write_text("keep\n")
+    (tmp_path / "file-link").symlink_to(outside)
+    with pytest.raises(ConfigError, match="symbolic link"):
+        write_private_file(tmp_path / "file-link", b"secret")
+    with pytest.raises(ConfigError, match="symbolic link"):
+        read_regular_file(tmp_path / "file-link")
+    real_dir = tmp_path / "real"
+    real_dir.mkdir()
+    (tmp_path / "dir-link").symlink_to(real_dir)
+    with pytest.raises(ConfigError, match="symbolic link"):
+        write_private_file(tmp_path / "dir-link" / "key.pem", b"secret")
+    assert outside.read_text() == "keep\n" and list(real_dir.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "dir-link",
+        "file-link",
+        "outside",
+        "real",
+    ]  # no tmp
+    write_private_file(tmp_path / "new" / "key.pem", b"secret")
+    assert read_regular_file(tmp_path / "new" / "key.pem") == b"secret"
+    with pytest.raises(FileNotFoundError):
+        read_regular_file(tmp_path / "absent")
