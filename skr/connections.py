@@ -3,10 +3,11 @@
 Owns two limits on aiohttp's connection handler (``SKR_CLIENT_TIMEOUT``, ``SKR_MAX_CONNECTIONS``):
 
 - **Request read deadline.** From its first byte (or from the connection's start, for a connection that
-  sends nothing), a request's headers must be complete within the client timeout; once the handler runs,
-  a body still owed must be complete by that same deadline. Otherwise the connection is closed. A request
-  that arrived whole is never cut off by this deadline however long its handler takes (its deadline is
-  ``SKR_REQUEST_DEADLINE``), and an idle keep-alive connection is governed by the keep-alive timeout.
+  sends nothing), a request's headers and body must be complete within the client timeout (a body still
+  owed when the handler starts must arrive by that same deadline). Otherwise the connection is closed.
+  A request that arrived whole is never cut off by this deadline however long its handler takes (its
+  deadline is ``SKR_REQUEST_DEADLINE``), and an idle keep-alive connection is governed by the keep-alive
+  timeout.
 - **Connection cap.** At most ``max_connections`` are held at once. At the cap, a new connection takes
   the place of the oldest one that is *not* serving a complete request (a client still sending, or idle
   between requests), which is closed; when every held connection is serving a request, the new one is
@@ -69,12 +70,13 @@ class ConnectionGuard:
 class GuardedHandler(_JsonErrorHandler):
     """aiohttp's connection handler (with skr's JSON protocol errors) under a :class:`ConnectionGuard`."""
 
-    __slots__ = ("_skr_admitted", "_skr_guard", "_skr_timer")
+    __slots__ = ("_skr_admitted", "_skr_deadline", "_skr_guard", "_skr_timer")
 
     def __init__(self, manager: web.Server, *, guard: ConnectionGuard, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._skr_guard = guard
         self._skr_timer: asyncio.TimerHandle | None = None
+        self._skr_deadline: float | None = None  # loop time by which the current request must be in
         self._skr_admitted = False
 
     # --- connection lifecycle ---------------------------------------------------------------------
@@ -106,15 +108,17 @@ class GuardedHandler(_JsonErrorHandler):
         start_time: float | None,
         request_handler: Any,
     ) -> tuple[web.StreamResponse, bool]:
+        deadline = self._skr_deadline
         self._disarm()  # the headers are complete
         if not request.content.is_eof():
-            self._arm()  # the body is still owed: by the same client timeout
+            self._arm(deadline)  # the body is still owed, by the same deadline as the headers
         try:
             result: tuple[web.StreamResponse, bool] = await super()._handle_request(
                 request, start_time, request_handler
             )
         finally:
             self._disarm()
+            self._skr_deadline = None
         return result
 
     # --- the deadline -----------------------------------------------------------------------------
@@ -136,9 +140,13 @@ class GuardedHandler(_JsonErrorHandler):
         if transport is not None:
             transport.close()
 
-    def _arm(self) -> None:
+    def _arm(self, deadline: float | None = None) -> None:
+        """Close the connection at ``deadline`` (default: the client timeout from now) unless the request
+        has arrived by then."""
         if self._skr_timer is None:
-            self._skr_timer = self._loop.call_later(self._skr_guard.client_timeout, self._expired)
+            when = deadline if deadline is not None else self._loop.time() + self._skr_guard.client_timeout
+            self._skr_deadline = when
+            self._skr_timer = self._loop.call_at(when, self._expired)
 
     def _disarm(self) -> None:
         if self._skr_timer is not None:

@@ -303,6 +303,35 @@ async def test_a_request_that_does_not_arrive_within_the_client_timeout_is_close
     _no_errors_logged(caplog)
 
 
+async def test_a_trickled_body_is_cut_off_but_an_idle_keep_alive_connection_is_not(env, raws):
+    stack, _ = env
+    async with extra_sidecar(stack, client_timeout=0.6) as (_, base):
+        # headers at once, then the body one byte at a time: busy, but later than the deadline
+        trickle = await _Raw.open(base, HALF_BODY)
+        raws.append(trickle)
+        started = time.monotonic()
+        while time.monotonic() - started < 3.0 and not trickle.reader.at_eof():
+            try:
+                trickle.writer.write(b" ")
+                await trickle.writer.drain()
+            except ConnectionError:
+                break
+            await asyncio.sleep(0.05)
+        assert await trickle.closed_within(1.0) is not None
+        assert time.monotonic() - started < 2.0
+
+        # a keep-alive connection that delivered its request in time stays open while idle, and is reused
+        keep = await _Raw.open(base)
+        raws.append(keep)
+        for _ in range(2):
+            keep.writer.write(b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            await keep.writer.drain()
+            answer = await asyncio.wait_for(keep.reader.readuntil(b'"Status OK"}'), timeout=5)
+            assert answer.startswith(b"HTTP/1.1 200 ")
+            await asyncio.sleep(1.0)  # idle for longer than the client timeout
+            assert not keep.reader.at_eof()
+
+
 async def test_at_the_cap_busy_connections_are_kept_and_a_newcomer_is_refused(env, raws):
     stack, _ = env
     async with extra_sidecar(stack, max_connections=3) as (_, base):
