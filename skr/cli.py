@@ -27,6 +27,9 @@ COMMAND_MODULES: tuple[str, ...] = (
     "audit",
 )
 
+# Commands that hold keys or tokens in memory: no core dumps, not dumpable (skr.process.harden).
+HARDENED_COMMANDS: frozenset[str] = frozenset({"serve", "local", "release", "keys", "doctor"})
+
 EXIT_OK = 0
 EXIT_NEGATIVE = 1
 EXIT_ERROR = 2
@@ -62,6 +65,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(_named_command(arguments))
     args = parser.parse_args(arguments)
     func: Callable[[argparse.Namespace], int] = args.func
+    if args.command in HARDENED_COMMANDS:
+        from skr.process import harden
+
+        harden()
     try:
         return func(args)
     except SkrError as exc:

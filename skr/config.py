@@ -77,6 +77,8 @@ class Settings:
     identity_client_id: str | None = None
     certcache: CertCacheConfig = field(default_factory=CertCacheConfig)
     grace_period: float = 10.0
+    client_timeout: float = 10.0
+    max_connections: int = 256
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes)
@@ -266,6 +268,10 @@ def load_settings(
         changes["akv_max_connections"] = _count(v, "SKR_AKV_MAX_CONNECTIONS")
     if (v := pick("grace_period", "SKR_SHUTDOWN_GRACE")) is not None:
         changes["grace_period"] = _number(v, "SKR_SHUTDOWN_GRACE")
+    if (v := pick("client_timeout", "SKR_CLIENT_TIMEOUT")) is not None:
+        changes["client_timeout"] = _number(v, "SKR_CLIENT_TIMEOUT", minimum=0.1)
+    if (v := pick("max_connections", "SKR_MAX_CONNECTIONS")) is not None:
+        changes["max_connections"] = _count(v, "SKR_MAX_CONNECTIONS")
     if (v := pick("client_token_file", "SKR_CLIENT_TOKEN_FILE")) is not None:
         changes["client_token"] = read_client_token(Path(v))
     return replace(s, **changes)

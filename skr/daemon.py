@@ -28,15 +28,17 @@ from skr.akv.jws import TrustStore
 from skr.akv.release import KeyVaultReleaser, SdkSettings
 from skr.audit import AsyncAuditLog, AuditLog
 from skr.config import Settings, describe
+from skr.connections import ConnectionGuard, GuardedRunner
 from skr.errors import ConfigError
 from skr.evidence.base import EvidenceProvider
+from skr.files import check_state_tree
 from skr.http import client_ssl_context
 from skr.identity import CredentialFactory
 from skr.maa.client import MaaClient
 from skr.maa.runtime import WrappingKey
 from skr.maa.token import TokenVerifier
 from skr.metrics import Metrics
-from skr.server import ApiRunner, create_app
+from skr.server import create_app
 from skr.service import ReleaseService
 
 log = logging.getLogger("skr.daemon")
@@ -139,6 +141,7 @@ async def build_runtime(
 ) -> Runtime:
     """Create every collaborator. ``provider`` overrides the configured evidence source (local mode);
     ``virtual_policy`` is the launch policy of a configured virtual TEE (:func:`create_evidence_provider`)."""
+    await asyncio.to_thread(check_state_tree, settings.state_dir)  # no link anywhere in it (before use)
     metrics = Metrics(__version__)
     connector = aiohttp.TCPConnector(limit=100, ttl_dns_cache=300)
     session = aiohttp.ClientSession(connector=connector, headers={"User-Agent": settings.user_agent})
@@ -220,8 +223,13 @@ async def start_site(runtime: Runtime) -> tuple[web.AppRunner, int]:
     # aiohttp waits up to shutdown_timeout for a busy handler, then up to shutdown_timeout again after
     # cancelling its request body, then cancels it: half the grace period each keeps the total the grace
     # period (a handler that already read its body may finish in either half).
-    runner = ApiRunner(
-        runtime.app, handle_signals=False, access_log=None, shutdown_timeout=settings.grace_period / 2
+    guard = ConnectionGuard(client_timeout=settings.client_timeout, max_connections=settings.max_connections)
+    runner = GuardedRunner(
+        runtime.app,
+        guard=guard,
+        handle_signals=False,
+        access_log=None,
+        shutdown_timeout=settings.grace_period / 2,
     )
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)

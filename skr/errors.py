@@ -76,6 +76,18 @@ class RemoteClientRefused(Forbidden):
     default_code = "remote_client_refused"
 
 
+class ForbiddenHost(Forbidden):
+    """A ``Host`` header that names neither loopback nor the listen address (DNS rebinding)."""
+
+    default_code = "forbidden_host"
+
+
+class ForbiddenOrigin(Forbidden):
+    """A browser ``Origin`` that is not loopback (a cross-site request)."""
+
+    default_code = "forbidden_origin"
+
+
 class ReleaseDenied(Forbidden):
     """Key Vault / Managed HSM refused to release the key (policy not met, or not authorized)."""
 

@@ -1,12 +1,21 @@
-"""Files that hold secrets or state: written atomically, never readable by others in between.
+"""Files that hold secrets or state: written atomically, never readable by others in between, and never
+through a symbolic link.
 
-Used for private keys, the local services' state, the client's released-key file and manifests.
+Used for private keys, the local services' state, the client's released-key file and manifests. No
+symlink is followed for the state directory, anything under it, or ``skr release --out``: files are opened
+with ``O_NOFOLLOW`` (temporary files also with ``O_EXCL``) relative to a directory opened with
+``O_NOFOLLOW``, must be regular files (directories: real directories), and anything else is refused with
+``config_invalid`` naming the path. A link planted where skr keeps keys cannot redirect a write (or a
+``chmod``) to another file, nor feed skr another file's content.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import secrets
+import stat
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -14,31 +23,148 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from skr.errors import ConfigError
 
+O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+_LINK_ERRNOS = frozenset({errno.ELOOP, errno.EMLINK})  # what O_NOFOLLOW on a link gives (Linux, BSD)
+
+
+def _is_a_link(path: Path | str) -> ConfigError:
+    return ConfigError(
+        f"{path} is a symbolic link: skr does not follow links for its state directory or output files",
+        hint="replace the link with a real file or directory (or choose another path)",
+    )
+
+
+def _not_a(path: Path | str, what: str) -> ConfigError:
+    return ConfigError(f"{path} is not a {what}", hint="move it away or choose another path")
+
+
+def check_directory(path: Path, *, missing_ok: bool = False) -> None:
+    """``path`` is a real directory: not a symbolic link, not a file. Raises ConfigError otherwise."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        if missing_ok:
+            return
+        raise ConfigError(f"{path} does not exist") from None
+    if stat.S_ISLNK(info.st_mode):
+        raise _is_a_link(path)
+    if not stat.S_ISDIR(info.st_mode):
+        raise _not_a(path, "directory")
+
+
+def ensure_directory(path: Path, mode: int = 0o700) -> None:
+    """Create ``path`` (``mode``, with parents) if missing; refuse a link or a non-directory there."""
+    try:
+        path.mkdir(mode=mode, parents=True, exist_ok=True)
+    except FileExistsError:
+        pass  # a dangling link or a file: named below
+    except OSError as exc:
+        raise ConfigError(f"cannot create the directory {path}: {exc.strerror}") from None
+    check_directory(path)
+
+
+def check_state_tree(root: Path) -> None:
+    """When ``root`` exists: it and everything under it are real directories or regular files, no links.
+
+    Run at start for the state directory, so that a planted link is refused before anything is read.
+    """
+    check_directory(root, missing_ok=True)
+    if not os.path.lexists(root):
+        return
+    for directory, subdirectories, files in os.walk(root, followlinks=False):
+        for name in [*subdirectories, *files]:
+            entry = os.path.join(directory, name)
+            try:
+                mode = os.lstat(entry).st_mode
+            except FileNotFoundError:  # removed meanwhile
+                continue
+            if stat.S_ISLNK(mode):
+                raise _is_a_link(entry)
+            if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+                raise _not_a(entry, "regular file or directory")
+
+
+def check_output_file(path: Path) -> None:
+    """Before any work is done for it: ``path`` is absent or a regular file, in a real directory."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        pass
+    else:
+        if stat.S_ISLNK(mode):
+            raise _is_a_link(path)
+        if not stat.S_ISREG(mode):
+            raise _not_a(path, "regular file")
+    check_directory(path.parent, missing_ok=True)
+
+
+def read_regular_file(path: Path) -> bytes:
+    """The bytes of ``path``, opened without following a link; FileNotFoundError when it is absent,
+    ConfigError when it is a link or not a regular file (a FIFO or a device is never read)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | O_NOFOLLOW | O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno in _LINK_ERRNOS:
+            raise _is_a_link(path) from None
+        raise
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise _not_a(path, "regular file")
+        return handle.read()
+
+
+def _open_directory(path: Path) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in _LINK_ERRNOS:
+            raise _is_a_link(path) from None
+        if exc.errno == errno.ENOTDIR:
+            raise _not_a(path, "directory") from None
+        raise
+
 
 def write_atomically(path: Path, data: bytes | str, mode: int = 0o600) -> None:
     """Write ``data`` to a sibling temp file created with ``mode``, fsync it, then rename over ``path``.
 
     A reader sees the old content or the new, never half a key; the file is never briefly
-    world-readable (the mode is set at creation, not after).
+    world-readable (the mode is set at creation, not after). The directory is opened without following a
+    link and every name is resolved relative to it; an existing ``path`` must be a regular file.
     """
     payload = data.encode() if isinstance(data, str) else data
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    directory = _open_directory(path.parent)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), mode)  # the umask may have narrowed it; never widened
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        try:
+            existing = os.stat(path.name, dir_fd=directory, follow_symlinks=False).st_mode
+        except FileNotFoundError:
+            existing = None
+        if existing is not None and stat.S_ISLNK(existing):
+            raise _is_a_link(path)
+        if existing is not None and not stat.S_ISREG(existing):
+            raise _not_a(path, "regular file")
+        tmp = f".{path.name}.{secrets.token_hex(6)}.tmp"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW | O_CLOEXEC
+        fd = os.open(tmp, flags, mode, dir_fd=directory)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                os.fchmod(handle.fileno(), mode)  # the umask may have narrowed it; never widened
+                handle.write(payload)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path.name, src_dir_fd=directory, dst_dir_fd=directory)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=directory)
+            raise
+    finally:
+        os.close(directory)
 
 
 def write_private_file(path: Path, data: bytes | str) -> None:
     """:func:`write_atomically` with mode 0600, creating the parent directory (0700) if needed."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    ensure_directory(path.parent)
     write_atomically(path, data, 0o600)
 
 
@@ -47,8 +173,12 @@ def load_or_create_rsa_key(path: Path, *, bits: int = 2048) -> rsa.RSAPrivateKey
 
     Blocking (key generation on first use): call through ``asyncio.to_thread`` from async code.
     """
-    if path.exists():
-        loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    try:
+        data = read_regular_file(path)
+    except FileNotFoundError:
+        pass
+    else:
+        loaded = serialization.load_pem_private_key(data, password=None)
         if not isinstance(loaded, rsa.RSAPrivateKey):
             raise ConfigError(
                 f"{path} does not hold an RSA private key", hint="delete it to create a new one"

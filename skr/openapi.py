@@ -49,7 +49,7 @@ def _errors(*codes: int) -> dict[str, Any]:
     text = {
         400: "Bad input.",
         401: "Client token missing or wrong (only when SKR_CLIENT_TOKEN_FILE is set).",
-        403: "Release denied, endpoint not allowed, or non-loopback client.",
+        403: "Release denied, endpoint not allowed, non-loopback client, or a foreign Host or Origin.",
         404: "Unknown key.",
         413: "Body too large.",
         502: "An upstream service failed.",

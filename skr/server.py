@@ -2,7 +2,8 @@
 
 Owns: request parsing (JSON whatever the Content-Type, strict standard base64 for ``runtime_data``,
 unknown fields ignored), the error model (always ``{"error", "code", "request_id"}``, never a traceback,
-never a 5xx for bad input), loopback-only access unless allowed, optional client-token authentication,
+never a 5xx for bad input), loopback-only access unless allowed, ``Host``/``Origin`` checks against DNS
+rebinding and cross-site calls (:mod:`skr.hostcheck`), optional client-token authentication,
 request ids, metrics and the ``Server-Timing`` header.
 
 Never logs request bodies, tokens or keys.
@@ -32,6 +33,7 @@ from skr.errors import (
     SkrError,
     Unauthenticated,
 )
+from skr.hostcheck import check_host_and_origin
 from skr.logs import request_id_var
 from skr.metrics import Metrics
 from skr.service import ReleaseService, RequestContext
@@ -270,6 +272,12 @@ async def _frame(request: web.Request, handler: Handler) -> web.StreamResponse:
                 "this sidecar only answers clients on the loopback interface",
                 hint="call it on localhost from a container of the same group",
             )
+        check_host_and_origin(
+            request.headers.getall("Host", ()),
+            request.headers.getall("Origin", ()),
+            listen_host=service.settings.host,
+            allow_remote=service.settings.allow_remote,
+        )
         expected = service.settings.client_token
         if expected is not None and request.path not in OPEN_PATHS:
             header = request.headers.get("Authorization", "")

@@ -82,7 +82,15 @@ class Processes:
     directory: Path
     started: list[Proc] = field(default_factory=list)
 
-    def spawn(self, name: str, args: Sequence[str], env: Mapping[str, str] | None = None) -> Proc:
+    def spawn(
+        self,
+        name: str,
+        args: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        *,
+        cwd: Path | None = None,
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> Proc:
         self.directory.mkdir(parents=True, exist_ok=True)
         index = len(self.started)
         out = self.directory / f"{index:02d}-{name}.out"
@@ -94,6 +102,8 @@ class Processes:
                 stderr=stderr,
                 stdin=subprocess.DEVNULL,
                 env=dict(env if env is not None else clean_env()),
+                cwd=cwd,
+                preexec_fn=preexec_fn,  # noqa: PLW1509 - resource limits only, set before exec
             )
         proc = Proc(name, popen, out, err)
         self.started.append(proc)
@@ -173,13 +183,15 @@ def start_serve(
     args: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
     ready: bool = True,
+    cwd: Path | None = None,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> tuple[Proc, str]:
     """``skr serve --evidence virtual`` on an ephemeral port against the stack; returns (process, base URL).
 
     Waits for the "listening" log line (for the port) and, with ``ready``, for ``/readyz`` to answer 200.
     """
     argv = ["serve", "--evidence", "virtual", "--state-dir", str(state_dir), "--port", "0", *args]
-    proc = procs.spawn("serve", argv, sidecar_env(info, env))
+    proc = procs.spawn("serve", argv, sidecar_env(info, env), cwd=cwd, preexec_fn=preexec_fn)
     address = wait_until(lambda: listening_address(proc), proc, "skr serve logs its address")
     port = int(address.rsplit(":", 1)[1])
     base = f"http://127.0.0.1:{port}"

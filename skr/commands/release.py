@@ -12,7 +12,7 @@ from pathlib import Path
 from skr.config import add_arguments, load_settings
 from skr.daemon import build_runtime
 from skr.errors import BadRequest, ReleaseDenied
-from skr.files import write_private_file
+from skr.files import check_output_file, write_private_file
 from skr.local.demo import DEMO_SECURITY_POLICY
 from skr.logs import setup_logging
 from skr.service import RequestContext
@@ -24,7 +24,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="release one key, write its JWK (stdout or --out, 0600); exit 1 when denied",
     )
     parser.add_argument("--kid", required=True, help="key name, name/version or key URL")
-    parser.add_argument("--out", type=Path, help="write the JWK here (created 0600) instead of stdout")
+    parser.add_argument(
+        "--out", type=Path, help="write the JWK here (0600, never through a symlink) instead of stdout"
+    )
     parser.add_argument("--access-token-file", type=Path, help="a file holding an AAD token for the vault")
     add_arguments(parser)
     parser.set_defaults(func=_release)
@@ -33,6 +35,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def _release(args: argparse.Namespace) -> int:
     settings = load_settings(args)
     setup_logging(settings.log_level if args.log_level else "warning", settings.log_file)
+    if args.out is not None:
+        check_output_file(args.out)  # a link or a non-file there is refused before a key is released
     access_token = None
     if args.access_token_file is not None:
         access_token = args.access_token_file.read_text().strip()

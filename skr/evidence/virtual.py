@@ -27,6 +27,7 @@ import fcntl
 import hashlib
 import os
 import secrets
+import stat
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -40,7 +41,7 @@ from cryptography.x509.oid import NameOID
 
 from skr.errors import BadRequest, CertificateError, ConfigError
 from skr.evidence.base import REPORT_DATA_SIZE, Evidence
-from skr.files import write_private_file
+from skr.files import O_CLOEXEC, O_NOFOLLOW, ensure_directory, read_regular_file, write_private_file
 from skr.snp import certs
 from skr.snp.hostdata import host_data_of_policy
 from skr.snp.report import AttestationReport, Product, TcbVersion
@@ -72,7 +73,7 @@ _BACKDATE = timedelta(days=1)
 def _read_private(path: Path) -> bytes | None:
     """The file's bytes, or ``None`` when it does not exist."""
     try:
-        data = path.read_bytes()
+        data = read_regular_file(path)
     except FileNotFoundError:
         return None
     return data
@@ -81,7 +82,11 @@ def _read_private(path: Path) -> bytes | None:
 @contextlib.contextmanager
 def _locked(state_dir: Path) -> Iterator[None]:
     """Serialise creation between processes sharing one state directory."""
-    fd = os.open(state_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    lock = state_dir / ".lock"
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise ConfigError(f"cannot open {lock} ({exc.strerror})", hint="it must be a regular file") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -92,10 +97,16 @@ def _locked(state_dir: Path) -> Iterator[None]:
 def _prepare_dir(state_dir: Path) -> None:
     """Create the directory (0700) and tighten anything in it that others could read to 0600."""
     try:
-        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        ensure_directory(state_dir)  # a link there is refused, so chmod below cannot reach another file
         os.chmod(state_dir, 0o700)
         for entry in state_dir.iterdir():
-            if entry.is_file() and not entry.is_symlink() and entry.stat().st_mode & 0o077:
+            mode = entry.lstat().st_mode
+            if stat.S_ISLNK(mode) or not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                raise ConfigError(
+                    f"{entry} is not a regular file: skr does not follow links in its state directory",
+                    hint="remove it; the virtual TEE recreates what it needs",
+                )
+            if stat.S_ISREG(mode) and mode & 0o077:
                 os.chmod(entry, 0o600)
     except OSError as exc:
         raise ConfigError(

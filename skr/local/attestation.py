@@ -39,6 +39,7 @@ import base64
 import hashlib
 import json
 import logging
+import os
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -62,7 +63,7 @@ from skr.evidence.endorsement import (
     parse_uvm_endorsement,
     verify_uvm_endorsement,
 )
-from skr.files import load_or_create_rsa_key, write_private_file
+from skr.files import ensure_directory, load_or_create_rsa_key, read_regular_file, write_private_file
 from skr.maa.client import (
     DATA_TYPE_BINARY,
     DATA_TYPE_JSON,
@@ -654,13 +655,13 @@ async def _add_server_timing(request: web.Request, response: web.StreamResponse)
 def _load_or_create_signing_material(
     state_dir: Path, issuer: str | None
 ) -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
-    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    ensure_directory(state_dir)
     key_path, cert_path = state_dir / SIGNING_KEY_FILE, state_dir / SIGNING_CERT_FILE
     subject = normalize_endpoint(issuer) if issuer else "skr local attestation"
     key = load_or_create_rsa_key(key_path)
     cert: x509.Certificate | None = None
-    if cert_path.exists():
-        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    if os.path.lexists(cert_path):
+        cert = x509.load_pem_x509_certificate(read_regular_file(cert_path))
         if cert.public_key() != key.public_key() or (issuer and _common_name(cert) != subject[:64]):
             cert = None
     if cert is None:

@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from skr.errors import ConfigError
-from skr.files import write_atomically, write_private_file
+from skr.files import ensure_directory, read_regular_file, write_atomically, write_private_file
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class LocalCA:
         An expired (or nearly expired) CA is replaced. A key file readable by others is tightened to 0600
         with a warning. Files that exist but do not load raise :class:`ConfigError`.
         """
-        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        ensure_directory(state_dir)
         cert_path, key_path = state_dir / CA_CERT_FILE, state_dir / CA_KEY_FILE
         if cert_path.exists() and key_path.exists():
             ca = cls._load(state_dir, cert_path, key_path)
@@ -111,8 +111,8 @@ class LocalCA:
             log.warning("local CA key %s had mode %o; tightening to 600", key_path, mode)
             key_path.chmod(0o600)
         try:
-            certificate = x509.load_pem_x509_certificate(cert_path.read_bytes())
-            key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+            certificate = x509.load_pem_x509_certificate(read_regular_file(cert_path))
+            key = serialization.load_pem_private_key(read_regular_file(key_path), password=None)
         except ValueError as exc:
             raise ConfigError(
                 f"the local CA files in {state_dir} do not load ({exc})",

@@ -49,7 +49,7 @@ from skr.akv.jws import ALLOWED_ALGORITHMS, sign_release_jws
 from skr.akv.keywrap import Enc, b64url_encode, encode_key_hsm, wrap
 from skr.akv.policy import ReleasePolicy, evaluate, normalize_authority, parse_policy
 from skr.errors import BadRequest, ConfigError, KeyWrapError, PolicyError, SkrError
-from skr.files import write_private_file
+from skr.files import ensure_directory, read_regular_file, write_private_file
 from skr.local.identity import Faults, InvalidAccessToken, server_timing_middleware
 from skr.maa.token import unverified_claims
 
@@ -413,7 +413,7 @@ class LocalKeyService:
         self._verifier = token_verifier
         self._faults = faults
         self._keys_dir = state_dir / "keys"
-        self._keys_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        ensure_directory(self._keys_dir)
         os.chmod(self._keys_dir, 0o700)
         self._keys: dict[str, list[KeyVersion]] = self._load()
         self._lock = asyncio.Lock()
@@ -428,7 +428,7 @@ class LocalKeyService:
         keys: dict[str, list[KeyVersion]] = {}
         for path in sorted(self._keys_dir.glob("*.json")):
             try:
-                doc = json.loads(path.read_text())
+                doc = json.loads(read_regular_file(path))
                 versions = [KeyVersion.from_json(v) for v in doc["versions"]]
             except (ValueError, KeyError, TypeError, ServiceError):
                 raise ConfigError(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import os
 import re
 import secrets
 import time
@@ -33,7 +34,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from skr.errors import ConfigError, Unauthenticated
-from skr.files import load_or_create_rsa_key, write_private_file
+from skr.files import ensure_directory, load_or_create_rsa_key, read_regular_file, write_private_file
 
 IMDS_TOKEN_PATH = "/metadata/identity/oauth2/token"  # noqa: S105 - a URL path, not a secret
 APP_SERVICE_TOKEN_PATH = "/msi/token"  # noqa: S105 - a URL path, not a secret
@@ -145,13 +146,13 @@ class LocalIdentityService:
 
         Synchronous (RSA key generation on first start); call through ``asyncio.to_thread`` from async code.
         """
-        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        ensure_directory(state_dir)
         key_path = state_dir / SIGNING_KEY_FILE
         key = load_or_create_rsa_key(key_path)
         if identity_header is None:
             header_path = state_dir / IDENTITY_HEADER_FILE
-            if header_path.exists():
-                identity_header = header_path.read_text().strip()
+            if os.path.lexists(header_path):
+                identity_header = read_regular_file(header_path).decode().strip()
             if not identity_header:
                 identity_header = secrets.token_urlsafe(32)
                 write_private_file(header_path, identity_header.encode())

@@ -34,7 +34,13 @@ from skr.akv.policy import build_confidential_containers_policy, encode_policy_f
 from skr.config import Settings
 from skr.daemon import Runtime, build_runtime, start_site
 from skr.endpoints import Allowlist, Endpoint
-from skr.files import write_atomically, write_private_file
+from skr.files import (
+    check_state_tree,
+    ensure_directory,
+    read_regular_file,
+    write_atomically,
+    write_private_file,
+)
 from skr.local.attestation import LocalAttestationService
 from skr.local.ca import LocalCA
 from skr.local.demo import DEMO_KEYS, DEMO_SECURITY_POLICY, OTHER_SECURITY_POLICY
@@ -94,10 +100,10 @@ async def _serve(
 
 def _tenant(state_dir: Path) -> str:
     path = state_dir / "tenant-id"
-    if path.exists():
-        return path.read_text().strip()
+    with contextlib.suppress(FileNotFoundError):
+        return read_regular_file(path).decode().strip()
     tenant = str(uuid.uuid4())
-    path.write_text(tenant)
+    write_private_file(path, tenant)
     return tenant
 
 
@@ -129,7 +135,8 @@ class LocalStack:
     async def _start(self) -> None:
         opts = self.options
         state = opts.state_dir
-        state.mkdir(mode=0o700, parents=True, exist_ok=True)
+        await asyncio.to_thread(ensure_directory, state)
+        await asyncio.to_thread(check_state_tree, state)  # no link anywhere in it, before anything is read
         from skr.evidence.virtual import VirtualTee
 
         ca, tee = await asyncio.gather(
