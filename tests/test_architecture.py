@@ -32,6 +32,8 @@ LAYERS: dict[str, int] = {
     "skr.metrics": 1,
     "skr.identity": 1,
     "skr.audit": 1,
+    "skr.hostcheck": 1,
+    "skr.process": 1,
     "skr.config": 2,
     "skr.snp": 3,
     "skr.evidence": 4,
@@ -40,6 +42,7 @@ LAYERS: dict[str, int] = {
     "skr.service": 6,
     "skr.openapi": 7,
     "skr.server": 7,
+    "skr.connections": 7,
     "skr.daemon": 8,
     "skr.local": 5,  # the local services: below the service (see LOCAL_ASSEMBLY)
     "skr.commands": 10,
