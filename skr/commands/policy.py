@@ -26,7 +26,7 @@ from skr.akv.policy import (
     parse_policy,
 )
 from skr.errors import BadRequest, ConfigError, PolicyError, TokenError
-from skr.snp.hostdata import host_data_of_policy
+from skr.snp.hostdata import host_data_of_policy, strip_policy, trailing_whitespace
 
 _JWT_RE = re.compile(r"[A-Za-z0-9_-]+=*\.[A-Za-z0-9_-]+=*\.[A-Za-z0-9_-]*=*")
 _EXIT_ALLOWED = 0
@@ -47,12 +47,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     hash_parser.add_argument(
         "--cce-policy", required=True, type=Path, metavar="FILE", help="base64 or raw Rego"
     )
+    hash_parser.add_argument(
+        "--strip",
+        action="store_true",
+        help="hash the policy without trailing whitespace (saved acipolicygen --outraw output ends in a "
+        "newline the deployed base64 policy does not have)",
+    )
     hash_parser.set_defaults(func=_hash)
 
     release = actions.add_parser("release", help="print the release policy for a confidential container")
     release.add_argument("--authority", required=True, metavar="URL", help="the MAA endpoint (URL or host)")
     release.add_argument(
-        "--host-data", required=True, metavar="HEX", help="64 hex digits (`skr policy hash`)"
+        "--host-data",
+        required=True,
+        action="append",
+        metavar="HEX",
+        help="64 hex digits (`skr policy hash`); repeat it to allow several policies during a rollout",
     )
     release.add_argument(
         "--compliance", default="azure-compliant-uvm", metavar="S", help="x-ms-compliance-status"
@@ -70,6 +80,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     source.add_argument("--claims", type=Path, metavar="FILE", help="decoded token claims (JSON object)")
     source.add_argument("--token", metavar="JWT_OR_FILE", help="an attestation token, or a file holding one")
     check.add_argument("--verify", action="store_true", help="verify the token signature with its issuer")
+    check.add_argument(
+        "--jwks",
+        type=Path,
+        metavar="FILE",
+        help="verify the token offline with this key set of its issuer (implies --verify)",
+    )
+    check.add_argument(
+        "--at", metavar="TIME", help="check the token's lifetime at this ISO 8601 time (default now)"
+    )
     check.add_argument("--json", action="store_true", help="print the decision as JSON")
     check.set_defaults(func=_check)
 
@@ -78,7 +97,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _hash(args: argparse.Namespace) -> int:
-    print(host_data_of_policy(args.cce_policy.read_bytes()).hex())
+    data = args.cce_policy.read_bytes()
+    trailing = trailing_whitespace(data)
+    if args.strip:
+        data = strip_policy(data)
+    elif trailing:
+        print(
+            f"skr: warning: {args.cce_policy} ends in whitespace ({trailing!r}), which is part of the hash;"
+            " saved acipolicygen --outraw output has a final newline the deployed (base64) policy lacks;"
+            " --strip hashes it without",
+            file=sys.stderr,
+        )
+    print(host_data_of_policy(data).hex())
     return 0
 
 
@@ -165,8 +195,9 @@ async def _verified_claims(token: str, issuer: str) -> dict[str, Any]:
 
 def _claims(args: argparse.Namespace) -> dict[str, Any]:
     if args.claims is not None:
-        if args.verify:
-            raise BadRequest("--verify needs --token (a claims file has no signature)")
+        given = [f for f, v in (("--verify", args.verify), ("--jwks", args.jwks), ("--at", args.at)) if v]
+        if given:
+            raise BadRequest(f"{given[0]} needs --token (a claims file has no signature)")
         try:
             claims = json.loads(args.claims.read_bytes())
         except (UnicodeDecodeError, ValueError):
@@ -176,6 +207,12 @@ def _claims(args: argparse.Namespace) -> dict[str, Any]:
         return claims
     token = _token_text(args.token)
     claims = _unverified_claims(token)
+    if args.jwks is not None or args.at is not None:
+        from skr.commands.token import parse_time, read_jwks, verify_token
+
+        jwks = read_jwks(args.jwks) if args.jwks is not None else None
+        at = parse_time(args.at)
+        return asyncio.run(verify_token(token, jwks=jwks, issuer=None, at=at)).claims
     if args.verify:
         issuer = claims.get("iss")
         if not isinstance(issuer, str) or not issuer:
