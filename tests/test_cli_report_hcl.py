@@ -93,8 +93,9 @@ def test_verify_a_genuine_genoa_hcl_report_from_trustee_evidence(capsys, vectors
 
 def test_runtime_data_changed_after_attestation_is_invalid(capsys, vectors, tmp_path):
     raw = bytearray((vectors / HCL).read_bytes())
-    _, runtime = _runtime_slice(bytes(raw))
     start = raw.index(b"911B0EF8")
+    size, _ = _runtime_slice(bytes(raw))
+    assert 0x4D4 <= start < 0x4D4 + size  # inside the runtime data, outside the signed SNP report
     raw[start] = ord("A")  # a different vmUniqueId; the SNP report (and its signature) is untouched
     path = tmp_path / "edited.bin"
     path.write_bytes(bytes(raw))
