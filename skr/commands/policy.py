@@ -1,6 +1,7 @@
 """``skr policy``: HOST_DATA of a CCE policy, the confidential-containers release policy, policy checks.
 
-``hash`` prints the HOST_DATA a CCE policy binds to; ``release`` prints the release policy for it;
+``hash`` prints the HOST_DATA a CCE policy binds to; ``inspect`` decodes a CCE policy and warns about
+every setting that weakens confidentiality; ``release`` prints the release policy for it;
 ``check`` evaluates a release policy against token claims and prints the trace (exit 0 allowed, 1 denied,
 2 unusable input; a token that fails ``--verify`` is a denial). Tokens are only decoded unless
 ``--verify`` is given; a token is never printed.
@@ -34,7 +35,7 @@ _EXIT_DENIED = 1
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``skr policy {hash,release,check}``."""
+    """Add ``skr policy {hash,inspect,release,check}``."""
     parser = sub.add_parser(
         "policy",
         help="CCE policy hash, release policy builder and checker",
@@ -54,6 +55,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "newline the deployed base64 policy does not have)",
     )
     hash_parser.set_defaults(func=_hash)
+
+    inspect = actions.add_parser(
+        "inspect", help="decode a CCE policy: containers, settings, warnings and its HOST_DATA"
+    )
+    inspect.add_argument("--cce-policy", required=True, type=Path, metavar="FILE", help="base64 or raw Rego")
+    inspect.add_argument("--json", action="store_true", help="print the decoded policy as one JSON object")
+    inspect.set_defaults(func=_inspect)
 
     release = actions.add_parser("release", help="print the release policy for a confidential container")
     release.add_argument("--authority", required=True, metavar="URL", help="the MAA endpoint (URL or host)")
@@ -122,6 +130,60 @@ def _release(args: argparse.Namespace) -> int:
         attestation_type=args.attestation_type,
     )
     print(json.dumps(policy, indent=2))
+    return 0
+
+
+# --- inspect ----------------------------------------------------------------------------------------------
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from skr.snp.ccepolicy import decode_policy
+
+    policy = decode_policy(args.cce_policy.read_bytes())
+    if args.json:
+        print(json.dumps(policy.to_dict(), indent=2, ensure_ascii=False))
+        return 0
+    print(f"HOST_DATA          {policy.host_data}")
+    print(f"api_version        {policy.api_version or '(not set)'}")
+    print(f"framework_version  {policy.framework_version or '(not set)'}")
+    if policy.allow_all:
+        print("enforcement        allow-all (every enforcement point is allowed outright)")
+    else:
+        for name, kind in policy.rules.items():
+            print(f"  {name:24} {kind}")
+    for name, value in policy.settings.items():
+        print(f"{name:38} {json.dumps(value)}")
+    for fragment in policy.fragments:
+        print(
+            f"fragment           {fragment['feed']} (issuer {fragment['issuer']}, minimum svn "
+            f"{fragment['minimum_svn']}, includes {', '.join(fragment['includes'])})"
+        )
+    print(f"containers         {len(policy.containers)}")
+    for container in policy.containers:
+        print(f"- {container.name}: {container.image or '(no image)'} ({container.layers} layers)")
+        print(f"    command      {json.dumps(container.command)}")
+        print(f"    working_dir  {container.working_dir}")
+        for rule in container.env_rules:
+            required = ", required" if rule["required"] else ""
+            print(f"    env          {rule['pattern']} ({rule['strategy']}{required})")
+        for mount in container.mounts:
+            print(
+                f"    mount        {mount['destination']} <- {mount['source']} "
+                f"({mount['type']}, {','.join(mount['options'])})"
+            )
+        for process in container.exec_processes:
+            print(f"    exec         {json.dumps(process)}")
+        print(
+            f"    flags        allow_elevated={json.dumps(container.allow_elevated)} "
+            f"allow_stdio_access={json.dumps(container.allow_stdio_access)} "
+            f"no_new_privileges={json.dumps(container.no_new_privileges)}"
+        )
+    for process in policy.external_processes:
+        print(f"external process   {json.dumps(process)}")
+    for warning in policy.warnings:
+        print(f"WARNING: {warning}")
+    for note in policy.notes:
+        print(f"note: {note}")
     return 0
 
 
