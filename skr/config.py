@@ -145,22 +145,7 @@ def _endpoint(value: str, name: str) -> Endpoint:
         raise ConfigError(str(exc)) from None
 
 
-#: The daemon flags (by destination) ``skr release`` and ``skr doctor`` use; their --help shows no others.
-RELEASE_FLAGS = frozenset(
-    {
-        "maa_endpoint",
-        "akv_endpoint",
-        "allowed_endpoints",
-        "evidence",
-        "state_dir",
-        "ca_bundle",
-        "deadline",
-        "audit_log",
-        "log_level",
-        "log_file",
-        "sidecar_args",
-    }
-)
+#: The daemon flags (by destination) ``skr doctor`` and ``skr release`` use; their --help shows no others.
 DOCTOR_FLAGS = frozenset(
     {
         "maa_endpoint",
@@ -172,6 +157,7 @@ DOCTOR_FLAGS = frozenset(
         "sidecar_args",
     }
 )
+RELEASE_FLAGS = DOCTOR_FLAGS | {"deadline", "audit_log", "log_level", "log_file"}
 
 
 def add_arguments(parser: argparse.ArgumentParser, *, only: frozenset[str] | None = None) -> None:
