@@ -11,13 +11,15 @@ import subprocess
 import threading
 from collections.abc import Iterator
 
+import aiohttp
 import pytest
 
 from skr.cli import build_parser
 from skr.commands.doctor import Check, _unique
 from skr.config import Settings, allowlist_pattern_problem, allowlist_problems, check_startup
 from skr.endpoints import Allowlist, parse_endpoint
-from skr.errors import ConfigError
+from skr.errors import ConfigError, UpstreamError
+from skr.http import RetryPolicy
 from tests.procs import SKR, clean_env
 
 
@@ -268,3 +270,26 @@ def test_release_and_doctor_help_show_only_the_flags_they_use(command, absent, c
     flags = {flag for action in parser._actions for flag in action.option_strings}
     assert not flags & set(absent)
     assert {"--maa-endpoint", "--akv-endpoint", "--allowed-endpoints", "--evidence"} <= flags
+
+
+async def test_a_skip_network_session_refuses_every_request_before_connecting(listener):
+    from skr.commands.doctor import NetworkDisabled, _session
+    from skr.http import request
+
+    async with _session(skip_network=True) as session:
+        with pytest.raises(NetworkDisabled, match="--skip-network"):
+            await session.get(f"http://127.0.0.1:{listener.port}/metadata/THIM/amd/certification")
+        with pytest.raises(UpstreamError) as info:  # what a collateral fetch turns it into
+            await request(
+                session,
+                "GET",
+                f"http://127.0.0.1:{listener.port}/x",
+                service="THIM",
+                retry=RetryPolicy(attempts=1),
+            )
+        assert info.value.code == "upstream_unreachable"
+    assert listener.connections == 0
+    async with _session(skip_network=False) as session:  # the listener does count real attempts
+        with pytest.raises(aiohttp.ClientError):
+            await session.get(f"http://127.0.0.1:{listener.port}/")
+    assert listener.connections >= 1
