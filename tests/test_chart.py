@@ -296,13 +296,14 @@ def test_defaults_wire_only_log_level_state_and_the_uvm_context(chart):
 
 
 def test_custom_values_reach_the_sidecar_environment(chart):
+    sidecar_args = {"identity": {"client_id": CLIENT_ID}, "maaconfig": {"user_agent": "contoso/1"}}
     values = {
         "logLevel": "debug",
         "maa": {"endpoint": "sharedeus.eus.attest.azure.net"},
         "keyVault": {"endpoint": "myhsm.managedhsm.azure.net"},
         "allowedEndpoints": ["sharedeus.eus.attest.azure.net", "myhsm.managedhsm.azure.net"],
         "tokenReuse": False,
-        "sidecarArgs": {"identity": {"client_id": CLIENT_ID}, "maaconfig": {"user_agent": "contoso/1"}},
+        "sidecarArgs": sidecar_args,
         "caBundle": {"configMap": "corp-roots"},
         "clientToken": {"secretName": "skr-client"},
         "extraEnv": [{"name": "SKR_REQUEST_DEADLINE", "value": "20"}],
@@ -321,7 +322,7 @@ def test_custom_values_reach_the_sidecar_environment(chart):
     assert env["SKR_TOKEN_REUSE"] == "off"
     assert json.loads(base64.b64decode(env["SkrSideCarArgs"], validate=True)) == {
         **LOCAL_THIM,
-        **values["sidecarArgs"],
+        **sidecar_args,
     }
     assert env["SKR_CA_BUNDLE"] == "/etc/skr/ca/ca.crt"
     assert env["SKR_CLIENT_TOKEN_FILE"] == "/etc/skr/client-token/token"
