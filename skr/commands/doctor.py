@@ -1,8 +1,8 @@
 """``skr doctor``: check everything a release needs, and say how to fix what is wrong.
 
-Checks, in order: settings (the allowlist patterns), security context, evidence source, a fresh report
-and its AMD chain, the policy-hash self-check, the collateral settings, the attestation and key vault
-endpoints (allowlist; then DNS, TLS), the identity configuration and the identity token. A failing check
+Checks, in order: the allowlist patterns, security context, collateral settings, evidence source, a fresh
+report and its AMD chain, the policy-hash self-check, the identity configuration, the attestation and key
+vault endpoints (allowlist; then DNS, TLS) and the identity token. A failing check
 never stops the others: endpoints, allowlist, identity configuration and collateral settings are all
 checked without a TEE. Each problem is printed once; ``--json`` prints one JSON object. Exit 0 when all
 pass, 1 otherwise.
