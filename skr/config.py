@@ -13,8 +13,10 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import ipaddress
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -145,10 +147,31 @@ def _endpoint(value: str, name: str) -> Endpoint:
         raise ConfigError(str(exc)) from None
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+#: The daemon flags (by destination) ``skr doctor`` and ``skr release`` use; their --help shows no others.
+DOCTOR_FLAGS = frozenset(
+    {
+        "maa_endpoint",
+        "akv_endpoint",
+        "allowed_endpoints",
+        "evidence",
+        "state_dir",
+        "ca_bundle",
+        "sidecar_args",
+    }
+)
+RELEASE_FLAGS = DOCTOR_FLAGS | {"deadline", "audit_log", "log_level", "log_file"}
+
+
+def add_arguments(parser: argparse.ArgumentParser, *, only: frozenset[str] | None = None) -> None:
     """The daemon's flags (used by ``skr serve``, ``skr local`` and ``skr release``). Defaults are None
-    so that an unset flag falls through to the environment."""
-    a = parser.add_argument
+    so that an unset flag falls through to the environment. ``only`` keeps the flags with these
+    destinations (a command's --help then shows only what it uses)."""
+
+    def a(*names: str, **options: Any) -> None:
+        dest = options.get("dest") or names[0].lstrip("-").replace("-", "_")
+        if only is None or dest in only:
+            parser.add_argument(*names, **options)
+
     a("--port", "-port", type=int, default=None, help="listen port (default 8080; env Port / SKR_PORT)")
     a("--host", default=None, help="listen address (default 127.0.0.1)")
     a("--allow-remote", action="store_true", default=None, help="accept non-loopback clients (unsafe)")
@@ -223,6 +246,8 @@ def load_settings(
     if (v := pick("akv_endpoint", "SKR_AKV_ENDPOINT")) is not None:
         changes["akv_endpoint"] = _endpoint(v, "SKR_AKV_ENDPOINT")
     if (v := pick("allowed_endpoints", "SKR_ALLOWED_ENDPOINTS")) is not None:
+        if problems := allowlist_value_problems(str(v)):
+            raise ConfigError("; ".join(problems), hint=_ALLOWLIST_HINT)
         try:
             changes["allowlist"] = Allowlist.parse(v)
         except Exception as exc:
@@ -303,3 +328,95 @@ def describe(settings: Settings) -> dict[str, Any]:
             value = value.endpoint_type or None
         out[f.name] = value
     return out
+
+
+# --- start-up checks (``skr serve`` refuses, ``skr doctor`` reports) ---------------------------------
+
+_PATTERN_LABEL_RE = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+
+
+def allowlist_pattern_problem(pattern: str) -> str | None:
+    """Why an ``SKR_ALLOWED_ENDPOINTS`` pattern cannot match anything as meant, or None when it parses:
+    ``host``, ``*.domain`` or an IP literal (``[v6]`` with a port), optionally ``:port`` or ``:*``."""
+    text = pattern.strip().lower()
+    if "://" in text or "/" in text:
+        return "is a URL; give the host name only (e.g. myvault.vault.azure.net)"
+    host, port = text, None
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            return "has an unclosed '['"
+        host, rest = text[1:end], text[end + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                return "has text after ']'"
+            port = rest[1:]
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    elif text.count(":") > 1:
+        try:
+            ipaddress.ip_address(text)
+        except ValueError:
+            return "is not a host name (an IPv6 address with a port needs brackets: [::1]:8443)"
+        return None
+    if port is not None and port != "*" and not (port.isdigit() and 0 < int(port) < 65536):
+        return f"has a bad port {port!r} (1-65535 or *)"
+    if host.startswith("*."):
+        host = host[2:]
+    if "*" in host:
+        return "has a wildcard that is not a leading '*.' (only '*.domain' is supported)"
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not host or not all(_PATTERN_LABEL_RE.match(label) for label in host.rstrip(".").split(".")):
+            return "is not a valid host name"
+    return None
+
+
+_ALLOWLIST_HINT = "write host, *.domain, host:port or [v6]:port, comma-separated"
+
+
+def allowlist_value_problems(value: str) -> list[str]:
+    """One line per pattern of an ``SKR_ALLOWED_ENDPOINTS`` value that does not parse."""
+    problems = []
+    for pattern in (p.strip() for p in value.split(",")):
+        reason = allowlist_pattern_problem(pattern) if pattern else None
+        if reason is not None:
+            problems.append(f"SKR_ALLOWED_ENDPOINTS pattern {pattern!r} {reason}")
+    return problems
+
+
+def allowlist_problems(settings: Settings) -> list[str]:
+    """One line per pattern of the settings' allowlist that does not parse."""
+    return allowlist_value_problems(",".join(settings.allowlist.patterns))
+
+
+def default_endpoint_problems(settings: Settings) -> list[tuple[str, Endpoint, str]]:
+    """``(setting, endpoint, one line naming both settings)`` for each default endpoint the allowlist
+    refuses: every request without its own endpoint would be refused."""
+    problems = []
+    patterns = ", ".join(settings.allowlist.patterns) or "(empty)"
+    for name, endpoint in (
+        ("SKR_MAA_ENDPOINT", settings.maa_endpoint),
+        ("SKR_AKV_ENDPOINT", settings.akv_endpoint),
+    ):
+        if endpoint is not None and not settings.allowlist.allows(endpoint):
+            problems.append(
+                (
+                    name,
+                    endpoint,
+                    f"{name} {endpoint} is not in the endpoint allowlist SKR_ALLOWED_ENDPOINTS ({patterns})",
+                )
+            )
+    return problems
+
+
+def check_startup(settings: Settings) -> None:
+    """Refuse a configuration that would fail on the first request: :class:`ConfigError` on one line."""
+    problems = allowlist_problems(settings) + [line for _, _, line in default_endpoint_problems(settings)]
+    if problems:
+        raise ConfigError(
+            "; ".join(problems),
+            hint="fix SKR_ALLOWED_ENDPOINTS or the default endpoint (flags --allowed-endpoints, "
+            "--maa-endpoint, --akv-endpoint)",
+        )

@@ -31,6 +31,10 @@ CHART = Path(__file__).resolve().parents[1] / "charts" / "skr"
 KUBE_VERSION = "1.30.0"  # oldest Kubernetes minor AKS still supports for confidential pods; schemas bundled
 CLIENT_ID = "0f3e1c2a-1b2c-4d5e-8f90-a1b2c3d4e5f6"
 EXAMPLE = {"example": {"enabled": True, "kid": "app-key"}}
+# The default collateral source on AKS: the node-local THIM through IMDS, as Microsoft's Kata examples set it.
+LOCAL_THIM = {
+    "certcache": {"endpoint_type": "LocalTHIM", "endpoint": "169.254.169.254/metadata/THIM/amd/certification"}
+}
 
 
 def merge(*layers: dict[str, Any]) -> dict[str, Any]:
@@ -271,7 +275,9 @@ def test_kata_agent_policy_becomes_the_pod_annotation_only_when_given(chart):
 
 def test_defaults_wire_only_log_level_state_and_the_uvm_context(chart):
     skr = container(render(chart, EXAMPLE))
-    assert env_of(skr) == {
+    env = env_of(skr)
+    assert json.loads(base64.b64decode(env.pop("SkrSideCarArgs"), validate=True)) == LOCAL_THIM
+    assert env == {
         "LogLevel": "info",
         "SKR_STATE_DIR": "/var/lib/skr",
         "UVM_SECURITY_CONTEXT_DIR": "/opt/confidential-containers/share/kata-containers",
@@ -290,13 +296,14 @@ def test_defaults_wire_only_log_level_state_and_the_uvm_context(chart):
 
 
 def test_custom_values_reach_the_sidecar_environment(chart):
+    sidecar_args = {"identity": {"client_id": CLIENT_ID}, "maaconfig": {"user_agent": "contoso/1"}}
     values = {
         "logLevel": "debug",
         "maa": {"endpoint": "sharedeus.eus.attest.azure.net"},
         "keyVault": {"endpoint": "myhsm.managedhsm.azure.net"},
         "allowedEndpoints": ["sharedeus.eus.attest.azure.net", "myhsm.managedhsm.azure.net"],
         "tokenReuse": False,
-        "sidecarArgs": {"identity": {"client_id": CLIENT_ID}, "maaconfig": {"user_agent": "contoso/1"}},
+        "sidecarArgs": sidecar_args,
         "caBundle": {"configMap": "corp-roots"},
         "clientToken": {"secretName": "skr-client"},
         "extraEnv": [{"name": "SKR_REQUEST_DEADLINE", "value": "20"}],
@@ -313,7 +320,10 @@ def test_custom_values_reach_the_sidecar_environment(chart):
     assert env["SKR_AKV_ENDPOINT"] == "myhsm.managedhsm.azure.net"
     assert env["SKR_ALLOWED_ENDPOINTS"] == "sharedeus.eus.attest.azure.net,myhsm.managedhsm.azure.net"
     assert env["SKR_TOKEN_REUSE"] == "off"
-    assert json.loads(base64.b64decode(env["SkrSideCarArgs"], validate=True)) == values["sidecarArgs"]
+    assert json.loads(base64.b64decode(env["SkrSideCarArgs"], validate=True)) == {
+        **LOCAL_THIM,
+        **sidecar_args,
+    }
     assert env["SKR_CA_BUNDLE"] == "/etc/skr/ca/ca.crt"
     assert env["SKR_CLIENT_TOKEN_FILE"] == "/etc/skr/client-token/token"
     assert env["SKR_REQUEST_DEADLINE"] == "20"
@@ -360,6 +370,57 @@ def test_the_sidecars_args_and_env_mean_what_the_values_say_to_skr_serve(chart):
     assert settings.ca_bundle == Path("/etc/skr/ca/ca.crt")
     assert settings.state_dir == Path("/var/lib/skr")
     assert settings.audit_log == Path("/var/log/skr/audit.jsonl") and settings.audit_stdout is True
+
+
+def test_the_default_collateral_source_is_the_node_local_thim_and_skr_reads_it_so(chart):
+    from skr.commands import serve
+    from skr.config import load_settings
+    from skr.snp.collateral import THIM_URL, CollateralClient, CollateralSource
+
+    skr = container(render(chart, EXAMPLE))
+    parser = argparse.ArgumentParser(prog="skr")
+    serve.register(parser.add_subparsers())
+    settings = load_settings(parser.parse_args(["serve", *skr["args"]]), env_of(skr))
+    assert settings.certcache.endpoint_type == "LocalTHIM"
+    client = CollateralClient.from_certcache(None, settings.certcache)  # type: ignore[arg-type]
+    assert client.source is CollateralSource.LOCAL_THIM
+    assert client.thim_url == THIM_URL  # plain HTTP to IMDS, as the Go sidecar's Kata example
+    # without certcache skr falls back to AMD KDS; the values and README say where chains come from
+    no_certcache = {"sidecarArgs": {"certcache": None}}
+    assert "SkrSideCarArgs" not in env_of(container(render(chart, EXAMPLE, no_certcache)))
+    text = (CHART / "values.yaml").read_text() + (CHART / "README.md").read_text()
+    for fact in ("LocalTHIM", "host-amd-cert-base64", "kdsintf.amd.com", "429", "IMDS"):
+        assert fact in text, fact
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        "sharedeus.eus.attest.azure.net,myvault.vault.azure.net",
+        " sharedeus.eus.attest.azure.net , myvault.vault.azure.net ,",
+        ["sharedeus.eus.attest.azure.net", "myvault.vault.azure.net"],
+    ],
+)
+def test_allowed_endpoints_as_a_list_or_a_comma_separated_string(chart, given):
+    env = env_of(container(render(chart, EXAMPLE, {"allowedEndpoints": given})))
+    assert env["SKR_ALLOWED_ENDPOINTS"] == "sharedeus.eus.attest.azure.net,myvault.vault.azure.net"
+
+
+def test_empty_allowed_endpoints_string_leaves_the_built_in_list(chart):
+    assert "SKR_ALLOWED_ENDPOINTS" not in env_of(
+        container(render(chart, EXAMPLE, {"allowedEndpoints": " , "}))
+    )
+
+
+@pytest.mark.parametrize(
+    "where", [{"image": {"tag": "latest"}}, {"example": {"image": {"repository": "a/b", "tag": "latest"}}}]
+)
+def test_image_tag_latest_is_refused_with_a_sentence(chart, where):
+    with pytest.raises(helm.HelmError) as info:
+        chart.render(merge(EXAMPLE, where), name="demo", namespace="apps")
+    message = str(info.value)
+    assert 'image.tag "latest" is refused: a moving tag can change the code that handles your keys' in message
+    assert "'not' failed" not in message
 
 
 def test_image_digest_pins_the_image_by_digest(chart):
@@ -423,7 +484,6 @@ BAD_VALUES = [
         "must be one of 'emptyDir', 'existingClaim'",
     ),
     ({"audit": {"volume": {"type": "existingClaim"}}}, "/audit/volume/claimName", "minLength"),
-    ({"image": {"tag": "latest"}}, "/image/tag", "'not' failed"),
     ({"evidence": "virtual"}, "/evidence", "must be one of 'auto', 'sevguest', 'sev', 'tsm'"),
     ({"securityContext": {"runAsUser": 0}}, "/securityContext/runAsUser", "minimum"),
     ({"runtimeClasName": "kata-cc"}, "'runtimeClasName' not allowed", "additional properties"),

@@ -584,7 +584,7 @@ def evaluate(policy: ReleasePolicy, claims: Mapping[str, Any]) -> Decision:
 def build_confidential_containers_policy(
     *,
     authority: str,
-    host_data: str,
+    host_data: str | Sequence[str],
     compliance: str | None = "azure-compliant-uvm",
     allow_debug: bool = False,
     vmpl: int | None = 0,
@@ -592,7 +592,8 @@ def build_confidential_containers_policy(
 ) -> dict[str, Any]:
     """The release policy for a confidential container (ACI / AKS) bound to its CCE policy.
 
-    ``host_data`` is the 64-hex-digit SHA-256 of the CCE policy (``x-ms-sevsnpvm-hostdata``);
+    ``host_data`` is the 64-hex-digit SHA-256 of the CCE policy (``x-ms-sevsnpvm-hostdata``), or several
+    of them for a rollout: one ``anyOf`` entry per value, each with the same other conditions;
     ``allow_debug`` drops the is-debuggable condition; ``vmpl=None`` drops the VMPL condition;
     ``compliance=None`` drops the compliance-status condition. Values are strings, like Microsoft's
     examples.
@@ -601,24 +602,35 @@ def build_confidential_containers_policy(
         raise PolicyError("the attestation authority is empty", hint="give the MAA endpoint URL")
     text = authority.strip()
     url = (text if "://" in text else "https://" + text).rstrip("/")
-    digest = host_data.strip().lower().removeprefix("0x")
-    if not _HEX64_RE.fullmatch(digest):
-        raise PolicyError(
-            "host data must be 64 hex digits (the SHA-256 of the CCE policy)",
-            hint="compute it with `skr policy hash --cce-policy FILE`",
-        )
+    values = [host_data] if isinstance(host_data, str) else list(host_data)
+    if not values:
+        raise PolicyError("give at least one host data value (the SHA-256 of the CCE policy)")
+    digests: list[str] = []
+    for value in values:
+        digest = value.strip().lower().removeprefix("0x")
+        if not _HEX64_RE.fullmatch(digest):
+            raise PolicyError(
+                "host data must be 64 hex digits (the SHA-256 of the CCE policy)",
+                hint="compute it with `skr policy hash --cce-policy FILE`",
+            )
+        if digest not in digests:
+            digests.append(digest)
     if vmpl is not None and (isinstance(vmpl, bool) or not isinstance(vmpl, int) or not 0 <= vmpl <= 3):
         raise PolicyError(f"vmpl must be 0 to 3, not {vmpl!r}")
-    conditions: list[dict[str, Any]] = [{"claim": "x-ms-sevsnpvm-hostdata", "equals": digest}]
+    others: list[dict[str, Any]] = []
     if compliance:
-        conditions.append({"claim": "x-ms-compliance-status", "equals": compliance})
+        others.append({"claim": "x-ms-compliance-status", "equals": compliance})
     if not allow_debug:
-        conditions.append({"claim": "x-ms-sevsnpvm-is-debuggable", "equals": "false"})
+        others.append({"claim": "x-ms-sevsnpvm-is-debuggable", "equals": "false"})
     if vmpl is not None:
-        conditions.append({"claim": "x-ms-sevsnpvm-vmpl", "equals": str(vmpl)})
+        others.append({"claim": "x-ms-sevsnpvm-vmpl", "equals": str(vmpl)})
     if attestation_type:
-        conditions.append({"claim": "x-ms-attestation-type", "equals": attestation_type})
-    policy = {"version": "1.0.0", "anyOf": [{"authority": url, "allOf": conditions}]}
+        others.append({"claim": "x-ms-attestation-type", "equals": attestation_type})
+    entries = [
+        {"authority": url, "allOf": [{"claim": "x-ms-sevsnpvm-hostdata", "equals": d}, *others]}
+        for d in digests
+    ]
+    policy = {"version": "1.0.0", "anyOf": entries}
     parse_policy(policy)
     return policy
 

@@ -435,6 +435,7 @@ class KeyVaultReleaser:
                     if error.status == 403
                     else f"the access token was rejected; check its tenant and audience and the '{role}' role"
                 ),
+                code="access_token_rejected" if error.status == 401 else None,
             )
         if error.status == 404:
             return KeyNotFound(

@@ -24,9 +24,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     verify.set_defaults(func=_verify)
 
     show = inner.add_parser("show", help="print the records as a table")
-    show.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    show.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="log files, oldest first")
     show.add_argument("--kid", help="only this key (name, name/version or URL as requested)")
-    show.add_argument("--outcome", choices=OUTCOMES)
+    show.add_argument("--outcome", choices=OUTCOMES, help="only records with this outcome")
     show.add_argument("--since", help="only records at or after this RFC 3339 time")
     show.add_argument("--json", action="store_true", help="print matching records as JSON lines")
     show.set_defaults(func=_show)

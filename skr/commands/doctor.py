@@ -1,8 +1,15 @@
 """``skr doctor``: check everything a release needs, and say how to fix what is wrong.
 
-Checks, in order: settings, evidence source, security context, a fresh report and its AMD chain, the
-policy-hash self-check, the attestation and key vault endpoints (allowlist, DNS, TLS), and the identity
-token. Prints one line per check; exit 0 when all pass, 1 otherwise.
+Checks, in order: the allowlist patterns, security context, collateral settings, evidence source, a fresh
+report and its AMD chain, the policy-hash self-check, the identity configuration, the attestation and key
+vault endpoints (allowlist; then DNS, TLS) and the identity token. A failing check
+never stops the others: endpoints, allowlist, identity configuration and collateral settings are all
+checked without a TEE. Each problem is printed once; ``--json`` prints one JSON object. Exit 0 when all
+pass, 1 otherwise.
+
+``--skip-network`` makes no network call at all: every HTTP request of the run is refused before it
+connects, and the DNS/TLS and identity-token checks are skipped. azure-identity's own log lines are kept
+out of the report.
 """
 
 from __future__ import annotations
@@ -10,16 +17,30 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import json
+import logging
 import os
 import socket
 import ssl
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import aiohttp
 
-from skr.config import Settings, add_arguments, load_settings
-from skr.endpoints import Endpoint
-from skr.errors import SkrError
+from skr.config import (
+    DOCTOR_FLAGS,
+    Settings,
+    add_arguments,
+    allowlist_pattern_problem,
+    allowlist_problems,
+    allowlist_value_problems,
+    default_endpoint_problems,
+    load_settings,
+)
+from skr.endpoints import DEFAULT_ALLOWED, Endpoint
+from skr.errors import ConfigError, SkrError
 from skr.http import client_ssl_context
 
 
@@ -81,16 +102,112 @@ def _uvm_endorsement_check(
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = sub.add_parser("doctor", help="check evidence, policy hash, collateral, endpoints and identity")
-    add_arguments(parser)
+    add_arguments(parser, only=DOCTOR_FLAGS)
     parser.add_argument(
-        "--skip-network", action="store_true", help="do not contact MAA, Key Vault or identity"
+        "--skip-network",
+        action="store_true",
+        help="make no network call (no MAA, Key Vault, identity, THIM or KDS); check only local settings",
     )
+    parser.add_argument("--json", action="store_true", help="print the checks as one JSON object")
     parser.set_defaults(func=_doctor)
 
 
+class NetworkDisabled(aiohttp.ClientConnectionError):
+    """Raised for every HTTP request of a ``--skip-network`` run, before it connects."""
+
+
+async def _refuse_request(
+    session: aiohttp.ClientSession, context: SimpleNamespace, params: aiohttp.TraceRequestStartParams
+) -> None:
+    raise NetworkDisabled(f"--skip-network: no request to {params.url.host} was made")
+
+
+def _session(*, skip_network: bool) -> aiohttp.ClientSession:
+    if not skip_network:
+        return aiohttp.ClientSession()
+    trace = aiohttp.TraceConfig()
+    trace.on_request_start.append(_refuse_request)
+    return aiohttp.ClientSession(trace_configs=[trace])
+
+
+def _allowlist_checks(settings: Settings) -> list[Check]:
+    problems = allowlist_problems(settings)
+    if not problems:
+        return [Check("endpoint allowlist", True, ", ".join(settings.allowlist.patterns) or "(empty)")]
+    return [
+        Check("endpoint allowlist", False, problem, "write host, *.domain or host:port, comma-separated")
+        for problem in problems
+    ]
+
+
+def _allowlist_refusal(name: str, settings: Settings) -> Check | None:
+    for setting, endpoint, _line in default_endpoint_problems(settings):
+        if setting == _SETTING_OF[name]:
+            return Check(
+                name,
+                False,
+                f"{endpoint} is not in the endpoint allowlist, so {setting} cannot be used "
+                f"(SKR_ALLOWED_ENDPOINTS: {', '.join(settings.allowlist.patterns)})",
+                "add it to SKR_ALLOWED_ENDPOINTS",
+            )
+    return None
+
+
+_SETTING_OF = {"attestation endpoint": "SKR_MAA_ENDPOINT", "key vault endpoint": "SKR_AKV_ENDPOINT"}
+
+
+def _collateral_check(settings: Settings, context_has_certs: bool) -> Check:
+    from skr.snp.collateral import KDS_BASE, THIM_URL, CollateralSource
+
+    certcache = settings.certcache
+    try:
+        source = CollateralSource.parse(certcache.endpoint_type or "AMD")
+    except ConfigError as exc:
+        return Check("collateral settings", False, exc.message, exc.hint or "fix SkrSideCarArgs.certcache")
+    where = {
+        CollateralSource.LOCAL_THIM: f"node-local THIM via IMDS at {certcache.endpoint or THIM_URL}",
+        CollateralSource.AZCACHE: f"the Azure certificate cache {certcache.endpoint or '(default)'}",
+        CollateralSource.AMD: f"AMD KDS {certcache.endpoint or KDS_BASE} (rate-limited: fine for tests, "
+        "not for fleets)",
+    }[source]
+    first = "the security context's host-amd-cert-base64, then " if context_has_certs else ""
+    return Check("collateral settings", True, f"VCEK chains from {first}{where}")
+
+
+def _identity_configuration_check(env: dict[str, str] | os._Environ[str]) -> Check:
+    from skr.identity import WORKLOAD_IDENTITY_ENV
+
+    present = [name for name in WORKLOAD_IDENTITY_ENV if env.get(name, "").strip()]
+    if present and len(present) < len(WORKLOAD_IDENTITY_ENV):
+        missing = [name for name in WORKLOAD_IDENTITY_ENV if name not in present]
+        return Check(
+            "identity configuration",
+            False,
+            f"workload identity is half configured: {', '.join(present)} set, {', '.join(missing)} not "
+            "(managed identity would be used instead)",
+            "label the pod azure.workload.identity/use=true with a federated service account, or unset them",
+        )
+    if len(present) == len(WORKLOAD_IDENTITY_ENV):
+        token_file = Path(env["AZURE_FEDERATED_TOKEN_FILE"].strip())
+        try:
+            readable = bool(token_file.read_text().strip())
+        except OSError:
+            readable = False
+        if not readable:
+            return Check(
+                "identity configuration",
+                False,
+                f"workload identity: AZURE_FEDERATED_TOKEN_FILE {token_file} is missing, unreadable or empty",
+                "check the projected service-account token volume",
+            )
+        return Check(
+            "identity configuration", True, f"workload identity, client {env['AZURE_CLIENT_ID'].strip()}"
+        )
+    endpoint = env.get("IDENTITY_ENDPOINT", "").strip() or "IMDS (169.254.169.254)"
+    return Check("identity configuration", True, f"managed identity through {endpoint}")
+
+
 async def _endpoint_check(name: str, ep: Endpoint, settings: Settings, path: str) -> Check:
-    if not settings.allowlist.allows(ep):
-        return Check(name, False, f"{ep} is not in the endpoint allowlist", "add it to SKR_ALLOWED_ENDPOINTS")
     try:
         await asyncio.get_running_loop().getaddrinfo(ep.host, ep.port, type=socket.SOCK_STREAM)
     except OSError as exc:
@@ -119,6 +236,35 @@ async def _endpoint_check(name: str, ep: Endpoint, settings: Settings, path: str
 
 
 async def _run(settings: Settings, *, skip_network: bool) -> list[Check]:
+    checks = _allowlist_checks(settings)
+    checks += await _tee_checks(settings, skip_network=skip_network)
+    checks.append(_identity_configuration_check(os.environ))
+    for name, ep, path in (
+        ("attestation endpoint", settings.maa_endpoint, "/.well-known/openid-configuration"),
+        ("key vault endpoint", settings.akv_endpoint, "/"),
+    ):
+        if ep is None:
+            checks.append(
+                Check(
+                    name,
+                    False,
+                    "no default configured",
+                    "set SKR_MAA_ENDPOINT / SKR_AKV_ENDPOINT, or pass them in each request",
+                )
+            )
+        elif (refused := _allowlist_refusal(name, settings)) is not None:
+            checks.append(refused)
+        elif skip_network:
+            checks.append(Check(name, True, f"{ep} is in the allowlist (not contacted: --skip-network)"))
+        else:
+            checks.append(await _endpoint_check(name, ep, settings, path))
+    if not skip_network:
+        checks.append(await _identity_check(settings))
+    return checks
+
+
+async def _tee_checks(settings: Settings, *, skip_network: bool) -> list[Check]:
+    """Security context, evidence, report, AMD chain, policy hash and collateral settings."""
     from skr.daemon import create_evidence_provider
     from skr.evidence.context import load_security_context
     from skr.local.demo import DEMO_SECURITY_POLICY
@@ -156,7 +302,8 @@ async def _run(settings: Settings, *, skip_network: bool) -> list[Check]:
             Check("security context", False, exc.message, exc.hint or "check the security-context files")
         )
 
-    async with aiohttp.ClientSession() as session:
+    checks.append(_collateral_check(settings, context is not None and context.thim is not None))
+    async with _session(skip_network=skip_network) as session:
         try:
             provider, arks, policy = await create_evidence_provider(
                 settings, session, os.environ, virtual_policy=DEMO_SECURITY_POLICY
@@ -174,7 +321,7 @@ async def _run(settings: Settings, *, skip_network: bool) -> list[Check]:
                 uvm = _uvm_endorsement_check(context.security_policy, context.uvm_reference_info, None)
                 if uvm is not None:
                     checks.append(uvm)
-            return checks
+            return checks  # the checks that need no TEE follow in _run
         checks.append(Check("evidence source", True, provider.name))
         try:
             evidence = await provider.collect(os.urandom(64))
@@ -218,24 +365,6 @@ async def _run(settings: Settings, *, skip_network: bool) -> list[Check]:
         finally:
             await provider.aclose()
 
-    if skip_network:
-        return checks
-    for name, ep, path in (
-        ("attestation endpoint", settings.maa_endpoint, "/.well-known/openid-configuration"),
-        ("key vault endpoint", settings.akv_endpoint, "/"),
-    ):
-        if ep is None:
-            checks.append(
-                Check(
-                    name,
-                    False,
-                    "no default configured",
-                    "set SKR_MAA_ENDPOINT / SKR_AKV_ENDPOINT, or pass them in each request",
-                )
-            )
-        else:
-            checks.append(await _endpoint_check(name, ep, settings, path))
-    checks.append(await _identity_check(settings))
     return checks
 
 
@@ -263,11 +392,67 @@ async def _identity_check(settings: Settings) -> Check:
         await factory.aclose()
 
 
-def _doctor(args: argparse.Namespace) -> int:
-    settings = load_settings(args)
-    checks = asyncio.run(_run(settings, skip_network=args.skip_network))
+def _quiet_azure_logs() -> None:
+    """azure-identity logs its own failures (with tracebacks) to stderr; the report says it once."""
+    azure = logging.getLogger("azure")
+    azure.addHandler(logging.NullHandler())
+    azure.propagate = False
+
+
+def _unique(checks: list[Check]) -> list[Check]:
+    """Each problem once: a check repeating an earlier check's name and detail is dropped."""
+    seen: set[tuple[str, bool, str]] = set()
+    result = []
     for check in checks:
-        print(check.line())
+        key = (check.name, check.ok, check.detail)
+        if key not in seen:
+            seen.add(key)
+            result.append(check)
+    return result
+
+
+def _report(checks: list[Check], *, as_json: bool) -> int:
     failed = [c for c in checks if not c.ok]
-    print(f"\n{len(checks) - len(failed)} of {len(checks)} checks passed")
+    if as_json:
+        document: dict[str, Any] = {
+            "ok": not failed,
+            "passed": len(checks) - len(failed),
+            "total": len(checks),
+            "checks": [asdict(c) for c in checks],
+        }
+        print(json.dumps(document, indent=2, ensure_ascii=False))
+    else:
+        for check in checks:
+            print(check.line())
+        print(f"\n{len(checks) - len(failed)} of {len(checks)} checks passed")
     return 1 if failed else 0
+
+
+def _usable_allowlist(args: argparse.Namespace) -> list[Check]:
+    """Checks for allowlist patterns that do not parse; ``args`` then keeps only the good ones, so that
+    every other check still runs."""
+    raw = (
+        args.allowed_endpoints
+        if args.allowed_endpoints is not None
+        else os.environ.get("SKR_ALLOWED_ENDPOINTS")
+    )
+    if raw is None or not (problems := allowlist_value_problems(raw)):
+        return []
+    good = [p.strip() for p in raw.split(",") if p.strip() and allowlist_pattern_problem(p) is None]
+    args.allowed_endpoints = ",".join(good) if good else ",".join(DEFAULT_ALLOWED)
+    fix = "write host, *.domain or host:port, comma-separated (the other checks use the valid patterns)"
+    return [Check("endpoint allowlist", False, problem, fix) for problem in problems]
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    _quiet_azure_logs()
+    pattern_checks = _usable_allowlist(args)
+    try:
+        settings = load_settings(args)
+    except ConfigError as exc:  # nothing else can be checked with settings that do not load
+        checks = [*pattern_checks, Check("settings", False, exc.message, exc.hint or "fix the named setting")]
+        return _report(checks, as_json=args.json)
+    checks = asyncio.run(_run(settings, skip_network=args.skip_network))
+    if pattern_checks:  # the patterns reported above, instead of "allowlist ok" for the valid rest
+        checks = pattern_checks + [c for c in checks if c.name != "endpoint allowlist"]
+    return _report(_unique(checks), as_json=args.json)

@@ -1,9 +1,14 @@
-"""``skr keys``: create or import an exportable key with a release policy in Key Vault / Managed HSM.
+"""``skr keys``: create, import, show an exportable key with a release policy in Key Vault / Managed HSM,
+and replace that policy.
 
 ``create`` generates the key in the HSM (``oct-HSM`` 128/192/256, ``RSA-HSM`` 2048/3072/4096,
 ``EC-HSM`` P-256/P-384/P-521/P-256K); ``import`` uploads local key material (a PEM private key, or for
 ``oct`` raw key bytes or a JWK JSON file). Both go through ``azure.keyvault.keys.aio.KeyClient`` with the
 same credentials as the sidecar (:class:`skr.identity.CredentialFactory`) and print the new key id.
+Both refuse a name that already exists unless ``--new-version`` is given: a new version is new key material,
+and data encrypted under the old version still needs the old one. ``show`` prints a key's attributes and
+its release policy decoded; ``update-policy`` replaces the release policy of a version in place (no new key
+material: ``update_key_properties``, i.e. ``PATCH /keys/{name}/{version}`` with ``release_policy``).
 
 Never prints key material or tokens; errors are one line naming what the vault said.
 """
@@ -15,12 +20,14 @@ import asyncio
 import json
 import sys
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from azure.core.exceptions import (
     ClientAuthenticationError,
     HttpResponseError,
+    ResourceNotFoundError,
     ServiceRequestError,
     ServiceResponseError,
 )
@@ -55,10 +62,10 @@ _TIMEOUTS = {"connection_timeout": 10, "read_timeout": 60}
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``skr keys {create,import}``."""
+    """Add ``skr keys {create,import,show,update-policy}``."""
     parser = sub.add_parser(
         "keys",
-        help="create or import exportable keys with a release policy",
+        help="create, import or show exportable keys with a release policy, or replace that policy",
         description="Create or import exportable HSM keys with a key release policy (azure-keyvault-keys).",
     )
     actions = parser.add_subparsers(dest="keys_command", metavar="ACTION")
@@ -69,6 +76,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     create.add_argument("--kty", required=True, choices=KTY_CHOICES, help="key type")
     create.add_argument("--size", type=int, help="oct-HSM: 128/192/256 (256); RSA-HSM: 2048/3072/4096 (2048)")
     create.add_argument("--curve", choices=tuple(CURVES), help="EC-HSM curve (P-256)")
+    _new_version(create)
     create.set_defaults(func=_create)
 
     imp = actions.add_parser("import", help="import local key material as an exportable key; prints its id")
@@ -86,14 +94,42 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default="auto",
         help="how to read --key (default auto: PEM or JWK when the file is text, else raw bytes)",
     )
+    _new_version(imp)
     imp.set_defaults(func=_import)
+
+    show = actions.add_parser("show", help="print a key's attributes and its release policy, decoded")
+    _vault_arguments(show)
+    show.add_argument("--version", help="the key version (default: the current one)")
+    show.add_argument("--json", action="store_true", help="print one JSON object")
+    show.set_defaults(func=_show)
+
+    update = actions.add_parser(
+        "update-policy", help="replace the release policy of a key version, keeping its key material"
+    )
+    _vault_arguments(update)
+    update.add_argument("--policy", required=True, type=Path, metavar="FILE", help="release policy JSON")
+    update.add_argument("--immutable", action="store_true", help="make the release policy immutable")
+    update.add_argument("--version", help="the key version to change (default: the current one)")
+    update.set_defaults(func=_update_policy)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--vault", required=True, help="vault or managed HSM: host, host:port or https URL")
-    parser.add_argument("--name", required=True, help="key name")
     parser.add_argument("--policy", required=True, type=Path, metavar="FILE", help="release policy JSON")
     parser.add_argument("--immutable", action="store_true", help="make the release policy immutable")
+    _vault_arguments(parser)
+
+
+def _new_version(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--new-version",
+        action="store_true",
+        help="add a new version when the name exists (data encrypted under an old version needs that one)",
+    )
+
+
+def _vault_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--vault", required=True, help="vault or managed HSM: host, host:port or https URL")
+    parser.add_argument("--name", required=True, help="key name")
     parser.add_argument("--api-version", help="Key Vault API version (default: the SDK's)")
     parser.add_argument("--client-id", help="user-assigned managed identity client id")
     parser.add_argument("--access-token-file", type=Path, metavar="FILE", help="an AAD token for the vault")
@@ -308,6 +344,7 @@ def _create(args: argparse.Namespace) -> int:
         )
 
     async def call(client: KeyClient) -> KeyVaultKey:
+        await _refuse_existing(client, args)
         common: dict[str, Any] = {"hardware_protected": True, "exportable": True, "release_policy": policy}
         if kty == "oct-HSM":
             return await client.create_oct_key(args.name, size=args.size or 256, **common)
@@ -325,10 +362,118 @@ def _import(args: argparse.Namespace) -> int:
     jwk = read_key(args.key, args.key_format)
 
     async def call(client: KeyClient) -> KeyVaultKey:
+        await _refuse_existing(client, args)
         return await client.import_key(
             args.name, jwk, hardware_protected=True, exportable=True, release_policy=policy
         )
 
     key = asyncio.run(_with_client(args, call))
     sys.stdout.write(f"{key.id}\n")
+    return 0
+
+
+async def _refuse_existing(client: KeyClient, args: argparse.Namespace) -> None:
+    """Refuse to add a version to an existing key unless ``--new-version`` says so."""
+    if args.new_version:
+        return
+    try:
+        current = await client.get_key(args.name)
+    except ResourceNotFoundError:
+        return
+    raise BadRequest(
+        f"key {args.name} already exists in {normalize_vault(args.vault)} (current version "
+        f"{current.properties.version}); a new version is new key material, and data encrypted under "
+        "the old version can only be decrypted with the old version",
+        hint="pass --new-version to add one anyway, or use `skr keys update-policy` to change only the "
+        "release policy",
+        code="key_exists",
+    )
+
+
+# --- show / update-policy -----------------------------------------------------------------------------
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _text(value: Any) -> str | None:
+    """An SDK enum member (``JsonWebKeyType.RSA_HSM``) or string as its wire value (``RSA-HSM``)."""
+    return None if value is None else str(getattr(value, "value", value))
+
+
+def describe_key(key: KeyVaultKey) -> dict[str, Any]:
+    """A key's public description: id, type, operations, attributes, tags and its release policy
+    decoded (never key material: the public members of an RSA/EC key are left out too)."""
+    props = key.properties
+    policy: dict[str, Any] | None = None
+    if props.release_policy is not None:
+        raw = props.release_policy.encoded_policy
+        try:
+            decoded: Any = json.loads(raw) if raw else None
+        except (ValueError, UnicodeDecodeError):
+            decoded = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+        policy = {
+            "immutable": bool(props.release_policy.immutable),
+            "content_type": props.release_policy.content_type,
+            "policy": decoded,
+        }
+    return {
+        "id": key.id,
+        "name": key.name,
+        "version": props.version,
+        "kty": _text(key.key_type),
+        "key_ops": [_text(op) for op in key.key_operations or []],
+        "attributes": {
+            "enabled": props.enabled,
+            "exportable": props.exportable,
+            "created": _iso(props.created_on),
+            "updated": _iso(props.updated_on),
+            "not_before": _iso(props.not_before),
+            "expires": _iso(props.expires_on),
+            "recovery_level": props.recovery_level,
+        },
+        "tags": dict(props.tags or {}),
+        "release_policy": policy,
+    }
+
+
+def _print_key(description: dict[str, Any]) -> None:
+    for name in ("id", "kty"):
+        print(f"{name:16} {description[name]}")
+    print(f"{'key_ops':16} {', '.join(op for op in description['key_ops'] if op)}")
+    for name, value in description["attributes"].items():
+        if value is not None:
+            print(f"{name:16} {json.dumps(value) if isinstance(value, bool) else value}")
+    if description["tags"]:
+        print(f"{'tags':16} " + ", ".join(f"{k}={v}" for k, v in description["tags"].items()))
+    policy = description["release_policy"]
+    if policy is None:
+        print("release policy   none")
+        return
+    print(f"release policy   {'immutable' if policy['immutable'] else 'mutable'}, {policy['content_type']}")
+    print(json.dumps(policy["policy"], indent=2, ensure_ascii=False))
+
+
+def _show(args: argparse.Namespace) -> int:
+    async def call(client: KeyClient) -> KeyVaultKey:
+        return await client.get_key(args.name, version=args.version)
+
+    description = describe_key(asyncio.run(_with_client(args, call)))
+    if args.json:
+        print(json.dumps(description, indent=2, ensure_ascii=False))
+    else:
+        _print_key(description)
+    return 0
+
+
+def _update_policy(args: argparse.Namespace) -> int:
+    policy = _release_policy(args)
+
+    async def call(client: KeyClient) -> KeyVaultKey:
+        return await client.update_key_properties(args.name, args.version, release_policy=policy)
+
+    key = asyncio.run(_with_client(args, call))
+    sys.stdout.write(f"{key.id}\n")
+    print(f"release policy of {key.name} version {key.properties.version} replaced", file=sys.stderr)
     return 0

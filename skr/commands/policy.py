@@ -1,6 +1,7 @@
 """``skr policy``: HOST_DATA of a CCE policy, the confidential-containers release policy, policy checks.
 
-``hash`` prints the HOST_DATA a CCE policy binds to; ``release`` prints the release policy for it;
+``hash`` prints the HOST_DATA a CCE policy binds to; ``inspect`` decodes a CCE policy and warns about
+every setting that weakens confidentiality; ``release`` prints the release policy for it;
 ``check`` evaluates a release policy against token claims and prints the trace (exit 0 allowed, 1 denied,
 2 unusable input; a token that fails ``--verify`` is a denial). Tokens are only decoded unless
 ``--verify`` is given; a token is never printed.
@@ -26,7 +27,7 @@ from skr.akv.policy import (
     parse_policy,
 )
 from skr.errors import BadRequest, ConfigError, PolicyError, TokenError
-from skr.snp.hostdata import host_data_of_policy
+from skr.snp.hostdata import host_data_of_policy, strip_policy, trailing_whitespace
 
 _JWT_RE = re.compile(r"[A-Za-z0-9_-]+=*\.[A-Za-z0-9_-]+=*\.[A-Za-z0-9_-]*=*")
 _EXIT_ALLOWED = 0
@@ -34,7 +35,7 @@ _EXIT_DENIED = 1
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``skr policy {hash,release,check}``."""
+    """Add ``skr policy {hash,inspect,release,check}``."""
     parser = sub.add_parser(
         "policy",
         help="CCE policy hash, release policy builder and checker",
@@ -47,12 +48,29 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     hash_parser.add_argument(
         "--cce-policy", required=True, type=Path, metavar="FILE", help="base64 or raw Rego"
     )
+    hash_parser.add_argument(
+        "--strip",
+        action="store_true",
+        help="hash the policy without trailing whitespace (saved acipolicygen --outraw output ends in a "
+        "newline the deployed base64 policy does not have)",
+    )
     hash_parser.set_defaults(func=_hash)
+
+    inspect = actions.add_parser(
+        "inspect", help="decode a CCE policy: containers, settings, warnings and its HOST_DATA"
+    )
+    inspect.add_argument("--cce-policy", required=True, type=Path, metavar="FILE", help="base64 or raw Rego")
+    inspect.add_argument("--json", action="store_true", help="print the decoded policy as one JSON object")
+    inspect.set_defaults(func=_inspect)
 
     release = actions.add_parser("release", help="print the release policy for a confidential container")
     release.add_argument("--authority", required=True, metavar="URL", help="the MAA endpoint (URL or host)")
     release.add_argument(
-        "--host-data", required=True, metavar="HEX", help="64 hex digits (`skr policy hash`)"
+        "--host-data",
+        required=True,
+        action="append",
+        metavar="HEX",
+        help="64 hex digits (`skr policy hash`); repeat it to allow several policies during a rollout",
     )
     release.add_argument(
         "--compliance", default="azure-compliant-uvm", metavar="S", help="x-ms-compliance-status"
@@ -70,6 +88,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     source.add_argument("--claims", type=Path, metavar="FILE", help="decoded token claims (JSON object)")
     source.add_argument("--token", metavar="JWT_OR_FILE", help="an attestation token, or a file holding one")
     check.add_argument("--verify", action="store_true", help="verify the token signature with its issuer")
+    check.add_argument(
+        "--jwks",
+        type=Path,
+        metavar="FILE",
+        help="verify the token offline with this key set of its issuer (implies --verify)",
+    )
+    check.add_argument(
+        "--at", metavar="TIME", help="check the token's lifetime at this ISO 8601 time (default now)"
+    )
     check.add_argument("--json", action="store_true", help="print the decision as JSON")
     check.set_defaults(func=_check)
 
@@ -78,7 +105,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _hash(args: argparse.Namespace) -> int:
-    print(host_data_of_policy(args.cce_policy.read_bytes()).hex())
+    data = args.cce_policy.read_bytes()
+    trailing = trailing_whitespace(data)
+    if args.strip:
+        data = strip_policy(data)
+    elif trailing:
+        print(
+            f"skr: warning: {args.cce_policy} ends in whitespace ({trailing!r}), which is part of the hash;"
+            " saved acipolicygen --outraw output has a final newline the deployed (base64) policy lacks;"
+            " --strip hashes it without",
+            file=sys.stderr,
+        )
+    print(host_data_of_policy(data).hex())
     return 0
 
 
@@ -92,6 +130,60 @@ def _release(args: argparse.Namespace) -> int:
         attestation_type=args.attestation_type,
     )
     print(json.dumps(policy, indent=2))
+    return 0
+
+
+# --- inspect ----------------------------------------------------------------------------------------------
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from skr.snp.ccepolicy import decode_policy
+
+    policy = decode_policy(args.cce_policy.read_bytes())
+    if args.json:
+        print(json.dumps(policy.to_dict(), indent=2, ensure_ascii=False))
+        return 0
+    print(f"HOST_DATA          {policy.host_data}")
+    print(f"api_version        {policy.api_version or '(not set)'}")
+    print(f"framework_version  {policy.framework_version or '(not set)'}")
+    if policy.allow_all:
+        print("enforcement        allow-all (every enforcement point is allowed outright)")
+    else:
+        for name, kind in policy.rules.items():
+            print(f"  {name:24} {kind}")
+    for name, value in policy.settings.items():
+        print(f"{name:38} {json.dumps(value)}")
+    for fragment in policy.fragments:
+        print(
+            f"fragment           {fragment['feed']} (issuer {fragment['issuer']}, minimum svn "
+            f"{fragment['minimum_svn']}, includes {', '.join(fragment['includes'])})"
+        )
+    print(f"containers         {len(policy.containers)}")
+    for container in policy.containers:
+        print(f"- {container.name}: {container.image or '(no image)'} ({container.layers} layers)")
+        print(f"    command      {json.dumps(container.command)}")
+        print(f"    working_dir  {container.working_dir}")
+        for rule in container.env_rules:
+            required = ", required" if rule["required"] else ""
+            print(f"    env          {rule['pattern']} ({rule['strategy']}{required})")
+        for mount in container.mounts:
+            print(
+                f"    mount        {mount['destination']} <- {mount['source']} "
+                f"({mount['type']}, {','.join(mount['options'])})"
+            )
+        for process in container.exec_processes:
+            print(f"    exec         {json.dumps(process)}")
+        print(
+            f"    flags        allow_elevated={json.dumps(container.allow_elevated)} "
+            f"allow_stdio_access={json.dumps(container.allow_stdio_access)} "
+            f"no_new_privileges={json.dumps(container.no_new_privileges)}"
+        )
+    for process in policy.external_processes:
+        print(f"external process   {json.dumps(process)}")
+    for warning in policy.warnings:
+        print(f"WARNING: {warning}")
+    for note in policy.notes:
+        print(f"note: {note}")
     return 0
 
 
@@ -165,8 +257,9 @@ async def _verified_claims(token: str, issuer: str) -> dict[str, Any]:
 
 def _claims(args: argparse.Namespace) -> dict[str, Any]:
     if args.claims is not None:
-        if args.verify:
-            raise BadRequest("--verify needs --token (a claims file has no signature)")
+        given = [f for f, v in (("--verify", args.verify), ("--jwks", args.jwks), ("--at", args.at)) if v]
+        if given:
+            raise BadRequest(f"{given[0]} needs --token (a claims file has no signature)")
         try:
             claims = json.loads(args.claims.read_bytes())
         except (UnicodeDecodeError, ValueError):
@@ -176,6 +269,12 @@ def _claims(args: argparse.Namespace) -> dict[str, Any]:
         return claims
     token = _token_text(args.token)
     claims = _unverified_claims(token)
+    if args.jwks is not None or args.at is not None:
+        from skr.commands.token import parse_time, read_jwks, verify_token
+
+        jwks = read_jwks(args.jwks) if args.jwks is not None else None
+        at = parse_time(args.at)
+        return asyncio.run(verify_token(token, jwks=jwks, issuer=None, at=at)).claims
     if args.verify:
         issuer = claims.get("iss")
         if not isinstance(issuer, str) or not issuer:

@@ -9,7 +9,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from skr.config import add_arguments, load_settings
+from skr.config import RELEASE_FLAGS, add_arguments, load_settings
 from skr.daemon import build_runtime
 from skr.errors import BadRequest, ReleaseDenied
 from skr.files import check_output_file, write_private_file
@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--out", type=Path, help="write the JWK here (0600, never through a symlink) instead of stdout"
     )
     parser.add_argument("--access-token-file", type=Path, help="a file holding an AAD token for the vault")
-    add_arguments(parser)
+    add_arguments(parser, only=RELEASE_FLAGS)
     parser.set_defaults(func=_release)
 
 

@@ -1,8 +1,10 @@
 """``skr report``: show, verify and fetch SEV-SNP attestation reports.
 
-``show FILE`` decodes a report (raw 1184 bytes or hex text). ``verify FILE --vek CERT`` checks the
+``show FILE`` decodes a report (raw 1184 bytes or hex text, or a whole Azure vTPM HCL report, whose
+runtime data is shown too). ``verify FILE --vek CERT`` checks the
 signature, the AMD chain and the certificate/report bindings, plus any expectations given (exit 0 valid,
-1 invalid with the reason on one line of stderr, 2 unusable input). ``fetch`` asks an evidence provider
+1 invalid with the reason on one line of stderr, 2 unusable input, which includes a VCEK/VLEK without its
+AMD chain; for an HCL report also the binding of its runtime data). ``fetch`` asks an evidence provider
 for a fresh report. Reports are not secret; keys and tokens never pass through here.
 """
 
@@ -21,6 +23,7 @@ from cryptography import x509
 from skr.errors import BadRequest, CertificateError, VerificationError
 from skr.evidence.base import REPORT_DATA_SIZE, Evidence, report_data_for
 from skr.snp.certs import load_certificates
+from skr.snp.hcl import HclReport, is_hcl_report, parse_hcl_report
 from skr.snp.report import REPORT_SIZE, AttestationReport, Product
 from skr.snp.verify import ValidationOptions, VerifiedReport, validate_report, verify_report
 
@@ -28,6 +31,7 @@ _EXIT_VALID = 0
 _EXIT_INVALID = 1
 _PRODUCTS = {p.value.lower(): p for p in Product}
 _EVIDENCE_KINDS = ("auto", "sevguest", "sev", "tsm", "virtual")
+_FILE_HELP = "the report: raw 1184 bytes or hex text, or an Azure vTPM HCL report (raw or hex)"
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -41,12 +45,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     actions.required = True
 
     show = actions.add_parser("show", help="decode a report and print its fields")
-    show.add_argument("file", type=Path, metavar="FILE", help="the report: raw 1184 bytes or hex text")
+    show.add_argument("file", type=Path, metavar="FILE", help=_FILE_HELP)
     show.add_argument("--json", action="store_true", help="print one JSON object keyed by field name")
     show.set_defaults(func=_show)
 
     verify = actions.add_parser("verify", help="verify signature, AMD chain and expectations")
-    verify.add_argument("file", type=Path, metavar="FILE", help="the report: raw 1184 bytes or hex text")
+    verify.add_argument("file", type=Path, metavar="FILE", help=_FILE_HELP)
     verify.add_argument(
         "--vek",
         required=True,
@@ -118,7 +122,22 @@ def _parse_hex(text: str, what: str) -> bytes:
 
 def read_report(path: Path) -> AttestationReport:
     """A report from a file holding either the raw 1184 bytes or their hex text."""
+    return read_report_file(path)[0]
+
+
+def read_report_file(path: Path) -> tuple[AttestationReport, HclReport | None]:
+    """The SNP report in a file, and the HCL report around it when the file is one (raw or hex)."""
     data = _read(path, "report")
+    if not is_hcl_report(data) and len(data) != REPORT_SIZE:
+        try:
+            decoded = _parse_hex(data.decode("ascii"), "report text")
+        except (UnicodeDecodeError, BadRequest):
+            decoded = b""
+        if is_hcl_report(decoded):
+            data = decoded
+    if is_hcl_report(data):
+        hcl = parse_hcl_report(data)
+        return AttestationReport.parse(hcl.snp_report), hcl
     if len(data) != REPORT_SIZE:
         try:
             data = _parse_hex(data.decode("ascii"), "report text")
@@ -127,7 +146,7 @@ def read_report(path: Path) -> AttestationReport:
                 f"{path}: expected {REPORT_SIZE} raw bytes or {2 * REPORT_SIZE} hex digits, "
                 f"found {len(data)} bytes that are not hex text"
             ) from None
-    return AttestationReport.parse(data)
+    return AttestationReport.parse(data), None
 
 
 def _certificates(path: Path, what: str) -> list[x509.Certificate]:
@@ -160,14 +179,40 @@ def _moment(text: str | None) -> datetime | None:
 
 
 def _show(args: argparse.Namespace) -> int:
-    report = read_report(args.file)
+    report, hcl = read_report_file(args.file)
     fields = report.to_json_dict()
     if args.json:
-        print(json.dumps(fields, indent=2))
+        print(json.dumps(fields if hcl is None else {**fields, "hcl": hcl.to_json_dict()}, indent=2))
         return 0
     for name, value in fields.items():
         print(f"{name:20} {_render(name, value)}")
+    if hcl is not None:
+        _show_hcl(hcl)
     return 0
+
+
+def _show_hcl(hcl: HclReport) -> None:
+    info = hcl.to_json_dict()
+    bound = "bound by REPORT_DATA" if info["runtime_data_bound"] else "NOT bound by REPORT_DATA"
+    print()
+    print(
+        f"HCL report v{info['version']}, {info['report_type']} hardware report, {info['report_size']} bytes"
+    )
+    print(
+        f"runtime data         {info['runtime_data_size']} bytes, "
+        f"{info['report_data_hash']} {info['runtime_data_hash']} ({bound})"
+    )
+    runtime = info["runtime_data"]
+    keys = ", ".join(
+        f"{k.get('kid')} ({k.get('kty')}, {'/'.join(k.get('key_ops') or [])})" for k in runtime["keys"]
+    )
+    print(f"keys                 {keys or '(none)'}")
+    config = runtime["vm-configuration"]
+    if isinstance(config, dict):
+        print("vm-configuration     " + ", ".join(f"{k}={json.dumps(v)}" for k, v in config.items()))
+    else:
+        print(f"vm-configuration     {json.dumps(config)}")
+    print(f"user-data            {runtime['user-data']}")
 
 
 def _render(name: str, value: Any) -> str:
@@ -185,7 +230,7 @@ def _render(name: str, value: Any) -> str:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    report = read_report(args.file)
+    report, hcl = read_report_file(args.file)
     bundle = _certificates(args.vek, "VCEK/VLEK")
     chain = bundle[1:] + (_certificates(args.chain, "chain") if args.chain else [])
     anchors = [cert for path in args.trusted_ark for cert in _certificates(path, "trusted ARK")]
@@ -201,18 +246,33 @@ def _verify(args: argparse.Namespace) -> int:
         )
         if options.host_data is not None or options.report_data is not None:
             validate_report(report, options)
+        if hcl is not None and not hcl.binds_runtime_data():
+            raise VerificationError(
+                f"the SNP report's REPORT_DATA does not start with the {hcl.hash_name} of the HCL runtime "
+                "data, so the runtime data (its keys, user-data) is not the one the hardware attested",
+                code="report_invalid",
+            )
     except VerificationError as exc:
+        if exc.code == "certificate_chain_incomplete":  # nothing was judged: the input lacks the chain
+            raise BadRequest(
+                f"unusable input: {exc.message}",
+                hint="pass the ASK/ASVK and ARK with --chain, or a PEM bundle VEK+ASK+ARK as --vek",
+            ) from None
         if args.json:
             print(json.dumps({"valid": False, "code": exc.code, "reason": exc.message}))
         print(f"skr: report invalid: {exc.diagnostics()}", file=sys.stderr)
         return _EXIT_INVALID
     if args.json:
-        print(json.dumps(_verdict(verified), indent=2))
+        verdict = _verdict(verified)
+        if hcl is not None:
+            verdict["hcl"] = hcl.to_json_dict()
+        print(json.dumps(verdict, indent=2))
     else:
         info = verified.vek_info
         print(
             f"valid: {verified.product} report v{report.version} signed by the {info.kind.upper()} "
             f"({info.product_name}), REPORTED_TCB {report.reported_tcb_version(verified.product)}"
+            + ("" if hcl is None else f"; HCL runtime data bound ({hcl.hash_name})")
         )
     return _EXIT_VALID
 

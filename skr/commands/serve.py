@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from skr.config import add_arguments, load_settings
+from skr.config import add_arguments, check_startup, load_settings
 from skr.errors import ConfigError
 from skr.logs import setup_logging
 
@@ -56,6 +56,7 @@ def _first_key() -> Future[WrappingKey]:
 def _serve(args: argparse.Namespace) -> int:
     check_server_type(os.environ)
     settings = load_settings(args)
+    check_startup(settings)
     setup_logging(settings.log_level, settings.log_file)
     first_key = _first_key()
     from skr.daemon import build_runtime, serve_forever  # the heavy imports, while the key is made

@@ -33,3 +33,20 @@ def decode_cce_policy(data: bytes) -> bytes:
 def host_data_of_policy(policy: bytes) -> bytes:
     """HOST_DATA for a CCE policy given in base64 or raw form: SHA-256 of the raw text."""
     return hashlib.sha256(decode_cce_policy(policy)).digest()
+
+
+def trailing_whitespace(policy: bytes) -> bytes:
+    """The whitespace a *raw* policy file ends in (``b""`` if none, or if the file is base64).
+
+    ``acipolicygen --outraw`` output saved by a shell ends in a newline that the deployed policy (the
+    base64 in the template) does not have, so hashing the file gives another HOST_DATA. The base64 form
+    is exactly what was deployed, whatever its decoded text ends in.
+    """
+    if decode_cce_policy(policy) != policy:
+        return b""
+    return policy[len(policy.rstrip()) :]
+
+
+def strip_policy(policy: bytes) -> bytes:
+    """The raw policy text without trailing whitespace (from its base64 or raw form)."""
+    return decode_cce_policy(policy).rstrip()

@@ -20,9 +20,22 @@ a dependency of your chart, that is `.Values.skr` (Helm has merged this chart's 
 =====================================================================================================
 */}}
 
+{{/* allowedEndpoints as SKR_ALLOWED_ENDPOINTS: a list or one comma-separated string, entries trimmed,
+empty ones dropped. Empty result: skr's built-in Azure domains. */}}
+{{- define "skr.allowedEndpoints" -}}
+{{- $given := .allowedEndpoints | default list -}}
+{{- $items := kindIs "string" $given | ternary (splitList "," (toString $given)) $given -}}
+{{- $kept := list -}}
+{{- range $items }}{{ with trim (toString .) }}{{ $kept = append $kept . }}{{ end }}{{ end -}}
+{{- join "," $kept -}}
+{{- end }}
+
 {{/* The sidecar image reference: repository@digest when a digest is set, else repository:tag. */}}
 {{- define "skr.image" -}}
 {{- $image := .image -}}
+{{- if eq (toString $image.tag) "latest" -}}
+{{- fail "image.tag \"latest\" is refused: a moving tag can change the code that handles your keys without a new Kata policy. Use the chart's appVersion or another version tag, or pin image.digest." -}}
+{{- end -}}
 {{- if $image.digest -}}
 {{- printf "%s@%s" $image.repository $image.digest -}}
 {{- else -}}
@@ -80,9 +93,9 @@ exec:
     - name: SKR_AKV_ENDPOINT
       value: {{ . | quote }}
     {{- end }}
-    {{- with $v.allowedEndpoints }}
+    {{- with include "skr.allowedEndpoints" $v }}
     - name: SKR_ALLOWED_ENDPOINTS
-      value: {{ join "," . | quote }}
+      value: {{ . | quote }}
     {{- end }}
     {{- if not $v.tokenReuse }}
     - name: SKR_TOKEN_REUSE
