@@ -215,6 +215,7 @@ def test_doctor_with_settings_that_do_not_load_says_so_as_a_check():
             "ok": False,
             "detail": "SKR_MAA_ENDPOINT must use https, not 'http'",
             "fix": "fix the named setting",
+            "warn": False,
         }
     ]
 
