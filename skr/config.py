@@ -77,6 +77,7 @@ class Settings:
     identity_client_id: str | None = None
     certcache: CertCacheConfig = field(default_factory=CertCacheConfig)
     grace_period: float = 10.0
+    max_upstream_body: int = 4 * 1024 * 1024
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes)
@@ -266,6 +267,8 @@ def load_settings(
         changes["akv_max_connections"] = _count(v, "SKR_AKV_MAX_CONNECTIONS")
     if (v := pick("grace_period", "SKR_SHUTDOWN_GRACE")) is not None:
         changes["grace_period"] = _number(v, "SKR_SHUTDOWN_GRACE")
+    if (v := pick("max_upstream_body", "SKR_MAX_UPSTREAM_BODY")) is not None:
+        changes["max_upstream_body"] = int(_number(v, "SKR_MAX_UPSTREAM_BODY", minimum=64 * 1024))
     if (v := pick("client_token_file", "SKR_CLIENT_TOKEN_FILE")) is not None:
         changes["client_token"] = read_client_token(Path(v))
     return replace(s, **changes)
