@@ -134,6 +134,12 @@ class RecordingCredential:
     async def close(self) -> None:
         return None
 
+    async def __aenter__(self) -> RecordingCredential:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
 
 class RecordingFactory(CredentialFactory):
     def __init__(self, credential: RecordingCredential, **kwargs: Any) -> None:
@@ -512,6 +518,7 @@ async def test_a_vault_answering_kid_a_with_key_b_releases_nothing_and_the_audit
     async for stack, _ in stack_session(tmp_path / "stack"):
         ca = LocalCA.load_or_create(stack.options.state_dir / "ca")
         app = _key_swapping_proxy(stack.info["key_vault_url"], ca, rewritten)
+        assert stack.runtime is not None
         async with serve_local(app, ca.server_ssl_context(["127.0.0.1"])) as proxy:
             allow = stack.runtime.settings.allowlist.extended([proxy])
             async with (
