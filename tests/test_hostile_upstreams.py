@@ -608,12 +608,12 @@ def test_a_vault_error_keeps_codes_and_claim_names_but_not_its_text():
         "does not match (AKV.SKR.1004). Call +1-555-0100 for help.",
         inner_code="AccessDenied",
     )
-    text = error.describe()
+    text = error.summary()
     assert text.startswith("HTTP 403 Forbidden")
     assert "x-ms-sevsnpvm-hostdata" in text and "AKV.SKR.1004" in text and "AccessDenied" in text
     assert "555" not in text and "Target environment" not in text
     odd = VaultError(status=400, code="<script>", message="", inner_code="\nx")
-    assert odd.describe() == "HTTP 400"
+    assert odd.summary() == "HTTP 400"
 
 
 # --- connection failures say where and why ---------------------------------------------------------------

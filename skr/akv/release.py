@@ -202,6 +202,19 @@ class VaultError:
     inner_code: str | None
 
     def describe(self) -> str:
+        """``HTTP 403 Forbidden: <message> (inner error: AccessDenied)`` on one line, for the operator's
+        own CLI (``skr keys``); what the sidecar returns to apps is :meth:`summary`."""
+        text = (
+            f"HTTP {self.status} {self.code}: {self.message}"
+            if self.code
+            else f"HTTP {self.status}: {self.message}"
+        )
+        if self.inner_code:
+            text += f" (inner error: {self.inner_code})"
+        text = " ".join(text.split())
+        return text if len(text) <= _MAX_DETAIL else text[: _MAX_DETAIL - 1] + "…"
+
+    def summary(self) -> str:
         """``HTTP 403 Forbidden (mentions x-ms-sevsnpvm-hostdata) (inner error: AccessDenied)`` on one
         line: the status, the vault's codes and the claim names and ``AKV…`` numbers its message mentions —
         never the message itself (an upstream's text is not echoed to the app)."""
@@ -394,7 +407,7 @@ class KeyVaultReleaser:
         except TimeoutError:
             raise UpstreamTimeout(
                 f"{self._service(vault_url)} {vault_url} did not answer the release of {name} before the "
-                "request deadline",
+                f"request deadline ({host_of_url(vault_url)}: timeout)",
                 hint="the vault or the network is slow; retry, or raise the request timeout",
             ) from None
         except (HttpResponseError, ServiceRequestError, ServiceResponseError, ValueError) as exc:
@@ -456,7 +469,7 @@ class KeyVaultReleaser:
 
     def _map_status(self, error: VaultError, service: str, vault_url: str, what: str) -> SkrError:
         role = MANAGED_HSM_RELEASE_ROLE if service == "Managed HSM" else VAULT_RELEASE_ROLE
-        detail = error.describe()
+        detail = error.summary()
         if error.status in (401, 403):
             return ReleaseDenied(
                 f"{service} {vault_url} refused to release {what}: {detail}",
