@@ -19,6 +19,7 @@ import logging
 import os
 import random
 import re
+import socket
 import ssl
 import time
 from collections.abc import Callable, Mapping
@@ -209,14 +210,15 @@ def connection_cause(exc: BaseException | None) -> str:
     if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
         return "timeout"
     if isinstance(exc, aiohttp.ClientConnectorDNSError):
-        return "DNS name not found"
+        not_found = exc.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME))
+        return "DNS name not found" if not_found else f"DNS lookup failed ({exc.strerror or 'no answer'})"
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
         return "TLS failure (certificate not trusted)"
     if isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError):
         return "TLS failure"
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return "connection closed by the server"
-    if isinstance(exc, aiohttp.ClientOSError | OSError):
+    if isinstance(exc, OSError):
         number = exc.errno
         if number == errno.ECONNREFUSED:
             return "connection refused"

@@ -660,13 +660,16 @@ async def test_a_tls_failure_names_the_host_and_the_cause():
 
 
 async def test_a_timeout_names_the_host_and_the_cause():
+    answered = asyncio.Event()
+
     async def stall(req: web.Request) -> web.Response:
-        await asyncio.sleep(30)
+        await answered.wait()
         return web.Response()
 
     async with hostile(stall) as (url, _), aiohttp.ClientSession() as session:
         with pytest.raises(UpstreamTimeout) as info:
             await request(session, "GET", f"{url}/x", service="Test Service", timeout=0.2, retry=ONE)
+        answered.set()
     assert _netloc(url) in info.value.message and "timeout" in info.value.message
 
 
