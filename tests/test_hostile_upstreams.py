@@ -246,9 +246,12 @@ async def test_the_identity_endpoint_cannot_redirect(ca, monkeypatch):
         hostile(challenge("https://vault.azure.net"), ca) as (vault_url, _),
     ):
         point_imds_at(monkeypatch, identity_url)
-        credentials = CredentialFactory({}, ca_bundle=ca.ca_pem_path)
+        credentials = CredentialFactory({})  # no CA bundle: the identity transport is the default one
         releaser = KeyVaultReleaser(
-            credentials=credentials, allow_insecure_challenge_hosts=[_netloc(vault_url)], sdk=SDK
+            credentials=credentials,
+            ca_bundle=ca.ca_pem_path,
+            allow_insecure_challenge_hosts=[_netloc(vault_url)],
+            sdk=SDK,
         )
         try:
             with pytest.raises(UpstreamError) as info:
