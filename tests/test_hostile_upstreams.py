@@ -615,6 +615,17 @@ def test_a_vault_error_keeps_codes_and_claim_names_but_not_its_text():
     assert text.startswith("HTTP 403 Forbidden")
     assert "x-ms-sevsnpvm-hostdata" in text and "AKV.SKR.1004" in text and "AccessDenied" in text
     assert "555" not in text and "Target environment" not in text
+    policy = VaultError(
+        status=403,
+        code="Forbidden",
+        message=f"Target environment attestation statement cannot be verified. x-ms-sevsnpvm-hostdata: "
+        f"expected {'ab' * 32}, found {'cd' * 32}; x-ms-compliance-status: expected azure-compliant-uvm, "
+        "found see https://evil.example for details",
+        inner_code="AccessDenied",
+    )
+    text = policy.summary()
+    assert f"x-ms-sevsnpvm-hostdata expected {'ab' * 32}, found {'cd' * 32}" in text
+    assert "x-ms-compliance-status" in text and "evil" not in text and "Target" not in text
     odd = VaultError(status=400, code="<script>", message="", inner_code="\nx")
     assert odd.summary() == "HTTP 400"
 

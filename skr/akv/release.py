@@ -81,6 +81,14 @@ _CODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # What of a vault's free-text message is passed on: the claim names and Key Vault's own error numbers it
 # mentions (the release-policy engine names the claim that failed), never the text itself.
 _MESSAGE_TERMS_RE = re.compile(r"\bx-ms-[a-z0-9][a-z0-9._-]{0,80}|\bAKV[.A-Z]*[0-9]{3,6}\b", re.IGNORECASE)
+# A claim check the vault explains as ``<claim>: expected <value>, found <value>`` keeps both values when
+# they are plain tokens (hashes, SVNs, booleans; optionally quoted, or <absent>): no spaces, no slashes,
+# nothing that reads as a sentence.
+_CLAIM_FAILURE_RE = re.compile(
+    r"\b(x-ms-[a-z0-9][a-z0-9._-]{0,80}): expected (\"[\w.-]{1,128}\"|[\w.-]{1,128}|<absent>), "
+    r"found (\"[\w.-]{1,128}\"|[\w.-]{1,128}|<absent>)",
+    re.IGNORECASE | re.ASCII,
+)
 # azure-core retries POST only on 500/503/504 and never after a connection error. A release changes nothing
 # in the vault (it only wraps the key for the target), so it is safe to repeat: let the SDK retry it like a
 # GET — on 408/429/502 too, and after a reset connection.
@@ -220,9 +228,18 @@ class VaultError:
         never the message itself (an upstream's text is not echoed to the app)."""
         code = self.code if _CODE_RE.match(self.code) else ""
         text = f"HTTP {self.status} {code}" if code else f"HTTP {self.status}"
-        terms = list(dict.fromkeys(t.rstrip(".-") for t in _MESSAGE_TERMS_RE.findall(self.message)))[:6]
-        if terms:
-            text += f" (mentions {', '.join(terms)})"
+        failures = [
+            f"{claim} expected {expected}, found {found}"
+            for claim, expected, found in _CLAIM_FAILURE_RE.findall(self.message)
+        ][:3]
+        named = {f.split(" ", 1)[0].lower() for f in failures}
+        terms = [
+            t
+            for t in dict.fromkeys(t.rstrip(".-") for t in _MESSAGE_TERMS_RE.findall(self.message))
+            if t.lower() not in named
+        ][:6]
+        if failures or terms:
+            text += f" (mentions {'; '.join([*failures, *terms])})"
         if self.inner_code and _CODE_RE.match(self.inner_code):
             text += f" (inner error: {self.inner_code})"
         return text if len(text) <= _MAX_DETAIL else text[: _MAX_DETAIL - 1] + "…"
