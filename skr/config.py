@@ -81,6 +81,7 @@ class Settings:
     grace_period: float = 10.0
     client_timeout: float = 10.0
     max_connections: int = 256
+    max_upstream_body: int = 4 * 1024 * 1024
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes)
@@ -297,6 +298,8 @@ def load_settings(
         changes["client_timeout"] = _number(v, "SKR_CLIENT_TIMEOUT", minimum=0.1)
     if (v := pick("max_connections", "SKR_MAX_CONNECTIONS")) is not None:
         changes["max_connections"] = _count(v, "SKR_MAX_CONNECTIONS")
+    if (v := pick("max_upstream_body", "SKR_MAX_UPSTREAM_BODY")) is not None:
+        changes["max_upstream_body"] = int(_number(v, "SKR_MAX_UPSTREAM_BODY", minimum=64 * 1024))
     if (v := pick("client_token_file", "SKR_CLIENT_TOKEN_FILE")) is not None:
         changes["client_token"] = read_client_token(Path(v))
     return replace(s, **changes)

@@ -112,6 +112,7 @@ async def create_evidence_provider(
         settings.certcache,
         ssl_context=ssl_context or client_ssl_context(settings.ca_bundle),
         timeout=settings.upstream_timeout,
+        max_body=settings.max_upstream_body,
     )
     provider = await asyncio.to_thread(
         create_provider,
@@ -159,9 +160,13 @@ async def build_runtime(
             api_version=settings.maa_api_version,
             user_agent=settings.user_agent,
             timeout=settings.upstream_timeout,
+            max_body=settings.max_upstream_body,
         )
         credentials = CredentialFactory(
-            env, client_id=settings.identity_client_id, ca_bundle=settings.ca_bundle
+            env,
+            client_id=settings.identity_client_id,
+            ca_bundle=settings.ca_bundle,
+            max_body=settings.max_upstream_body,
         )
         local_vaults = [
             ep.authority
@@ -177,6 +182,7 @@ async def build_runtime(
                 connection_timeout=min(5.0, settings.upstream_timeout),
                 read_timeout=settings.upstream_timeout,
                 max_connections=settings.akv_max_connections,
+                max_body=settings.max_upstream_body,
             ),
         )
         trust = TrustStore([settings.ca_bundle] if settings.ca_bundle else [])
@@ -194,7 +200,13 @@ async def build_runtime(
         metrics=metrics,
         trusted_arks=trusted_arks,
         security_policy=security_policy,
-        token_verifier=TokenVerifier(session, ssl_context=ssl_ctx, timeout=settings.upstream_timeout),
+        token_verifier=TokenVerifier(
+            session,
+            ssl_context=ssl_ctx,
+            timeout=settings.upstream_timeout,
+            max_body=settings.max_upstream_body,
+            allowlist=settings.allowlist,
+        ),
     )
     app = create_app(service, metrics)
     return Runtime(settings, service, metrics, session, releaser, credentials, audit, app)

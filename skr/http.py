@@ -3,17 +3,23 @@
 Owns: TLS trust (system roots plus ``SKR_CA_BUNDLE``; verification cannot be turned off), per-request
 deadlines, per-attempt timeouts, and the one retry policy: retry only transient failures (connection
 errors, timeouts, 408, 429, 5xx), honour ``Retry-After``, back off exponentially with jitter, and never
-sleep past the deadline.
+sleep past the deadline. Also the rules every upstream answer obeys: a redirect is never followed (any
+3xx is ``upstream_redirect``), a body is read only up to a cap (``upstream_too_large`` above it, checked
+on ``Content-Length`` and while streaming), and an upstream's error body is reduced to its JSON
+``error.code``; a connection failure names the host and the low-level cause.
 
 Never logs request or response bodies: they may carry tokens.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import random
+import re
+import socket
 import ssl
 import time
 from collections.abc import Callable, Mapping
@@ -21,6 +27,7 @@ from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 from tenacity import (
@@ -36,6 +43,12 @@ log = logging.getLogger("skr.http")
 
 CA_BUNDLE_ENV = "SKR_CA_BUNDLE"
 TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+MAX_UPSTREAM_BODY_ENV = "SKR_MAX_UPSTREAM_BODY"
+DEFAULT_MAX_UPSTREAM_BODY = 4 * 1024 * 1024
+"""Bytes of one upstream answer skr buffers at most (MAA tokens and metadata, JWKS, release JWS, VCEK
+certificates are all a few KiB)."""
+_READ_CHUNK = 64 * 1024
+_ERROR_CODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 def ca_bundle_from_env(env: Mapping[str, str] | None = None) -> Path | None:
@@ -131,28 +144,93 @@ class HttpResult:
             ) from exc
 
 
-def summarize_body(body: bytes, limit: int = 300) -> str:
-    """A short, single-line rendering of an upstream error body, for messages.
+def summarize_body(body: bytes) -> str:
+    """The upstream's JSON ``error.code`` (Azure's ``{"error": {"code": ...}}``, or ``{"error": "code"}``)
+    when it has a plain one, else ``""``: an upstream's error text is never passed on to the app.
 
-    Azure error bodies (``{"error": {"code", "message"}}``) are reduced to ``code: message``.
     Bodies of successful responses must never be passed here (they can hold tokens or keys).
     """
-    text: str
     try:
         doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        text = body[:limit].decode("utf-8", "replace")
-    else:
-        err = doc.get("error") if isinstance(doc, dict) else None
-        if isinstance(err, dict):
-            code, message = err.get("code"), err.get("message")
-            text = f"{code}: {message}" if code else str(message)
-        elif isinstance(err, str):
-            text = err
-        else:
-            text = json.dumps(doc)[:limit]
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return ""
+    err = doc.get("error") if isinstance(doc, dict) else None
+    code = err.get("code") if isinstance(err, dict) else err
+    return code if isinstance(code, str) and _ERROR_CODE_RE.match(code) else ""
+
+
+def host_of_url(url: str) -> str:
+    """``host[:port]`` of ``url`` for messages (``?`` when it has none)."""
+    try:
+        return urlsplit(url).netloc.rsplit("@", 1)[-1] or "?"
+    except ValueError:
+        return "?"
+
+
+def redirect_error(service: str, url: str, status: int, location: str | None) -> UpstreamError:
+    """The error for a 3xx answer: skr follows no redirect, and says where it would have gone."""
+    target = host_of_url(urljoin(url, location)) if location else None
+    where = f"a redirect to {target}" if target else "a redirect without a Location"
+    return UpstreamError(
+        f"{service} ({host_of_url(url)}) answered HTTP {status}, {where}; skr does not follow redirects",
+        hint="configure the endpoint's final address; a redirect from an upstream is never followed",
+        code="upstream_redirect",
+    )
+
+
+def too_large_error(service: str, url: str, limit: int) -> UpstreamError:
+    """The error for an answer whose body is larger than ``limit`` bytes."""
+    return UpstreamError(
+        f"{service} ({host_of_url(url)}) answered with a body larger than {limit} bytes; "
+        "skr stopped reading it",
+        hint=f"check the endpoint; the cap is {MAX_UPSTREAM_BODY_ENV}",
+        code="upstream_too_large",
+    )
+
+
+async def read_capped(resp: aiohttp.ClientResponse, limit: int, *, service: str) -> bytes:
+    """The body of ``resp``, refusing (before buffering it) one longer than ``limit`` bytes: a
+    ``Content-Length`` above the cap is refused unread, a chunked or endless body when it passes the cap."""
+    url = str(resp.url)
+    if resp.content_length is not None and resp.content_length > limit:
+        resp.close()
+        raise too_large_error(service, url, limit)
+    body = bytearray()
+    async for chunk in resp.content.iter_chunked(_READ_CHUNK):
+        body += chunk
+        if len(body) > limit:
+            resp.close()
+            raise too_large_error(service, url, limit)
+    return bytes(body)
+
+
+def connection_cause(exc: BaseException | None) -> str:
+    """The low-level reason a connection failed, in words: DNS name not found, connection refused, TLS
+    failure, timeout, ..."""
+    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+        return "timeout"
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        not_found = exc.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME))
+        return "DNS name not found" if not_found else f"DNS lookup failed ({exc.strerror or 'no answer'})"
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return "TLS failure (certificate not trusted)"
+    if isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError):
+        return "TLS failure"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "connection closed by the server"
+    if isinstance(exc, OSError):
+        number = exc.errno
+        if number == errno.ECONNREFUSED:
+            return "connection refused"
+        if number in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+            return "host unreachable"
+        if number == errno.ECONNRESET:
+            return "connection reset"
+        if isinstance(exc.__cause__, ssl.SSLError) or isinstance(exc.__context__, ssl.SSLError):
+            return "TLS failure"
+        if exc.strerror:
+            return exc.strerror
+    return type(exc).__name__ if exc is not None else "unknown"
 
 
 def _transient_retry_after(exc: BaseException | None) -> float | None:
@@ -243,24 +321,28 @@ async def request(
     timeout: float = 10.0,
     deadline: Deadline | None = None,
     retry: RetryPolicy = DEFAULT_RETRY,
+    max_body: int = DEFAULT_MAX_UPSTREAM_BODY,
 ) -> HttpResult:
     """One upstream call with timeouts and retries. Returns the final non-transient response.
 
     ``service`` names the upstream in errors ("Microsoft Azure Attestation", "AMD KDS", ...).
     Raises :class:`UpstreamTimeout` when the deadline runs out, :class:`UpstreamError` when the
-    upstream stays unreachable or keeps answering with transient errors. Non-transient HTTP errors
-    (4xx other than 408/429) are returned to the caller, which knows what they mean.
+    upstream stays unreachable or keeps answering with transient errors, answers a redirect (any 3xx,
+    ``upstream_redirect``, never followed nor retried) or a body over ``max_body`` bytes
+    (``upstream_too_large``). Non-transient HTTP errors (4xx other than 408/429) are returned to the
+    caller, which knows what they mean.
     """
     deadline = deadline or Deadline.after(max(timeout, 1.0) * retry.attempts)
     started = time.monotonic()
     attempts = 0
+    host = host_of_url(url)
 
     async def attempt() -> HttpResult:
         nonlocal attempts
         attempts += 1
         remaining = deadline.remaining()
         if remaining <= 0:
-            raise UpstreamTimeout(f"{service} did not answer before the request deadline")
+            raise UpstreamTimeout(f"{service} did not answer before the request deadline ({host}: timeout)")
         per_try = aiohttp.ClientTimeout(total=min(timeout, remaining))
         async with session.request(
             method,
@@ -272,7 +354,9 @@ async def request(
             timeout=per_try,
             allow_redirects=False,
         ) as resp:
-            body = await resp.read()
+            if 300 <= resp.status <= 399:
+                raise redirect_error(service, url, resp.status, resp.headers.get("Location"))
+            body = await read_capped(resp, max_body, service=service)
             if is_transient_status(resp.status):
                 raise TransientHTTPError(
                     resp.status, parse_retry_after(resp.headers.get("Retry-After")), summarize_body(body)
@@ -297,25 +381,30 @@ async def request(
     except TransientHTTPError as exc:
         if deadline.expired():
             raise UpstreamTimeout(
-                f"{service} did not answer successfully before the request deadline"
+                f"{service} did not answer successfully before the request deadline ({host}: timeout)"
             ) from None
         raise UpstreamError(
-            f"{service} kept failing with HTTP {exc.status} after {attempts} attempts: {exc.summary}",
+            f"{service} kept failing with HTTP {exc.status} after {attempts} attempts at {host}"
+            + (f": {exc.summary}" if exc.summary else ""),
             hint="the service is overloaded or down; retry later",
         ) from None
     except TimeoutError:
-        raise UpstreamTimeout(f"{service} did not answer before the request deadline") from None
+        raise UpstreamTimeout(
+            f"{service} did not answer before the request deadline ({host}: timeout)"
+        ) from None
     except aiohttp.ClientConnectorCertificateError as exc:
         raise UpstreamError(
-            f"{service} presented a TLS certificate that is not trusted: {exc.certificate_error}",
+            f"{service} presented a TLS certificate that is not trusted ({host}): {exc.certificate_error}",
             hint=f"check the endpoint; for private CAs set {CA_BUNDLE_ENV}",
             code="upstream_tls_untrusted",
         ) from None
     except aiohttp.ClientConnectionError as exc:
         if deadline.expired():
-            raise UpstreamTimeout(f"{service} did not answer before the request deadline") from None
+            raise UpstreamTimeout(
+                f"{service} did not answer before the request deadline ({host}: timeout)"
+            ) from None
         raise UpstreamError(
-            f"{service} could not be reached after {attempts} attempts: {type(exc).__name__}",
+            f"{service} could not be reached at {host} after {attempts} attempts: {connection_cause(exc)}",
             hint="check the endpoint name, DNS and network egress",
             code="upstream_unreachable",
         ) from None

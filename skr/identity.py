@@ -9,7 +9,13 @@ Owns the choice, in the order the Go sidecar uses (GO_SIDECAR.md §12 item 13):
    ``IDENTITY_ENDPOINT``/``IDENTITY_HEADER`` are set), optionally user-assigned by ``client_id``.
 
 The ambient credential (2 or 3) is created once and reused, so the SDK's token cache works. TLS to identity
-endpoints is always verified; a configured CA bundle *adds* trust anchors to the system roots.
+endpoints is always verified; a configured CA bundle *adds* trust anchors to the system roots. Every SDK
+pipeline skr builds (identity and vault) uses :class:`UpstreamTransport`: no redirect is followed and no
+answer is buffered past the upstream body cap.
+
+The scope of a vault token is skr's choice, never the vault's: :class:`VaultScopedCredential` asks the
+credential only for the data-plane scope of the vault's kind and refuses, before any token is requested,
+an authentication challenge that names another resource.
 
 Never logs, formats or stores a token anywhere but in the credential objects themselves.
 """
@@ -32,7 +38,8 @@ from azure.core.credentials import AccessToken, AccessTokenInfo, TokenRequestOpt
 from azure.core.credentials_async import AsyncTokenCredential
 from azure.core.pipeline.transport import AioHttpTransport
 
-from skr.errors import BadRequest, ConfigError
+from skr.errors import BadRequest, ConfigError, UpstreamError
+from skr.http import DEFAULT_MAX_UPSTREAM_BODY, read_capped, redirect_error
 
 VAULT_SCOPE = "https://vault.azure.net/.default"
 MANAGED_HSM_SCOPE = "https://managedhsm.azure.net/.default"
@@ -201,19 +208,165 @@ class StaticTokenCredential:
     __str__ = __repr__
 
 
+def capped_response_class(limit: int, service: str) -> type[aiohttp.ClientResponse]:
+    """An aiohttp response class whose ``read()`` refuses (``upstream_too_large``) a body over ``limit``
+    bytes before buffering it: how the SDK transports, which read whole bodies, get skr's cap."""
+
+    class CappedResponse(aiohttp.ClientResponse):
+        async def read(self) -> bytes:
+            if self._body is None:
+                self._body = await read_capped(self, limit, service=service)
+            return await super().read()
+
+    return CappedResponse
+
+
+class UpstreamTransport(AioHttpTransport):  # type: ignore[misc]
+    """azure-core's aiohttp transport with skr's rules for upstream answers: any 3xx is an
+    ``upstream_redirect`` error (raised in the transport, so no SDK policy can follow it), and bodies are
+    capped by the session's :func:`capped_response_class`."""
+
+    def __init__(self, *, service: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._service = service
+
+    async def send(self, request: Any, **config: Any) -> Any:
+        response = await super().send(request, **config)
+        status = int(response.status_code)
+        if 300 <= status <= 399:
+            location = response.headers.get("Location")
+            response.internal_response.close()
+            raise redirect_error(self._service, str(request.url), status, location)
+        return response
+
+
 def verifying_transport(
-    ssl_context: ssl.SSLContext, *, connections_per_host: int = 0, **settings: Any
+    ssl_context: ssl.SSLContext,
+    *,
+    connections_per_host: int = 0,
+    service: str = "Key Vault",
+    max_body: int = DEFAULT_MAX_UPSTREAM_BODY,
+    **settings: Any,
 ) -> AioHttpTransport:
-    """An azure-core aiohttp transport whose session verifies TLS with ``ssl_context``.
+    """An azure-core aiohttp transport whose session verifies TLS with ``ssl_context``, follows no
+    redirect and reads at most ``max_body`` bytes of an answer (:class:`UpstreamTransport`).
 
     azure-core's ``connection_verify=<path>`` trusts *only* that file (``create_default_context(cafile=)``);
     skr's rule is system roots *plus* the bundle, so the trust decision is made once, in our context.
     ``connections_per_host`` caps simultaneous connections to one host (0: no cap); further requests wait
-    for a free connection. Must be called while an event loop is running.
+    for a free connection. ``service`` names the upstream in errors. Must be called while an event loop is
+    running.
     """
     connector = aiohttp.TCPConnector(ssl=ssl_context, limit_per_host=connections_per_host)
-    session = aiohttp.ClientSession(connector=connector)
-    return AioHttpTransport(session=session, session_owner=True, **settings)
+    session = aiohttp.ClientSession(
+        connector=connector, response_class=capped_response_class(max_body, service)
+    )
+    return UpstreamTransport(service=service, session=session, session_owner=True, **settings)
+
+
+def _scope_resource(scope: str) -> str:
+    """The resource of a scope (``https://vault.azure.net/.default`` → ``https://vault.azure.net``)."""
+    text = scope.strip()
+    if text.lower().endswith("/.default"):
+        text = text[: -len("/.default")]
+    return text.rstrip("/").lower()
+
+
+def vault_scopes(vault: str, *, managed_hsm_hosts: Collection[str] = ()) -> tuple[str, ...]:
+    """The scopes a token for ``vault`` may be requested for, the first being the one :func:`scope_for`
+    names. An Azure host has exactly one (its kind in its cloud). For a host outside Azure (private
+    endpoint with custom DNS, local emulator) the name cannot tell the kind, so a configured Managed HSM
+    host has the Managed HSM scope only, and any other host the public Key Vault or Managed HSM scope —
+    never another resource."""
+    first = scope_for(vault, managed_hsm_hosts=managed_hsm_hosts)
+    if is_azure_host(vault) or first == MANAGED_HSM_SCOPE:
+        return (first,)
+    return (first, MANAGED_HSM_SCOPE)
+
+
+class VaultScopedCredential:
+    """An ``AsyncTokenCredential`` for one vault that asks ``credential`` only for a vault data-plane
+    scope (:func:`vault_scopes`), whatever the vault's 401 challenge names.
+
+    A challenge naming any other resource (Azure Resource Manager, Microsoft Graph, ...) is refused with
+    ``vault_challenge_mismatch`` before any token is requested. The scope passed on is skr's own string,
+    not the challenge's. The tenant in the challenge is passed on as azure-identity expects (it only
+    accepts its configured tenant unless told otherwise).
+    """
+
+    def __init__(self, credential: AsyncTokenCredential, vault_url: str, scopes: tuple[str, ...]) -> None:
+        self._credential = credential
+        self._vault_url = vault_url
+        self._scopes = {_scope_resource(s): s for s in scopes}
+
+    @property
+    def inner(self) -> AsyncTokenCredential:
+        """The credential tokens come from."""
+        return self._credential
+
+    def _scope(self, requested: tuple[str, ...]) -> str:
+        resources = {_scope_resource(s) for s in requested}
+        if len(resources) == 1:
+            (resource,) = resources
+            if resource in self._scopes:
+                return self._scopes[resource]
+        named = ", ".join(sorted(r[:100] for r in resources)) or "nothing"
+        raise UpstreamError(
+            f"the vault {self._vault_url} asked for a token for {named}, not for its own data plane "
+            f"({', '.join(self._scopes.values())}); no token was requested",
+            hint="the endpoint is not the vault it claims to be, or the vault kind is misconfigured; "
+            "check the vault URL",
+            code="vault_challenge_mismatch",
+        )
+
+    async def get_token(
+        self,
+        *scopes: str,
+        claims: str | None = None,
+        tenant_id: str | None = None,
+        enable_cae: bool = False,
+        **kwargs: Any,
+    ) -> AccessToken:
+        """A token for the vault's own scope; refuses any other."""
+        scope = self._scope(scopes)
+        return await self._credential.get_token(
+            scope, claims=claims, tenant_id=tenant_id, enable_cae=enable_cae, **kwargs
+        )
+
+    async def get_token_info(
+        self, *scopes: str, options: TokenRequestOptions | None = None
+    ) -> AccessTokenInfo:
+        """A token (with its expiry) for the vault's own scope; refuses any other."""
+        scope = self._scope(scopes)
+        get_token_info = getattr(self._credential, "get_token_info", None)
+        if get_token_info is not None:
+            info: AccessTokenInfo = await get_token_info(scope, options=options)
+            return info
+        opts: TokenRequestOptions = options or {}
+        token = await self._credential.get_token(
+            scope,
+            claims=opts.get("claims"),
+            tenant_id=opts.get("tenant_id"),
+            enable_cae=bool(opts.get("enable_cae", False)),
+        )
+        return AccessTokenInfo(token.token, token.expires_on)
+
+    async def close(self) -> None:
+        """Nothing of its own: the wrapped credential belongs to its factory or to the call."""
+
+    async def __aenter__(self) -> VaultScopedCredential:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None = None,
+        exc_value: BaseException | None = None,
+        traceback: TracebackType | None = None,
+    ) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"VaultScopedCredential(vault_url={self._vault_url!r}, scopes={list(self._scopes.values())!r})"
 
 
 class CredentialFactory:
@@ -236,8 +389,10 @@ class CredentialFactory:
         client_id: str | None = None,
         ca_bundle: Path | None = None,
         managed_hsm_hosts: Collection[str] = (),
+        max_body: int = DEFAULT_MAX_UPSTREAM_BODY,
     ) -> None:
         self._env: Mapping[str, str] = dict(env if env is not None else os.environ)
+        self._max_body = max_body
         self._client_id = client_id.strip() if client_id and client_id.strip() else None
         self._ca_bundle = ca_bundle
         self._managed_hsm_hosts = tuple(managed_hsm_hosts)
@@ -274,10 +429,14 @@ class CredentialFactory:
         return self._ssl_context
 
     def transport_kwargs(self, **settings: Any) -> dict[str, Any]:
-        """Keyword arguments for an azure SDK client: a custom transport only when a CA bundle is set."""
-        if self._ca_bundle is None:
-            return dict(settings)
-        return {"transport": verifying_transport(self.ssl_context(), **settings)}
+        """Keyword arguments for an azure SDK client: skr's transport (system roots plus the CA bundle, no
+        redirects, capped bodies) and no redirect policy. ``service`` (default "Key Vault") names the
+        upstream in errors; other settings go to the transport. Call while an event loop is running."""
+        service = str(settings.pop("service", "Key Vault"))
+        transport = verifying_transport(
+            self.ssl_context(), service=service, max_body=self._max_body, **settings
+        )
+        return {"transport": transport, "permit_redirects": False}
 
     def _workload_identity_configured(self) -> bool:
         return all(self._env.get(name, "").strip() for name in WORKLOAD_IDENTITY_ENV)
@@ -299,7 +458,7 @@ class CredentialFactory:
         # the heaviest import of the sidecar (~0.1 s and ~8 MiB).
         from azure.identity.aio import ManagedIdentityCredential, WorkloadIdentityCredential
 
-        settings = self.transport_kwargs(**_CREDENTIAL_TRANSPORT_SETTINGS)
+        settings = self.transport_kwargs(service="identity endpoint", **_CREDENTIAL_TRANSPORT_SETTINGS)
         if self._workload_identity_configured():
             authority = self._env.get("AZURE_AUTHORITY_HOST", "").strip() or None
             return WorkloadIdentityCredential(
@@ -316,6 +475,14 @@ class CredentialFactory:
     def scope_for(self, vault: str) -> str:
         """The AAD scope for ``vault``; see :func:`scope_for`."""
         return scope_for(vault, managed_hsm_hosts=self._managed_hsm_hosts)
+
+    def vault_scopes(self, vault: str) -> tuple[str, ...]:
+        """The scopes a token for ``vault`` may be requested for; see :func:`vault_scopes`."""
+        return vault_scopes(vault, managed_hsm_hosts=self._managed_hsm_hosts)
+
+    def scoped(self, credential: AsyncTokenCredential, vault_url: str) -> VaultScopedCredential:
+        """``credential`` restricted to ``vault_url``'s own data-plane scope."""
+        return VaultScopedCredential(credential, vault_url, self.vault_scopes(vault_url))
 
     def is_managed_hsm(self, vault: str) -> bool:
         """True when ``vault`` is a Managed HSM (by domain or configuration)."""

@@ -532,6 +532,8 @@ class ReleaseService:
             trust=self.trust,
             wrapping_key=attestation.key.private_key,
             expected_wrapping_kid=attestation.key.kid,
+            expected_name=name,
+            expected_version=version,
         )
         return ReleasedKeyResult(
             key_json=jwk_to_json(opened.jwk), key_id=opened.key_id, version=opened.version

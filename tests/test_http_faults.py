@@ -133,9 +133,12 @@ def test_retry_after_forms():
     assert parse_retry_after("soon") is None and parse_retry_after(None) is None
 
 
-def test_error_bodies_are_summarized_to_code_and_message():
+def test_error_bodies_are_summarized_to_their_error_code_only():
     body = json.dumps(
         {"error": {"code": "Forbidden", "message": "Target environment  attestation\nstatement"}}
     )
-    assert summarize_body(body.encode()) == "Forbidden: Target environment attestation statement"
-    assert len(summarize_body(b"x" * 1000)) == 300
+    assert summarize_body(body.encode()) == "Forbidden"
+    assert summarize_body(b'{"error": "invalid_request"}') == "invalid_request"
+    assert summarize_body(b"x" * 1000) == ""  # not JSON: nothing of it is passed on
+    assert summarize_body(b'{"error": {"code": "Go to http://evil.example now"}}') == ""
+    assert summarize_body(b'{"error": {"message": "only text"}}') == ""

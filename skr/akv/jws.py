@@ -5,8 +5,9 @@ the signer chain (system roots plus PEM bundles, ``SKR_CA_BUNDLE``); verificatio
 (RS256/384/512, PS256/384/512), the ``x5c`` chain built to a trust anchor with the leaf valid for the
 vault host at the validation time (SAN and wildcards, validity, basic constraints — cryptography's
 WebPKI verifier), the signature with the leaf key, and ``x5t`` / ``x5t#S256`` when present; signing of
-release payloads in the Managed HSM header style; and :func:`open_release`, which verifies a release
-and turns its ``key_hsm`` into a JWK with the caller's wrapping key.
+release payloads in the Managed HSM header style; and :func:`open_release`, which verifies a release,
+checks that the released key (``response.key.key.kid``) is the requested one, and turns its ``key_hsm``
+into a JWK with the caller's wrapping key.
 
 Never trusts a key the header carries by itself (``jwk``, ``jku``, ``x5u`` are ignored), never fetches
 anything, and never puts key material or the JWS into a message or repr.
@@ -513,6 +514,45 @@ def _check_public_part(jwk: Mapping[str, Any], released: Mapping[str, Any]) -> N
         raise KeyWrapError("the unwrapped key is on another curve than the released key")
 
 
+def check_released_key_id(key_id: str, *, host: str, name: str, version: str | None = None) -> None:
+    """The released key is the requested key: ``key_id`` (the payload's ``response.key.key.kid``,
+    ``https://<vault>/keys/<name>/<version>``) names the vault ``host``, the key ``name`` and — when the
+    request named one — the ``version``. Names and versions compare case-insensitively, as Key Vault's do.
+    """
+    try:
+        parts = urlsplit(key_id)
+        kid_host = (parts.hostname or "").rstrip(".").lower()
+    except ValueError:
+        parts, kid_host = None, ""
+    segments = [s for s in parts.path.split("/") if s] if parts is not None else []
+    wanted = _subject_host(host)
+    found_name = segments[1] if len(segments) in (2, 3) and segments[0] == "keys" else None
+    found_version = segments[2] if len(segments) == 3 else None
+    problems = []
+    if kid_host != wanted:
+        problems.append(f"vault {kid_host[:100]!r} instead of {wanted!r}")
+    if found_name is None or found_name.lower() != name.lower():
+        problems.append(f"key {(found_name or '')[:128]!r} instead of {name!r}")
+    if version is not None and (found_version is None or found_version.lower() != version.lower()):
+        problems.append(f"version {(found_version or '')[:64]!r} instead of {version!r}")
+    if problems:
+        raise JwsError(
+            f"the vault released another key than the one requested: {'; '.join(problems)}",
+            hint="the vault answered with the release of a different key; the key was not used",
+        )
+
+
+def _subject_host(host: str) -> str:
+    value = host.strip().lower()
+    if "://" in value:
+        value = urlsplit(value).hostname or ""
+    elif value.startswith("["):
+        value = value[1:].split("]", 1)[0]
+    elif value.count(":") == 1:
+        value = value.split(":", 1)[0]
+    return value.rstrip(".")
+
+
 def open_release(
     compact: str,
     *,
@@ -521,17 +561,23 @@ def open_release(
     wrapping_key: rsa.RSAPrivateKey,
     at: datetime | None = None,
     expected_wrapping_kid: str | None = None,
+    expected_name: str | None = None,
+    expected_version: str | None = None,
 ) -> ReleasedKey:
     """Verify a release JWS, unwrap its ``key_hsm`` with ``wrapping_key`` and return the key as a JWK.
 
     ``expected_wrapping_kid``: when given, ``key_hsm.header.kid`` must equal it (the kid of the
-    wrapping key in the attestation token's runtime keys).
+    wrapping key in the attestation token's runtime keys). ``expected_name`` (and ``expected_version``,
+    when the request named one): the released key's ``kid`` must name ``host``, that key and that version
+    (:func:`check_released_key_id`), checked before anything is unwrapped.
     """
     payload = verify_release_jws(compact, host=host, trust=trust, at=at)
     released = _member(payload, "response.key.key")
     if not isinstance(released, Mapping):
         raise JwsError("the release payload's response.key.key is not an object")
     key_id = _string(payload, "response.key.key.kid")
+    if expected_name is not None:
+        check_released_key_id(key_id, host=host, name=expected_name, version=expected_version)
     kty = _string(payload, "response.key.key.kty")
     jose_kty(kty)
     key_ops = released.get("key_ops")

@@ -9,7 +9,11 @@ role, release policy, key name).
 It returns the release JWS untouched: verifying and unwrapping it is :mod:`skr.akv.jws`'s job.
 
 TLS is always verified (a CA bundle only *adds* anchors). The SDK's challenge-resource check stays on for
-every Azure domain and is turned off only for explicitly allow-listed non-Azure hosts (local emulators).
+every Azure domain and is turned off only for explicitly allow-listed non-Azure hosts (local emulators);
+whatever a challenge says, a token is only ever requested for the vault kind's own scope
+(:class:`skr.identity.VaultScopedCredential`). No redirect is followed (any 3xx is ``upstream_redirect``)
+and no answer is buffered past ``SdkSettings.max_body``. A vault's error text is reduced to its codes and
+the claim names it mentions.
 Never logs or puts into a message the attestation token, the access token or the released key.
 """
 
@@ -50,11 +54,15 @@ from skr.errors import (
 )
 from skr.http import (
     CA_BUNDLE_ENV,
+    DEFAULT_MAX_UPSTREAM_BODY,
     Deadline,
     RetryPolicy,
     client_ssl_context,
+    connection_cause,
+    host_of_url,
     is_transient_status,
     parse_retry_after,
+    redirect_error,
     transient_retrying,
 )
 from skr.identity import CredentialFactory, StaticTokenCredential, is_azure_host, verifying_transport
@@ -69,6 +77,18 @@ MANAGED_HSM_RELEASE_ROLE = "Managed HSM Crypto Service Release User"
 _NAME_RE = re.compile(r"^[0-9A-Za-z-]{1,127}$")
 _VERSION_RE = re.compile(r"^[0-9A-Za-z]{1,64}$")
 _MAX_DETAIL = 400
+_CODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# What of a vault's free-text message is passed on: the claim names and Key Vault's own error numbers it
+# mentions (the release-policy engine names the claim that failed), never the text itself.
+_MESSAGE_TERMS_RE = re.compile(r"\bx-ms-[a-z0-9][a-z0-9._-]{0,80}|\bAKV[.A-Z]*[0-9]{3,6}\b", re.IGNORECASE)
+# A claim check the vault explains as ``<claim>: expected <value>, found <value>`` keeps both values when
+# they are plain tokens (hashes, SVNs, booleans; optionally quoted, or <absent>): no spaces, no slashes,
+# nothing that reads as a sentence.
+_CLAIM_FAILURE_RE = re.compile(
+    r"\b(x-ms-[a-z0-9][a-z0-9._-]{0,80}): expected (\"[\w.-]{1,128}\"|[\w.-]{1,128}|<absent>), "
+    r"found (\"[\w.-]{1,128}\"|[\w.-]{1,128}|<absent>)",
+    re.IGNORECASE | re.ASCII,
+)
 # azure-core retries POST only on 500/503/504 and never after a connection error. A release changes nothing
 # in the vault (it only wraps the key for the target), so it is safe to repeat: let the SDK retry it like a
 # GET — on 408/429/502 too, and after a reset connection.
@@ -104,6 +124,8 @@ class SdkSettings:
     """Releases in flight to one vault (and connections to it); more wait their turn, first come first
     served (0: no limit). Each pooled TLS connection holds ~0.3 MiB, and a vault throttles long before
     16 calls in flight limit throughput."""
+    max_body: int = DEFAULT_MAX_UPSTREAM_BODY
+    """Bytes of one vault answer read at most (``upstream_too_large`` above)."""
 
 
 # --- parsing ----------------------------------------------------------------------------------------
@@ -188,7 +210,8 @@ class VaultError:
     inner_code: str | None
 
     def describe(self) -> str:
-        """``HTTP 403 Forbidden: <message> (inner: AccessDenied)`` on one line."""
+        """``HTTP 403 Forbidden: <message> (inner error: AccessDenied)`` on one line, for the operator's
+        own CLI (``skr keys``); what the sidecar returns to apps is :meth:`summary`."""
         text = (
             f"HTTP {self.status} {self.code}: {self.message}"
             if self.code
@@ -197,6 +220,28 @@ class VaultError:
         if self.inner_code:
             text += f" (inner error: {self.inner_code})"
         text = " ".join(text.split())
+        return text if len(text) <= _MAX_DETAIL else text[: _MAX_DETAIL - 1] + "…"
+
+    def summary(self) -> str:
+        """``HTTP 403 Forbidden (mentions x-ms-sevsnpvm-hostdata) (inner error: AccessDenied)`` on one
+        line: the status, the vault's codes and the claim names and ``AKV…`` numbers its message mentions —
+        never the message itself (an upstream's text is not echoed to the app)."""
+        code = self.code if _CODE_RE.match(self.code) else ""
+        text = f"HTTP {self.status} {code}" if code else f"HTTP {self.status}"
+        failures = [
+            f"{claim} expected {expected}, found {found}"
+            for claim, expected, found in _CLAIM_FAILURE_RE.findall(self.message)
+        ][:3]
+        named = {f.split(" ", 1)[0].lower() for f in failures}
+        terms = [
+            t
+            for t in dict.fromkeys(t.rstrip(".-") for t in _MESSAGE_TERMS_RE.findall(self.message))
+            if t.lower() not in named
+        ][:6]
+        if failures or terms:
+            text += f" (mentions {'; '.join([*failures, *terms])})"
+        if self.inner_code and _CODE_RE.match(self.inner_code):
+            text += f" (inner error: {self.inner_code})"
         return text if len(text) <= _MAX_DETAIL else text[: _MAX_DETAIL - 1] + "…"
 
 
@@ -266,11 +311,16 @@ class KeyVaultReleaser:
         kwargs: dict[str, Any] = {
             "verify_challenge_resource": self.verify_challenge_resource(vault_url),
             "retry_total": 0,  # retries are ours (transient_retrying), bounded by the request deadline
+            "permit_redirects": False,  # and the transport refuses any 3xx (upstream_redirect)
         }
         if self._api_version:
             kwargs["api_version"] = self._api_version
         kwargs["transport"] = verifying_transport(
-            self._ssl_context(), connections_per_host=max(sdk.max_connections, 0), **transport_settings
+            self._ssl_context(),
+            connections_per_host=max(sdk.max_connections, 0),
+            service=self._service(vault_url),
+            max_body=sdk.max_body,
+            **transport_settings,
         )
         return kwargs
 
@@ -293,7 +343,8 @@ class KeyVaultReleaser:
         key = (vault_url, id(credential))
         client = self._clients.get(key)
         if client is None:
-            client = _key_client(vault_url, credential, **self._client_kwargs(vault_url))
+            scoped = self._credentials.scoped(credential, vault_url)
+            client = _key_client(vault_url, scoped, **self._client_kwargs(vault_url))
             self._clients[key] = client
         return client
 
@@ -342,7 +393,9 @@ class KeyVaultReleaser:
         credential = self._credentials.for_request(access_token)
         ephemeral = isinstance(credential, StaticTokenCredential)
         client = (
-            _key_client(vault_url, credential, **self._client_kwargs(vault_url))
+            _key_client(
+                vault_url, self._credentials.scoped(credential, vault_url), **self._client_kwargs(vault_url)
+            )
             if ephemeral
             else self._client(vault_url, credential)
         )
@@ -371,7 +424,7 @@ class KeyVaultReleaser:
         except TimeoutError:
             raise UpstreamTimeout(
                 f"{self._service(vault_url)} {vault_url} did not answer the release of {name} before the "
-                "request deadline",
+                f"request deadline ({host_of_url(vault_url)}: timeout)",
                 hint="the vault or the network is slow; retry, or raise the request timeout",
             ) from None
         except (HttpResponseError, ServiceRequestError, ServiceResponseError, ValueError) as exc:
@@ -392,6 +445,13 @@ class KeyVaultReleaser:
     def _map_error(self, exc: Exception, vault_url: str, name: str, version: str | None) -> SkrError:
         service = self._service(vault_url)
         what = f"{name}/{version}" if version else name
+        cause = _upstream_cause(exc)
+        if cause is not None:  # skr's own refusal from inside the SDK (a redirect to the identity endpoint)
+            return cause
+        if isinstance(exc, HttpResponseError) and exc.status_code and 300 <= exc.status_code <= 399:
+            headers = getattr(exc.response, "headers", None)
+            location = headers.get("Location") if headers is not None else None
+            return redirect_error(service, vault_url, exc.status_code, location)
         if isinstance(exc, ClientAuthenticationError) and not _answered_by(exc, vault_url):
             return IdentityError(
                 f"no access token for {service} {vault_url}: {_first_line(exc.message)}",
@@ -409,7 +469,8 @@ class KeyVaultReleaser:
                     code="upstream_tls_untrusted",
                 )
             return UpstreamError(
-                f"{service} {vault_url} could not be reached: {text}",
+                f"{service} {vault_url} could not be reached at {host_of_url(vault_url)}: "
+                f"{connection_cause(exc.inner_exception)}",
                 hint="check the vault name, DNS, private endpoint and network egress",
                 code="upstream_unreachable",
             )
@@ -425,7 +486,7 @@ class KeyVaultReleaser:
 
     def _map_status(self, error: VaultError, service: str, vault_url: str, what: str) -> SkrError:
         role = MANAGED_HSM_RELEASE_ROLE if service == "Managed HSM" else VAULT_RELEASE_ROLE
-        detail = error.describe()
+        detail = error.summary()
         if error.status in (401, 403):
             return ReleaseDenied(
                 f"{service} {vault_url} refused to release {what}: {detail}",
@@ -487,6 +548,18 @@ def _key_client(vault_url: str, credential: AsyncTokenCredential, **kwargs: Any)
 def _netloc(value: str) -> str:
     """``host[:port]`` of a vault-like value (lower-case host, no ``:443``), for allow-list matching."""
     return normalize_vault(value).split("://", 1)[1]
+
+
+def _upstream_cause(exc: BaseException) -> UpstreamError | None:
+    """An :class:`UpstreamError` skr raised inside the SDK that the SDK wrapped in its own exception."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, UpstreamError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def _answered_by(exc: HttpResponseError, vault_url: str) -> bool:

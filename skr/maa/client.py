@@ -40,7 +40,15 @@ from skr import __version__
 from skr.endpoints import parse_endpoint
 from skr.errors import AttestationFailed, BadRequest
 from skr.evidence.base import Evidence
-from skr.http import DEFAULT_RETRY, Deadline, RetryPolicy, client_ssl_context, request, summarize_body
+from skr.http import (
+    DEFAULT_MAX_UPSTREAM_BODY,
+    DEFAULT_RETRY,
+    Deadline,
+    RetryPolicy,
+    client_ssl_context,
+    request,
+    summarize_body,
+)
 
 SERVICE = "Microsoft Azure Attestation"
 DEFAULT_TEE_PATH = "SevSnpVm"
@@ -224,6 +232,7 @@ class MaaClient:
         user_agent: str = DEFAULT_USER_AGENT,
         timeout: float = 10.0,
         retry: RetryPolicy = DEFAULT_RETRY,
+        max_body: int = DEFAULT_MAX_UPSTREAM_BODY,
     ) -> None:
         if not _TEE_PATH.match(tee_path):
             raise BadRequest(f"the MAA TEE path must be alphanumeric (e.g. SevSnpVm), found {tee_path!r}")
@@ -236,6 +245,7 @@ class MaaClient:
         self.user_agent = user_agent
         self.timeout = timeout
         self.retry = retry
+        self.max_body = max_body
 
     def attest_url(self, endpoint: str) -> str:
         """``https://{instance}/attest/{tee_path}?api-version={api_version}``."""
@@ -279,6 +289,7 @@ class MaaClient:
             timeout=self.timeout,
             deadline=deadline,
             retry=self.retry,
+            max_body=self.max_body,
         )
         if result.status != 200:
             raise _refusal(origin, result.status, result.body)
@@ -299,7 +310,7 @@ class MaaClient:
 
 
 def _refusal(origin: str, status: int, body: bytes) -> AttestationFailed:
-    summary = summarize_body(body) or "(empty body)"
+    summary = summarize_body(body) or "(no error code)"
     message = f"{SERVICE} at {origin} answered HTTP {status}: {summary}"
     if status == 400:
         hint = (

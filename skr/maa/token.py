@@ -7,8 +7,9 @@ refresh (and not more often than ``min_refresh_interval``). Only RSA signatures 
 512, PS256/384/512). ``iss`` must equal the issuer asked for; ``exp``/``nbf`` are checked with a small
 leeway against ``at`` (default: now), so recorded tokens can be verified at a pinned time.
 
-Never trusts the token's own ``jku`` or ``iss`` to decide where keys come from, and never puts a token
-into a message or log.
+Never trusts the token's own ``jku`` or ``iss`` to decide where keys come from, never follows a
+``jwks_uri`` to another origin than the issuer's unless the endpoint allowlist (when given) names that
+host, and never puts a token into a message or log.
 """
 
 from __future__ import annotations
@@ -33,8 +34,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.utils import CryptographyDeprecationWarning
 
+from skr.endpoints import Allowlist, parse_endpoint
 from skr.errors import BadRequest, TokenError, UpstreamError
-from skr.http import DEFAULT_RETRY, Deadline, RetryPolicy, client_ssl_context, request, summarize_body
+from skr.http import (
+    DEFAULT_MAX_UPSTREAM_BODY,
+    DEFAULT_RETRY,
+    Deadline,
+    RetryPolicy,
+    client_ssl_context,
+    request,
+    summarize_body,
+)
 from skr.maa.client import b64url_decode, normalize_endpoint
 
 ALLOWED_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
@@ -206,6 +216,8 @@ class TokenVerifier:
     ``metadata_url_for`` maps a normalized issuer to its OpenID metadata URL (default
     ``{issuer}/.well-known/openid-configuration``); override it to check recorded tokens against a
     locally served key set. ``add_jwks`` pins a key set for an issuer without any network access.
+    ``max_body`` caps every answer read; ``allowlist`` may name hosts other than the issuer's that the
+    metadata's ``jwks_uri`` may point at (without one, only the issuer's own origin is accepted).
     """
 
     def __init__(
@@ -219,6 +231,8 @@ class TokenVerifier:
         cache_ttl: float = 3600.0,
         min_refresh_interval: float = 30.0,
         metadata_url_for: Callable[[str], str] | None = None,
+        max_body: int = DEFAULT_MAX_UPSTREAM_BODY,
+        allowlist: Allowlist | None = None,
     ) -> None:
         self._session = session
         self._ssl_context = ssl_context if ssl_context is not None else client_ssl_context()
@@ -228,6 +242,8 @@ class TokenVerifier:
         self.cache_ttl = cache_ttl
         self.min_refresh_interval = min_refresh_interval
         self._metadata_url_for = metadata_url_for or _default_metadata_url
+        self.max_body = max_body
+        self._allowlist = allowlist
         self._cache: dict[str, _IssuerKeys] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self.fetches = 0
@@ -359,16 +375,39 @@ class TokenVerifier:
             timeout=self.timeout,
             deadline=deadline,
             retry=self.retry,
+            max_body=self.max_body,
         )
         if result.status != 200:
+            code = summarize_body(result.body)
             raise UpstreamError(
-                f"{service} at {url} answered HTTP {result.status}: {summarize_body(result.body)}",
+                f"{service} at {url} answered HTTP {result.status}" + (f": {code}" if code else ""),
                 hint="check the attestation endpoint",
             )
         try:
             return result.json()
         except UpstreamError:
             raise TokenError(f"{service} at {url} did not answer JSON") from None
+
+    def _check_jwks_origin(self, jwks_uri: str, *, issuer: str, metadata_url: str) -> None:
+        """The metadata may not send skr elsewhere: ``jwks_uri`` is on the issuer's origin, or on a host
+        the allowlist names; checked before any connection to it."""
+        # the metadata URL is skr's choice (the issuer's, unless overridden for recorded tokens)
+        if _same_origin(jwks_uri, issuer) or _same_origin(jwks_uri, _origin_of(metadata_url)):
+            return
+        if self._allowlist is not None:
+            try:
+                endpoint = parse_endpoint(
+                    f"https://{urlsplit(jwks_uri).netloc}", what="the OpenID metadata's jwks_uri"
+                )
+            except (BadRequest, ValueError):
+                endpoint = None
+            if endpoint is not None and self._allowlist.allows(endpoint):
+                return
+        raise TokenError(
+            f"the OpenID metadata at {metadata_url} points jwks_uri at {urlsplit(jwks_uri).netloc[:100]!r}, "
+            f"not at the issuer {issuer}; no request was sent to it",
+            hint="the attestation endpoint's metadata names a key set on another host; check the endpoint",
+        )
 
     async def _fetch(self, issuer: str, deadline: Deadline | None) -> _IssuerKeys:
         metadata_url = self._metadata_url_for(issuer)
@@ -386,10 +425,34 @@ class TokenVerifier:
                 f"the OpenID metadata at {metadata_url} has no https 'jwks_uri' (found {jwks_uri!r})",
                 hint="check that the endpoint is an attestation instance",
             )
+        self._check_jwks_origin(jwks_uri, issuer=issuer, metadata_url=metadata_url)
         jwks = await self._get_json(jwks_uri, JWKS_SERVICE, deadline)
         keys, skipped = parse_jwks(jwks)
         self.fetches += 1
         return _IssuerKeys(keys, skipped, time.monotonic(), sources=[metadata_url, jwks_uri])
+
+
+def _same_origin(url: str, origin: str) -> bool:
+    """True when ``url`` is on ``origin`` (``https://host[:port]``, as :func:`normalize_issuer` gives)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return False
+    host = (parts.hostname or "").rstrip(".").lower()
+    if not host or parts.username is not None or parts.password is not None:
+        return False
+    authority = f"[{host}]" if ":" in host else host
+    if port not in (None, 443):
+        authority += f":{port}"
+    return f"https://{authority}" == origin
+
+
+def _origin_of(url: str) -> str:
+    try:
+        return normalize_endpoint(f"https://{urlsplit(url).netloc}")
+    except (BadRequest, ValueError):
+        return ""
 
 
 def _loose_issuer(value: str) -> str | None:

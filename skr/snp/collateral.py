@@ -31,7 +31,15 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.utils import CryptographyDeprecationWarning
 
 from skr.errors import CollateralError, ConfigError, UpstreamError, UpstreamTimeout
-from skr.http import DEFAULT_RETRY, Deadline, HttpResult, RetryPolicy, request, summarize_body
+from skr.http import (
+    DEFAULT_MAX_UPSTREAM_BODY,
+    DEFAULT_RETRY,
+    Deadline,
+    HttpResult,
+    RetryPolicy,
+    request,
+    summarize_body,
+)
 from skr.snp.report import AttestationReport, Product
 
 log = logging.getLogger(__name__)
@@ -281,8 +289,10 @@ class CollateralClient:
         product: Product | None = None,
         default_max_age: float = DEFAULT_MAX_AGE,
         clock: Callable[[], float] = time.monotonic,
+        max_body: int = DEFAULT_MAX_UPSTREAM_BODY,
     ) -> None:
         self._session = session
+        self._max_body = max_body
         self.source = source
         self._ssl = ssl_context
         self.thim_url = thim_url
@@ -481,6 +491,7 @@ class CollateralClient:
             timeout=self._timeout,
             deadline=deadline,
             retry=self._retry,
+            max_body=self._max_body,
         )
         if result.status not in accept:
             what = (
