@@ -1,0 +1,126 @@
+"""Finding and reading the files of one audit chain: rotated files, mixed streams, safe opening.
+
+Owns: the rotation naming (``audit.jsonl.1`` is the newest rotated file, logrotate's convention), putting
+files in chain order by the ``seq`` they hold (not by their names, so ``audit.jsonl*`` works in any shell
+order), telling an audit log file (every line a record) from a mixed stream (``-``, ``kubectl logs``),
+and opening files without following symlinks.
+
+Never writes; never follows a symlink to an audit file.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from skr.audit.chain import Line, is_record, parse_record
+from skr.errors import AuditError, ConfigError
+
+STDIN = "-"
+_PROBE_LINES = 64  # how far into a file we look for its first record
+
+
+def rotated_files(path: Path) -> list[Path]:
+    """The rotated predecessors of ``path`` (``path.1`` newest, ``path.2`` older ...), oldest first."""
+    found: list[tuple[int, Path]] = []
+    if path.parent.is_dir():
+        for sibling in path.parent.iterdir():
+            suffix = sibling.name[len(path.name) + 1 :]
+            if sibling.name.startswith(path.name + ".") and suffix.isdigit():
+                found.append((int(suffix), sibling))
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def chain_files(path: Path) -> list[Path]:
+    """All files of one chain: the rotated ones (oldest first), then the live file."""
+    return [*rotated_files(path), path]
+
+
+def open_regular(path: Path, flags: int, mode: int = 0o600) -> int:
+    """``os.open`` with ``O_NOFOLLOW``; the result must be a regular file. Raises :class:`ConfigError`."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except FileExistsError:
+        raise ConfigError(f"{path} appeared while the audit log was being created; refusing") from None
+    except OSError as exc:
+        if exc.errno == 40:  # ELOOP: the last component is a symlink
+            raise ConfigError(
+                f"{path} is a symbolic link; the audit log never follows links",
+                hint="point --audit-log at the real file",
+            ) from None
+        raise ConfigError(f"cannot open {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ConfigError(f"{path} is not a regular file", hint="the audit log must be a plain file")
+    return fd
+
+
+def _open_for_reading(path: Path) -> BinaryIO:
+    try:
+        fd = open_regular(path, os.O_RDONLY)
+    except ConfigError as exc:
+        raise AuditError(exc.message, hint=exc.hint) from None
+    return os.fdopen(fd, "rb")
+
+
+def first_seq(path: Path) -> int | None:
+    """The seq of the first record in ``path`` (looking at its first lines), or None."""
+    with _open_for_reading(path) as fh:
+        for n, raw in enumerate(fh):
+            if n >= _PROBE_LINES:
+                break
+            doc = parse_record(raw.rstrip(b"\n"))
+            if doc is not None and is_record(doc) and isinstance(doc.get("seq"), int):
+                return int(doc["seq"])
+    return None
+
+
+def order_by_seq(paths: Sequence[Path]) -> list[Path]:
+    """Files in chain order: by the seq of their first record; files without records last."""
+    keyed = [(first_seq(p), i, p) for i, p in enumerate(paths)]
+    keyed.sort(key=lambda k: (k[0] is None, k[0] or 0, k[1]))
+    return [p for _, _, p in keyed]
+
+
+def _is_log_file(path: Path) -> bool:
+    """An audit log file starts with a record; anything else is read as a mixed stream."""
+    with _open_for_reading(path) as fh:
+        raw = fh.readline()
+    doc = parse_record(raw.rstrip(b"\n"))
+    return raw == b"" or (doc is not None and is_record(doc))
+
+
+def iter_lines(sources: Sequence[str | Path]) -> Iterator[Line]:
+    """The lines of the sources in the order given; ``-`` reads standard input (always a mixed stream)."""
+    for index, source in enumerate(sources):
+        final = index == len(sources) - 1
+        if str(source) == STDIN:
+            yield from _lines(sys.stdin.buffer, STDIN, final=final, strict=False)
+            continue
+        path = Path(source)
+        strict = _is_log_file(path)
+        try:
+            with _open_for_reading(path) as fh:
+                yield from _lines(fh, str(path), final=final, strict=strict)
+        except OSError as exc:
+            raise AuditError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def _lines(fh: BinaryIO, name: str, *, final: bool, strict: bool) -> Iterator[Line]:
+    for lineno, raw in enumerate(fh, start=1):
+        if raw.endswith(b"\n"):
+            yield Line(name, lineno, raw[:-1].removesuffix(b"\r") if not strict else raw[:-1], False, strict)
+        else:  # only a source's last line can lack its newline
+            yield Line(name, lineno, raw, final, strict)
+
+
+def read_records(sources: Iterable[str | Path]) -> Iterator[dict[str, Any]]:
+    """Records from the sources, skipping lines that are not records (``verify`` judges them)."""
+    for line in iter_lines(list(sources)):
+        doc = parse_record(line.raw)
+        if doc is not None and is_record(doc):
+            yield doc
