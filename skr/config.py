@@ -65,6 +65,8 @@ class Settings:
     audit_log: Path | None = None
     audit_stdout: bool = False
     audit_max_bytes: int = 0
+    audit_checkpoint_interval: float = 60.0  # seconds between hardware checkpoints (0 = only start/stop)
+    audit_checkpoint_records: int = 1000  # a checkpoint after this many records (0 = no count trigger)
     log_level: str = "info"
     log_file: Path | None = None
     client_token: str | None = field(default=None, repr=False)
@@ -165,6 +167,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     a("--audit-log", type=Path, default=None, help="audit log path (env SKR_AUDIT_LOG)")
     a("--audit-stdout", action="store_true", default=None, help="also write audit records to stdout")
+    a(
+        "--audit-checkpoint-interval",
+        type=float,
+        default=None,
+        help="seconds between hardware audit checkpoints (default 60; env SKR_AUDIT_CHECKPOINT_INTERVAL)",
+    )
+    a(
+        "--audit-checkpoint-records",
+        type=int,
+        default=None,
+        help="a checkpoint every N audit records (default 1000; env SKR_AUDIT_CHECKPOINT_RECORDS)",
+    )
     a("--log-level", "-loglevel", default=None, help="log level (env LogLevel / SKR_LOG_LEVEL)")
     a("--log-file", "-logfile", type=Path, default=None, help="log file (env LogFile / SKR_LOG_FILE)")
     a("--base64", "-base64", dest="sidecar_args", default=None, help="SkrSideCarArgs (base64 JSON)")
@@ -247,6 +261,10 @@ def load_settings(
         changes["audit_stdout"] = v if isinstance(v, bool) else _bool(v, "SKR_AUDIT_STDOUT")
     if (v := pick("audit_max_bytes", "SKR_AUDIT_MAX_BYTES")) is not None:
         changes["audit_max_bytes"] = int(_number(v, "SKR_AUDIT_MAX_BYTES"))
+    if (v := pick("audit_checkpoint_interval", "SKR_AUDIT_CHECKPOINT_INTERVAL")) is not None:
+        changes["audit_checkpoint_interval"] = _number(v, "SKR_AUDIT_CHECKPOINT_INTERVAL")
+    if (v := pick("audit_checkpoint_records", "SKR_AUDIT_CHECKPOINT_RECORDS")) is not None:
+        changes["audit_checkpoint_records"] = _count(v, "SKR_AUDIT_CHECKPOINT_RECORDS", minimum=0)
     if (v := pick("log_level", "SKR_LOG_LEVEL", "LogLevel")) is not None:
         level = str(v).lower()
         if level not in LOG_LEVELS:

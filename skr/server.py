@@ -24,6 +24,7 @@ from typing import Any
 
 from aiohttp import http_exceptions, web, web_protocol
 
+from skr.audit.checkpoint import Checkpointer
 from skr.errors import (
     BadRequest,
     NotFound,
@@ -41,6 +42,7 @@ log = logging.getLogger("skr.server")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SERVICE_KEY: web.AppKey[ReleaseService] = web.AppKey("service", ReleaseService)
 METRICS_KEY: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
+AUDIT_HEAD_KEY: web.AppKey[Checkpointer] = web.AppKey("audit_head", Checkpointer)
 OPEN_PATHS = frozenset({"/status", "/healthz", "/readyz"})
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 JSON_CT = "application/json; charset=utf-8"
@@ -408,6 +410,18 @@ async def key_release(request: web.Request) -> web.Response:
     return json_response({"key": result.key_json}, headers=_timing(ctx, started))
 
 
+async def audit_head(request: web.Request) -> web.Response:
+    """A fresh hardware-signed statement over the audit head, not written to the log (one per second)."""
+    if not _is_loopback(request.remote):  # even with --allow-remote: monitors run next to the sidecar
+        raise RemoteClientRefused("/audit/head answers only clients on the loopback interface")
+    checkpointer = request.app.get(AUDIT_HEAD_KEY)
+    if checkpointer is None:
+        raise NotFound(
+            "this sidecar keeps no audit log", hint="start it with --audit-log", code="audit_disabled"
+        )
+    return json_response(await checkpointer.head_statement())
+
+
 ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("GET", "/status", status),
     ("GET", "/healthz", healthz),
@@ -418,6 +432,7 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("POST", "/attest/combined", attest_combined),
     ("POST", "/attest/maa", attest_maa),
     ("POST", "/key/release", key_release),
+    ("GET", "/audit/head", audit_head),
 )
 
 

@@ -12,7 +12,7 @@ import textwrap
 import pytest
 
 from skr.audit import AuditLog, chain_files, read_records, verify_chain
-from skr.errors import AuditError, ConfigError
+from skr.errors import AuditError
 from tests.test_audit import _grant, _write
 
 # --- one writer -----------------------------------------------------------------------------------------
@@ -34,7 +34,7 @@ def test_a_second_writer_in_another_process_is_refused_naming_the_holder(tmp_pat
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
-        with pytest.raises(ConfigError) as refused:
+        with pytest.raises(AuditError) as refused:
             AuditLog(path)
         assert refused.value.code == "config_invalid"
         assert f"pid {holder.pid}" in refused.value.message
@@ -49,7 +49,7 @@ def test_a_second_writer_in_another_process_is_refused_naming_the_holder(tmp_pat
 
 def test_a_second_writer_in_the_same_process_is_refused(tmp_path):
     first = AuditLog(tmp_path / "audit.jsonl")
-    with pytest.raises(ConfigError, match=f"pid {os.getpid()}"):
+    with pytest.raises(AuditError, match=f"pid {os.getpid()}"):
         AuditLog(tmp_path / "audit.jsonl")
     first.close()
 
@@ -61,14 +61,14 @@ def test_a_symlinked_log_is_refused_and_its_target_untouched(tmp_path):
     target = tmp_path / "elsewhere"
     target.write_bytes(b"precious\n")
     (tmp_path / "audit.jsonl").symlink_to(target)
-    with pytest.raises(ConfigError, match="symbolic link"):
+    with pytest.raises(AuditError, match="symbolic link"):
         AuditLog(tmp_path / "audit.jsonl")
     assert target.read_bytes() == b"precious\n"
 
 
 def test_a_dangling_symlink_is_not_followed_to_create_a_file(tmp_path):
     (tmp_path / "audit.jsonl").symlink_to(tmp_path / "created-through-link")
-    with pytest.raises(ConfigError):
+    with pytest.raises(AuditError):
         AuditLog(tmp_path / "audit.jsonl")
     assert not (tmp_path / "created-through-link").exists()
 
@@ -77,22 +77,22 @@ def test_a_symlinked_rotated_file_or_lock_is_refused(tmp_path):
     path = tmp_path / "audit.jsonl"
     _write(path, 1)
     (tmp_path / "audit.jsonl.1").symlink_to(tmp_path / "x")
-    with pytest.raises(ConfigError, match="not a regular file"):
+    with pytest.raises(AuditError, match="not a regular file"):
         AuditLog(path)
     (tmp_path / "audit.jsonl.1").unlink()
     (tmp_path / "audit.jsonl.lock").unlink()
     (tmp_path / "audit.jsonl.lock").symlink_to(tmp_path / "y")
-    with pytest.raises(ConfigError, match="symbolic link"):
+    with pytest.raises(AuditError, match="symbolic link"):
         AuditLog(path)
     assert not (tmp_path / "y").exists()
 
 
 def test_a_directory_or_fifo_is_refused(tmp_path):
     (tmp_path / "dir.jsonl").mkdir()
-    with pytest.raises(ConfigError):
+    with pytest.raises(AuditError):
         AuditLog(tmp_path / "dir.jsonl")
     os.mkfifo(tmp_path / "fifo.jsonl")
-    with pytest.raises(ConfigError, match="not a regular file"):
+    with pytest.raises(AuditError, match="not a regular file"):
         AuditLog(tmp_path / "fifo.jsonl")
 
 
@@ -100,7 +100,7 @@ def test_a_directory_or_fifo_is_refused(tmp_path):
 def test_a_file_that_holds_no_audit_records_is_never_truncated(tmp_path, content):
     path = tmp_path / "important.conf"
     path.write_bytes(content)
-    with pytest.raises((ConfigError, AuditError)):
+    with pytest.raises(AuditError):
         AuditLog(path)
     assert path.read_bytes() == content
 

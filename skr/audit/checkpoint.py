@@ -18,7 +18,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, ClassVar, Protocol
@@ -51,11 +50,6 @@ class AuditRateLimited(SkrError):
 
     status: ClassVar[int] = 429
     default_code: ClassVar[str] = "rate_limited"
-
-
-def new_instance_id() -> str:
-    """A random id per process start: which sidecar run wrote (and sealed) which records."""
-    return secrets.token_hex(8)
 
 
 def evidence_fields(evidence: CheckpointEvidence) -> dict[str, Any]:
@@ -92,13 +86,12 @@ class Checkpointer:
         interval: float = 60.0,
         every_records: int = 1000,
         emit: Callable[[str], None] | None = None,
-        instance: str | None = None,
     ) -> None:
         self.audit = audit
         self.collect = collect
         self.interval = interval
         self.every_records = every_records
-        self.instance = instance or new_instance_id()
+        self.instance = audit.instance
         self._emit = emit
         self._sealed = -1  # the seq the newest checkpoint covers
         self._own = -1  # the seq of the newest checkpoint record itself (nothing new to seal after it)
@@ -107,6 +100,7 @@ class Checkpointer:
         self._triggered: asyncio.Task[None] | None = None
         self._last_statement = 0.0
         self._stopped = False
+        self.started = False
 
     async def _statement(self) -> tuple[dict[str, Any], CheckpointEvidence]:
         seq, head = self.audit.head
@@ -124,7 +118,10 @@ class Checkpointer:
             )
             self._sealed, self._own = stmt["covers_seq"], record["seq"]
             if self._emit is not None:
-                self._emit(stdout_copy(record))
+                try:
+                    self._emit(stdout_copy(record))
+                except OSError as exc:  # the copy is extra; the checkpoint itself is durable
+                    log.warning("cannot write the checkpoint copy to stdout", extra={"error": str(exc)})
             return record
 
     async def _seal_quietly(self) -> None:
@@ -157,6 +154,7 @@ class Checkpointer:
             self.audit.add_listener(self._on_record)
         if self.interval > 0:
             self._timer = asyncio.ensure_future(self._tick())
+        self.started = True
 
     def _on_record(self, record: Mapping[str, Any]) -> None:
         seq = record.get("seq")
@@ -171,7 +169,8 @@ class Checkpointer:
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
-            await self._seal_quietly()
+            # shielded: stopping mid-seal must not lose the stdout copy of a checkpoint already written
+            await asyncio.shield(self._seal_quietly())
 
     async def head_statement(self) -> dict[str, Any]:
         """A fresh statement over the current head with its evidence, not written (``GET /audit/head``)."""
@@ -186,12 +185,15 @@ class Checkpointer:
 
     async def stop(self) -> None:
         """Write ``audit.stop`` with this run's counts, then the final checkpoint sealing it."""
+        if not self.started or self._stopped:
+            return
         self._stopped = True
-        for task in (self._timer, self._triggered):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, SkrError):
-                    await task
+        if self._timer is not None:
+            self._timer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._timer
+        if self._triggered is not None:
+            await self._triggered  # a seal in progress finishes (it never raises: _seal_quietly)
         try:
             await self.audit.append(
                 {"event": "audit.stop", "instance": self.instance, "counts": dict(self.audit.counts)}

@@ -11,6 +11,7 @@ Never writes; never follows a symlink to an audit file.
 from __future__ import annotations
 
 import os
+import re
 import stat
 import sys
 from collections.abc import Iterable, Iterator, Sequence
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from skr.audit.chain import Line, is_record, parse_record
-from skr.errors import AuditError, ConfigError
+from skr.errors import AuditError
 
 STDIN = "-"
 _PROBE_LINES = 64  # how far into a file we look for its first record
@@ -40,31 +41,33 @@ def chain_files(path: Path) -> list[Path]:
     return [*rotated_files(path), path]
 
 
+def refusal(message: str, *, hint: str | None = None) -> AuditError:
+    """A file the audit log will not use (a link, not a regular file, not an audit log, locked): the
+    sidecar does not start (``config_invalid``)."""
+    return AuditError(message, hint=hint, code="config_invalid")
+
+
 def open_regular(path: Path, flags: int, mode: int = 0o600) -> int:
-    """``os.open`` with ``O_NOFOLLOW``; the result must be a regular file. Raises :class:`ConfigError`."""
+    """``os.open`` with ``O_NOFOLLOW``; the result must be a regular file. Raises :func:`refusal`."""
     try:
         fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     except FileExistsError:
-        raise ConfigError(f"{path} appeared while the audit log was being created; refusing") from None
+        raise refusal(f"{path} appeared while the audit log was being created; refusing") from None
     except OSError as exc:
         if exc.errno == 40:  # ELOOP: the last component is a symlink
-            raise ConfigError(
+            raise refusal(
                 f"{path} is a symbolic link; the audit log never follows links",
                 hint="point --audit-log at the real file",
             ) from None
-        raise ConfigError(f"cannot open {path}: {exc.strerror}") from None
+        raise refusal(f"cannot open {path}: {exc.strerror}") from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        raise ConfigError(f"{path} is not a regular file", hint="the audit log must be a plain file")
+        raise refusal(f"{path} is not a regular file", hint="the audit log must be a plain file")
     return fd
 
 
 def _open_for_reading(path: Path) -> BinaryIO:
-    try:
-        fd = open_regular(path, os.O_RDONLY)
-    except ConfigError as exc:
-        raise AuditError(exc.message, hint=exc.hint) from None
-    return os.fdopen(fd, "rb")
+    return os.fdopen(open_regular(path, os.O_RDONLY), "rb")
 
 
 def first_seq(path: Path) -> int | None:
@@ -86,12 +89,25 @@ def order_by_seq(paths: Sequence[Path]) -> list[Path]:
     return [p for _, _, p in keyed]
 
 
+# ``kubectl logs --timestamps`` / ``az container logs`` put an RFC 3339 time in front of each line
+_TIMESTAMP_PREFIX = re.compile(rb"^\d{4}-\d\d-\d\dT[0-9:.]+(?:Z|[+-]\d\d:?\d\d)? (?=\{)")
+
+
+def _stream_marker(raw: bytes) -> bool:
+    """A line only a container log holds: a checkpoint copy, a log line, or a timestamp prefix.
+    No edit of one byte turns an audit record into one of these."""
+    if _TIMESTAMP_PREFIX.match(raw):
+        return True
+    doc = parse_record(raw)
+    if doc is None or is_record(doc):
+        return False
+    return "skr_audit_checkpoint" in doc or "msg" in doc or "message" in doc
+
+
 def _is_log_file(path: Path) -> bool:
-    """An audit log file starts with a record; anything else is read as a mixed stream."""
+    """An audit log file holds records only; a file with container-log lines is read as a mixed stream."""
     with _open_for_reading(path) as fh:
-        raw = fh.readline()
-    doc = parse_record(raw.rstrip(b"\n"))
-    return raw == b"" or (doc is not None and is_record(doc))
+        return not any(_stream_marker(raw.rstrip(b"\n")) for raw in fh)
 
 
 def iter_lines(sources: Sequence[str | Path]) -> Iterator[Line]:
@@ -112,10 +128,11 @@ def iter_lines(sources: Sequence[str | Path]) -> Iterator[Line]:
 
 def _lines(fh: BinaryIO, name: str, *, final: bool, strict: bool) -> Iterator[Line]:
     for lineno, raw in enumerate(fh, start=1):
-        if raw.endswith(b"\n"):
-            yield Line(name, lineno, raw[:-1].removesuffix(b"\r") if not strict else raw[:-1], False, strict)
-        else:  # only a source's last line can lack its newline
-            yield Line(name, lineno, raw, final, strict)
+        torn = not raw.endswith(b"\n")  # only a source's last line can lack its newline
+        text = raw if torn else raw[:-1]
+        if not strict:
+            text = _TIMESTAMP_PREFIX.sub(b"", text.removesuffix(b"\r"), count=1)
+        yield Line(name, lineno, text, torn and final, strict)
 
 
 def read_records(sources: Iterable[str | Path]) -> Iterator[dict[str, Any]]:

@@ -22,6 +22,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import secrets
 import stat
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -39,8 +40,8 @@ from skr.audit.chain import (
     record_hash,
     rfc3339_now,
 )
-from skr.audit.files import open_regular, rotated_files
-from skr.errors import AuditError, ConfigError
+from skr.audit.files import open_regular, refusal, rotated_files
+from skr.errors import AuditError
 
 log = logging.getLogger("skr.audit")
 
@@ -58,7 +59,7 @@ def acquire_writer_lock(path: Path) -> int:
     target = lock_path(path)
     try:
         fd = open_regular(target, os.O_RDWR)
-    except ConfigError:
+    except AuditError:
         if os.path.lexists(target):
             raise
         fd = open_regular(target, os.O_RDWR | os.O_CREAT | os.O_EXCL)
@@ -68,7 +69,7 @@ def acquire_writer_lock(path: Path) -> int:
         holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
         os.close(fd)
         who = f"pid {holder}" if holder.isdigit() else "another process"
-        raise ConfigError(
+        raise refusal(
             f"the audit log {path} is already being written by {who} (lock {target})",
             hint="give every sidecar its own audit file (the chart names it per pod)",
         ) from None
@@ -108,7 +109,7 @@ def _read_tail(fd: int, path: Path) -> _Tail | None:
         return None
     last_newline = _rfind_newline(fd, size)
     if last_newline < 0:
-        raise ConfigError(
+        raise refusal(
             f"{path} holds no audit record; refusing to write to (or truncate) it",
             hint="point --audit-log at a new file or an existing skr audit log",
         )
@@ -149,7 +150,7 @@ class AuditLog:
     """Appends hash-chained records to a JSON-lines file. Thread-safe; see :class:`AsyncAuditLog`.
 
     ``max_bytes``: rotate the live file once it reaches this size (0 = never). ``echo``: a callable that
-    also receives each line (for shipping to stdout). Raises :class:`ConfigError` when another process
+    also receives each line (for shipping to stdout). Raises ``config_invalid`` when another process
     writes the file or the path is not a regular file.
     """
 
@@ -165,7 +166,7 @@ class AuditLog:
         try:
             for older in rotated_files(self.path):
                 if not stat.S_ISREG(os.lstat(older).st_mode):
-                    raise ConfigError(f"{older} is not a regular file (a symbolic link?); refusing")
+                    raise refusal(f"{older} is not a regular file (a symbolic link?); refusing")
             self._fd = self._open_live()
             recovered = self._recover()
         except BaseException:
@@ -178,7 +179,7 @@ class AuditLog:
     def _open_live(self) -> int:
         try:
             return open_regular(self.path, _APPEND)
-        except ConfigError:
+        except AuditError:
             if os.path.lexists(self.path):
                 raise
         return open_regular(self.path, _APPEND | os.O_CREAT | os.O_EXCL)
@@ -262,7 +263,7 @@ class AuditLog:
         if self.max_bytes and self._offset >= self.max_bytes:
             try:
                 self._rotate()
-            except (OSError, ConfigError) as exc:
+            except (OSError, AuditError) as exc:
                 log.warning("cannot rotate the audit log; still writing to it", extra={"error": str(exc)})
         return records
 
@@ -314,10 +315,12 @@ class AsyncAuditLog:
     event loop never blocks on fsync and concurrent releases share one fsync.
 
     Listeners (:meth:`add_listener`) see every durable record on the event loop (checkpoint triggers).
+    ``instance``: a random id for this process's run of the log (checkpoints and MAA runtime data name it).
     """
 
-    def __init__(self, log: AuditLog) -> None:
+    def __init__(self, log: AuditLog, *, instance: str | None = None) -> None:
         self.log = log
+        self.instance = instance or secrets.token_hex(8)
         self._pending: list[tuple[Mapping[str, Any], Future[dict[str, Any]]]] = []
         self._cond = threading.Condition()
         self._closed = False

@@ -180,6 +180,7 @@ def _verify(args: argparse.Namespace) -> int:
     result = verify_lines(iter_lines(sources), expectations)
     proofs: list[CheckpointProof] = []
     failure: str | None = None
+    unverified = 0
     if result.finding is None:
         seen: set[tuple[Any, ...]] = set()
         for checkpoint in result.checkpoints:
@@ -190,12 +191,26 @@ def _verify(args: argparse.Namespace) -> int:
             try:
                 proofs.append(prove_checkpoint(checkpoint, options))
             except SkrError as exc:
+                if exc.code == "untrusted_root" and not _demands_proof(args):
+                    unverified += 1  # a virtual TEE's: proves nothing unless its ARK is named
+                    continue
                 failure = describe_failure(checkpoint, exc)
                 if exc.code == "untrusted_root":
                     failure += " (a virtual TEE checkpoint verifies only with --trust-ark and its ARK)"
                 break
     _report(args, sources, result, proofs, failure)
+    if unverified and failure is None:
+        print(
+            f"WARNING: {unverified} checkpoint(s) are signed by a root that is not AMD's (a VIRTUAL TEE?) "
+            "and prove nothing; pass --trust-ark FILE to check them against that root",
+            file=sys.stderr,
+        )
     return EXIT_PROVEN if result.finding is None and failure is None else EXIT_DAMAGED
+
+
+def _demands_proof(args: argparse.Namespace) -> bool:
+    """Whether the auditor asked for checkpoints from a particular root or workload."""
+    return bool(args.trust_ark or args.expect_host_data or args.expect_measurement)
 
 
 def _sentence(result: VerifyResult, proofs: Sequence[CheckpointProof]) -> str:
@@ -203,6 +218,11 @@ def _sentence(result: VerifyResult, proofs: Sequence[CheckpointProof]) -> str:
     host_data = sorted({p.host_data for p in proofs})
     kind = "virtual" if any(p.virtual for p in proofs) else "hardware"
     where = f" (host_data {', '.join(host_data)})" if host_data else ""
+    if not proofs:
+        return (
+            "no records sealed by 0 hardware checkpoints; "
+            f"{result.records} records are chained but not yet sealed"
+        )
     return (
         f"records {result.first_seq}–{sealed} sealed by {len(proofs)} {kind} checkpoints{where}; "  # noqa: RUF001 - the en dash is the issue's wording
         f"{result.last_seq - sealed} records after the last checkpoint are chained but not yet sealed"

@@ -1,0 +1,95 @@
+"""The audit trail of a running sidecar (the local stack, in process): start and stop records, checkpoints,
+``GET /audit/head``, and what the records say about each release."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import pytest_asyncio
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from skr.audit.proof import ProofOptions, prove_checkpoint
+from skr.cli import main
+from tests.e2e import post, stack_session
+from tests.sidecars import audit_records
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def env(tmp_path_factory):
+    state = tmp_path_factory.mktemp("audit-e2e")
+    async for stack, client in stack_session(state):
+        yield stack, client
+
+
+def _ark(stack: Any, directory: Path) -> Path:
+    path = directory / "ark.pem"
+    path.write_bytes(stack.runtime.service.trusted_arks[0].public_bytes(Encoding.PEM))
+    return path
+
+
+async def test_the_log_starts_by_sealing_the_previous_head_then_says_who_started(env):
+    stack, _ = env
+    records = audit_records(stack.options.audit_log)
+    assert [r["event"] for r in records[:2]] == ["audit.checkpoint", "audit.start"]
+    checkpoint, start = records[:2]
+    assert checkpoint["covers_seq"] == 0 and checkpoint["instance"] == start["instance"]
+    assert start["evidence_kind"] == "virtual" and start["host_data"] == stack.info["host_data"]
+    assert start["settings"]["token_reuse"] is True and len(start["settings_sha256"]) == 64
+
+
+async def test_audit_head_answers_a_statement_that_proves_the_current_head(env):
+    stack, client = env
+    status, _ = await post(client, "/key/release", {"kid": "demo-oct"})
+    assert status == 200
+    await asyncio.sleep(1.0)  # one statement per second
+    async with client.get("/audit/head") as resp:
+        assert resp.status == 200
+        statement = await resp.json()
+    last = audit_records(stack.options.audit_log)[-1]
+    assert (statement["covers_seq"], statement["head"]) == (last["seq"], last["hash"])
+    proof = prove_checkpoint(statement, ProofOptions(trusted_arks=stack.runtime.service.trusted_arks))
+    assert proof.virtual and proof.host_data == stack.info["host_data"]
+    async with client.get("/audit/head") as resp:
+        assert resp.status == 429 and (await resp.json())["code"] == "rate_limited"
+    assert audit_records(stack.options.audit_log)[-1] == last  # a statement is not written
+
+
+async def test_a_second_sidecar_on_the_same_log_refuses_to_start(env):
+    stack, _ = env
+    from skr.daemon import open_audit
+
+    with pytest.raises(Exception) as refused:
+        open_audit(stack.runtime.settings)
+    assert getattr(refused.value, "code", None) == "config_invalid"
+    assert "already being written by pid" in str(refused.value)
+
+
+async def test_the_stopped_log_verifies_with_the_virtual_ark(tmp_path):
+    async for stack, client in stack_session(tmp_path / "state"):
+        path = stack.options.audit_log
+        for _ in range(3):
+            assert (await post(client, "/key/release", {"kid": "demo-oct"}))[0] == 200
+        ark = _ark(stack, tmp_path)
+    records = audit_records(path)
+    assert [r["event"] for r in records[-2:]] == ["audit.stop", "audit.checkpoint"]
+    assert records[-2]["counts"]["granted"] == 3
+    code = await asyncio.to_thread(main, ["audit", "verify", str(path), "--trust-ark", str(ark), "--json"])
+    assert code == 0
+
+
+async def test_audit_head_is_not_there_without_an_audit_log(env):
+    stack, _ = env
+    from tests.sidecars import extra_sidecar
+
+    async with (
+        extra_sidecar(stack, audit_log=None) as (_, base),
+        aiohttp.ClientSession(base_url=base) as client,
+        client.get("/audit/head") as resp,
+    ):
+        assert resp.status == 404 and (await resp.json())["code"] == "audit_disabled"
