@@ -217,6 +217,7 @@ async def build_runtime(
         trusted_arks=trusted_arks,
         security_policy=security_policy,
         token_verifier=TokenVerifier(session, ssl_context=ssl_ctx, timeout=settings.upstream_timeout),
+        ambient_identity=lambda: credentials.kind,
     )
     app = create_app(service, metrics)
     checkpointer = None

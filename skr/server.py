@@ -251,6 +251,18 @@ def _is_loopback(remote: str | None) -> bool:
     return address.is_loopback
 
 
+CLIENT_TOKEN_ID_KEY: web.RequestKey[str] = web.RequestKey("client_token_id", str)
+
+
+def _client_token_id(presented: str, tokens: tuple[tuple[str, str], ...]) -> str | None:
+    """The name of the client token presented, or None. Compares with every token (constant time each)."""
+    found = None
+    for name, token in tokens:
+        if hmac.compare_digest(presented.encode(), token.encode()) and found is None:
+            found = name
+    return found
+
+
 def _route_label(request: web.Request) -> str:
     info = request.match_info.route.resource
     return info.canonical if info is not None else "unmatched"
@@ -276,11 +288,13 @@ async def _frame(request: web.Request, handler: Handler) -> web.StreamResponse:
         if expected is not None and request.path not in OPEN_PATHS:
             header = request.headers.get("Authorization", "")
             presented = header[7:].strip() if header[:7].lower() == "bearer " else ""
-            if not hmac.compare_digest(presented.encode(), expected.encode()):
+            token_id = _client_token_id(presented, service.settings.client_tokens or (("default", expected),))
+            if token_id is None:
                 raise Unauthenticated(
                     "this sidecar requires a client token",
                     hint="send Authorization: Bearer <contents of SKR_CLIENT_TOKEN_FILE>",
                 )
+            request[CLIENT_TOKEN_ID_KEY] = token_id
         response = await handler(request)
     except SkrError as exc:
         response = error_response(exc, request_id)
@@ -329,7 +343,11 @@ async def _frame(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 def _ctx(request: web.Request) -> RequestContext:
-    return RequestContext(request_id=request_id_var.get() or "", client=request.remote)
+    return RequestContext(
+        request_id=request_id_var.get() or "",
+        client=request.remote,
+        client_token_id=request.get(CLIENT_TOKEN_ID_KEY),
+    )
 
 
 def _timing(ctx: RequestContext, started: float) -> dict[str, str]:

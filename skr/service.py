@@ -29,6 +29,7 @@ from skr.akv.jws import TrustStore, open_release
 from skr.akv.keywrap import Enc
 from skr.akv.release import KeyVaultReleaser, ReleaseResult, parse_kid
 from skr.audit import AsyncAuditLog, token_fingerprint
+from skr.audit.chain import trim_reason
 from skr.config import Settings
 from skr.endpoints import Endpoint, parse_endpoint
 from skr.errors import (
@@ -62,6 +63,7 @@ class RequestContext:
     client: str | None = None
     upstream_seconds: float = 0.0
     attestation: str | None = None  # "cached" | "fresh" | "shared"
+    client_token_id: str | None = None  # the name of the client token presented (SKR_CLIENT_TOKEN_FILE)
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,7 @@ class ReleaseService:
         trusted_arks: Sequence[x509.Certificate] = (),
         security_policy: bytes | None = None,
         token_verifier: TokenVerifier | None = None,
+        ambient_identity: Callable[[], str] | None = None,
     ) -> None:
         self.settings = settings
         self.provider = provider
@@ -115,6 +118,8 @@ class ReleaseService:
         self.trusted_arks = tuple(trusted_arks)
         self.security_policy = security_policy
         self.token_verifier = token_verifier
+        # "workload_identity" | "managed_identity": which credential a release without access_token uses
+        self.ambient_identity = ambient_identity
         self._cache: dict[str, _Attestation] = {}
         self._inflight: dict[str, asyncio.Future[_Attestation]] = {}
         self._next_key: asyncio.Future[WrappingKey] | None = None
@@ -337,6 +342,13 @@ class ReleaseService:
                 hint="an upstream service is slow or unreachable; see the sidecar log for which",
             ) from None
 
+    def _identity(self, access_token: str | None) -> str:
+        """``request`` (the caller's own access_token), ``workload`` or ``managed`` identity."""
+        if access_token is not None and access_token.strip():
+            return "request"
+        kind = self.ambient_identity() if self.ambient_identity is not None else "managed_identity"
+        return "workload" if kind == "workload_identity" else "managed"
+
     async def _record(self, fields: dict[str, Any]) -> None:
         if self.audit is not None:
             await self.audit.append(fields)
@@ -353,7 +365,9 @@ class ReleaseService:
                 deadline, "fetching the report", lambda: self._evidence(report_data_for(runtime_data), ctx)
             )
         except SkrError as exc:
-            await self._record({**fields, "outcome": "error", "error_code": exc.code, **_duration(started)})
+            await self._record(
+                {**fields, "outcome": "error", "error_code": exc.code, **_why(exc), **_duration(started)}
+            )
             raise
         await self._record(
             {**fields, "outcome": "granted", **_report_fields(evidence.report), **_duration(started)}
@@ -400,7 +414,9 @@ class ReleaseService:
         except SkrError as exc:
             self.metrics.attestations.inc(outcome="error")
             outcome = "denied" if exc.status == 403 else "error"
-            await self._record({**fields, "outcome": outcome, "error_code": exc.code, **_duration(started)})
+            await self._record(
+                {**fields, "outcome": outcome, "error_code": exc.code, **_why(exc), **_duration(started)}
+            )
             raise
         self.metrics.attestations.inc(outcome="ok")
         claims = unverified_claims(token)
@@ -425,6 +441,8 @@ class ReleaseService:
             "request_id": ctx.request_id,
             "client": ctx.client,
             "kid": kid if isinstance(kid, str) and len(kid) <= 256 else None,
+            "identity": self._identity(access_token),
+            "client_token_id": ctx.client_token_id,
         }
         try:
             maa = self.resolve_maa(maa_endpoint)
@@ -460,6 +478,7 @@ class ReleaseService:
                     **fields,
                     "outcome": outcome,
                     "error_code": exc.code,
+                    **_why(exc),
                     "attestation": ctx.attestation,
                     **_duration(started),
                 }
@@ -528,6 +547,19 @@ class ReleaseService:
         return ReleasedKeyResult(
             key_json=jwk_to_json(opened.jwk), key_id=opened.key_id, version=opened.version
         )
+
+
+_UPSTREAM_STATUS = re.compile(r"\bHTTP ([1-5][0-9]{2})\b")
+
+
+def _why(exc: SkrError) -> dict[str, Any]:
+    """``reason`` (the error's message: the failing claim and values as Key Vault or the policy check said
+    them; error messages never hold tokens) and ``upstream_status`` when an upstream answered."""
+    status = getattr(exc, "upstream_status", None)
+    if not isinstance(status, int):
+        found = _UPSTREAM_STATUS.search(exc.message)
+        status = int(found[1]) if found else None
+    return {"reason": trim_reason(exc.message), "upstream_status": status}
 
 
 def _duration(started: float) -> dict[str, Any]:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -93,3 +94,57 @@ async def test_audit_head_is_not_there_without_an_audit_log(env):
         client.get("/audit/head") as resp,
     ):
         assert resp.status == 404 and (await resp.json())["code"] == "audit_disabled"
+
+
+# --- what the records say -----------------------------------------------------------------------------
+
+
+async def test_a_denial_says_why_and_what_the_vault_answered(env):
+    stack, client = env
+    status, body = await post(
+        client, "/key/release", {"kid": "demo-denied"}, headers={"X-Request-Id": "why-1"}
+    )
+    assert status == 403
+    (record,) = audit_records(stack.options.audit_log, "why-1")
+    assert record["outcome"] == "denied" and record["upstream_status"] == 403
+    assert record["reason"] == body["error"][:512] and "x-ms-" in record["reason"]
+    assert "eyJ" not in record["reason"]  # never a token
+    assert record["identity"] in ("managed", "workload") and "client_token_id" not in record
+
+
+async def test_a_release_with_the_callers_own_access_token_says_identity_request(env):
+    stack, client = env
+    body = {"kid": "demo-oct", "access_token": "not-a-valid-token"}
+    status, _ = await post(client, "/key/release", body, headers={"X-Request-Id": "own-token"})
+    assert status != 200
+    (record,) = audit_records(stack.options.audit_log, "own-token")
+    assert record["identity"] == "request" and record["upstream_status"] == 401
+    assert "not-a-valid-token" not in json.dumps(record)
+
+
+async def test_each_release_names_the_client_token_it_came_with(env, tmp_path):
+    from tests.sidecars import extra_sidecar
+
+    stack, _ = env
+    tokens = tmp_path / "tokens"
+    app_token, monitor_token = "a" * 24, "m" * 24
+    tokens.write_text(f"app:{app_token}\nmonitor:{monitor_token}\n")
+    from skr.config import read_client_tokens
+
+    named = read_client_tokens(tokens)
+    async with (
+        extra_sidecar(stack, client_token=app_token, client_tokens=named) as (runtime, base),
+        aiohttp.ClientSession(base_url=base) as client,
+    ):
+        for token, rid in ((app_token, "from-app"), (monitor_token, "from-monitor")):
+            headers = {"Authorization": f"Bearer {token}", "X-Request-Id": rid}
+            assert (await post(client, "/key/release", {"kid": "demo-oct"}, headers=headers))[0] == 200
+        status, _ = await post(
+            client, "/key/release", {"kid": "demo-oct"}, headers={"Authorization": "Bearer x"}
+        )
+        assert status == 401
+        path = runtime.settings.audit_log
+    assert path is not None
+    assert [r["client_token_id"] for r in audit_records(path, "from-app")] == ["app"]
+    assert [r["client_token_id"] for r in audit_records(path, "from-monitor")] == ["monitor"]
+    assert app_token not in path.read_text() and monitor_token not in path.read_text()
