@@ -42,7 +42,7 @@ from skr.errors import (
 from skr.evidence.base import Evidence, EvidenceProvider, report_data_for
 from skr.http import Deadline
 from skr.maa.client import MaaClient
-from skr.maa.runtime import DEFAULT_BITS, WrappingKey
+from skr.maa.runtime import DEFAULT_BITS, AuditHead, WrappingKey
 from skr.maa.token import TokenVerifier, unverified_claims
 from skr.metrics import Metrics
 
@@ -281,7 +281,8 @@ class ReleaseService:
 
     async def _attest(self, maa: Endpoint, deadline: Deadline, ctx: RequestContext) -> _Attestation:
         key = await self._take_key()
-        runtime_data = key.runtime_data()
+        # the token names the audit head at attestation time (a cached token keeps naming that moment)
+        runtime_data = key.runtime_data(self._audit_head())
         try:
             evidence = await self._evidence(report_data_for(runtime_data), ctx)
             token = await self._timed(
@@ -341,6 +342,12 @@ class ReleaseService:
                 f"{what} did not finish within the {self.settings.request_deadline:g} s request deadline",
                 hint="an upstream service is slow or unreachable; see the sidecar log for which",
             ) from None
+
+    def _audit_head(self) -> AuditHead | None:
+        if self.audit is None:
+            return None
+        seq, head = self.audit.head
+        return AuditHead(seq=seq, head=head, instance=self.audit.instance)
 
     def _identity(self, access_token: str | None) -> str:
         """``request`` (the caller's own access_token), ``workload`` or ``managed`` identity."""
