@@ -245,3 +245,22 @@ async def test_a_head_statement_binds_the_current_head_and_is_rate_limited(tee, 
     assert limited.value.status == 429 and limited.value.code == "rate_limited"
     assert alog.head[0] == 1  # nothing was written
     await alog.aclose()
+
+
+def test_a_container_log_of_two_runs_is_verified_one_run_at_a_time(tee, ark, tmp_path, capsys):
+    """ACI without a volume: a restarted container starts a new chain; its stdout holds both runs."""
+    first, second = tmp_path / "run1.jsonl", tmp_path / "run2.jsonl"
+    asyncio.run(_sealed_log(first, tee, n=2))
+    asyncio.run(_sealed_log(second, tee, n=3))
+    exported = tmp_path / "container-log.txt"
+    noise = b'{"level":"info","msg":"skr sidecar listening"}\n'
+    exported.write_bytes(noise + first.read_bytes() + noise + second.read_bytes())
+    code, _, err = _verify(capsys, str(exported), "--trust-ark", str(ark))
+    assert code == 1 and "a new chain starts here" in err
+    instance = _records(second)[0]["instance"]
+    assert main(["audit", "show", str(exported), "--instance", instance, "--format", "json"]) == 0
+    run = tmp_path / "run.jsonl"
+    run.write_text(capsys.readouterr().out)
+    assert run.read_bytes() == second.read_bytes()  # the export is byte-identical to the run's own log
+    code, out, _ = _verify(capsys, str(run), "--trust-ark", str(ark))
+    assert code == 0 and "virtual checkpoints" in out

@@ -346,6 +346,11 @@ def verify_lines(lines: Iterable[Line], expectations: Iterable[Expectation] = ()
                 walk.expected, walk.prev = seq, rec.get("prev", GENESIS)
         if seq != walk.expected:
             what = "deleted records before it" if seq > walk.expected else "reordered or duplicated"
+            if seq == 1 and rec.get("prev") == GENESIS:
+                what = (
+                    "a new chain starts here: a sidecar restarted without its old log; "
+                    "verify each run on its own (skr audit show --instance ID --format json)"
+                )
             return bad(f"expected seq {walk.expected}, found {seq} ({what})", seq)
         if rec.get("prev") != walk.prev:
             return bad("prev does not match the previous record's hash (deleted, inserted or reordered)", seq)

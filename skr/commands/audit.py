@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from skr.audit import OUTCOMES, Expectation, chain_files, order_by_seq, read_records, rotated_files
+from skr.audit import OUTCOMES, Expectation, canonical, chain_files, order_by_seq, read_records, rotated_files
 from skr.audit.chain import (
     HEX64,
     VerifyResult,
@@ -329,8 +329,8 @@ def _show(args: argparse.Namespace) -> int:
                 continue
         rows.append(rec)
     if fmt == "json":
-        for rec in rows:
-            print(json.dumps(rec, sort_keys=True))
+        for rec in rows:  # the canonical line: one run's records, exported, still verify
+            print(canonical(rec).decode())
     elif fmt == "csv":
         writer = csv.writer(sys.stdout, lineterminator="\n")
         writer.writerow([*COLUMNS, "reason"])
