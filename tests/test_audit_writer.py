@@ -80,8 +80,8 @@ def test_a_symlinked_rotated_file_or_lock_is_refused(tmp_path):
     with pytest.raises(AuditError, match="not a regular file"):
         AuditLog(path)
     (tmp_path / "audit.jsonl.1").unlink()
-    (tmp_path / "audit.jsonl.lock").unlink()
-    (tmp_path / "audit.jsonl.lock").symlink_to(tmp_path / "y")
+    (tmp_path / ".audit.jsonl.lock").unlink()
+    (tmp_path / ".audit.jsonl.lock").symlink_to(tmp_path / "y")
     with pytest.raises(AuditError, match="symbolic link"):
         AuditLog(path)
     assert not (tmp_path / "y").exists()
@@ -109,7 +109,7 @@ def test_a_new_log_is_created_exclusively_with_mode_0600(tmp_path):
     path = tmp_path / "audit.jsonl"
     _write(path, 1)
     assert path.stat().st_mode & 0o777 == 0o600
-    assert (tmp_path / "audit.jsonl.lock").read_text().strip() == str(os.getpid())
+    assert (tmp_path / ".audit.jsonl.lock").read_text().strip() == str(os.getpid())
 
 
 # --- canonical lines --------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Appending to the audit log: one writer, durable all-or-nothing batches, crash recovery, rotation.
 
 Owns:
-- the writer lock: an exclusive ``flock`` on the sibling ``<log>.lock`` (which rotation never moves), so a
+- the writer lock: an exclusive ``flock`` on the hidden sibling ``.<log>.lock`` (which rotation never moves), so a
   second sidecar on the same file refuses to start, naming the holder's pid;
 - safe opening: ``O_NOFOLLOW`` for the log and its rotated files, ``O_EXCL`` when creating, regular files
   only, else ``config_invalid``;
@@ -51,7 +51,7 @@ _APPEND = os.O_RDWR | os.O_APPEND  # read: the tail at start; write: records
 
 
 def lock_path(path: Path) -> Path:
-    return path.with_name(path.name + ".lock")
+    return path.with_name(f".{path.name}.lock")  # hidden: `audit.jsonl*` in a shell never picks it
 
 
 def acquire_writer_lock(path: Path) -> int:
