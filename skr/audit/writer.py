@@ -1,8 +1,8 @@
 """Appending to the audit log: one writer, durable all-or-nothing batches, crash recovery, rotation.
 
 Owns:
-- the writer lock: an exclusive ``flock`` on the hidden sibling ``.<log>.lock`` (which rotation never moves), so a
-  second sidecar on the same file refuses to start, naming the holder's pid;
+- the writer lock: an exclusive ``flock`` on the hidden sibling ``.<log>.lock`` (rotation never moves
+  it), so a second sidecar on the same file refuses to start, naming the holder's pid;
 - safe opening: ``O_NOFOLLOW`` for the log and its rotated files, ``O_EXCL`` when creating, regular files
   only, else ``config_invalid``;
 - durable batches: records are written unbuffered and fsynced before anyone is told they exist; on a
