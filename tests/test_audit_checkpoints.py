@@ -264,3 +264,27 @@ def test_a_container_log_of_two_runs_is_verified_one_run_at_a_time(tee, ark, tmp
     assert run.read_bytes() == second.read_bytes()  # the export is byte-identical to the run's own log
     code, out, _ = _verify(capsys, str(run), "--trust-ark", str(ark))
     assert code == 0 and "virtual checkpoints" in out
+
+
+def test_certificates_are_checked_at_the_time_asked_for(sealed, ark, capsys):
+    path, _ = sealed
+    code, _, err = _verify(capsys, str(path), "--trust-ark", str(ark), "--at", "2199-01-01T00:00:00Z")
+    assert code == 1 and "not proven" in err  # the virtual TEE's certificates have long expired by then
+    code, _, _ = _verify(capsys, str(path), "--trust-ark", str(ark), "--at", "someday")
+    assert code == 2
+
+
+def test_a_stream_on_standard_input_is_verified(sealed, ark):
+    import subprocess
+    import sys
+
+    path, _ = sealed
+    stream = b"starting\n" + path.read_bytes()
+    done = subprocess.run(
+        [sys.executable, "-m", "skr.cli", "audit", "verify", "-", "--trust-ark", str(ark)],
+        input=stream,
+        capture_output=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert b"1 line(s) that are not audit records were skipped" in done.stdout

@@ -143,6 +143,10 @@ async def test_each_release_names_the_client_token_it_came_with(env, tmp_path):
             client, "/key/release", {"kid": "demo-oct"}, headers={"Authorization": "Bearer x"}
         )
         assert status == 401
+        async with client.get("/audit/head") as resp:  # the client token applies to /audit/head too
+            assert resp.status == 401
+        async with client.get("/audit/head", headers={"Authorization": f"Bearer {monitor_token}"}) as resp:
+            assert resp.status == 200 and (await resp.json())["covers_seq"] > 0
         path = runtime.settings.audit_log
     assert path is not None
     assert [r["client_token_id"] for r in audit_records(path, "from-app")] == ["app"]
