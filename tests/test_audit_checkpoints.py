@@ -288,3 +288,20 @@ def test_a_stream_on_standard_input_is_verified(sealed, ark):
     )
     assert done.returncode == 0, done.stderr
     assert b"1 line(s) that are not audit records were skipped" in done.stdout
+
+
+def test_a_stream_that_starts_late_ignores_copies_of_checkpoints_over_records_it_lacks(
+    sealed, ark, tmp_path, capsys
+):
+    """kubectl logs keeps only the newest lines: an early checkpoint copy has nothing to compare with."""
+    path, stdout = sealed
+    lines = path.read_bytes().splitlines()
+    copies = stdout.read_bytes().splitlines()
+    start = 6  # the stream begins with record seq 7
+    early = [c for c in copies if json.loads(c)["skr_audit_checkpoint"]["covers_seq"] < start + 1]
+    assert early
+    stream = tmp_path / "late.txt"
+    stream.write_bytes(b"\n".join([b'{"msg":"rotated"}', *early, *lines[start:], *copies]) + b"\n")
+    code, out, err = _verify(capsys, str(stream), "--trust-ark", str(ark))
+    assert code == 0, err
+    assert f"records {start + 1}\N{EN DASH}" in out
