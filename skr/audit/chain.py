@@ -370,8 +370,8 @@ def verify_lines(lines: Iterable[Line], expectations: Iterable[Expectation] = ()
                 problem = walk.expect(
                     Expectation(rec["covers_seq"], rec["head"], f"checkpoint seq {seq}", rec)
                 )
-                if problem is None:
-                    walk.checkpoints.append(rec)
+                if problem is None and (walk.first is None or rec["covers_seq"] >= walk.first):
+                    walk.checkpoints.append(rec)  # one over a record before this input proves nothing here
             if problem:
                 return bad(problem, seq)
         problem = walk.settle(seq, digest)
