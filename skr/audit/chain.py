@@ -370,7 +370,8 @@ def verify_lines(lines: Iterable[Line], expectations: Iterable[Expectation] = ()
                 problem = walk.expect(
                     Expectation(rec["covers_seq"], rec["head"], f"checkpoint seq {seq}", rec)
                 )
-                if problem is None and (walk.first is None or rec["covers_seq"] >= walk.first):
+                covers = rec["covers_seq"]
+                if problem is None and (covers == 0 or walk.first is None or covers >= walk.first):
                     walk.checkpoints.append(rec)  # one over a record before this input proves nothing here
             if problem:
                 return bad(problem, seq)
