@@ -308,3 +308,24 @@ def test_a_stream_that_starts_late_ignores_copies_of_checkpoints_over_records_it
     code, out, err = _verify(capsys, str(stream), "--trust-ark", str(ark))
     assert code == 0, err
     assert f"records {start + 1}\N{EN DASH}" in out
+
+
+async def test_a_slow_first_report_does_not_hold_the_sidecar_back(tee, tmp_path, monkeypatch):
+    import skr.audit.checkpoint as checkpoint_module
+
+    monkeypatch.setattr(checkpoint_module, "START_SEAL_TIMEOUT", 0.1)
+    release = asyncio.Event()
+
+    async def slow_collect(report_data: bytes) -> Any:
+        await release.wait()  # collateral still being fetched
+        return await tee.collect(report_data)
+
+    alog = AsyncAuditLog(AuditLog(tmp_path / "audit.jsonl"))
+    checkpointer = Checkpointer(alog, slow_collect, interval=0, every_records=0)
+    await asyncio.wait_for(checkpointer.start(version="t", evidence_kind="virtual", settings={}), 5)
+    release.set()
+    await checkpointer.stop()
+    await alog.aclose()
+    events = [r["event"] for r in _records(tmp_path / "audit.jsonl")]
+    assert events[0] == "audit.start" and "audit.checkpoint" in events  # the seal finished later
+    assert events[-2:] == ["audit.stop", "audit.checkpoint"]

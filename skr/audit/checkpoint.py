@@ -29,6 +29,9 @@ from skr.errors import SkrError
 log = logging.getLogger("skr.audit")
 
 
+START_SEAL_TIMEOUT = 10.0  # seconds the start checkpoint may take before the sidecar starts without it
+
+
 class CheckpointEvidence(Protocol):
     """What a checkpoint needs from the evidence provider (``skr.evidence.base.Evidence`` fits)."""
 
@@ -97,7 +100,7 @@ class Checkpointer:
         self._own = -1  # the seq of the newest checkpoint record itself (nothing new to seal after it)
         self._lock = asyncio.Lock()
         self._timer: asyncio.Task[None] | None = None
-        self._triggered: asyncio.Task[None] | None = None
+        self._triggered: asyncio.Future[dict[str, Any] | None] | None = None
         self._last_statement = 0.0
         self._stopped = False
         self.started = False
@@ -124,21 +127,25 @@ class Checkpointer:
                     log.warning("cannot write the checkpoint copy to stdout", extra={"error": str(exc)})
             return record
 
-    async def _seal_quietly(self) -> None:
+    async def _seal_quietly(self) -> dict[str, Any] | None:
         try:
-            await self.seal()
+            return await self.seal()
         except SkrError as exc:
             log.warning("cannot write an audit checkpoint", extra={"error": exc.diagnostics()})
+            return None
 
     async def start(self, *, version: str, evidence_kind: str, settings: Mapping[str, Any]) -> None:
         """Seal the previous head, write ``audit.start``, and start the interval and record triggers."""
         report: dict[str, str] = {}
+        # the first report may wait on collateral (THIM, KDS): the sidecar does not wait for it forever
+        sealing = asyncio.ensure_future(self._seal_quietly())
         try:
-            record = await self.seal()
-            if record is not None:
-                report = _report_fields(base64.b64decode(record["evidence"]["report"]))
-        except SkrError as exc:
-            log.warning("cannot seal the audit head at start", extra={"error": exc.diagnostics()})
+            record = await asyncio.wait_for(asyncio.shield(sealing), START_SEAL_TIMEOUT)
+        except TimeoutError:
+            log.warning("the start checkpoint is still waiting for evidence; starting without it")
+            record = None
+        if record is not None:
+            report = _report_fields(base64.b64decode(record["evidence"]["report"]))
         await self.audit.append(
             {
                 "event": "audit.start",
