@@ -212,3 +212,11 @@ def test_a_full_volume_loses_nothing_and_replays_nothing(tmp_path):
     # exactly the acknowledged records, in order, no gap and no replay
     assert [r["kid"] for r in records] == outcome["granted"]
     assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
+
+
+def test_verify_refuses_a_fifo_without_hanging(tmp_path, capsys):
+    from skr.cli import main
+
+    os.mkfifo(tmp_path / "audit.jsonl")
+    assert main(["audit", "verify", str(tmp_path / "audit.jsonl")]) == 2
+    assert capsys.readouterr().err.startswith("skr: ")

@@ -10,6 +10,7 @@ Never writes; never follows a symlink to an audit file.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
@@ -50,11 +51,12 @@ def refusal(message: str, *, hint: str | None = None) -> AuditError:
 def open_regular(path: Path, flags: int, mode: int = 0o600) -> int:
     """``os.open`` with ``O_NOFOLLOW``; the result must be a regular file. Raises :func:`refusal`."""
     try:
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+        # O_NONBLOCK: opening a FIFO planted in place of the log must not hang (no effect on regular files)
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode)
     except FileExistsError:
         raise refusal(f"{path} appeared while the audit log was being created; refusing") from None
     except OSError as exc:
-        if exc.errno == 40:  # ELOOP: the last component is a symlink
+        if exc.errno == errno.ELOOP:  # the last component is a symlink
             raise refusal(
                 f"{path} is a symbolic link; the audit log never follows links",
                 hint="point --audit-log at the real file",
