@@ -225,6 +225,13 @@ async def test_a_full_audit_volume_refuses_releases_and_the_chain_continues_when
     assert code == 0 and result["intact"], result
     records = _records(audit)
     assert [r["seq"] for r in records] == list(range(1, len(records) + 1))  # no gap, no replay
+    # without --audit-stdout, stdout holds exactly the checkpoint copies, and they match the log
+    copies = [json.loads(line)["skr_audit_checkpoint"] for line in serve.stdout().splitlines()]
+    assert copies == [r for r in records if r["event"] == "audit.checkpoint"] and len(copies) >= 2
+    done = await asyncio.to_thread(
+        skr_cli, "audit", "verify", str(audit), "--checkpoints", str(serve.stdout_path)
+    )
+    assert done.returncode == 0, done.stderr
     received = {rid for rid, (status, _) in {**before, **full, **after}.items() if status == 200}
     granted = [
         r["request_id"] for r in records if r.get("event") == "key.release" and r["outcome"] == "granted"
