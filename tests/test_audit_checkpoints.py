@@ -124,6 +124,9 @@ def test_a_virtual_checkpoint_proves_nothing_without_its_ark_and_fails_with_anot
     code, out, err = _verify(capsys, str(path))  # not checked: sealed by nothing, and it says so
     assert code == 0 and "sealed by 0 hardware checkpoints" in out
     assert "VIRTUAL TEE" in err and "--trust-ark" in err
+    code, out, _ = _verify(capsys, str(path), "--json")
+    doc = json.loads(out)
+    assert code == 0 and doc["checkpoints"] == 0 and doc["unverified_checkpoints"] >= 4
     code, _, err = _verify(capsys, str(path), "--expect-host-data", "00" * 32)
     assert code == 1 and "--trust-ark" in err
     code, _, err = _verify(capsys, str(path), "--trust-ark", str(VECTORS / "amd-roots" / "ark_milan.pem"))

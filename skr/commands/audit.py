@@ -198,7 +198,7 @@ def _verify(args: argparse.Namespace) -> int:
                 if exc.code == "untrusted_root":
                     failure += " (a virtual TEE checkpoint verifies only with --trust-ark and its ARK)"
                 break
-    _report(args, sources, result, proofs, failure)
+    _report(args, sources, result, proofs, failure, unverified=unverified)
     if unverified and failure is None:
         print(
             f"WARNING: {unverified} checkpoint(s) are signed by a root that is not AMD's (a VIRTUAL TEE?) "
@@ -235,6 +235,8 @@ def _report(
     result: VerifyResult,
     proofs: Sequence[CheckpointProof],
     failure: str | None,
+    *,
+    unverified: int = 0,
 ) -> None:
     virtual = any(p.virtual for p in proofs)
     if args.json:
@@ -251,6 +253,7 @@ def _report(
             "host_data": sorted({p.host_data for p in proofs}),
             "virtual": virtual,
             "anchors": result.anchors,
+            "unverified_checkpoints": unverified,  # signed under a root not trusted here (virtual TEE)
         }
         if result.finding:
             f = result.finding
