@@ -164,3 +164,21 @@ async def test_the_sidecars_attestation_token_names_the_audit_head_of_its_moment
     named = attestation.claims["x-ms-runtime"]["skr-audit"]
     assert named == {"seq": before[0], "head": before[1], "instance": service.audit.instance}
     assert attestation.claims["x-ms-runtime"]["keys"][0]["kid"] == attestation.key.kid
+
+
+async def test_the_record_count_setting_reaches_the_running_sidecar(env):
+    from tests.sidecars import extra_sidecar
+
+    stack, _ = env
+    async with (
+        extra_sidecar(stack, audit_checkpoint_records=2, audit_checkpoint_interval=0) as (runtime, base),
+        aiohttp.ClientSession(base_url=base) as client,
+    ):
+        for _ in range(4):
+            assert (await post(client, "/key/release", {"kid": "demo-oct"}))[0] == 200
+        await asyncio.sleep(0.2)  # a triggered checkpoint is written off the request path
+        path = runtime.settings.audit_log
+        assert path is not None
+    events = [r["event"] for r in audit_records(path)]  # after the sidecar stopped
+    between = events[2 : events.index("audit.stop")]  # after the start checkpoint and audit.start
+    assert between.count("audit.checkpoint") >= 2
