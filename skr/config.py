@@ -67,9 +67,13 @@ class Settings:
     audit_log: Path | None = None
     audit_stdout: bool = False
     audit_max_bytes: int = 0
+    audit_checkpoint_interval: float = 60.0  # seconds between hardware checkpoints (0 = only start/stop)
+    audit_checkpoint_records: int = 1000  # a checkpoint after this many records (0 = no count trigger)
     log_level: str = "info"
     log_file: Path | None = None
     client_token: str | None = field(default=None, repr=False)
+    # several named client tokens (``name:token`` lines in SKR_CLIENT_TOKEN_FILE); audit records name them
+    client_tokens: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     max_body: int = 64 * 1024
     maa_api_version: str = "2022-08-01"
     maa_tee_path: str = "SevSnpVm"
@@ -191,6 +195,18 @@ def add_arguments(parser: argparse.ArgumentParser, *, only: frozenset[str] | Non
     )
     a("--audit-log", type=Path, default=None, help="audit log path (env SKR_AUDIT_LOG)")
     a("--audit-stdout", action="store_true", default=None, help="also write audit records to stdout")
+    a(
+        "--audit-checkpoint-interval",
+        type=float,
+        default=None,
+        help="seconds between hardware audit checkpoints (default 60; env SKR_AUDIT_CHECKPOINT_INTERVAL)",
+    )
+    a(
+        "--audit-checkpoint-records",
+        type=int,
+        default=None,
+        help="a checkpoint every N audit records (default 1000; env SKR_AUDIT_CHECKPOINT_RECORDS)",
+    )
     a("--log-level", "-loglevel", default=None, help="log level (env LogLevel / SKR_LOG_LEVEL)")
     a("--log-file", "-logfile", type=Path, default=None, help="log file (env LogFile / SKR_LOG_FILE)")
     a("--base64", "-base64", dest="sidecar_args", default=None, help="SkrSideCarArgs (base64 JSON)")
@@ -275,6 +291,10 @@ def load_settings(
         changes["audit_stdout"] = v if isinstance(v, bool) else _bool(v, "SKR_AUDIT_STDOUT")
     if (v := pick("audit_max_bytes", "SKR_AUDIT_MAX_BYTES")) is not None:
         changes["audit_max_bytes"] = int(_number(v, "SKR_AUDIT_MAX_BYTES"))
+    if (v := pick("audit_checkpoint_interval", "SKR_AUDIT_CHECKPOINT_INTERVAL")) is not None:
+        changes["audit_checkpoint_interval"] = _number(v, "SKR_AUDIT_CHECKPOINT_INTERVAL")
+    if (v := pick("audit_checkpoint_records", "SKR_AUDIT_CHECKPOINT_RECORDS")) is not None:
+        changes["audit_checkpoint_records"] = _count(v, "SKR_AUDIT_CHECKPOINT_RECORDS", minimum=0)
     if (v := pick("log_level", "SKR_LOG_LEVEL", "LogLevel")) is not None:
         level = str(v).lower()
         if level not in LOG_LEVELS:
@@ -301,7 +321,9 @@ def load_settings(
     if (v := pick("max_upstream_body", "SKR_MAX_UPSTREAM_BODY")) is not None:
         changes["max_upstream_body"] = int(_number(v, "SKR_MAX_UPSTREAM_BODY", minimum=64 * 1024))
     if (v := pick("client_token_file", "SKR_CLIENT_TOKEN_FILE")) is not None:
-        changes["client_token"] = read_client_token(Path(v))
+        tokens = read_client_tokens(Path(v))
+        changes["client_tokens"] = tokens
+        changes["client_token"] = next((t for n, t in tokens if n == DEFAULT_TOKEN_NAME), tokens[0][1])
     return replace(s, **changes)
 
 
@@ -315,12 +337,52 @@ def read_client_token(path: Path) -> str:
     return token
 
 
+_TOKEN_LINE = re.compile(r"^([A-Za-z0-9._-]{1,64}):(\S{16,})$")
+DEFAULT_TOKEN_NAME = "default"  # noqa: S105 - a name for a token, not a token
+
+
+def read_client_tokens(path: Path) -> tuple[tuple[str, str], ...]:
+    """The client tokens of ``SKR_CLIENT_TOKEN_FILE`` as ``(name, token)``.
+
+    One line is one token (the original format), named ``default``; if that line reads ``name:token``,
+    the part after the colon is also accepted, named ``name``. Several lines are ``name:token`` each.
+    Messages name the line, never its content.
+    """
+    try:
+        lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    except OSError as exc:
+        raise ConfigError(f"cannot read the client token file {path}: {exc.strerror}") from None
+    if len(lines) == 1:
+        token = read_client_token(path)
+        named = _TOKEN_LINE.match(token)
+        return (
+            ((named[1], named[2]), (DEFAULT_TOKEN_NAME, token)) if named else ((DEFAULT_TOKEN_NAME, token),)
+        )
+    tokens: list[tuple[str, str]] = []
+    for number, line in enumerate(lines, start=1):
+        match = _TOKEN_LINE.match(line)
+        if match is None:
+            raise ConfigError(
+                f"line {number} of the client token file {path} is not name:token",
+                hint="one per line: a name (letters, digits, . _ -), a colon, a token of 16+ characters",
+            )
+        if any(name == match[1] for name, _ in tokens):
+            raise ConfigError(f"the client token file {path} names {match[1]!r} twice")
+        tokens.append((match[1], match[2]))
+    if not tokens:
+        raise ConfigError(f"the client token file {path} is empty")
+    return tuple(tokens)
+
+
 def describe(settings: Settings) -> dict[str, Any]:
     """The settings as plain values for the start-up log line (the client token is never included)."""
     out: dict[str, Any] = {}
     for f in fields(settings):
         if f.name == "client_token":
             out["client_auth"] = settings.client_token is not None
+            continue
+        if f.name == "client_tokens":
+            out["client_token_ids"] = [name for name, _ in settings.client_tokens]
             continue
         value = getattr(settings, f.name)
         if isinstance(value, Allowlist):

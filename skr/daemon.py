@@ -27,6 +27,7 @@ from skr import __version__
 from skr.akv.jws import TrustStore
 from skr.akv.release import KeyVaultReleaser, SdkSettings
 from skr.audit import AsyncAuditLog, AuditLog
+from skr.audit.checkpoint import Checkpointer
 from skr.config import Settings, describe
 from skr.connections import ConnectionGuard, GuardedRunner
 from skr.errors import ConfigError
@@ -38,7 +39,7 @@ from skr.maa.client import MaaClient
 from skr.maa.runtime import WrappingKey
 from skr.maa.token import TokenVerifier
 from skr.metrics import Metrics
-from skr.server import create_app
+from skr.server import AUDIT_HEAD_KEY, create_app
 from skr.service import ReleaseService
 
 log = logging.getLogger("skr.daemon")
@@ -57,8 +58,20 @@ class Runtime:
     audit: AsyncAuditLog | None
     app: web.Application
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    checkpointer: Checkpointer | None = None
+
+    async def start_audit(self) -> None:
+        """Seal the log's previous head with a hardware checkpoint and write ``audit.start``."""
+        if self.checkpointer is not None and not self.checkpointer.started:
+            await self.checkpointer.start(
+                version=__version__,
+                evidence_kind=self.service.provider.name,
+                settings=audit_settings(self.settings),
+            )
 
     async def aclose(self) -> None:
+        if self.checkpointer is not None:  # audit.stop and the final checkpoint need the evidence provider
+            await self.checkpointer.stop()
         await self.service.aclose()
         await self.releaser.aclose()
         await self.credentials.aclose()
@@ -72,6 +85,24 @@ class Runtime:
 def _audit_echo(line: str) -> None:
     sys.stdout.write(line)
     sys.stdout.flush()
+
+
+def _checkpoint_echo(line: str) -> None:
+    """Checkpoint copies go to stdout even without --audit-stdout: the platform's log pipeline keeps them."""
+    sys.stdout.write(line)
+    sys.stdout.flush()
+
+
+def audit_settings(settings: Settings) -> dict[str, object]:
+    """The settings that decide what may be released, as ``audit.start`` records them."""
+    return {
+        "maa_endpoint": str(settings.maa_endpoint) if settings.maa_endpoint else None,
+        "akv_endpoint": str(settings.akv_endpoint) if settings.akv_endpoint else None,
+        "allowed_endpoints": list(settings.allowlist.patterns),
+        "token_reuse": settings.token_reuse,
+        "evidence": settings.evidence,
+        "client_auth": settings.client_token is not None,
+    }
 
 
 def open_audit(settings: Settings) -> AsyncAuditLog | None:
@@ -207,9 +238,22 @@ async def build_runtime(
             max_body=settings.max_upstream_body,
             allowlist=settings.allowlist,
         ),
+        ambient_identity=lambda: credentials.kind,
     )
     app = create_app(service, metrics)
-    return Runtime(settings, service, metrics, session, releaser, credentials, audit, app)
+    checkpointer = None
+    if audit is not None:
+        checkpointer = Checkpointer(
+            audit,
+            provider.collect,
+            interval=settings.audit_checkpoint_interval,
+            every_records=settings.audit_checkpoint_records,
+            emit=_checkpoint_echo,
+        )
+        app[AUDIT_HEAD_KEY] = checkpointer
+    return Runtime(
+        settings, service, metrics, session, releaser, credentials, audit, app, checkpointer=checkpointer
+    )
 
 
 def _named_non_azure(settings: Settings) -> list[str]:
@@ -232,6 +276,7 @@ def _named_non_azure(settings: Settings) -> list[str]:
 async def start_site(runtime: Runtime) -> tuple[web.AppRunner, int]:
     """Bind the HTTP server; returns the runner and the bound port (useful with port 0)."""
     settings = runtime.settings
+    await runtime.start_audit()  # before the first request can be recorded
     # aiohttp waits up to shutdown_timeout for a busy handler, then up to shutdown_timeout again after
     # cancelling its request body, then cancels it: half the grace period each keeps the total the grace
     # period (a handler that already read its body may finish in either half).

@@ -52,6 +52,8 @@ def _errors(*codes: int) -> dict[str, Any]:
         403: "Release denied, endpoint not allowed, non-loopback client, or a foreign Host or Origin.",
         404: "Unknown key.",
         413: "Body too large.",
+        429: "Asked again within a second (GET /audit/head).",
+        500: "The audit log cannot be written (code audit_failed); nothing was released.",
         502: "An upstream service failed.",
         503: "Evidence unavailable.",
         504: "Deadline exceeded.",
@@ -230,10 +232,44 @@ def document() -> dict[str, Any]:
                     },
                 },
                 404,
+                500,
                 502,
                 503,
                 504,
             ),
+            "/audit/head": {
+                "get": {
+                    "summary": "A fresh hardware-signed statement over the audit head, not written to the "
+                    "log (loopback only; one per second). REPORT_DATA = SHA-512 of the canonical JSON of "
+                    '{"covers_seq","head","instance","time"}.',
+                    "responses": {
+                        "200": _json(
+                            {
+                                **obj,
+                                "required": ["covers_seq", "head", "instance", "time", "evidence"],
+                                "properties": {
+                                    "covers_seq": {"type": "integer", "minimum": 0},
+                                    "head": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                                    "instance": {"type": "string"},
+                                    "time": {"type": "string"},
+                                    "evidence": {
+                                        **obj,
+                                        "required": ["provider", "report", "vcek_chain"],
+                                        "properties": {
+                                            "provider": {"type": "string"},
+                                            "report": _B64,
+                                            "vcek_chain": {"type": "string"},
+                                            "uvm_endorsement_sha256": {"type": "string"},
+                                        },
+                                    },
+                                },
+                            },
+                            "The statement and its SEV-SNP evidence.",
+                        ),
+                        **_errors(401, 403, 404, 429, 503),
+                    },
+                }
+            },
         },
         "components": {"schemas": {"Error": _ERROR}},
     }

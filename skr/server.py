@@ -25,6 +25,7 @@ from typing import Any
 
 from aiohttp import http_exceptions, web, web_protocol
 
+from skr.audit.checkpoint import Checkpointer
 from skr.errors import (
     BadRequest,
     NotFound,
@@ -43,6 +44,7 @@ log = logging.getLogger("skr.server")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SERVICE_KEY: web.AppKey[ReleaseService] = web.AppKey("service", ReleaseService)
 METRICS_KEY: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
+AUDIT_HEAD_KEY: web.AppKey[Checkpointer] = web.AppKey("audit_head", Checkpointer)
 OPEN_PATHS = frozenset({"/status", "/healthz", "/readyz"})
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 JSON_CT = "application/json; charset=utf-8"
@@ -251,6 +253,18 @@ def _is_loopback(remote: str | None) -> bool:
     return address.is_loopback
 
 
+CLIENT_TOKEN_ID_KEY: web.RequestKey[str] = web.RequestKey("client_token_id", str)
+
+
+def _client_token_id(presented: str, tokens: tuple[tuple[str, str], ...]) -> str | None:
+    """The name of the client token presented, or None. Compares with every token (constant time each)."""
+    found = None
+    for name, token in tokens:
+        if hmac.compare_digest(presented.encode(), token.encode()) and found is None:
+            found = name
+    return found
+
+
 def _route_label(request: web.Request) -> str:
     info = request.match_info.route.resource
     return info.canonical if info is not None else "unmatched"
@@ -282,11 +296,13 @@ async def _frame(request: web.Request, handler: Handler) -> web.StreamResponse:
         if expected is not None and request.path not in OPEN_PATHS:
             header = request.headers.get("Authorization", "")
             presented = header[7:].strip() if header[:7].lower() == "bearer " else ""
-            if not hmac.compare_digest(presented.encode(), expected.encode()):
+            token_id = _client_token_id(presented, service.settings.client_tokens or (("default", expected),))
+            if token_id is None:
                 raise Unauthenticated(
                     "this sidecar requires a client token",
                     hint="send Authorization: Bearer <contents of SKR_CLIENT_TOKEN_FILE>",
                 )
+            request[CLIENT_TOKEN_ID_KEY] = token_id
         response = await handler(request)
     except SkrError as exc:
         response = error_response(exc, request_id)
@@ -335,7 +351,11 @@ async def _frame(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 def _ctx(request: web.Request) -> RequestContext:
-    return RequestContext(request_id=request_id_var.get() or "", client=request.remote)
+    return RequestContext(
+        request_id=request_id_var.get() or "",
+        client=request.remote,
+        client_token_id=request.get(CLIENT_TOKEN_ID_KEY),
+    )
 
 
 def _timing(ctx: RequestContext, started: float) -> dict[str, str]:
@@ -420,6 +440,18 @@ async def key_release(request: web.Request) -> web.Response:
     return json_response({"key": result.key_json}, headers=_timing(ctx, started))
 
 
+async def audit_head(request: web.Request) -> web.Response:
+    """A fresh hardware-signed statement over the audit head, not written to the log (one per second)."""
+    if not _is_loopback(request.remote):  # even with --allow-remote: monitors run next to the sidecar
+        raise RemoteClientRefused("/audit/head answers only clients on the loopback interface")
+    checkpointer = request.app.get(AUDIT_HEAD_KEY)
+    if checkpointer is None:
+        raise NotFound(
+            "this sidecar keeps no audit log", hint="start it with --audit-log", code="audit_disabled"
+        )
+    return json_response(await checkpointer.head_statement())
+
+
 ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("GET", "/status", status),
     ("GET", "/healthz", healthz),
@@ -430,6 +462,7 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("POST", "/attest/combined", attest_combined),
     ("POST", "/attest/maa", attest_maa),
     ("POST", "/key/release", key_release),
+    ("GET", "/audit/head", audit_head),
 )
 
 

@@ -29,6 +29,7 @@ from skr.akv.jws import TrustStore, open_release
 from skr.akv.keywrap import Enc
 from skr.akv.release import KeyVaultReleaser, ReleaseResult, parse_kid
 from skr.audit import AsyncAuditLog, token_fingerprint
+from skr.audit.chain import trim_reason
 from skr.config import Settings
 from skr.endpoints import Endpoint, parse_endpoint
 from skr.errors import (
@@ -41,7 +42,7 @@ from skr.errors import (
 from skr.evidence.base import Evidence, EvidenceProvider, report_data_for
 from skr.http import Deadline
 from skr.maa.client import MaaClient
-from skr.maa.runtime import DEFAULT_BITS, WrappingKey
+from skr.maa.runtime import DEFAULT_BITS, AuditHead, WrappingKey
 from skr.maa.token import TokenVerifier, unverified_claims
 from skr.metrics import Metrics
 
@@ -62,6 +63,7 @@ class RequestContext:
     client: str | None = None
     upstream_seconds: float = 0.0
     attestation: str | None = None  # "cached" | "fresh" | "shared"
+    client_token_id: str | None = None  # the name of the client token presented (SKR_CLIENT_TOKEN_FILE)
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,7 @@ class ReleaseService:
         trusted_arks: Sequence[x509.Certificate] = (),
         security_policy: bytes | None = None,
         token_verifier: TokenVerifier | None = None,
+        ambient_identity: Callable[[], str] | None = None,
     ) -> None:
         self.settings = settings
         self.provider = provider
@@ -115,6 +118,8 @@ class ReleaseService:
         self.trusted_arks = tuple(trusted_arks)
         self.security_policy = security_policy
         self.token_verifier = token_verifier
+        # "workload_identity" | "managed_identity": which credential a release without access_token uses
+        self.ambient_identity = ambient_identity
         self._cache: dict[str, _Attestation] = {}
         self._inflight: dict[str, asyncio.Future[_Attestation]] = {}
         self._next_key: asyncio.Future[WrappingKey] | None = None
@@ -284,7 +289,8 @@ class ReleaseService:
 
     async def _attest(self, maa: Endpoint, deadline: Deadline, ctx: RequestContext) -> _Attestation:
         key = await self._take_key()
-        runtime_data = key.runtime_data()
+        # the token names the audit head at attestation time (a cached token keeps naming that moment)
+        runtime_data = key.runtime_data(self._audit_head())
         try:
             evidence = await self._evidence(report_data_for(runtime_data), ctx)
             token = await self._timed(
@@ -345,6 +351,19 @@ class ReleaseService:
                 hint="an upstream service is slow or unreachable; see the sidecar log for which",
             ) from None
 
+    def _audit_head(self) -> AuditHead | None:
+        if self.audit is None:
+            return None
+        seq, head = self.audit.head
+        return AuditHead(seq=seq, head=head, instance=self.audit.instance)
+
+    def _identity(self, access_token: str | None) -> str:
+        """``request`` (the caller's own access_token), ``workload`` or ``managed`` identity."""
+        if access_token is not None and access_token.strip():
+            return "request"
+        kind = self.ambient_identity() if self.ambient_identity is not None else "managed_identity"
+        return "workload" if kind == "workload_identity" else "managed"
+
     async def _record(self, fields: dict[str, Any]) -> None:
         if self.audit is not None:
             await self.audit.append(fields)
@@ -361,7 +380,9 @@ class ReleaseService:
                 deadline, "fetching the report", lambda: self._evidence(report_data_for(runtime_data), ctx)
             )
         except SkrError as exc:
-            await self._record({**fields, "outcome": "error", "error_code": exc.code, **_duration(started)})
+            await self._record(
+                {**fields, "outcome": "error", "error_code": exc.code, **_why(exc), **_duration(started)}
+            )
             raise
         await self._record(
             {**fields, "outcome": "granted", **_report_fields(evidence.report), **_duration(started)}
@@ -408,7 +429,9 @@ class ReleaseService:
         except SkrError as exc:
             self.metrics.attestations.inc(outcome="error")
             outcome = "denied" if exc.status == 403 else "error"
-            await self._record({**fields, "outcome": outcome, "error_code": exc.code, **_duration(started)})
+            await self._record(
+                {**fields, "outcome": outcome, "error_code": exc.code, **_why(exc), **_duration(started)}
+            )
             raise
         self.metrics.attestations.inc(outcome="ok")
         claims = unverified_claims(token)
@@ -433,6 +456,8 @@ class ReleaseService:
             "request_id": ctx.request_id,
             "client": ctx.client,
             "kid": kid if isinstance(kid, str) and len(kid) <= 256 else None,
+            "identity": self._identity(access_token),
+            "client_token_id": ctx.client_token_id,
         }
         try:
             maa = self.resolve_maa(maa_endpoint)
@@ -468,6 +493,7 @@ class ReleaseService:
                     **fields,
                     "outcome": outcome,
                     "error_code": exc.code,
+                    **_why(exc),
                     "attestation": ctx.attestation,
                     **_duration(started),
                 }
@@ -538,6 +564,19 @@ class ReleaseService:
         return ReleasedKeyResult(
             key_json=jwk_to_json(opened.jwk), key_id=opened.key_id, version=opened.version
         )
+
+
+_UPSTREAM_STATUS = re.compile(r"\bHTTP ([1-5][0-9]{2})\b")
+
+
+def _why(exc: SkrError) -> dict[str, Any]:
+    """``reason`` (the error's message: the failing claim and values as Key Vault or the policy check said
+    them; error messages never hold tokens) and ``upstream_status`` when an upstream answered."""
+    status = getattr(exc, "upstream_status", None)
+    if not isinstance(status, int):
+        found = _UPSTREAM_STATUS.search(exc.message)
+        status = int(found[1]) if found else None
+    return {"reason": trim_reason(exc.message), "upstream_status": status}
 
 
 def _duration(started: float) -> dict[str, Any]:

@@ -278,6 +278,7 @@ def test_defaults_wire_only_log_level_state_and_the_uvm_context(chart):
     env = env_of(skr)
     assert json.loads(base64.b64decode(env.pop("SkrSideCarArgs"), validate=True)) == LOCAL_THIM
     assert env == {
+        "POD_NAME": "",  # from the downward API (metadata.name)
         "LogLevel": "info",
         "SKR_STATE_DIR": "/var/lib/skr",
         "UVM_SECURITY_CONTEXT_DIR": "/opt/confidential-containers/share/kata-containers",
@@ -288,7 +289,7 @@ def test_defaults_wire_only_log_level_state_and_the_uvm_context(chart):
         "--evidence",
         "auto",
         "--audit-log",
-        "/var/log/skr/audit.jsonl",
+        "/var/log/skr/audit-$(POD_NAME).jsonl",
         "--audit-stdout",
     ]
     assert "command" not in skr  # the image's ENTRYPOINT `skr serve` runs
@@ -357,7 +358,8 @@ def test_the_sidecars_args_and_env_mean_what_the_values_say_to_skr_serve(chart):
     skr = container(render(chart, EXAMPLE, values))
     parser = argparse.ArgumentParser(prog="skr")
     serve.register(parser.add_subparsers())
-    args = parser.parse_args(["serve", *skr["args"]])
+    pod = "demo-skr-example-7d9f8-x2x4q"  # what Kubernetes does: $(POD_NAME) in args from the downward API
+    args = parser.parse_args(["serve", *(a.replace("$(POD_NAME)", pod) for a in skr["args"])])
     settings = load_settings(args, env_of(skr))
     assert (settings.host, settings.port, settings.allow_remote) == ("127.0.0.1", 9000, False)
     assert settings.log_level == "warning"
@@ -369,7 +371,7 @@ def test_the_sidecars_args_and_env_mean_what_the_values_say_to_skr_serve(chart):
     assert settings.identity_client_id == CLIENT_ID
     assert settings.ca_bundle == Path("/etc/skr/ca/ca.crt")
     assert settings.state_dir == Path("/var/lib/skr")
-    assert settings.audit_log == Path("/var/log/skr/audit.jsonl") and settings.audit_stdout is True
+    assert settings.audit_log == Path(f"/var/log/skr/audit-{pod}.jsonl") and settings.audit_stdout is True
 
 
 def test_the_default_collateral_source_is_the_node_local_thim_and_skr_reads_it_so(chart):
@@ -448,6 +450,31 @@ def test_audit_log_on_an_existing_claim(chart):
     }
     assert pod_spec(objects)["securityContext"]["fsGroup"] == 65532  # so uid 65532 can write to the claim
     assert_valid_kubernetes(objects)
+
+
+def test_the_audit_file_is_named_per_pod_through_the_downward_api(chart):
+    skr = container(render(chart, EXAMPLE))
+    (pod_name,) = [e for e in skr["env"] if e["name"] == "POD_NAME"]
+    assert pod_name["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert "/var/log/skr/audit-$(POD_NAME).jsonl" in skr["args"]
+
+
+SHARED_CLAIM = {"audit": {"volume": {"type": "existingClaim", "claimName": "skr-audit"}}}
+
+
+def test_several_replicas_on_one_claim_are_fine_with_a_file_per_pod(chart):
+    objects = render(chart, EXAMPLE, SHARED_CLAIM, {"example": {"replicas": 3}})
+    assert one(objects, "Deployment")["spec"]["replicas"] == 3
+    fixed = {"audit": {"file": "audit.jsonl"}}
+    assert render(chart, EXAMPLE, SHARED_CLAIM, fixed)  # one replica may keep a fixed name
+    assert render(chart, EXAMPLE, fixed, {"example": {"replicas": 3}})  # emptyDir is per pod anyway
+
+
+def test_schema_refuses_a_fixed_audit_file_on_a_shared_claim_with_several_replicas(chart):
+    values = merge(EXAMPLE, SHARED_CLAIM, {"audit": {"file": "audit.jsonl"}, "example": {"replicas": 2}})
+    with pytest.raises(helm.HelmValuesError) as info:
+        chart.render(values, name="demo", namespace="apps")
+    assert "/audit/file" in str(info.value), str(info.value)
 
 
 def test_audit_disabled_drops_its_flags_volume_and_mount(chart):

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -151,3 +153,89 @@ async def _stop(proc: Proc) -> None:
     proc.send(signal.SIGTERM)
     assert await asyncio.to_thread(proc.wait, 15) == 0, proc.describe()
     assert time.monotonic() - started < 5
+
+
+# --- a full audit volume (issue 12) ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_volume(tmp_path):
+    """A 1 MiB tmpfs for the audit log (needs root; skipped elsewhere)."""
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(volume)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.decode(errors='replace').strip()}")
+    yield volume
+    subprocess.run(["umount", "-l", str(volume)], capture_output=True, check=False)
+
+
+def _fill(volume: Path) -> Path:
+    filler = volume / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError:
+        pass  # ENOSPC: the volume is full
+    finally:
+        os.close(fd)
+    return filler
+
+
+async def _releases(base: str, prefix: str, n: int) -> dict[str, tuple[int, dict[str, Any]]]:
+    answers: dict[str, tuple[int, dict[str, Any]]] = {}
+    async with aiohttp.ClientSession(base_url=base) as client:
+        for i in range(n):
+            request_id = f"{prefix}-{i:03d}"
+            async with client.post(
+                "/key/release", data='{"kid": "demo-oct"}', headers={"X-Request-Id": request_id}
+            ) as resp:
+                answers[request_id] = (resp.status, await resp.json())
+    return answers
+
+
+async def test_a_full_audit_volume_refuses_releases_and_the_chain_continues_when_space_returns(
+    tmp_path, procs, small_volume
+):
+    state, audit = tmp_path / "state", small_volume / "audit.jsonl"
+    local, info = await asyncio.to_thread(start_local, procs, state)
+    serve, base = await asyncio.to_thread(start_serve, procs, state, info, args=["--audit-log", str(audit)])
+
+    before = await _releases(base, "before", 5)
+    filler = await asyncio.to_thread(_fill, small_volume)
+    full = await _releases(base, "full", 40)
+    filler.unlink()  # space returns
+    after = await _releases(base, "after", 5)
+    await _stop(serve)
+
+    refused = {rid: body for rid, (status, body) in full.items() if status != 200}
+    assert refused, "the full volume should have refused some releases"
+    for body in refused.values():
+        assert body["code"] == "audit_failed" and "key" not in body
+    assert {status for status, _ in (*before.values(), *after.values())} == {200}
+
+    code, result = await asyncio.to_thread(_verify, audit)
+    assert code == 0 and result["intact"], result
+    records = _records(audit)
+    assert [r["seq"] for r in records] == list(range(1, len(records) + 1))  # no gap, no replay
+    # without --audit-stdout, stdout holds exactly the checkpoint copies, and they match the log
+    copies = [json.loads(line)["skr_audit_checkpoint"] for line in serve.stdout().splitlines()]
+    assert copies == [r for r in records if r["event"] == "audit.checkpoint"] and len(copies) >= 2
+    done = await asyncio.to_thread(
+        skr_cli, "audit", "verify", str(audit), "--checkpoints", str(serve.stdout_path)
+    )
+    assert done.returncode == 0, done.stderr
+    received = {rid for rid, (status, _) in {**before, **full, **after}.items() if status == 200}
+    granted = [
+        r["request_id"] for r in records if r.get("event") == "key.release" and r["outcome"] == "granted"
+    ]
+    assert sorted(granted) == sorted(received)  # one granted record per key the app received, no more
+    local.send(signal.SIGTERM)
+    assert await asyncio.to_thread(local.wait, 10) == 0

@@ -3,7 +3,10 @@
 Owns: generating the RSA key that Key Vault wraps a released key to, its RFC 7638 ``kid``, its public
 JWK, and the exact ``runtimeData`` bytes sent to MAA (whose SHA-256 goes into REPORT_DATA[0:32]):
 ``{"keys":[{"e":"AQAB","key_ops":["encrypt"],"kid":"…","kty":"RSA","n":"…"}]}`` — sorted keys, no
-spaces, base64url without padding (byte-compatible with Microsoft's Go sidecar).
+spaces, base64url without padding (byte-compatible with Microsoft's Go sidecar). With an audit log the
+runtime data also names the log's head at that moment, ``"skr-audit": {"head","instance","seq"}`` next
+to ``"keys"``, so every MAA token (the one Key Vault sees) names the log state too; Key Vault still picks
+the first ``keys`` entry with ``key_ops`` ∋ ``encrypt``, exactly as before.
 
 Never reveals the private key: not in ``repr``, not in the JWK, not in logs.
 """
@@ -13,15 +16,27 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from skr.errors import BadRequest
 
+AUDIT_CLAIM = "skr-audit"
 DEFAULT_BITS = 2048
 MIN_BITS = 2048
 PUBLIC_EXPONENT = 65537
+
+
+@dataclass(frozen=True)
+class AuditHead:
+    """The audit log's state an attestation names: the last record's ``seq`` and ``head`` hash, and the
+    sidecar run (``instance``) that wrote it."""
+
+    seq: int
+    head: str
+    instance: str
 
 
 def _b64url(data: bytes) -> str:
@@ -103,9 +118,13 @@ class WrappingKey:
         members["kid"] = self._kid
         return dict(sorted(members.items()))
 
-    def runtime_data(self) -> bytes:
-        """The exact runtime-data bytes: ``{"keys":[<public_jwk>]}`` with sorted keys and no spaces."""
-        return _canonical_json({"keys": [self.public_jwk()]})
+    def runtime_data(self, audit: AuditHead | None = None) -> bytes:
+        """The exact runtime-data bytes: ``{"keys":[<public_jwk>]}`` with sorted keys and no spaces, plus
+        ``"skr-audit"`` when ``audit`` names the audit log's head."""
+        doc: dict[str, Any] = {"keys": [self.public_jwk()]}
+        if audit is not None:
+            doc[AUDIT_CLAIM] = {"head": audit.head, "instance": audit.instance, "seq": audit.seq}
+        return _canonical_json(doc)
 
     def __repr__(self) -> str:
         return f"WrappingKey(kid={self._kid!r}, bits={self.key_size})"

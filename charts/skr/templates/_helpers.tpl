@@ -81,6 +81,13 @@ exec:
     - {{ . | quote }}
     {{- end }}
   env:
+    {{- if $v.audit.enabled }}
+    # the audit file is named per pod (audit.file's $(POD_NAME)): a shared claim never has two writers
+    - name: POD_NAME
+      valueFrom:
+        fieldRef:
+          fieldPath: metadata.name
+    {{- end }}
     - name: LogLevel
       value: {{ $v.logLevel | quote }}
     - name: SKR_STATE_DIR
