@@ -1,6 +1,6 @@
 """The layering of ``skr/``, checked on the import graph (every import, lazy and type-only ones included).
 
-    errors ← base (endpoints, http, files, config, audit, identity, ...) ← snp ← evidence ← maa/akv
+    errors ← base (endpoints, http, files, config, identity, ...) ← snp ← evidence, audit ← maa/akv
         ← service ← server ← daemon ← commands/cli
 
 ``skr.local``'s services (virtual-TEE helpers, attestation, key and identity services, CA) may use
@@ -31,12 +31,12 @@ LAYERS: dict[str, int] = {
     "skr.logs": 1,
     "skr.metrics": 1,
     "skr.identity": 1,
-    "skr.audit": 1,
     "skr.hostcheck": 1,
     "skr.process": 1,
     "skr.config": 2,
     "skr.snp": 3,
     "skr.evidence": 4,
+    "skr.audit": 4,  # its checkpoint proofs verify SNP reports
     "skr.maa": 5,
     "skr.akv": 5,
     "skr.service": 6,
