@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint unit bench soak clean lock
+.PHONY: install run test lint unit bench soak clean lock proto
 
 install: $(STAMP)
 
@@ -45,6 +45,12 @@ lock: $(STAMP)
 	$(LOCK_ENV) CUSTOM_COMPILE_COMMAND='make lock' $(BIN)/pip-compile $(LOCK_ARGS) --output-file=requirements.lock pyproject.toml
 	$(LOCK_ENV) CUSTOM_COMPILE_COMMAND='make lock' $(BIN)/pip-compile $(LOCK_ARGS) --only-build-deps --build-deps-for=wheel \
 		--output-file=requirements-build.lock pyproject.toml
+
+# Regenerate the checked-in protobuf modules of the gRPC key provider (grpcio-tools, pinned in the test extra).
+# Messages only: the server registers its handlers itself, so no *_pb2_grpc.py is generated.
+PROTOS := skr/keyprovider/protos/key_provider.proto skr/keyprovider/protos/keyprovider.proto
+proto: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. $(PROTOS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis bench.json

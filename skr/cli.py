@@ -25,6 +25,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "policy",
     "keys",
     "audit",
+    "wrap",
 )
 
 EXIT_OK = 0

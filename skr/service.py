@@ -4,7 +4,9 @@ Owns: endpoint resolution and the allowlist check (before any connection), the e
 pool, the attestation-token cache with single-flight per MAA endpoint, the per-request deadline, the
 release itself (Key Vault → release JWS verification → unwrap → JWK), and one audit record per decision.
 
-Never caches released keys; never logs or audits a token or key (tokens appear only as SHA-256).
+Never caches keys released to the caller (``/key/release``); a key released for an unwrap (``/key/unwrap``,
+the key provider) stays in memory, never on disk, until its attestation token expires, and only plaintexts
+leave. Never logs or audits a token or key (tokens appear only as SHA-256).
 Collaborators are passed in, so the same code runs against Azure and against the local services.
 """
 
@@ -51,6 +53,8 @@ T = TypeVar("T")
 
 _KEY_NAME = re.compile(r"^[0-9A-Za-z-]{1,127}$")
 _KEY_VERSION = re.compile(r"^[0-9A-Za-z]{1,64}$")
+#: The audit note of an unwrap that used a key kept in memory from an earlier release (no Key Vault call).
+KEPT_KEY_NOTE = "key kept in memory from an earlier unwrap"
 WRAPPING_KEY_BITS = DEFAULT_BITS  # 2048; `skr serve` makes its first key with this default too
 
 
@@ -71,6 +75,7 @@ class ReleasedKeyResult:
     key_json: str = field(repr=False)
     key_id: str
     version: str | None
+    expires_at: float = field(default=0.0, compare=False)  # the attestation token's expiry (epoch s)
 
 
 @dataclass
@@ -118,6 +123,7 @@ class ReleaseService:
         self._cache: dict[str, _Attestation] = {}
         self._inflight: dict[str, asyncio.Future[_Attestation]] = {}
         self._next_key: asyncio.Future[WrappingKey] | None = None
+        self._unwrap_keys: dict[tuple[str, ...], ReleasedKeyResult] = {}
         self.readiness: dict[str, Any] = {"evidence": "not checked", "policy_hash": "not checked"}
         self._keys_generated = False
         self.ready = False
@@ -419,9 +425,66 @@ class ReleaseService:
         ctx: RequestContext,
     ) -> ReleasedKeyResult:
         """``/key/release``: attest (or reuse a token), release from Key Vault, verify, unwrap."""
+
+        async def as_is(result: ReleasedKeyResult) -> ReleasedKeyResult:
+            return result
+
+        return await self._release_flow(
+            "key.release",
+            kid=kid,
+            maa_endpoint=maa_endpoint,
+            akv_endpoint=akv_endpoint,
+            access_token=access_token,
+            ctx=ctx,
+            use=as_is,
+            keep=None,
+        )
+
+    async def unwrap(
+        self,
+        *,
+        kid: str,
+        maa_endpoint: str | None,
+        akv_endpoint: str | None,
+        access_token: str | None,
+        ctx: RequestContext,
+        decrypt: Callable[[str], bytes],
+    ) -> bytes:
+        """``/key/unwrap`` and the key provider: the key released through the same flow as :meth:`release`
+        (allowlist, deadline, token cache, audit with ``event: "key.unwrap"``), kept in memory per
+        kid/version until its attestation token expires, and used in a worker thread by ``decrypt`` (JWK
+        JSON → plaintext). Only the plaintext leaves."""
+
+        async def use(result: ReleasedKeyResult) -> bytes:
+            return await asyncio.to_thread(decrypt, result.key_json)
+
+        return await self._release_flow(
+            "key.unwrap",
+            kid=kid,
+            maa_endpoint=maa_endpoint,
+            akv_endpoint=akv_endpoint,
+            access_token=access_token,
+            ctx=ctx,
+            use=use,
+            keep=self._unwrap_keys if self.settings.token_reuse else None,
+        )
+
+    async def _release_flow(
+        self,
+        event: str,
+        *,
+        kid: str,
+        maa_endpoint: str | None,
+        akv_endpoint: str | None,
+        access_token: str | None,
+        ctx: RequestContext,
+        use: Callable[[ReleasedKeyResult], Awaitable[T]],
+        keep: dict[tuple[str, ...], ReleasedKeyResult] | None,
+    ) -> T:
+        """Resolve, release (or take the key from ``keep``), ``use`` it — within the deadline, audited."""
         started = time.monotonic()
         fields: dict[str, Any] = {
-            "event": "key.release",
+            "event": event,
             "request_id": ctx.request_id,
             "client": ctx.client,
             "kid": kid if isinstance(kid, str) and len(kid) <= 256 else None,
@@ -431,20 +494,40 @@ class ReleaseService:
             vault, name, version = self.resolve_vault(akv_endpoint, kid)
             fields.update(maa=maa.authority, vault=vault.authority)
             deadline = Deadline.after(self.settings.request_deadline)
-            result = await self._within(
-                deadline,
-                "the key release",
-                lambda: self._release(
-                    maa=maa,
-                    vault=vault,
-                    name=name,
-                    version=version,
-                    access_token=access_token,
-                    deadline=deadline,
-                    ctx=ctx,
-                    fields=fields,
-                ),
-            )
+
+            async def work() -> T:
+                slot = (
+                    maa.authority,
+                    vault.authority,
+                    name,
+                    version or "",
+                    token_fingerprint(access_token or ""),
+                )
+                kept = keep.get(slot) if keep is not None else None
+                if kept is not None and time.time() < kept.expires_at:
+                    ctx.attestation = "cached"
+                    fields["note"] = KEPT_KEY_NOTE
+                    released = kept
+                else:
+                    released = await self._release(
+                        maa=maa,
+                        vault=vault,
+                        name=name,
+                        version=version,
+                        access_token=access_token,
+                        deadline=deadline,
+                        ctx=ctx,
+                        fields=fields,
+                    )
+                    if keep is not None:
+                        now = time.time()
+                        for old in [k for k, v in keep.items() if v.expires_at <= now]:
+                            del keep[old]
+                        keep[slot] = released
+                fields["key_version"] = released.version
+                return await use(released)
+
+            result = await self._within(deadline, "the key release", work)
         except asyncio.CancelledError:
             # The client went away or shutdown cut the request off: the attempt still gets its record.
             self.metrics.releases.inc(outcome="error")
@@ -470,7 +553,6 @@ class ReleaseService:
             {
                 **fields,
                 "outcome": "granted",
-                "key_version": result.version,
                 "attestation": ctx.attestation,
                 **_duration(started),
             }
@@ -526,7 +608,10 @@ class ReleaseService:
             expected_wrapping_kid=attestation.key.kid,
         )
         return ReleasedKeyResult(
-            key_json=jwk_to_json(opened.jwk), key_id=opened.key_id, version=opened.version
+            key_json=jwk_to_json(opened.jwk),
+            key_id=opened.key_id,
+            version=opened.version,
+            expires_at=attestation.expires_at,
         )
 
 
