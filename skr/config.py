@@ -26,6 +26,8 @@ from skr.errors import ConfigError
 
 EVIDENCE_KINDS = ("auto", "sevguest", "sev", "tsm", "virtual")
 LOG_LEVELS = ("trace", "debug", "info", "warning", "error", "fatal", "panic")
+#: http (the default); grpc: the Go sidecar's gRPC key provider on --port; both: gRPC on --grpc-port
+SERVER_TYPES = ("http", "grpc", "both")
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,10 @@ class Settings:
     identity_client_id: str | None = None
     certcache: CertCacheConfig = field(default_factory=CertCacheConfig)
     grace_period: float = 10.0
+    server_type: str = "http"
+    grpc_port: int = (
+        50000  # with server_type "both"; "grpc" alone listens on ``port``, as the Go sidecar does
+    )
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes)
@@ -266,6 +272,13 @@ def load_settings(
         changes["akv_max_connections"] = _count(v, "SKR_AKV_MAX_CONNECTIONS")
     if (v := pick("grace_period", "SKR_SHUTDOWN_GRACE")) is not None:
         changes["grace_period"] = _number(v, "SKR_SHUTDOWN_GRACE")
+    if (v := pick("server_type", "SKR_SERVER_TYPE", "ServerType")) is not None:
+        server_type = str(v).strip().lower()
+        if server_type not in SERVER_TYPES:
+            raise ConfigError(f"server type must be one of {', '.join(SERVER_TYPES)}, got {v!r}")
+        changes["server_type"] = server_type
+    if (v := pick("grpc_port", "SKR_GRPC_PORT")) is not None:
+        changes["grpc_port"] = _port(v, "gRPC port")
     if (v := pick("client_token_file", "SKR_CLIENT_TOKEN_FILE")) is not None:
         changes["client_token"] = read_client_token(Path(v))
     return replace(s, **changes)
