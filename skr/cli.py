@@ -26,6 +26,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "keys",
     "audit",
     "wrap",
+    "keyprovider",
 )
 
 EXIT_OK = 0
