@@ -1,4 +1,5 @@
-"""Assembling and running the sidecar: collaborators from :class:`Settings`, the HTTP server, shutdown.
+"""Assembling and running the sidecar: collaborators from :class:`Settings`, the HTTP server (and with
+``--server-type grpc|both`` the gRPC key provider on the same release service), shutdown.
 
 Owns the process lifecycle: one shared aiohttp client session, credentials and Key Vault clients
 created once, the evidence provider and its self-check, the audit log, and graceful shutdown

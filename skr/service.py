@@ -38,6 +38,7 @@ from skr.errors import (
     EvidenceUnavailable,
     ReleaseDenied,
     SkrError,
+    UnwrapFailed,
     UpstreamTimeout,
 )
 from skr.evidence.base import Evidence, EvidenceProvider, report_data_for
@@ -76,6 +77,11 @@ class ReleasedKeyResult:
     key_id: str
     version: str | None
     expires_at: float = field(default=0.0, compare=False)  # the attestation token's expiry (epoch s)
+
+
+#: A key kept for unwraps, with the audit fields of the attestation it was released under.
+_KeptKey = tuple[ReleasedKeyResult, dict[str, Any]]
+_TOKEN_FIELDS = ("maa_jti", "token_sha256", "host_data", "measurement")
 
 
 @dataclass
@@ -123,7 +129,7 @@ class ReleaseService:
         self._cache: dict[str, _Attestation] = {}
         self._inflight: dict[str, asyncio.Future[_Attestation]] = {}
         self._next_key: asyncio.Future[WrappingKey] | None = None
-        self._unwrap_keys: dict[tuple[str, ...], ReleasedKeyResult] = {}
+        self._unwrap_keys: dict[tuple[str, ...], _KeptKey] = {}
         self.readiness: dict[str, Any] = {"evidence": "not checked", "policy_hash": "not checked"}
         self._keys_generated = False
         self.ready = False
@@ -479,7 +485,7 @@ class ReleaseService:
         access_token: str | None,
         ctx: RequestContext,
         use: Callable[[ReleasedKeyResult], Awaitable[T]],
-        keep: dict[tuple[str, ...], ReleasedKeyResult] | None,
+        keep: dict[tuple[str, ...], _KeptKey] | None,
     ) -> T:
         """Resolve, release (or take the key from ``keep``), ``use`` it — within the deadline, audited."""
         started = time.monotonic()
@@ -504,27 +510,31 @@ class ReleaseService:
                     token_fingerprint(access_token or ""),
                 )
                 kept = keep.get(slot) if keep is not None else None
-                if kept is not None and time.time() < kept.expires_at:
+                if keep is not None and kept is not None and time.time() < kept[0].expires_at:
                     ctx.attestation = "cached"
-                    fields["note"] = KEPT_KEY_NOTE
-                    released = kept
-                else:
-                    released = await self._release(
-                        maa=maa,
-                        vault=vault,
-                        name=name,
-                        version=version,
-                        access_token=access_token,
-                        deadline=deadline,
-                        ctx=ctx,
-                        fields=fields,
-                    )
-                    if keep is not None:
-                        now = time.time()
-                        for old in [k for k, v in keep.items() if v.expires_at <= now]:
-                            del keep[old]
-                        keep[slot] = released
+                    fields.update(kept[1], key_version=kept[0].version, note=KEPT_KEY_NOTE)
+                    try:
+                        return await use(kept[0])
+                    except UnwrapFailed:
+                        # A new key version since it was kept? Release the key again, once.
+                        keep.pop(slot, None)
+                        del fields["note"]
+                released = await self._release(
+                    maa=maa,
+                    vault=vault,
+                    name=name,
+                    version=version,
+                    access_token=access_token,
+                    deadline=deadline,
+                    ctx=ctx,
+                    fields=fields,
+                )
                 fields["key_version"] = released.version
+                if keep is not None:
+                    now = time.time()
+                    for old in [k for k, v in keep.items() if v[0].expires_at <= now]:
+                        del keep[old]
+                    keep[slot] = (released, {k: fields.get(k) for k in _TOKEN_FIELDS})
                 return await use(released)
 
             result = await self._within(deadline, "the key release", work)

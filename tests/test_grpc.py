@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import socket
 from typing import Any
 
 import grpc
@@ -21,6 +22,7 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
 from skr.cli import main
+from skr.errors import ConfigError
 from skr.keyprovider.grpc_server import SERVICE_NAMES, GrpcServer
 from skr.keyprovider.keyinfo import write_key_info
 from skr.keyprovider.protos import key_provider_pb2, keyprovider_pb2
@@ -347,3 +349,21 @@ async def test_the_client_token_is_bearer_metadata(env, tmp_path, image_key):
                 assert (await client.call(OLD, "SayHello", "x")).message == "Hello x"  # like /status: open
         finally:
             await server.stop(0.5)
+
+
+async def test_a_message_over_the_body_limit_is_resource_exhausted(env):
+    _, _, client, _ = env
+    with pytest.raises(aio.AioRpcError) as info:
+        await client.keywrap(NEW, "UnWrapKey", b"x" * (65 * 1024))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_a_port_in_use_is_a_one_sentence_config_error(env):
+    stack, _, _, _ = env
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        server = GrpcServer(stack.runtime.service, host="127.0.0.1", port=taken.getsockname()[1])
+        with pytest.raises(ConfigError, match=r"cannot listen for gRPC on 127\.0\.0\.1:"):
+            await server.start()
+        await server.stop(0)

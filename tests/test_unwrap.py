@@ -104,8 +104,32 @@ async def test_the_key_is_kept_in_memory_for_the_next_unwrap(env):
         body = {"kid": "kept-oct", "wrapped_data": b64(aes_key_wrap(kek, os.urandom(16))), "alg": "A256KW"}
         assert (await unwrap(client, body, request_id))[0] == 200
     assert calls.value(service="akv") == before + 1
-    notes = [audit_records(stack.options.audit_log, r)[0].get("note") for r in ("kept-a", "kept-b", "kept-c")]
-    assert notes == [None, KEPT_KEY_NOTE, KEPT_KEY_NOTE]
+    records = [audit_records(stack.options.audit_log, r)[0] for r in ("kept-a", "kept-b", "kept-c")]
+    assert [r.get("note") for r in records] == [None, KEPT_KEY_NOTE, KEPT_KEY_NOTE]
+    # the records of kept-key unwraps name the attestation the key was released under
+    assert len({(r["token_sha256"], r["host_data"], r["key_version"]) for r in records}) == 1
+
+
+async def test_a_kept_key_that_no_longer_decrypts_is_released_again_once(env):
+    stack, client = env
+    old, new = os.urandom(32), os.urandom(32)
+    await stack.key_service.import_key("rotating", old, release_policy=bound_policy(stack))
+    first = {"kid": "rotating", "wrapped_data": b64(aes_key_wrap(old, os.urandom(16))), "alg": "A256KW"}
+    assert (await unwrap(client, first, "rot-1"))[0] == 200
+    await stack.key_service.import_key("rotating", new, release_policy=bound_policy(stack))  # a new version
+    secret = os.urandom(16)
+    second = {"kid": "rotating", "wrapped_data": b64(aes_key_wrap(new, secret)), "alg": "A256KW"}
+    status, raw = await unwrap(client, second, "rot-2")
+    assert (status, raw) == (200, b'{"plaintext":"' + base64.b64encode(secret) + b'"}')
+    [one], [two] = (
+        audit_records(stack.options.audit_log, "rot-1"),
+        audit_records(stack.options.audit_log, "rot-2"),
+    )
+    assert "note" not in two and two["key_version"] != one["key_version"]
+    # and data for no version of the key is still a clean 400 after one more release
+    third = {"kid": "rotating", "wrapped_data": b64(aes_key_wrap(os.urandom(32), secret)), "alg": "A256KW"}
+    got, doc = await post(client, "/key/unwrap", third)
+    assert (got, doc["code"]) == (400, "unwrap_failed")
 
 
 async def test_key_release_still_never_keeps_a_key(env):

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap
 
 from skr.akv.jwk import jose_kty, jwk_to_private_key
 from skr.akv.keywrap import b64url_decode
-from skr.errors import BadRequest, KeyWrapError
+from skr.errors import BadRequest, KeyWrapError, UnwrapFailed
 
 _AES_KW_BYTES = {"A128KW": 16, "A192KW": 24, "A256KW": 32}
 _RSA_OAEP_HASHES: Mapping[str, Callable[[], hashes.HashAlgorithm]] = {
@@ -41,11 +41,10 @@ def check_algorithm(alg: str) -> str:
     return alg
 
 
-def _failed(alg: str) -> BadRequest:
-    return BadRequest(
+def _failed(alg: str) -> UnwrapFailed:
+    return UnwrapFailed(
         f"the wrapped data does not decrypt with the released key ({alg})",
         hint="it was wrapped for another key, another key version or another algorithm, or it is damaged",
-        code="unwrap_failed",
     )
 
 

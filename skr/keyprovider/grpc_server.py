@@ -289,13 +289,14 @@ class KeyProviderServicer:
 class GrpcServer:
     """The running gRPC server of one sidecar: :meth:`start`, :meth:`mark_ready`, :meth:`stop`."""
 
-    def __init__(self, service: ReleaseService, *, host: str, port: int, max_message: int = 4 * 1024 * 1024):
+    def __init__(self, service: ReleaseService, *, host: str, port: int) -> None:
         self.service = service
         self.host = host
         self.port = port
         self.server = aio.server(
             options=[
-                ("grpc.max_receive_message_length", max_message),
+                # the HTTP API's body limit (SKR_MAX_BODY); larger messages get RESOURCE_EXHAUSTED
+                ("grpc.max_receive_message_length", service.settings.max_body),
                 ("grpc.so_reuseport", 0),  # a port in use is an error, not a second listener
             ]
         )
@@ -324,7 +325,7 @@ class GrpcServer:
             bound = self.server.add_insecure_port(address)
         except RuntimeError:
             bound = 0
-        if not bound and self.port != 0:
+        if not bound:
             raise ConfigError(f"cannot listen for gRPC on {address}: the address is in use or not available")
         await self.server.start()
         await self._set(health_pb2.HealthCheckResponse.NOT_SERVING)
