@@ -36,13 +36,13 @@ soak: $(STAMP)
 	$(BIN)/python -m benchmarks.soak
 
 # Refresh the hash-pinned lock files the Dockerfile installs from (needs the package index; commit the
-# result). Resolved for this venv's Python (3.11, the Dockerfile's base image). LOCK_ENV keeps a machine's
+# result). The runtime lock includes the grpc extra, so the image serves --server-type grpc|both. Resolved for this venv's Python (3.11, the Dockerfile's base image). LOCK_ENV keeps a machine's
 # pip mirrors and local wheel folders out, so the hashes are those of the public index's files.
 LOCK_ENV  ?= PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS=
 LOCK_ARGS := --quiet --generate-hashes --strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links
 lock: $(STAMP)
 	$(BIN)/python -m pip install -q 'pip-tools>=7.4,<8'
-	$(LOCK_ENV) CUSTOM_COMPILE_COMMAND='make lock' $(BIN)/pip-compile $(LOCK_ARGS) --output-file=requirements.lock pyproject.toml
+	$(LOCK_ENV) CUSTOM_COMPILE_COMMAND='make lock' $(BIN)/pip-compile $(LOCK_ARGS) --extra grpc --output-file=requirements.lock pyproject.toml
 	$(LOCK_ENV) CUSTOM_COMPILE_COMMAND='make lock' $(BIN)/pip-compile $(LOCK_ARGS) --only-build-deps --build-deps-for=wheel \
 		--output-file=requirements-build.lock pyproject.toml
 
