@@ -367,3 +367,23 @@ async def test_a_port_in_use_is_a_one_sentence_config_error(env):
         with pytest.raises(ConfigError, match=r"cannot listen for gRPC on 127\.0\.0\.1:"):
             await server.start()
         await server.stop(0)
+
+
+@pytest.mark.parametrize(
+    ("peer", "loopback"),
+    [
+        ("ipv4:127.0.0.1:51234", True),
+        ("ipv4:127.8.9.10:1", True),
+        ("ipv6:[::1]:51234", True),
+        ("ipv6:[::ffff:127.0.0.1]:5", True),
+        ("unix:/run/skr.sock", True),
+        ("ipv4:10.1.2.3:51234", False),
+        ("ipv6:[fe80::1%eth0]:5", False),
+        ("ipv4:not-an-address:1", False),
+        ("", False),
+    ],
+)
+async def test_only_loopback_peers_are_served(peer, loopback):
+    from skr.keyprovider.grpc_server import _is_loopback_peer
+
+    assert _is_loopback_peer(peer) is loopback
