@@ -26,6 +26,7 @@ from skr.errors import ConfigError
 from skr.keyprovider.grpc_server import SERVICE_NAMES, GrpcServer
 from skr.keyprovider.keyinfo import write_key_info
 from skr.keyprovider.protos import key_provider_pb2, keyprovider_pb2
+from skr.local.faults import FaultRule
 from tests.e2e import b64, bound_policy, post, stack_session
 from tests.kvstack import OTHER_HOST_DATA
 from tests.sidecars import audit_records, extra_sidecar
@@ -387,3 +388,42 @@ async def test_only_loopback_peers_are_served(peer, loopback):
     from skr.keyprovider.grpc_server import _is_loopback_peer
 
     assert _is_loopback_peer(peer) is loopback
+
+
+def packet_for(stack, kid: str) -> str:
+    packet = {
+        "kid": kid,
+        "wrapped_data": "AA==",
+        "kms_endpoint": stack.info["akv_endpoint"],
+        "attester_endpoint": stack.info["maa_endpoint"],
+    }
+    return b64(json.dumps(packet).encode())
+
+
+async def test_a_key_service_that_keeps_failing_is_unavailable(env):
+    stack, _, client, _ = env
+    stack.faults.add(FaultRule("hsm.release", "status", status=503))
+    try:
+        with pytest.raises(aio.AioRpcError) as info:
+            await client.keywrap(NEW, "UnWrapKey", unwrap_json(packet_for(stack, "demo-oct")))
+    finally:
+        stack.faults.clear()
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert trailing(info.value)["skr-error-code"] == "upstream_error"
+
+
+async def test_the_request_deadline_is_deadline_exceeded(env):
+    stack, _, _, _ = env
+    async with extra_sidecar(stack, request_deadline=1.0) as (runtime, _):
+        server = GrpcServer(runtime.service, host="127.0.0.1", port=0)
+        port = await server.start()
+        stack.faults.add(FaultRule("hsm.release", "delay", seconds=3.0))
+        try:
+            async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                with pytest.raises(aio.AioRpcError) as info:
+                    await Client(channel).keywrap(OLD, "UnWrapKey", unwrap_json(packet_for(stack, "demo-ec")))
+        finally:
+            stack.faults.clear()
+            await server.stop(0.5)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "request deadline" in str(info.value.details())
