@@ -246,6 +246,9 @@ async def test_a_key_bound_to_another_host_data_is_permission_denied(env, servic
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "\n" not in str(info.value.details()) and "Traceback" not in str(info.value.details())
     assert trailing(info.value)["skr-error-code"] == "release_denied"
+    metrics = stack.runtime.metrics.grpc_requests
+    assert metrics.value(method="UnWrapKey", code="PERMISSION_DENIED") >= 1
+    assert "skr_grpc_requests_total" in stack.runtime.metrics.render()
 
 
 async def test_a_request_for_another_provider_is_invalid_argument(env):

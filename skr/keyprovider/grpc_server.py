@@ -184,7 +184,7 @@ class KeyProviderServicer:
             if authenticated:
                 self._authenticate(context)
             result = await work(ctx)
-            metrics.http_requests.inc(route=f"grpc:{method}", status="OK")
+            metrics.grpc_requests.inc(method=method, code="OK")
             return result
         except SkrError as exc:
             code = status_code(exc)
@@ -192,14 +192,14 @@ class KeyProviderServicer:
             log.log(
                 level, "grpc call failed", extra={"method": method, "status": code.name, "code": exc.code}
             )
-            metrics.http_requests.inc(route=f"grpc:{method}", status=code.name)
+            metrics.grpc_requests.inc(method=method, code=code.name)
             context.set_trailing_metadata((("skr-error-code", exc.code), ("x-request-id", request_id)))
             await context.abort(code, exc.message)
         except aio.AbortError:
             raise
         except Exception:
             log.exception("unexpected error", extra={"method": method})
-            metrics.http_requests.inc(route=f"grpc:{method}", status="INTERNAL")
+            metrics.grpc_requests.inc(method=method, code="INTERNAL")
             context.set_trailing_metadata(
                 (("skr-error-code", "internal_error"), ("x-request-id", request_id))
             )
