@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint unit unit-fast bench soak clean lock
+.PHONY: install run test lint unit unit-fast bench soak clean lock proto
 
 install: $(STAMP)
 
@@ -40,15 +40,21 @@ soak: $(STAMP)
 	$(BIN)/python -m benchmarks.soak
 
 # Refresh the hash-pinned lock files the Dockerfile installs from (needs the package index; commit the
-# result). Resolved for this venv's Python (3.11, the Dockerfile's base image). LOCK_ENV keeps a machine's
+# result). The runtime lock includes the grpc extra, so the image serves --server-type grpc|both. Resolved for this venv's Python (3.11, the Dockerfile's base image). LOCK_ENV keeps a machine's
 # pip mirrors and local wheel folders out, so the hashes are those of the public index's files.
 LOCK_ENV  ?= PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS=
 LOCK_ARGS := --quiet --generate-hashes --strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links
 lock: $(STAMP)
 	$(BIN)/python -m pip install -q 'pip-tools>=7.4,<8'
-	$(LOCK_ENV) CUSTOM_COMPILE_COMMAND='make lock' $(BIN)/pip-compile $(LOCK_ARGS) --output-file=requirements.lock pyproject.toml
+	$(LOCK_ENV) CUSTOM_COMPILE_COMMAND='make lock' $(BIN)/pip-compile $(LOCK_ARGS) --extra grpc --output-file=requirements.lock pyproject.toml
 	$(LOCK_ENV) CUSTOM_COMPILE_COMMAND='make lock' $(BIN)/pip-compile $(LOCK_ARGS) --only-build-deps --build-deps-for=wheel \
 		--output-file=requirements-build.lock pyproject.toml
+
+# Regenerate the checked-in protobuf modules of the gRPC key provider (grpcio-tools, pinned in the test extra).
+# Messages only: the server registers its handlers itself, so no *_pb2_grpc.py is generated.
+PROTOS := skr/keyprovider/protos/key_provider.proto skr/keyprovider/protos/keyprovider.proto
+proto: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. $(PROTOS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis bench.json

@@ -1,4 +1,5 @@
-"""The ``skr`` command line: ``serve · local · release · report · policy · keys · audit · doctor · token``.
+"""The ``skr`` command line: ``serve · local · release · report · policy · keys · audit · doctor · token ·
+wrap · keyprovider · image-key``.
 
 Every command answers bad input with one clear line on stderr and a non-zero exit code, never a
 traceback. Exit codes: 0 success, 1 a negative verdict (invalid, denied, tampered), 2 unusable input or
@@ -26,6 +27,9 @@ COMMAND_MODULES: tuple[str, ...] = (
     "keys",
     "audit",
     "token",
+    "wrap",
+    "keyprovider",
+    "image-key",
 )
 
 # Commands that hold keys or tokens in memory: no core dumps, not dumpable (skr.process.harden).
@@ -52,7 +56,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sub.required = True
     for name in COMMAND_MODULES:
         if command is None or name == command:
-            importlib.import_module(f"skr.commands.{name}").register(sub)
+            importlib.import_module(f"skr.commands.{name.replace('-', '_')}").register(sub)
     return parser
 
 

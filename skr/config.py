@@ -28,6 +28,8 @@ from skr.errors import ConfigError
 
 EVIDENCE_KINDS = ("auto", "sevguest", "sev", "tsm", "virtual")
 LOG_LEVELS = ("trace", "debug", "info", "warning", "error", "fatal", "panic")
+#: http (the default); grpc: the Go sidecar's gRPC key provider on --port; both: gRPC on --grpc-port
+SERVER_TYPES = ("http", "grpc", "both")
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,10 @@ class Settings:
     client_timeout: float = 10.0
     max_connections: int = 256
     max_upstream_body: int = 4 * 1024 * 1024
+    server_type: str = "http"
+    grpc_port: int = (
+        50000  # with server_type "both"; "grpc" alone listens on ``port``, as the Go sidecar does
+    )
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes)
@@ -320,6 +326,13 @@ def load_settings(
         changes["max_connections"] = _count(v, "SKR_MAX_CONNECTIONS")
     if (v := pick("max_upstream_body", "SKR_MAX_UPSTREAM_BODY")) is not None:
         changes["max_upstream_body"] = int(_number(v, "SKR_MAX_UPSTREAM_BODY", minimum=64 * 1024))
+    if (v := pick("server_type", "SKR_SERVER_TYPE", "ServerType")) is not None:
+        server_type = str(v).strip().lower()
+        if server_type not in SERVER_TYPES:
+            raise ConfigError(f"server type must be one of {', '.join(SERVER_TYPES)}, got {v!r}")
+        changes["server_type"] = server_type
+    if (v := pick("grpc_port", "SKR_GRPC_PORT")) is not None:
+        changes["grpc_port"] = _port(v, "gRPC port")
     if (v := pick("client_token_file", "SKR_CLIENT_TOKEN_FILE")) is not None:
         tokens = read_client_tokens(Path(v))
         changes["client_tokens"] = tokens

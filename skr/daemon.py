@@ -1,4 +1,5 @@
-"""Assembling and running the sidecar: collaborators from :class:`Settings`, the HTTP server, shutdown.
+"""Assembling and running the sidecar: collaborators from :class:`Settings`, the HTTP server (and with
+``--server-type grpc|both`` the gRPC key provider on the same release service), shutdown.
 
 Owns the process lifecycle: one shared aiohttp client session, credentials and Key Vault clients
 created once, the evidence provider and its self-check, the audit log, and graceful shutdown
@@ -18,6 +19,7 @@ import threading
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
@@ -41,6 +43,9 @@ from skr.maa.token import TokenVerifier
 from skr.metrics import Metrics
 from skr.server import AUDIT_HEAD_KEY, create_app
 from skr.service import ReleaseService
+
+if TYPE_CHECKING:
+    from skr.keyprovider.grpc_server import GrpcServer
 
 log = logging.getLogger("skr.daemon")
 
@@ -335,19 +340,57 @@ async def serve_forever(
     :meth:`ReleaseService.start`."""
     stop = stop or asyncio.Event()
     on_signal(stop)
-    runner, port = await start_site(runtime)
+    settings = runtime.settings
+    runner: web.AppRunner | None = None
+    grpc_server: GrpcServer | None = None
     try:
-        announce(runtime.settings, port)
+        if settings.server_type != "grpc":
+            runner, port = await start_site(runtime)
+            announce(settings, port)
+        if settings.server_type != "http":
+            grpc_server, grpc_port = await start_grpc(runtime)
+            announce_grpc(settings, grpc_port)
         await runtime.service.start(first_key)
+        if grpc_server is not None:
+            await grpc_server.mark_ready()
         await stop.wait()
         log.info(
             "shutting down: finishing in-flight requests",
             extra={"grace_seconds": runtime.settings.grace_period},
         )
     finally:
-        await runner.cleanup()  # stops accepting, waits for in-flight handlers up to the grace period
+        if grpc_server is not None:
+            await grpc_server.stop(settings.grace_period)
+        if runner is not None:
+            await runner.cleanup()  # stops accepting, waits for in-flight handlers up to the grace period
         await runtime.aclose()
         log.info("stopped")
+
+
+async def start_grpc(runtime: Runtime) -> tuple[GrpcServer, int]:
+    """Bind the gRPC key provider (optional extra ``grpc``) on the runtime's release service; returns the
+    server and its bound port. ``grpc`` alone listens on ``--port`` as the Go sidecar does; ``both`` on
+    ``--grpc-port``."""
+    settings = runtime.settings
+    try:
+        from skr.keyprovider.grpc_server import GrpcServer
+    except ImportError:
+        raise ConfigError(
+            f"--server-type {settings.server_type} needs the gRPC packages, which are not installed",
+            hint="install skr with its grpc extra: pip install 'skr[grpc]'",
+        ) from None
+    port = settings.port if settings.server_type == "grpc" else settings.grpc_port
+    server = GrpcServer(runtime.service, host=settings.host, port=port)
+    return server, await server.start()
+
+
+def announce_grpc(settings: Settings, port: int) -> None:
+    log.info(
+        "skr grpc listening",
+        extra={"address": f"{settings.host}:{port}", "server_type": settings.server_type},
+    )
+    if settings.server_type == "grpc":
+        announce(settings, port)
 
 
 def state_path(settings: Settings, *parts: str) -> Path:

@@ -49,6 +49,12 @@ class PayloadTooLarge(BadRequest):
     default_code = "payload_too_large"
 
 
+class UnwrapFailed(BadRequest):
+    """Wrapped data that does not decrypt with the released key (``/key/unwrap``, the key provider)."""
+
+    default_code = "unwrap_failed"
+
+
 class Unauthenticated(SkrError):
     """The caller did not present the client token the sidecar was configured with (HTTP 401)."""
 

@@ -127,6 +127,11 @@ class Metrics:
             "skr_upstream_wait_seconds", "Time spent waiting on upstreams.", ("service",)
         )
         self.evidence = Counter("skr_evidence_reports_total", "Hardware reports fetched.", ("outcome",))
+        self.grpc_requests = Counter(
+            "skr_grpc_requests_total",
+            "gRPC key-provider calls by method and status code.",
+            ("method", "code"),
+        )
 
     def render(self) -> str:
         parts = (
@@ -139,5 +144,6 @@ class Metrics:
             self.upstream_calls,
             self.upstream_wait,
             self.evidence,
+            self.grpc_requests,
         )
         return "\n".join(line for metric in parts for line in metric.render()) + "\n"

@@ -84,7 +84,7 @@ def _post(summary: str, request: dict[str, Any], ok: dict[str, Any], *codes: int
 def document() -> dict[str, Any]:
     """The OpenAPI document (a fresh dict each call)."""
     obj = {"type": "object"}
-    return {
+    doc: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {
             "title": "skr — Secure Key Release sidecar",
@@ -273,3 +273,36 @@ def document() -> dict[str, Any]:
         },
         "components": {"schemas": {"Error": _ERROR}},
     }
+    doc["paths"]["/key/unwrap"] = _unwrap_path(doc["paths"]["/key/release"])
+    return doc
+
+
+def _unwrap_path(release: dict[str, Any]) -> dict[str, Any]:
+    """``/key/unwrap``: the request of ``/key/release`` plus the wrapped data and its algorithm."""
+    from skr.keyprovider.algorithms import SUPPORTED_ALGORITHMS
+
+    request = release["post"]["requestBody"]["content"]["application/json"]["schema"]
+    return _post(
+        "Release a key inside the sidecar and decrypt wrapped_data with it; only the plaintext comes back.",
+        {
+            **request,
+            "required": ["kid", "wrapped_data", "alg"],
+            "properties": {
+                **request["properties"],
+                "wrapped_data": {**_B64, "minLength": 1, "pattern": _B64_NONEMPTY_PATTERN},
+                "alg": {
+                    "enum": list(SUPPORTED_ALGORITHMS),
+                    "description": "RSA-OAEP-256 / RSA-OAEP (RSA keys), A128KW / A192KW / A256KW (oct keys).",
+                },
+            },
+        },
+        {
+            "type": "object",
+            "required": ["plaintext"],
+            "properties": {"plaintext": {**_B64, "description": "The decrypted bytes, standard base64."}},
+        },
+        404,
+        502,
+        503,
+        504,
+    )

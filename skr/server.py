@@ -452,6 +452,41 @@ async def audit_head(request: web.Request) -> web.Response:
     return json_response(await checkpointer.head_statement())
 
 
+def decode_std_base64(value: str, name: str) -> bytes:
+    """A standard-base64 field other than ``runtime_data`` (same rules: Go's ``base64.StdEncoding``)."""
+    try:
+        return base64.b64decode(value.replace("\r", "").replace("\n", ""), validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest(
+            f"{name} is not standard base64 (RFC 4648 §4 alphabet with '=' padding)",
+            hint="URL-safe base64 ('-' and '_') is not accepted",
+            code="invalid_base64",
+        ) from None
+
+
+async def key_unwrap(request: web.Request) -> web.Response:
+    """``/key/unwrap``: the sidecar releases the key (kept in memory for its token's lifetime), decrypts
+    ``wrapped_data`` with it and answers only the plaintext; the app never holds the key."""
+    from skr.keyprovider.algorithms import check_algorithm, decrypt
+
+    started = time.monotonic()
+    doc = await read_json_object(request)
+    kid = required_str(doc, "kid")
+    wrapped = decode_std_base64(required_str(doc, "wrapped_data"), "wrapped_data")
+    alg = check_algorithm(required_str(doc, "alg"))
+    ctx = _ctx(request)
+    plaintext = await request.app[SERVICE_KEY].unwrap(
+        kid=kid,
+        maa_endpoint=optional_str(doc, "maa_endpoint"),
+        akv_endpoint=optional_str(doc, "akv_endpoint"),
+        access_token=_bearer(optional_str(doc, "access_token")),
+        ctx=ctx,
+        decrypt=lambda jwk_json: decrypt(alg, jwk_json, wrapped),
+    )
+    body = {"plaintext": base64.b64encode(plaintext).decode()}
+    return json_response(body, headers=_timing(ctx, started))
+
+
 ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("GET", "/status", status),
     ("GET", "/healthz", healthz),
@@ -463,6 +498,7 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("POST", "/attest/maa", attest_maa),
     ("POST", "/key/release", key_release),
     ("GET", "/audit/head", audit_head),
+    ("POST", "/key/unwrap", key_unwrap),
 )
 
 

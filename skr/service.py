@@ -4,7 +4,9 @@ Owns: endpoint resolution and the allowlist check (before any connection), the e
 pool, the attestation-token cache with single-flight per MAA endpoint, the per-request deadline, the
 release itself (Key Vault → release JWS verification → unwrap → JWK), and one audit record per decision.
 
-Never caches released keys; never logs or audits a token or key (tokens appear only as SHA-256).
+Never caches keys released to the caller (``/key/release``); a key released for an unwrap (``/key/unwrap``,
+the key provider) stays in memory, never on disk, until its attestation token expires, and only plaintexts
+leave. Never logs or audits a token or key (tokens appear only as SHA-256).
 Collaborators are passed in, so the same code runs against Azure and against the local services.
 """
 
@@ -37,6 +39,7 @@ from skr.errors import (
     EvidenceUnavailable,
     ReleaseDenied,
     SkrError,
+    UnwrapFailed,
     UpstreamTimeout,
 )
 from skr.evidence.base import Evidence, EvidenceProvider, report_data_for
@@ -52,6 +55,8 @@ T = TypeVar("T")
 
 _KEY_NAME = re.compile(r"^[0-9A-Za-z-]{1,127}$")
 _KEY_VERSION = re.compile(r"^[0-9A-Za-z]{1,64}$")
+#: The audit note of an unwrap that used a key kept in memory from an earlier release (no Key Vault call).
+KEPT_KEY_NOTE = "key kept in memory from an earlier unwrap"
 WRAPPING_KEY_BITS = DEFAULT_BITS  # 2048; `skr serve` makes its first key with this default too
 
 
@@ -73,6 +78,12 @@ class ReleasedKeyResult:
     key_json: str = field(repr=False)
     key_id: str
     version: str | None
+    expires_at: float = field(default=0.0, compare=False)  # the attestation token's expiry (epoch s)
+
+
+#: A key kept for unwraps, with the audit fields of the attestation it was released under.
+_KeptKey = tuple[ReleasedKeyResult, dict[str, Any]]
+_TOKEN_FIELDS = ("maa_jti", "token_sha256", "host_data", "measurement")
 
 
 @dataclass
@@ -123,6 +134,7 @@ class ReleaseService:
         self._cache: dict[str, _Attestation] = {}
         self._inflight: dict[str, asyncio.Future[_Attestation]] = {}
         self._next_key: asyncio.Future[WrappingKey] | None = None
+        self._unwrap_keys: dict[tuple[str, ...], _KeptKey] = {}
         self.readiness: dict[str, Any] = {"evidence": "not checked", "policy_hash": "not checked"}
         self._keys_generated = False
         self.ready = False
@@ -450,9 +462,66 @@ class ReleaseService:
         ctx: RequestContext,
     ) -> ReleasedKeyResult:
         """``/key/release``: attest (or reuse a token), release from Key Vault, verify, unwrap."""
+
+        async def as_is(result: ReleasedKeyResult) -> ReleasedKeyResult:
+            return result
+
+        return await self._release_flow(
+            "key.release",
+            kid=kid,
+            maa_endpoint=maa_endpoint,
+            akv_endpoint=akv_endpoint,
+            access_token=access_token,
+            ctx=ctx,
+            use=as_is,
+            keep=None,
+        )
+
+    async def unwrap(
+        self,
+        *,
+        kid: str,
+        maa_endpoint: str | None,
+        akv_endpoint: str | None,
+        access_token: str | None,
+        ctx: RequestContext,
+        decrypt: Callable[[str], bytes],
+    ) -> bytes:
+        """``/key/unwrap`` and the key provider: the key released through the same flow as :meth:`release`
+        (allowlist, deadline, token cache, audit with ``event: "key.unwrap"``), kept in memory per
+        kid/version until its attestation token expires, and used in a worker thread by ``decrypt`` (JWK
+        JSON → plaintext). Only the plaintext leaves."""
+
+        async def use(result: ReleasedKeyResult) -> bytes:
+            return await asyncio.to_thread(decrypt, result.key_json)
+
+        return await self._release_flow(
+            "key.unwrap",
+            kid=kid,
+            maa_endpoint=maa_endpoint,
+            akv_endpoint=akv_endpoint,
+            access_token=access_token,
+            ctx=ctx,
+            use=use,
+            keep=self._unwrap_keys if self.settings.token_reuse else None,
+        )
+
+    async def _release_flow(
+        self,
+        event: str,
+        *,
+        kid: str,
+        maa_endpoint: str | None,
+        akv_endpoint: str | None,
+        access_token: str | None,
+        ctx: RequestContext,
+        use: Callable[[ReleasedKeyResult], Awaitable[T]],
+        keep: dict[tuple[str, ...], _KeptKey] | None,
+    ) -> T:
+        """Resolve, release (or take the key from ``keep``), ``use`` it — within the deadline, audited."""
         started = time.monotonic()
         fields: dict[str, Any] = {
-            "event": "key.release",
+            "event": event,
             "request_id": ctx.request_id,
             "client": ctx.client,
             "kid": kid if isinstance(kid, str) and len(kid) <= 256 else None,
@@ -464,10 +533,26 @@ class ReleaseService:
             vault, name, version = self.resolve_vault(akv_endpoint, kid)
             fields.update(maa=maa.authority, vault=vault.authority)
             deadline = Deadline.after(self.settings.request_deadline)
-            result = await self._within(
-                deadline,
-                "the key release",
-                lambda: self._release(
+
+            async def work() -> T:
+                slot = (
+                    maa.authority,
+                    vault.authority,
+                    name,
+                    version or "",
+                    token_fingerprint(access_token or ""),
+                )
+                kept = keep.get(slot) if keep is not None else None
+                if keep is not None and kept is not None and time.time() < kept[0].expires_at:
+                    ctx.attestation = "cached"
+                    fields.update(kept[1], key_version=kept[0].version, note=KEPT_KEY_NOTE)
+                    try:
+                        return await use(kept[0])
+                    except UnwrapFailed:
+                        # A new key version since it was kept? Release the key again, once.
+                        keep.pop(slot, None)
+                        del fields["note"]
+                released = await self._release(
                     maa=maa,
                     vault=vault,
                     name=name,
@@ -476,8 +561,16 @@ class ReleaseService:
                     deadline=deadline,
                     ctx=ctx,
                     fields=fields,
-                ),
-            )
+                )
+                fields["key_version"] = released.version
+                if keep is not None:
+                    now = time.time()
+                    for old in [k for k, v in keep.items() if v[0].expires_at <= now]:
+                        del keep[old]
+                    keep[slot] = (released, {k: fields.get(k) for k in _TOKEN_FIELDS})
+                return await use(released)
+
+            result = await self._within(deadline, "the key release", work)
         except asyncio.CancelledError:
             # The client went away or shutdown cut the request off: the attempt still gets its record.
             self.metrics.releases.inc(outcome="error")
@@ -504,7 +597,6 @@ class ReleaseService:
             {
                 **fields,
                 "outcome": "granted",
-                "key_version": result.version,
                 "attestation": ctx.attestation,
                 **_duration(started),
             }
@@ -562,7 +654,10 @@ class ReleaseService:
             expected_version=version,
         )
         return ReleasedKeyResult(
-            key_json=jwk_to_json(opened.jwk), key_id=opened.key_id, version=opened.version
+            key_json=jwk_to_json(opened.jwk),
+            key_id=opened.key_id,
+            version=opened.version,
+            expires_at=attestation.expires_at,
         )
 
 

@@ -524,6 +524,9 @@ BAD_VALUES = [
     ({"workloadIdentity": {"clientId": "not-a-guid"}}, "/workloadIdentity/clientId", "pattern"),
     ({"kataPolicy": "not base64!"}, "/kataPolicy", "pattern"),
     ({"example": {"image": {"repository": "contoso.azurecr.io/app"}}}, "/example/image/tag", "minLength"),
+    ({"grpc": {"port": 0}}, "/grpc/port", "minimum"),
+    ({"grpc": {"enable": True}}, "'enable' not allowed", "additional properties"),
+    ({"grpc": {"only": True}}, "/grpc/enabled", "value must be true"),
 ]
 
 
@@ -660,3 +663,79 @@ async def test_example_app_waits_for_readiness_releases_its_key_and_never_prints
     finally:
         proc.kill()
         await proc.wait()
+
+
+# --- The gRPC key provider (grpc.enabled, grpc.only, grpc.port) -------------------------------------------
+
+
+def serve_settings_of(skr: dict[str, Any]) -> Any:
+    from skr.commands import serve
+    from skr.config import load_settings
+
+    parser = argparse.ArgumentParser(prog="skr")
+    serve.register(parser.add_subparsers())
+    return load_settings(parser.parse_args(["serve", *skr["args"]]), env_of(skr))
+
+
+def test_grpc_disabled_by_default_serves_http_only(chart):
+    settings = serve_settings_of(container(render(chart, EXAMPLE)))
+    assert settings.server_type == "http"
+
+
+def test_grpc_enabled_serves_both_and_keeps_the_http_probes(chart):
+    objects = render(chart, EXAMPLE, {"port": 9000, "grpc": {"enabled": True, "port": 50123}})
+    assert_valid_kubernetes(objects)
+    skr = container(objects)
+    settings = serve_settings_of(skr)
+    assert (settings.server_type, settings.port, settings.grpc_port) == ("both", 9000, 50123)
+    assert "'http://127.0.0.1:9000/readyz'" in skr["readinessProbe"]["exec"]["command"][2]
+    assert "'http://127.0.0.1:9000/healthz'" in skr["livenessProbe"]["exec"]["command"][2]
+    assert "ports" not in skr  # still loopback only: no containerPort, no Service
+
+
+def test_grpc_only_serves_grpc_on_its_port_with_grpc_health_probes(chart):
+    objects = render(chart, EXAMPLE, {"grpc": {"enabled": True, "only": True, "port": 50123}})
+    assert_valid_kubernetes(objects)
+    skr = container(objects)
+    settings = serve_settings_of(skr)
+    assert (settings.server_type, settings.port) == ("grpc", 50123)
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        command = skr[probe]["exec"]["command"]
+        assert command[:2] == ["python3", "-c"] and "grpc_health" in command[2], probe
+        assert "'127.0.0.1:50123'" in command[2] and "http://" not in command[2], probe
+    assert "SERVING" in skr["readinessProbe"]["exec"]["command"][2]
+    assert "SERVING" not in skr["livenessProbe"]["exec"]["command"][2]
+
+
+@pytest.fixture
+async def fake_grpc_health() -> Any:
+    """A loopback gRPC server with only the standard health service (stands in for skr in grpc mode)."""
+    from grpc import aio
+    from grpc_health.v1 import health, health_pb2_grpc
+
+    server = aio.server()
+    servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield port, servicer
+    finally:
+        await server.stop(0)
+
+
+async def test_rendered_grpc_probes_pass_when_serving_and_readiness_fails_before(chart, fake_grpc_health):
+    from grpc_health.v1 import health_pb2
+
+    port, servicer = fake_grpc_health
+    skr = container(render(chart, EXAMPLE, {"grpc": {"enabled": True, "only": True, "port": port}}))
+    await servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    assert await run_probe(skr["startupProbe"]["exec"]["command"]) == 0  # alive, not ready yet
+    assert await run_probe(skr["livenessProbe"]["exec"]["command"]) == 0
+    assert await run_probe(skr["readinessProbe"]["exec"]["command"]) != 0
+    await servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    assert await run_probe(skr["readinessProbe"]["exec"]["command"]) == 0
+
+    # Nobody listening (port 1 on loopback refuses the connection).
+    skr = container(render(chart, EXAMPLE, {"grpc": {"enabled": True, "only": True, "port": 1}}))
+    assert await run_probe(skr["livenessProbe"]["exec"]["command"]) != 0

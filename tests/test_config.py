@@ -134,18 +134,41 @@ def test_bad_values_are_config_errors_naming_the_setting(argv, env, message):
         serve_settings(argv, env)
 
 
-@pytest.mark.parametrize("value", ["", "http", "HTTP"])
-def test_server_type_http_is_accepted(value):
+@pytest.mark.parametrize("value", ["", "http", "HTTP", "grpc", "GRPC", "both"])
+def test_server_types_of_the_go_image_and_both_are_accepted(value):
     check_server_type({"ServerType": value})
 
 
-def test_server_type_grpc_is_refused_clearly():
-    with pytest.raises(ConfigError, match="ServerType=grpc is not supported"):
-        check_server_type({"ServerType": "grpc"})
+def test_an_unknown_server_type_is_refused_clearly():
+    with pytest.raises(ConfigError, match="ServerType=ttrpc is not supported: use http, grpc, both"):
+        check_server_type({"ServerType": "ttrpc"})
 
 
-def test_serve_with_server_type_grpc_exits_2_with_one_line(monkeypatch, capsys):
-    monkeypatch.setenv("ServerType", "grpc")
+def test_serve_with_an_unknown_server_type_exits_2_with_one_line(monkeypatch, capsys):
+    monkeypatch.setenv("ServerType", "ttrpc")
     assert main(["serve", "--port", "0"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("skr: ServerType=grpc is not supported")
+    assert err.count("\n") == 1 and err.startswith("skr: ServerType=ttrpc is not supported")
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "server_type", "grpc_port"),
+    [
+        ([], {}, "http", 50000),
+        ([], {"ServerType": "grpc"}, "grpc", 50000),
+        ([], {"ServerType": "GRPC", "SKR_SERVER_TYPE": "both"}, "both", 50000),
+        (["--server-type", "both", "--grpc-port", "7000"], {"ServerType": "grpc"}, "both", 7000),
+        (["-server_type", "grpc"], {}, "grpc", 50000),
+        ([], {"SKR_GRPC_PORT": "6000"}, "http", 6000),
+    ],
+)
+def test_server_type_and_grpc_port_resolution(argv, env, server_type, grpc_port):
+    settings = serve_settings(argv, env)
+    assert (settings.server_type, settings.grpc_port) == (server_type, grpc_port)
+
+
+def test_bad_server_type_and_grpc_port_name_the_setting():
+    with pytest.raises(ConfigError, match="server type must be one of http, grpc, both"):
+        serve_settings([], {"SKR_SERVER_TYPE": "ttrpc"})
+    with pytest.raises(ConfigError, match="gRPC port must be between 0 and 65535"):
+        serve_settings([], {"SKR_GRPC_PORT": "70000"})

@@ -184,10 +184,17 @@ def test_every_locked_package_is_an_exact_pin_with_hashes(lock):
         assert hashes, f"{name} has no --hash in {lock.name}"
 
 
-def test_the_runtime_lock_satisfies_every_dependency_of_pyproject():
+@pytest.mark.parametrize("group", ["dependencies", "grpc"])
+def test_the_runtime_lock_satisfies_every_dependency_of_pyproject(group):
+    """The image serves every mode `skr serve` has: the core dependencies and the ``grpc`` extra."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     entries = lock_entries(LOCK)
-    for spec in project["project"]["dependencies"]:
+    specs = (
+        project["project"]["dependencies"]
+        if group == "dependencies"
+        else project["project"]["optional-dependencies"][group]
+    )
+    for spec in specs:
         requirement = Requirement(spec)
         name = canonicalize_name(requirement.name)
         assert name in entries, f"{name} is a dependency but missing from requirements.lock (run `make lock`)"

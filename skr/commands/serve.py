@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from skr.config import add_arguments, check_startup, load_settings
+from skr.config import SERVER_TYPES, add_arguments, check_startup, load_settings
 from skr.errors import ConfigError
 from skr.logs import setup_logging
 
@@ -23,6 +23,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.add_argument(
         "--client-token-file", type=str, default=None, help="require this bearer token (file)"
     )
+    parser.add_argument(
+        "--server-type",
+        "-server_type",
+        type=str.lower,
+        choices=SERVER_TYPES,
+        default=None,
+        help="http (default), grpc (the Go sidecar's gRPC key provider on --port) or both (env ServerType)",
+    )
+    parser.add_argument(
+        "--grpc-port", type=int, default=None, help="gRPC port with --server-type both (default 50000)"
+    )
     # The Go image's /skr.sh takes SkrSideCarArgs as $1 and the port as $2 (the environment wins).
     parser.add_argument(
         "sidecar_args_positional", nargs="?", metavar="SKRSIDECARARGS", help="as env SkrSideCarArgs"
@@ -32,12 +43,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def check_server_type(env: Mapping[str, str]) -> None:
-    """The Go image's ``ServerType=grpc`` starts a gRPC key-provider instead of HTTP: refuse, clearly."""
-    server_type = env.get("ServerType", "").strip()
-    if server_type and server_type.lower() != "http":
+    """The Go image's ``ServerType`` must be http, grpc or both; grpc needs the optional ``grpc`` extra."""
+    server_type = env.get("ServerType", "").strip().lower()
+    if server_type and server_type not in SERVER_TYPES:
         raise ConfigError(
-            f"ServerType={server_type} is not supported: skr serves the HTTP API only",
-            hint="unset ServerType (or set it to http); the gRPC key-provider flow is not provided",
+            f"ServerType={env['ServerType'].strip()} is not supported: use {', '.join(SERVER_TYPES)}",
+            hint="the Go sidecar knows http and grpc; skr adds both",
         )
 
 

@@ -58,16 +58,38 @@ exec:
     - {{ printf "import urllib.request as u; u.build_opener(u.ProxyHandler({})).open('http://127.0.0.1:%d%s', timeout=%d).close()" (int .port) .path (max 1 (sub (int .timeout) 1)) | quote }}
 {{- end }}
 
+{{/*
+The same for the gRPC-only sidecar (grpc.only: no HTTP API to probe): the standard gRPC health service on
+127.0.0.1, with the image's grpcio and no proxy. "serving" (readiness) needs SERVING; otherwise any answer
+means the process is alive (it says NOT_SERVING until its self-check has passed).
+*/}}
+{{- define "skr.grpcProbeExec" -}}
+exec:
+  command:
+    - python3
+    - -c
+    - {{ printf "import grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; r = g.HealthStub(grpc.insecure_channel('127.0.0.1:%d', options=[('grpc.enable_http_proxy', 0)])).Check(h.HealthCheckRequest(), timeout=%d); raise SystemExit(0 if %s else 1)" (int .port) (max 1 (sub (int .timeout) 1)) (ternary "r.status == h.HealthCheckResponse.SERVING" "True" .serving) | quote }}
+{{- end }}
+
 {{- define "skr.sidecar" -}}
 {{- $v := .values -}}
 {{- $auditDir := "/var/log/skr" -}}
+{{- $grpcOnly := and $v.grpc.enabled $v.grpc.only -}}
 - name: skr
   image: {{ include "skr.image" (dict "image" $v.image) | quote }}
   imagePullPolicy: {{ $v.image.pullPolicy }}
   # ENTRYPOINT is `skr serve`; these are its flags.
   args:
     - --port
-    - {{ $v.port | int | quote }}
+    - {{ ternary $v.grpc.port $v.port $grpcOnly | int | quote }}
+    {{- if $v.grpc.enabled }}
+    - --server-type
+    - {{ ternary "grpc" "both" $grpcOnly | quote }}
+    {{- if not $grpcOnly }}
+    - --grpc-port
+    - {{ $v.grpc.port | int | quote }}
+    {{- end }}
+    {{- end }}
     - --evidence
     - {{ $v.evidence | quote }}
     {{- if $v.audit.enabled }}
@@ -141,6 +163,17 @@ exec:
       type: RuntimeDefault
   resources:
     {{- toYaml $v.resources | nindent 4 }}
+  {{- if $grpcOnly }}
+  startupProbe:
+    {{- include "skr.grpcProbeExec" (dict "port" $v.grpc.port "serving" false "timeout" $v.probes.startup.timeoutSeconds) | nindent 4 }}
+    {{- toYaml $v.probes.startup | nindent 4 }}
+  livenessProbe:
+    {{- include "skr.grpcProbeExec" (dict "port" $v.grpc.port "serving" false "timeout" $v.probes.liveness.timeoutSeconds) | nindent 4 }}
+    {{- toYaml $v.probes.liveness | nindent 4 }}
+  readinessProbe:
+    {{- include "skr.grpcProbeExec" (dict "port" $v.grpc.port "serving" true "timeout" $v.probes.readiness.timeoutSeconds) | nindent 4 }}
+    {{- toYaml $v.probes.readiness | nindent 4 }}
+  {{- else }}
   startupProbe:
     {{- include "skr.probeExec" (dict "port" $v.port "path" "/healthz" "timeout" $v.probes.startup.timeoutSeconds) | nindent 4 }}
     {{- toYaml $v.probes.startup | nindent 4 }}
@@ -150,6 +183,7 @@ exec:
   readinessProbe:
     {{- include "skr.probeExec" (dict "port" $v.port "path" "/readyz" "timeout" $v.probes.readiness.timeoutSeconds) | nindent 4 }}
     {{- toYaml $v.probes.readiness | nindent 4 }}
+  {{- end }}
   volumeMounts:
     - name: skr-state
       mountPath: /var/lib/skr
