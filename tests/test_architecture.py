@@ -43,6 +43,7 @@ LAYERS: dict[str, int] = {
     "skr.openapi": 7,
     "skr.server": 7,
     "skr.connections": 7,
+    "skr.keyprovider": 7,  # the gRPC and ocicrypt faces of the service, beside the HTTP one
     "skr.daemon": 8,
     "skr.local": 5,  # the local services: below the service (see LOCAL_ASSEMBLY)
     "skr.commands": 10,
