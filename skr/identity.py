@@ -1,6 +1,6 @@
 """Which Azure credential the sidecar uses to call Key Vault / Managed HSM, and for which scope.
 
-Owns the choice, in the order the Go sidecar uses (GO_SIDECAR.md §12 item 13):
+Owns the choice, in the order the Go sidecar uses (request token, then workload identity, then IMDS):
 
 1. an ``access_token`` given in the request → :class:`StaticTokenCredential` (the token as-is);
 2. workload identity when ``AZURE_CLIENT_ID``, ``AZURE_TENANT_ID`` and ``AZURE_FEDERATED_TOKEN_FILE`` are

@@ -1,7 +1,7 @@
 """The UVM endorsement of confidential containers: ACI's ``reference-info-base64`` (a COSE_Sign1).
 
-Owns the format MAA reads from ``Endorsements.Uvm`` (AZURE_WIRE.md §1.3, §7; RFC 9052 COSE_Sign1, RFC 9360
-``x5chain``), as the genuine ACI endorsement in the test vectors has it:
+Owns the format MAA reads from ``Endorsements.Uvm`` (docs/wire-formats.md §1.3, §7; RFC 9052 COSE_Sign1,
+RFC 9360 ``x5chain``), as the genuine ACI endorsement in the test vectors has it:
 
 * CBOR tag 18 around ``[protected: bstr, unprotected: map, payload: bstr, signature: bstr]``;
 * protected header: ``1`` (alg, PS384 = -38 in the genuine one), ``3`` (content type

@@ -1,6 +1,6 @@
 """The local attestation service: an MAA-compatible ``AttestSevSnpVm`` endpoint for local mode.
 
-Owns an aiohttp application that speaks MAA's wire format (AZURE_WIRE.md §1):
+Owns an aiohttp application that speaks MAA's wire format (docs/wire-formats.md §1):
 
 * ``POST /attest/SevSnpVm`` and ``/attest/SevSnpVM`` with ``api-version`` 2020-10-01, 2022-08-01 or
   2025-06-01 — anything else is a 400 in MAA's error shape ``{"error": {"code", "message"}}``;
@@ -169,7 +169,7 @@ def policy_hash(policy_text: str) -> str:
 
 
 def sevsnp_claims(report: AttestationReport, product: Product) -> dict[str, Any]:
-    """The ``x-ms-sevsnpvm-*`` claims MAA derives from a verified report (AZURE_WIRE.md §1.5).
+    """The ``x-ms-sevsnpvm-*`` claims MAA derives from a verified report (docs/wire-formats.md §1.5).
 
     Byte fields are lowercase hex strings, SVNs and VMPL numbers, policy bits booleans; the TCB
     parts come from REPORTED_TCB decoded for ``product``.

@@ -1,6 +1,6 @@
 """The local key service of ``skr local``: a Managed-HSM-compatible subset of the Key Vault data plane.
 
-Owns, on the wire exactly as Azure does it (AZURE_WIRE.md §2, §5), so the unmodified
+Owns, on the wire exactly as Azure does it (docs/wire-formats.md §2, §5), so the unmodified
 ``azure-keyvault-keys`` SDK works against it:
 
 * challenge auth — a request without a bearer token gets ``401`` with

@@ -1,7 +1,7 @@
 """The local managed-identity token endpoint of ``skr local``.
 
 Owns two wire protocols that the real ``azure.identity.aio.ManagedIdentityCredential`` speaks
-(AZURE_WIRE.md §6), so the unmodified SDK gets tokens from it:
+(docs/wire-formats.md §6), so the unmodified SDK gets tokens from it:
 
 * IMDS — ``GET /metadata/identity/oauth2/token?api-version=2018-02-01&resource=…[&client_id=…]`` with the
   header ``Metadata: true`` (reached through ``AZURE_POD_IDENTITY_AUTHORITY_HOST``);

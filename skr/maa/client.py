@@ -1,6 +1,6 @@
 """The Microsoft Azure Attestation (MAA) client for SEV-SNP evidence (``AttestSevSnpVm``).
 
-Owns the wire format of ``POST https://{instance}/attest/SevSnpVm?api-version=…`` (AZURE_WIRE.md §1):
+Owns the wire format of ``POST https://{instance}/attest/SevSnpVm?api-version=…`` (docs/wire-formats.md §1):
 
 * body keys are camelCase: ``report``, ``runtimeData {data, dataType: "JSON"}``, optional
   ``initTimeData``, and ``nonce`` (a string): :meth:`MaaClient.attest` sends a fresh random one with
@@ -101,7 +101,7 @@ def normalize_endpoint(value: str) -> str:
 
 
 def encode_report(evidence: Evidence) -> str:
-    """The ``report`` string: base64url of the compact JSON SNP bundle (AZURE_WIRE.md §1.3)."""
+    """The ``report`` string: base64url of the compact JSON SNP bundle (docs/wire-formats.md §1.3)."""
     bundle: dict[str, str] = {
         "SnpReport": b64url_encode(evidence.report),
         "VcekCertChain": b64url_encode(evidence.vcek_chain_pem),

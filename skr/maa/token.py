@@ -1,6 +1,6 @@
 """Verification of MAA attestation tokens (JWTs) through the issuer's OpenID metadata.
 
-Owns the trust path Key Vault itself uses (AZURE_WIRE.md §1.6): the *expected* issuer's
+Owns the trust path Key Vault itself uses (docs/wire-formats.md §1.6): the *expected* issuer's
 ``/.well-known/openid-configuration`` → ``jwks_uri`` → the key whose ``kid`` the token names, taken from
 ``x5c[0]`` (else ``n``/``e``). Keys are cached per issuer; an unknown ``kid`` triggers at most one
 refresh (and not more often than ``min_refresh_interval``). Only RSA signatures are accepted (RS256/384/
