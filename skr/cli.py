@@ -33,7 +33,9 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 # Commands that hold keys or tokens in memory: no core dumps, not dumpable (skr.process.harden).
-HARDENED_COMMANDS: frozenset[str] = frozenset({"serve", "local", "release", "keys", "doctor"})
+HARDENED_COMMANDS: frozenset[str] = frozenset(
+    {"serve", "local", "release", "keys", "doctor", "keyprovider", "image-key", "token", "encfs"}
+)
 
 EXIT_OK = 0
 EXIT_NEGATIVE = 1

@@ -396,7 +396,7 @@ async def test_harden_makes_the_process_not_dumpable():
         preexec_fn=_enable_cores_and_lower_nofile,
     )
     assert done.stdout.strip() == "False (0, 0)", done.stderr
-    assert {"serve", "local", "release"} <= HARDENED_COMMANDS
+    assert {"serve", "local", "release", "keys", "keyprovider", "encfs"} <= HARDENED_COMMANDS
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and core_pattern are Linux")
