@@ -3,10 +3,11 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+SYSTEM := $(VENV)/.system-packages
 
 .PHONY: install run test lint unit bench soak clean lock
 
-install: $(STAMP)
+install: $(STAMP) $(SYSTEM)
 
 # The venv is rebuilt only when the project's dependency list changes.
 $(STAMP): pyproject.toml
@@ -14,6 +15,19 @@ $(STAMP): pyproject.toml
 	@$(BIN)/python -m pip install -q --upgrade pip
 	@$(BIN)/python -m pip install -q -e '.[test]'
 	@touch $(STAMP)
+
+# System tools the encfs tests need (FUSE, cryptsetup without device-mapper, mkfs.ext4). Installed with
+# apt-get when root; otherwise those tests skip and say why. The stamp is written only once they exist.
+ENCFS_TOOLS := cryptsetup fusermount3 mkfs.ext4
+$(SYSTEM): | $(STAMP)
+	@missing=; for t in $(ENCFS_TOOLS); do command -v $$t >/dev/null || missing=1; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse3 cryptsetup-bin e2fsprogs \
+	      >/dev/null) || echo "make: could not install fuse3 cryptsetup-bin e2fsprogs: the encfs tests will skip"; \
+	  else echo "make: fuse3 cryptsetup-bin e2fsprogs missing (needs root and apt-get): the encfs tests will skip"; fi; \
+	fi; \
+	for t in $(ENCFS_TOOLS); do command -v $$t >/dev/null || exit 0; done; touch $@
 
 run: $(STAMP)
 	$(BIN)/skr local --port $${SKR_PORT:-8080}
@@ -24,7 +38,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/hadolint Dockerfile
 
-unit: $(STAMP)
+unit: $(STAMP) $(SYSTEM)
 	$(BIN)/python -m pytest -q
 
 test: lint unit
