@@ -1,4 +1,4 @@
-"""The ``skr`` command line: ``serve · local · release · report · policy · keys · audit · doctor``.
+"""The ``skr`` command line: ``serve · local · release · report · policy · keys · audit · doctor · encfs``.
 
 Every command answers bad input with one clear line on stderr and a non-zero exit code, never a
 traceback. Exit codes: 0 success, 1 a negative verdict (invalid, denied, tampered), 2 unusable input or
@@ -25,6 +25,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "policy",
     "keys",
     "audit",
+    "encfs",
 )
 
 EXIT_OK = 0
