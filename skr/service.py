@@ -417,11 +417,17 @@ class ReleaseService:
         akv_endpoint: str | None,
         access_token: str | None,
         ctx: RequestContext,
+        event: str = "key.release",
+        audit_fields: dict[str, Any] | None = None,
     ) -> ReleasedKeyResult:
-        """``/key/release``: attest (or reuse a token), release from Key Vault, verify, unwrap."""
+        """``/key/release``: attest (or reuse a token), release from Key Vault, verify, unwrap.
+
+        ``event`` / ``audit_fields``: another face of the same release (``encfs.mount``) and what it adds
+        to the audit record (never key material)."""
         started = time.monotonic()
         fields: dict[str, Any] = {
-            "event": "key.release",
+            **(audit_fields or {}),
+            "event": event,
             "request_id": ctx.request_id,
             "client": ctx.client,
             "kid": kid if isinstance(kid, str) and len(kid) <= 256 else None,

@@ -17,7 +17,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from skr.config import add_arguments, load_settings
 from skr.errors import BadRequest
+from skr.logs import setup_logging
+
+GO_ENV = "EncfsSideCarArgs"  # the Go encfs sidecar's variable (a contract: an existing deployment works)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -63,11 +67,58 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     upload.add_argument("--ca-bundle", type=Path, help="extra trust anchors PEM (default: env SKR_CA_BUNDLE)")
     upload.set_defaults(func=_upload)
 
-    parser.set_defaults(func=_no_action)
+    parser.add_argument("--config", type=Path, metavar="FILE", help="the EncfsSideCarArgs JSON (not base64)")
+    parser.add_argument("--backend", default="auto", choices=("auto", "dm-crypt", "userspace"))
+    parser.add_argument("--cache-blocks", type=int, default=32, help="blocks in the cache (32)")
+    parser.add_argument(
+        "--block-size", type=int, default=512, metavar="KIB", help="cache block size (512 KiB)"
+    )
+    parser.add_argument("--ready-file", type=Path, help="write 1 here when every filesystem is published")
+    parser.add_argument("--work-dir", type=Path, default=Path("/run/skr-encfs"), help="FUSE mount points")
+    add_arguments(parser)  # the release settings, and --port for /healthz /readyz
+    parser.set_defaults(func=_mount)
 
 
-def _no_action(args: argparse.Namespace) -> int:
-    raise BadRequest("skr encfs needs an action: create, upload or inspect")
+def _mount(args: argparse.Namespace) -> int:
+    """``skr encfs``: mount every filesystem of EncfsSideCarArgs (env) or --config, until SIGTERM."""
+    from skr.encfs.args import decode_encfs_args, parse_encfs_json
+    from skr.encfs.blob import blob_allowlist
+    from skr.encfs.mount import Options
+    from skr.encfs.run import resolve_backend, run_encfs
+
+    if args.config is not None:
+        encfs_args = parse_encfs_json(args.config.read_bytes(), source=str(args.config))
+    elif os.environ.get(GO_ENV):
+        encfs_args = decode_encfs_args(os.environ[GO_ENV])
+    else:
+        raise BadRequest(
+            "skr encfs needs EncfsSideCarArgs (env) or --config FILE; or an action: create, upload, inspect"
+        )
+    if args.cache_blocks < 1 or args.block_size < 4 or args.block_size % 4:
+        raise BadRequest("--cache-blocks must be at least 1 and --block-size a multiple of 4 KiB")
+    settings = load_settings(args)
+    setup_logging(settings.log_level, settings.log_file)
+    options = Options(
+        backend=resolve_backend(args.backend),
+        block_size=args.block_size * 1024,
+        cache_blocks=args.cache_blocks,
+        work_dir=args.work_dir,
+        blob_allowlist=blob_allowlist(os.environ),
+        ca_bundle=settings.ca_bundle,
+        client_id=settings.identity_client_id,
+    )
+    asyncio.run(
+        run_encfs(
+            settings,
+            encfs_args,
+            options,
+            env=os.environ,
+            stop=asyncio.Event(),
+            port=args.port,
+            ready_file=args.ready_file,
+        )
+    )
+    return 0
 
 
 def _read_key_file(path: Path) -> bytes:

@@ -96,14 +96,22 @@ def _describe(exc: Exception) -> str:
 class Blob:
     """One blob, opened with an async ``BlobClient`` (call inside the event loop; close with ``aclose``)."""
 
-    def __init__(self, url: BlobUrl, *, credential: Any | None, transport_kwargs: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        url: BlobUrl,
+        *,
+        credential: Any | None,
+        transport_kwargs: Mapping[str, Any],
+        lease_id: str | None = None,
+    ) -> None:
         from azure.storage.blob.aio import BlobClient
 
         self.url = url
         self._client = BlobClient.from_blob_url(
             url.url_with_sas, credential=None if url.sas else credential, **{**_TIMEOUTS, **transport_kwargs}
         )
-        self._lease: Any | None = None
+        self._lease: Any | None = None  # the lease this client took (and renews, and releases)
+        self._lease_id = lease_id  # a lease held by another client of this process tree
         self.size = 0
         self.blob_type = ""
 
@@ -151,7 +159,8 @@ class Blob:
             raise BlobError(f"writing pages at {offset} of {self.url} failed: {_describe(exc)}") from None
 
     def _lease_kwargs(self) -> dict[str, Any]:
-        return {"lease": self._lease.id} if self._lease is not None else {}
+        lease_id = self.lease_id
+        return {"lease": lease_id} if lease_id is not None else {}
 
     async def acquire_lease(self, lease_id: str) -> None:
         from azure.core.exceptions import AzureError, HttpResponseError
@@ -180,7 +189,7 @@ class Blob:
 
     @property
     def lease_id(self) -> str | None:
-        return None if self._lease is None else str(self._lease.id)
+        return self._lease_id if self._lease is None else str(self._lease.id)
 
 
 async def upload_image(

@@ -1,0 +1,323 @@
+"""End to end: skr encfs create → upload to Azurite (HTTPS, --oauth basic) → ``skr encfs`` with keys
+released from the local stack → the userspace backend mounts → files read back → teardown leaves nothing.
+
+Everything runs as real processes (``skr local --no-sidecar``, ``skr encfs``), configured as a container
+would be. Needs root, /dev/fuse, loop devices, fuse3, cryptsetup and Azurite; skips saying which is missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from skr.akv.policy import build_confidential_containers_policy, encode_policy_for_wire
+from skr.encfs.mount import loops_backed_by, mounted_paths
+from tests.encfstools import Azurite, azurite, require_mounts
+from tests.procs import SKR, Proc, Processes, http_status, sidecar_env, start_local, wait_until
+
+pytestmark = pytest.mark.timeout(300)
+
+
+class Env:
+    def __init__(self, root: Path, procs: Processes, info: dict[str, Any], az: Azurite, bundle: Path) -> None:
+        self.root, self.procs, self.info, self.az, self.bundle = root, procs, info, az, bundle
+        self.state = root / "state"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return sidecar_env(
+            self.info,
+            {
+                "SKR_CA_BUNDLE": str(self.bundle),
+                "SKR_ALLOWED_BLOB_ENDPOINTS": f"127.0.0.1:{self.az.port}",
+                **extra,
+            },
+        )
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            [*SKR, *args], env=self.env(), capture_output=True, text=True, timeout=120, check=False
+        )
+        if check:
+            assert done.returncode == 0, done.stderr
+        return done
+
+    def create_in_vault(self, content: Path, image: Path, kid: str, tmp: Path) -> None:
+        vault = self.info["akv_endpoint"]
+        policy = str(self.policy(tmp))
+        self.cli("encfs", "create", "--from", str(content), "--out", str(image), "--vault", vault,
+                 "--kid", kid, "--policy", policy, "--allow-insecure-challenge")  # fmt: skip
+
+    def policy(self, tmp: Path) -> Path:
+        path = tmp / "policy.json"
+        path.write_bytes(
+            encode_policy_for_wire(
+                build_confidential_containers_policy(
+                    authority=self.info["attestation_url"], host_data=self.info["host_data"]
+                )
+            )
+        )
+        return path
+
+    def config(self, tmp: Path, name: str, filesystems: list[dict[str, Any]]) -> Path:
+        path = tmp / f"{name}.json"
+        path.write_text(json.dumps({"azure_filesystems": filesystems}))
+        return path
+
+    def filesystem(
+        self, mount_point: Path, blob: str, kid: str, *, read_write: bool = False, **extra: Any
+    ) -> dict[str, Any]:
+        return {
+            "mount_point": str(mount_point),
+            "azure_url": self.az.blob_url("images", blob),
+            "azure_url_private": True,
+            "read_write": read_write,
+            "key": {
+                "kid": kid,
+                "kty": "oct-HSM",
+                "authority": {"endpoint": self.info["maa_endpoint"]},
+                "akv": {"endpoint": self.info["akv_endpoint"]},
+            },
+            **extra,
+        }
+
+    def start_encfs(self, config: Path, name: str, *extra: str) -> Proc:
+        work = self.root / f"work-{name}"
+        argv = ["encfs", "--config", str(config), "--evidence", "virtual", "--state-dir", str(self.state),
+                "--work-dir", str(work), "--audit-log", str(self.root / "audit.log"), *extra]  # fmt: skip
+        return self.procs.spawn(f"encfs-{name}", argv, self.env())
+
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory: pytest.TempPathFactory, ca: Any) -> Iterator[Env]:
+    require_mounts()
+    root = tmp_path_factory.mktemp("encfs-e2e")
+    procs = Processes(root / "procs")
+    try:
+        _, info = start_local(procs, root / "state")
+        with azurite(root / "azurite", ca) as az:
+            bundle = root / "bundle.pem"
+            bundle.write_bytes(Path(info["ca_bundle"]).read_bytes() + ca.ca_pem_path.read_bytes())
+            from azure.storage.blob import BlobServiceClient
+
+            service = BlobServiceClient.from_connection_string(
+                az.connection_string(), connection_verify=str(bundle)
+            )
+            service.create_container("images")
+            yield Env(root, procs, info, az, bundle)
+    finally:
+        procs.close()
+
+
+@pytest.fixture(scope="module")
+def content(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("content")
+    (root / "docs" / "nested").mkdir(parents=True)
+    (root / "hello.txt").write_text("hello from an encrypted blob\n")
+    (root / "docs" / "nested" / "data.bin").write_bytes(os.urandom(3 * 1024 * 1024 + 123))
+    (root / "docs" / "empty").write_bytes(b"")
+    return root
+
+
+def files_of(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def wait_ready(proc: Proc, ready: Path) -> None:
+    wait_until(lambda: ready.exists() and ready.read_text() == "1\n", proc, "skr encfs publishes", timeout=90)
+
+
+def health_port(proc: Proc) -> int:
+    def find() -> int | None:
+        for record in proc.log_records():
+            if record.get("msg") == "encfs health endpoints listening":
+                return int(record["address"].rsplit(":", 1)[1])
+        return None
+
+    port: int = wait_until(find, proc, "skr encfs logs its health address")
+    return port
+
+
+def stop(proc: Proc) -> int:
+    proc.send(signal.SIGTERM)
+    return proc.wait(60)
+
+
+def assert_nothing_left(env: Env, mount_point: Path, name: str) -> None:
+    work = env.root / f"work-{name}"
+    assert not mount_point.is_symlink() and not mount_point.exists()
+    mounts = mounted_paths()
+    assert str(mount_point.parent / ".filesystem-0") not in mounts
+    assert not [m for m in mounts if m.startswith(str(work))]
+    assert loops_backed_by(work) == []
+
+
+def lease_state(env: Env, blob: str) -> str:
+    from azure.storage.blob import BlobClient
+
+    client = BlobClient.from_connection_string(
+        env.az.connection_string(), "images", blob, connection_verify=str(env.bundle)
+    )
+    return str(client.get_blob_properties().lease.state)
+
+
+def audit_events(env: Env) -> list[dict[str, Any]]:
+    path = env.root / "audit.log"
+    return (
+        [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    )
+
+
+def test_oct_key_read_only_mount_reads_every_file_back(e2e: Env, content: Path, tmp_path: Path) -> None:
+    image = tmp_path / "oct.img"
+    e2e.create_in_vault(content, image, "fs-oct", tmp_path)
+    e2e.cli("encfs", "upload", str(image), "--url", e2e.az.blob_url("images", "oct.img"), "--page")
+    mount_point = tmp_path / "mnt" / "share"
+    mount_point.parent.mkdir()
+    config = e2e.config(tmp_path, "oct", [e2e.filesystem(mount_point, "oct.img", "fs-oct")])
+    ready = tmp_path / "ready"
+    proc = e2e.start_encfs(config, "oct", "--ready-file", str(ready), "--port", "0")
+    port = health_port(proc)
+    wait_ready(proc, ready)
+    assert http_status(f"http://127.0.0.1:{port}/readyz") == 200
+    assert http_status(f"http://127.0.0.1:{port}/healthz") == 200
+    assert os.readlink(mount_point) == ".filesystem-0"
+    assert files_of(mount_point) == files_of(content)
+    with pytest.raises(OSError):
+        (mount_point / "new.txt").write_text("read-only")
+    assert stop(proc) == 0
+    assert_nothing_left(e2e, mount_point, "oct")
+    assert not ready.exists()
+    mounts = [r for r in audit_events(e2e) if r.get("event") == "encfs.mount"]
+    assert mounts and mounts[-1]["outcome"] == "granted"
+    assert mounts[-1]["note"] == f"filesystem 0 at {mount_point}"
+
+
+def rfc5869(ikm: bytes, salt: bytes, info: bytes) -> bytes:
+    prk = hmac.new(salt or bytes(32), ikm, hashlib.sha256).digest()
+    return hmac.new(prk, info + b"\x01", hashlib.sha256).digest()
+
+
+def test_rsa_key_with_hkdf_read_write_then_remount(e2e: Env, content: Path, tmp_path: Path) -> None:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = tmp_path / "rsa.pem"
+    pem.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()))  # fmt: skip
+    e2e.cli("keys", "import", "--vault", e2e.info["akv_endpoint"], "--name", "fs-rsa", "--policy",
+            str(e2e.policy(tmp_path)), "--key", str(pem), "--allow-insecure-challenge")  # fmt: skip
+    d = key.private_numbers().d
+    salt, label = "a1b2c3d4" * 8, "encfs test label"
+    passphrase = tmp_path / "passphrase.bin"
+    passphrase.write_bytes(
+        rfc5869(d.to_bytes((d.bit_length() + 7) // 8, "big"), bytes.fromhex(salt), label.encode())
+    )
+    image = tmp_path / "rsa.img"
+    e2e.cli("encfs", "create", "--from", str(content), "--out", str(image), "--key-file", str(passphrase))
+    e2e.cli("encfs", "upload", str(image), "--url", e2e.az.blob_url("images", "rsa.img"), "--page")
+
+    mount_point = tmp_path / "mnt" / "data"
+    mount_point.parent.mkdir()
+    spec = e2e.filesystem(
+        mount_point, "rsa.img", "fs-rsa", read_write=True, key_derivation={"salt": salt, "label": label}
+    )
+    spec["key"]["kty"] = "RSA-HSM"
+    ready = tmp_path / "ready"
+    proc = e2e.start_encfs(e2e.config(tmp_path, "rw", [spec]), "rw", "--ready-file", str(ready))
+    wait_ready(proc, ready)
+    assert lease_state(e2e, "rsa.img") == "leased"
+
+    # a second writer on the same blob is refused, with one clear message, and mounts nothing
+    other = tmp_path / "mnt" / "other"
+    second = e2e.start_encfs(e2e.config(tmp_path, "second", [{**spec, "mount_point": str(other)}]), "second")
+    assert second.wait(60) != 0
+    assert "leased by another writer" in second.stderr()
+    assert not other.exists()
+
+    written = os.urandom(700_000)
+    with open(mount_point / "written.bin", "wb") as f:
+        f.write(written)
+        f.flush()
+        os.fsync(f.fileno())
+    (mount_point / "hello.txt").write_text("changed\n")
+    assert stop(proc) == 0
+    assert_nothing_left(e2e, mount_point, "rw")
+    assert lease_state(e2e, "rsa.img") == "available"
+
+    # remount read-only: the writes are in the blob
+    ro = {**spec, "read_write": False}
+    ready.unlink(missing_ok=True)
+    again = e2e.start_encfs(e2e.config(tmp_path, "ro", [ro]), "ro", "--ready-file", str(ready))
+    wait_ready(again, ready)
+    assert (mount_point / "written.bin").read_bytes() == written
+    assert (mount_point / "hello.txt").read_text() == "changed\n"
+    assert (mount_point / "docs" / "nested" / "data.bin").read_bytes() == (
+        content / "docs" / "nested" / "data.bin"
+    ).read_bytes()
+    assert stop(again) == 0
+    assert_nothing_left(e2e, mount_point, "ro")
+
+
+def upload_bytes(e2e: Env, name: str, data: bytes) -> None:
+    from azure.storage.blob import BlobClient
+
+    client = BlobClient.from_connection_string(
+        e2e.az.connection_string(), "images", name, connection_verify=str(e2e.bundle)
+    )
+    client.create_page_blob(len(data))
+    client.upload_page(data, offset=0, length=len(data))
+
+
+@pytest.fixture(scope="module")
+def oct_image(e2e: Env, content: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("octimg")
+    image = tmp / "fail.img"
+    e2e.create_in_vault(content, image, "fs-fail", tmp)
+    e2e.cli("encfs", "upload", str(image), "--url", e2e.az.blob_url("images", "fail.img"), "--page")
+    return image
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("wrong key", "LUKS2 unlock: the key does not open any keyslot"),
+        ("denied release", "key release:"),
+        ("truncated image", "LUKS2 header: the LUKS2 header is truncated"),
+        ("missing blob", "blob: the blob"),
+    ],
+)
+def test_failures_end_with_one_clear_message_and_nothing_mounted(
+    e2e: Env, oct_image: Path, tmp_path: Path, case: str, expected: str
+) -> None:
+    blob, kid = "fail.img", "fs-fail"
+    if case == "wrong key":
+        kid = "demo-oct"  # a real, releasable key — but not this image's
+    elif case == "denied release":
+        kid = "demo-denied"  # bound to another HOST_DATA
+    elif case == "truncated image":
+        blob = "truncated.img"
+        upload_bytes(e2e, blob, oct_image.read_bytes()[:8192])
+    else:
+        blob = "no-such.img"
+    mount_point = tmp_path / "mnt" / "x"
+    mount_point.parent.mkdir()
+    name = case.replace(" ", "-")
+    proc = e2e.start_encfs(e2e.config(tmp_path, name, [e2e.filesystem(mount_point, blob, kid)]), name)
+    assert proc.wait(90) == 2
+    last = proc.stderr().strip().splitlines()[-1]
+    assert last.startswith(f"skr: filesystem 0 ({mount_point}): ") and expected in last, proc.stderr()
+    assert "Traceback" not in proc.stderr()
+    if case == "missing blob":
+        assert "does not exist" in last
+    assert_nothing_left(e2e, mount_point, name)
+    time.sleep(0)
