@@ -238,7 +238,8 @@ def test_rsa_key_with_hkdf_read_write_then_remount(e2e: Env, content: Path, tmp_
     assert lease_state(e2e, "rsa.img") == "leased"
 
     # a second writer on the same blob is refused, with one clear message, and mounts nothing
-    other = tmp_path / "mnt" / "other"
+    other = tmp_path / "mnt2" / "other"
+    other.parent.mkdir()
     second = e2e.start_encfs(e2e.config(tmp_path, "second", [{**spec, "mount_point": str(other)}]), "second")
     assert second.wait(60) != 0
     assert "leased by another writer" in second.stderr()

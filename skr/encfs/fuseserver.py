@@ -3,8 +3,10 @@
 Run as ``python -m skr.encfs.fuseserver`` by :mod:`skr.encfs.mount` (a FUSE server blocks in its request
 loop, so it is a process of its own). Its configuration, including the volume key, arrives as one JSON
 line on **stdin** — never in a file, an argument or the environment. It prints ``ready`` once the kernel
-has mounted it, serves until ``fusermount3 -u``, then flushes dirty blocks and exits (1 if the flush
-failed). Blob I/O runs on an asyncio loop in a helper thread (``azure-storage-blob`` aio).
+has mounted it (or ``error <reason>``; its log goes to the parent's stderr), serves until
+``fusermount3 -u``, then flushes dirty blocks and exits (1 if the flush failed). It dies with its parent
+(``PR_SET_PDEATHSIG``), so a crashed ``skr encfs`` leaves a dead mount the next start cleans up.
+Blob I/O runs on an asyncio loop in a helper thread (``azure-storage-blob`` aio).
 
 Never logs the key or file data.
 """
@@ -199,7 +201,19 @@ def operations(blockfile: BlockFile, *, on_init: Any) -> Any:
     return Ops()
 
 
+def _die_with_parent() -> None:
+    import ctypes
+    import os
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the parent is already gone
+        sys.exit(1)
+
+
 def main() -> int:
+    _die_with_parent()
     logging.basicConfig(
         level=logging.INFO, format="skr-encfs-fuse: %(levelname)s %(message)s", stream=sys.stderr
     )
@@ -207,7 +221,11 @@ def main() -> int:
     import mfusepy
 
     io = _Loop()
-    blockfile, blob, factory = build(config, io)
+    try:
+        blockfile, blob, factory = build(config, io)
+    except Exception as exc:
+        sys.stdout.write(f"error {getattr(exc, 'message', None) or exc}\n")
+        return 1
 
     def ready() -> None:
         sys.stdout.write("ready\n")
@@ -224,6 +242,9 @@ def main() -> int:
             fsname="skr-encfs",
             subtype="skr-encfs",
         )
+    except RuntimeError as exc:  # libfuse could not mount
+        sys.stdout.write(f"error mounting FUSE at {config.mountpoint} failed ({exc})\n")
+        return 1
     finally:
         io.run(blob.aclose())
         io.run(factory.aclose())

@@ -93,6 +93,15 @@ def mounted_paths() -> set[str]:
     return out
 
 
+def fuse_alive(path: Path) -> bool:
+    """Whether the FUSE mount at ``path`` still has its server (a dead one answers ENOTCONN)."""
+    try:
+        os.stat(path / FILE_NAME)
+    except OSError:
+        return False
+    return True
+
+
 def loops_backed_by(directory: Path) -> list[str]:
     """Loop devices whose backing file lies under ``directory``."""
     found = []
@@ -134,6 +143,14 @@ class EncfsMounter:
     async def clean_stale(self) -> None:
         """Remove what a crashed run left: symlinks, ext4 mounts, loop devices, FUSE mounts, dm mappings."""
         mounts = mounted_paths()
+        work = self.options.work_dir
+        for path in sorted(mounts):
+            if path.startswith(str(work) + "/") and fuse_alive(Path(path)):
+                raise MountError(
+                    f"{path} is served by another running skr encfs",
+                    hint="give each skr encfs its own --work-dir",
+                    code="encfs_in_use",
+                )
         for spec in self.args.filesystems:
             link, target = target_of(spec)
             if link.is_symlink():
@@ -144,13 +161,20 @@ class EncfsMounter:
                     f"filesystem {spec.index}: mount_point {link} exists and is not a symlink encfs made",
                     hint="the mount point must not exist: encfs creates it as a symlink",
                 )
+            users = [p for p in link.parent.iterdir() if p.is_symlink() and os.readlink(p) == target.name]
+            if str(target) in mounts and users:
+                raise MountError(
+                    f"filesystem {spec.index}: {target} is mounted and published at {users[0]} "
+                    "by another skr encfs",
+                    hint="mount points of different skr encfs instances need different directories",
+                    code="encfs_in_use",
+                )
             if str(target) in mounts:
                 log.info("unmounting a stale mount at %s", target)
                 await self._run(self.system.runner.run, ["umount", "-l", str(target)])
             dm_name = f"remote-crypt-{spec.index}"
             if await asyncio.to_thread(Path("/dev/mapper", dm_name).exists):
                 await self._run(self.system.cryptsetup_close, dm_name)
-        work = self.options.work_dir
         for device in loops_backed_by(work):
             log.info("detaching a stale loop device %s", device)
             await self._run(self.system.losetup_detach, device)
@@ -295,9 +319,9 @@ class EncfsMounter:
         )
         m.fuse = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "skr.encfs.fuseserver",
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         )  # fmt: skip
-        assert m.fuse.stdin is not None and m.fuse.stdout is not None and m.fuse.stderr is not None
+        assert m.fuse.stdin is not None and m.fuse.stdout is not None
         m.fuse.stdin.write(config.to_json().encode() + b"\n")
         await m.fuse.stdin.drain()
         m.fuse.stdin.close()
@@ -309,10 +333,10 @@ class EncfsMounter:
                 f"the FUSE process did not mount within {self.options.fuse_timeout:g} s"
             ) from None
         if line.strip() != b"ready":
-            err = (await m.fuse.stderr.read()).decode(errors="replace").strip().splitlines()
             await m.fuse.wait()
             m.fuse = None
-            raise MountError(f"the FUSE process failed: {err[-1] if err else 'no output'}")
+            reason = line.decode(errors="replace").strip().removeprefix("error ")
+            raise MountError(f"the FUSE process failed: {reason or 'it exited without a word'}")
         if m.spec.read_write:
             m.renew = asyncio.create_task(self._renew(m.blob))
 
