@@ -4,10 +4,11 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 SYSTEM := $(VENV)/.system-packages
+AZURITE := tests/azurite/node_modules/.installed
 
 .PHONY: install run test lint unit bench soak clean lock
 
-install: $(STAMP) $(SYSTEM)
+install: $(STAMP) $(SYSTEM) $(AZURITE)
 
 # The venv is rebuilt only when the project's dependency list changes.
 $(STAMP): pyproject.toml
@@ -29,6 +30,14 @@ $(SYSTEM): | $(STAMP)
 	fi; \
 	for t in $(ENCFS_TOOLS); do command -v $$t >/dev/null || exit 0; done; touch $@
 
+# Azurite (the Azure Storage emulator) for the encfs end-to-end tests, pinned by tests/azurite/package-lock.json.
+# Without node/npm the tests skip and say why; the stamp is written only after a successful npm ci.
+$(AZURITE): tests/azurite/package-lock.json
+	@if command -v npm >/dev/null; then \
+	  (cd tests/azurite && npm ci --no-audit --no-fund --ignore-scripts --loglevel=error >/dev/null && touch node_modules/.installed) \
+	    || echo "make: npm ci in tests/azurite failed: the Azurite tests will skip"; \
+	else echo "make: npm is missing: the Azurite tests will skip"; fi
+
 run: $(STAMP)
 	$(BIN)/skr local --port $${SKR_PORT:-8080}
 
@@ -38,7 +47,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/hadolint Dockerfile
 
-unit: $(STAMP) $(SYSTEM)
+unit: $(STAMP) $(SYSTEM) $(AZURITE)
 	$(BIN)/python -m pytest -q
 
 test: lint unit

@@ -183,3 +183,18 @@ def azurite(workdir: Path, ca: Any) -> Iterator[Azurite]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def force_cleanup(root: Path) -> None:
+    """After a failed test killed skr encfs: unmount, detach and unmount FUSE under ``root``, in order."""
+    from skr.encfs.mount import loops_backed_by, mounted_paths
+
+    mounts = [m for m in mounted_paths() if m.startswith(str(root) + "/")]
+    for path in sorted(mounts, key=len, reverse=True):
+        if "/.filesystem-" in path:
+            subprocess.run(["umount", "-l", path], capture_output=True, check=False)
+    for device in loops_backed_by(root):
+        subprocess.run(["losetup", "-d", device], capture_output=True, check=False)
+    for path in mounts:
+        if "/.filesystem-" not in path:
+            subprocess.run(["fusermount3", "-u", "-z", path], capture_output=True, check=False)

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from skr.akv.policy import build_confidential_containers_policy, encode_policy_for_wire
 from skr.encfs.mount import loops_backed_by, mounted_paths
-from tests.encfstools import Azurite, azurite, require_mounts
+from tests.encfstools import Azurite, azurite, force_cleanup, require_mounts
 from tests.procs import SKR, Proc, Processes, http_status, sidecar_env, start_local, wait_until
 
 pytestmark = pytest.mark.timeout(300)
@@ -118,6 +118,8 @@ def e2e(tmp_path_factory: pytest.TempPathFactory, ca: Any) -> Iterator[Env]:
             yield Env(root, procs, info, az, bundle)
     finally:
         procs.close()
+        force_cleanup(root)
+        force_cleanup(root.parent)  # the tests' own tmp_path folders sit beside root
 
 
 @pytest.fixture(scope="module")
