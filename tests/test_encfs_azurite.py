@@ -324,3 +324,21 @@ def test_failures_end_with_one_clear_message_and_nothing_mounted(
         assert "does not exist" in last
     assert_nothing_left(e2e, mount_point, name)
     time.sleep(0)
+
+
+def test_a_crash_leaves_nothing_that_blocks_the_next_start(e2e: Env, oct_image: Path, tmp_path: Path) -> None:
+    mount_point = tmp_path / "mnt" / "crash"
+    mount_point.parent.mkdir()
+    config = e2e.config(tmp_path, "crash", [e2e.filesystem(mount_point, "fail.img", "fs-fail")])
+    ready = tmp_path / "ready"
+    first = e2e.start_encfs(config, "crash", "--ready-file", str(ready))
+    wait_ready(first, ready)
+    first.send(signal.SIGKILL)
+    first.wait(10)
+    assert str(mount_point.parent / ".filesystem-0") in mounted_paths()  # what a crash leaves
+    ready.unlink()
+    second = e2e.start_encfs(config, "crash", "--ready-file", str(ready))
+    wait_ready(second, ready)
+    assert files_of(mount_point)["hello.txt"] == b"hello from an encrypted blob\n"
+    assert stop(second) == 0
+    assert_nothing_left(e2e, mount_point, "crash")
