@@ -68,6 +68,7 @@ lock: $(STAMP)
 	$(LOCK_ENV) CUSTOM_COMPILE_COMMAND='make lock' $(BIN)/pip-compile $(LOCK_ARGS) --output-file=requirements.lock pyproject.toml
 	$(LOCK_ENV) CUSTOM_COMPILE_COMMAND='make lock' $(BIN)/pip-compile $(LOCK_ARGS) --only-build-deps --build-deps-for=wheel \
 		--output-file=requirements-build.lock pyproject.toml
+	$(LOCK_ENV) CUSTOM_COMPILE_COMMAND='make lock' $(BIN)/pip-compile $(LOCK_ARGS) --extra encfs --output-file=requirements-encfs.lock pyproject.toml
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis bench.json
