@@ -132,11 +132,12 @@ def build(config: FuseConfig, io: _Loop) -> tuple[BlockFile, Blob, Any]:
 def operations(blockfile: BlockFile, *, on_init: Any) -> Any:
     import mfusepy  # type: ignore[import-untyped]
 
-    now = time.time()
+    now = time.time_ns()  # use_ns: nanoseconds
     mode = 0o600 if blockfile.writable else 0o400
 
     class Ops(mfusepy.Operations):  # type: ignore[misc]
         flush_failed = False
+        use_ns = True  # times in nanoseconds (mfusepy's float seconds are deprecated)
 
         def init(self, path: str) -> None:
             on_init()
@@ -217,6 +218,7 @@ def main() -> int:
     logging.basicConfig(
         level=logging.INFO, format="skr-encfs-fuse: %(levelname)s %(message)s", stream=sys.stderr
     )
+    logging.getLogger("azure").setLevel(logging.WARNING)  # the SDK logs every request at INFO
     config = FuseConfig.from_json(sys.stdin.readline())
     import mfusepy
 
