@@ -297,6 +297,7 @@ def oct_image(e2e: Env, content: Path, tmp_path_factory: pytest.TempPathFactory)
         ("denied release", "key release:"),
         ("truncated image", "LUKS2 header: the LUKS2 header is truncated"),
         ("missing blob", "blob: the blob"),
+        ("block blob read-write", "read-write mounts need a page blob"),
     ],
 )
 def test_failures_end_with_one_clear_message_and_nothing_mounted(
@@ -310,12 +311,16 @@ def test_failures_end_with_one_clear_message_and_nothing_mounted(
     elif case == "truncated image":
         blob = "truncated.img"
         upload_bytes(e2e, blob, oct_image.read_bytes()[:8192])
+    elif case == "block blob read-write":
+        blob = "block.img"  # uploaded as a block blob: fine to read, refused for writing
+        e2e.cli("encfs", "upload", str(oct_image), "--url", e2e.az.blob_url("images", blob))
     else:
         blob = "no-such.img"
     mount_point = tmp_path / "mnt" / "x"
     mount_point.parent.mkdir()
     name = case.replace(" ", "-")
-    proc = e2e.start_encfs(e2e.config(tmp_path, name, [e2e.filesystem(mount_point, blob, kid)]), name)
+    spec = e2e.filesystem(mount_point, blob, kid, read_write=case == "block blob read-write")
+    proc = e2e.start_encfs(e2e.config(tmp_path, name, [spec]), name)
     assert proc.wait(90) == 2
     last = proc.stderr().strip().splitlines()[-1]
     assert last.startswith(f"skr: filesystem 0 ({mount_point}): ") and expected in last, proc.stderr()

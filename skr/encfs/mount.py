@@ -161,7 +161,8 @@ class EncfsMounter:
                     f"filesystem {spec.index}: mount_point {link} exists and is not a symlink encfs made",
                     hint="the mount point must not exist: encfs creates it as a symlink",
                 )
-            users = [p for p in link.parent.iterdir() if p.is_symlink() and os.readlink(p) == target.name]
+            siblings = list(link.parent.iterdir()) if link.parent.is_dir() else []
+            users = [p for p in siblings if p.is_symlink() and os.readlink(p) == target.name]
             if str(target) in mounts and users:
                 raise MountError(
                     f"filesystem {spec.index}: {target} is mounted and published at {users[0]} "
@@ -213,7 +214,7 @@ class EncfsMounter:
     async def _mount_one(self, spec: FilesystemSpec) -> None:
         m = Mounted(spec)
         self.mounted.append(m)
-        url = parse_blob_url(spec.azure_url, allowlist=self.options.blob_allowlist)
+        url = await self._step(spec, "blob", self._parse_url(spec))
         if spec.key is None:
             raise EncfsConfigError(
                 f"filesystem {spec.index} ({spec.mount_point}) has no key.kid"
@@ -256,6 +257,9 @@ class EncfsMounter:
             link,
             "read-write" if spec.read_write else "read-only",
         )
+
+    async def _parse_url(self, spec: FilesystemSpec) -> BlobUrl:
+        return parse_blob_url(spec.azure_url, allowlist=self.options.blob_allowlist)
 
     async def _open_blob(self, spec: FilesystemSpec, url: BlobUrl) -> tuple[Blob, Any]:
         from skr.identity import CredentialFactory

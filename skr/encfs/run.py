@@ -89,6 +89,7 @@ async def serve_encfs(
 ) -> None:
     """Mount, publish, wait for ``stop``, tear down. ``started`` gets the health port once listening."""
     runner: web.AppRunner | None = None
+    published = False
     try:
         if port is not None:
             runner = web.AppRunner(health_app(mounter), access_log=None)
@@ -113,12 +114,13 @@ async def serve_encfs(
             _write_ready(ready_file, False)
             mounting.result()
         _write_ready(ready_file, True)
+        published = True
         log.info("all %d filesystems published", len(mounter.args.filesystems))
         await stop.wait()
         log.info("stopping: unmounting")
     finally:
         await mounter.teardown()
-        if ready_file is not None:
+        if ready_file is not None and published:  # a failure leaves its 0 for whoever watches the file
             with contextlib.suppress(OSError):
                 await asyncio.to_thread(ready_file.unlink)
         if runner is not None:
