@@ -7,6 +7,7 @@ would be. Needs root, /dev/fuse, loop devices, fuse3, cryptsetup and Azurite; sk
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
@@ -347,3 +348,86 @@ def test_a_crash_leaves_nothing_that_blocks_the_next_start(e2e: Env, oct_image: 
     assert files_of(mount_point)["hello.txt"] == b"hello from an encrypted blob\n"
     assert stop(second) == 0
     assert_nothing_left(e2e, mount_point, "crash")
+
+
+class DmRecorder:
+    """A runner for the dm-crypt backend on a kernel without device-mapper: cryptsetup, mount and umount
+    are recorded (and succeed); FUSE unmounting runs for real, as the raw-image FUSE process is real."""
+
+    def __init__(self) -> None:
+        from skr.encfs.system import HostRunner
+
+        self.real = HostRunner()
+        self.calls: list[tuple[list[str], bytes | None]] = []
+
+    def run(self, argv: Any, *, stdin: bytes | None = None, timeout: float = 120.0) -> Any:
+        from skr.encfs.system import Completed
+
+        if argv[0].startswith("fusermount"):
+            return self.real.run(argv, stdin=stdin, timeout=timeout)
+        self.calls.append((list(argv), stdin))
+        if argv[:2] == ["cryptsetup", "open"]:
+            # the raw image is served: its first bytes are the LUKS2 magic cryptsetup would read
+            source = Path(argv[4])
+            assert source.read_bytes()[:6] == b"LUKS\xba\xbe"
+        return Completed(0)
+
+
+async def test_dm_crypt_backend_command_lines_with_a_recording_fake(
+    e2e: Env, content: Path, tmp_path: Path
+) -> None:
+    from skr.encfs.args import parse_encfs_json
+    from skr.encfs.blob import blob_allowlist
+    from skr.encfs.mount import EncfsMounter, Options
+    from skr.encfs.system import System
+
+    key = os.urandom(32)
+    key_file = tmp_path / "key.bin"
+    key_file.write_bytes(key)
+    image = tmp_path / "dm.img"
+    e2e.cli("encfs", "create", "--from", str(content), "--out", str(image), "--key-file", str(key_file))
+    upload_bytes(e2e, "dm.img", image.read_bytes())
+    mount_point = tmp_path / "mnt" / "dm"
+    mount_point.parent.mkdir()
+    spec = {**e2e.filesystem(mount_point, "dm.img", "dm-key"), "azure_url_private": False}
+    jwk = json.dumps({"kty": "oct", "k": base64.urlsafe_b64encode(key).rstrip(b"=").decode()})
+
+    async def key_source(_: Any) -> str:
+        return jwk
+
+    from azure.storage.blob import ContainerClient
+
+    ContainerClient.from_connection_string(
+        e2e.az.connection_string(), "images", connection_verify=str(e2e.bundle)
+    ).set_container_access_policy(signed_identifiers={}, public_access="blob")
+    fake = DmRecorder()
+    mounter = EncfsMounter(
+        parse_encfs_json(json.dumps({"azure_filesystems": [spec]})),
+        Options(
+            backend="dm-crypt",
+            work_dir=tmp_path / "work",
+            blob_allowlist=blob_allowlist({"SKR_ALLOWED_BLOB_ENDPOINTS": f"127.0.0.1:{e2e.az.port}"}),
+            ca_bundle=e2e.bundle,
+        ),
+        key_source=key_source,
+        system=System(fake),
+    )
+    await mounter.mount_all()
+    try:
+        assert os.readlink(mount_point) == ".filesystem-0"
+    finally:
+        await mounter.teardown()
+    argvs = [argv for argv, _ in fake.calls]
+    data = str(tmp_path / "work" / "0" / "data")
+    target = str(mount_point.parent / ".filesystem-0")
+    opened = ["cryptsetup", "open", "--type", "luks2", data, "remote-crypt-0", "--key-file", "-",
+              "--integrity-no-journal", "--persistent"]  # fmt: skip
+    assert opened in argvs
+    (stdin,) = [s for argv, s in fake.calls if argv == opened]
+    assert stdin == key  # on stdin, never a key file
+    assert not [a for a in argvs if any(key.hex() in x for x in a)]
+    assert ["mount", "-t", "ext4", "-o", "ro,noload", "/dev/mapper/remote-crypt-0", target] in argvs
+    # teardown order: ext4 first, then the mapping (FUSE last, for real)
+    assert argvs.index(["umount", target]) < argvs.index(["cryptsetup", "close", "remote-crypt-0"])
+    assert not mount_point.is_symlink()
+    assert not [m for m in mounted_paths() if m.startswith(str(tmp_path))]
