@@ -93,11 +93,16 @@ class Env:
             **extra,
         }
 
-    def start_encfs(self, config: Path, name: str, *extra: str) -> Proc:
+    def start_encfs(self, config: Path, name: str, *extra: str, go_env: bool = False) -> Proc:
+        """``skr encfs --config FILE``, or (``go_env``) the Go sidecar's way: base64 in EncfsSideCarArgs."""
         work = self.root / f"work-{name}"
-        argv = ["encfs", "--config", str(config), "--evidence", "virtual", "--state-dir", str(self.state),
+        source = [] if go_env else ["--config", str(config)]
+        argv = ["encfs", *source, "--evidence", "virtual", "--state-dir", str(self.state),
                 "--work-dir", str(work), "--audit-log", str(self.root / "audit.log"), *extra]  # fmt: skip
-        return self.procs.spawn(f"encfs-{name}", argv, self.env())
+        env = self.env()
+        if go_env:
+            env["EncfsSideCarArgs"] = base64.b64encode(config.read_bytes()).decode()
+        return self.procs.spawn(f"encfs-{name}", argv, env)
 
 
 @pytest.fixture(scope="module")
@@ -337,7 +342,7 @@ def test_a_crash_leaves_nothing_that_blocks_the_next_start(e2e: Env, oct_image: 
     mount_point.parent.mkdir()
     config = e2e.config(tmp_path, "crash", [e2e.filesystem(mount_point, "fail.img", "fs-fail")])
     ready = tmp_path / "ready"
-    first = e2e.start_encfs(config, "crash", "--ready-file", str(ready))
+    first = e2e.start_encfs(config, "crash", "--ready-file", str(ready), go_env=True)
     wait_ready(first, ready)
     first.send(signal.SIGKILL)
     first.wait(10)

@@ -75,3 +75,20 @@ async def test_a_failed_mount_writes_0_and_raises(tmp_path: Path) -> None:
         await serve_encfs(mounter, asyncio.Event(), ready_file=ready_file)  # type: ignore[arg-type]
     assert mounter.torn_down == 1
     assert ready_file.read_text() == "0\n"  # stays, as the Go sidecar's result file
+
+
+def test_azure_info_sets_the_release_identity_and_certcache_below_flags_and_env() -> None:
+    from skr.config import load_settings
+    from skr.encfs.run import base_settings
+
+    doc = (
+        '{"azure_info": {"identity": {"client_id": "cid-1"}, "certcache": {"endpoint_type": "LocalTHIM",'
+        ' "endpoint": "169.254.169.254/metadata/THIM/amd/certification", "unknown": 1}},'
+        ' "azure_filesystems": [{"mount_point": "/m/a", "azure_url": "https://x/c/b"}]}'
+    )
+    args = parse_encfs_json(doc)
+    settings = load_settings(None, {}, base=base_settings(args, {}))
+    assert settings.identity_client_id == "cid-1"
+    assert settings.certcache.endpoint_type == "LocalTHIM"
+    assert settings.certcache.endpoint == "169.254.169.254/metadata/THIM/amd/certification"
+    assert base_settings(ARGS, {}).identity_client_id is None

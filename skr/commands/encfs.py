@@ -84,7 +84,7 @@ def _mount(args: argparse.Namespace) -> int:
     from skr.encfs.args import decode_encfs_args, parse_encfs_json
     from skr.encfs.blob import blob_allowlist
     from skr.encfs.mount import Options
-    from skr.encfs.run import resolve_backend, run_encfs
+    from skr.encfs.run import base_settings, resolve_backend, run_encfs
 
     if args.config is not None:
         encfs_args = parse_encfs_json(args.config.read_bytes(), source=str(args.config))
@@ -96,7 +96,7 @@ def _mount(args: argparse.Namespace) -> int:
         )
     if args.cache_blocks < 1 or args.block_size < 4 or args.block_size % 4:
         raise BadRequest("--cache-blocks must be at least 1 and --block-size a multiple of 4 KiB")
-    settings = load_settings(args)
+    settings = load_settings(args, base=base_settings(encfs_args, os.environ))
     setup_logging(settings.log_level, settings.log_file)
     options = Options(
         backend=resolve_backend(args.backend),

@@ -29,6 +29,22 @@ log = logging.getLogger("skr.encfs")
 BACKENDS = ("auto", "dm-crypt", "userspace")
 
 
+def base_settings(args: EncfsArgs, env: Mapping[str, str]) -> Settings:
+    """The release settings ``azure_info`` implies (``identity.client_id``, ``certcache``), before flags
+    and environment variables (``load_settings(..., base=...)``) override them."""
+    from dataclasses import fields
+
+    from skr.config import CertCacheConfig, default_state_dir
+
+    changes: dict[str, Any] = {}
+    if args.client_id:
+        changes["identity_client_id"] = args.client_id
+    if args.certcache:
+        known = {f.name for f in fields(CertCacheConfig)}
+        changes["certcache"] = CertCacheConfig(**{k: str(v) for k, v in args.certcache.items() if k in known})
+    return Settings(state_dir=default_state_dir(env)).with_(**changes)
+
+
 def resolve_backend(name: str, *, proc_misc: Path = Path("/proc/misc")) -> str:
     """``auto``: dm-crypt when the kernel has device-mapper (``/proc/misc`` says), else userspace."""
     if name not in BACKENDS:
