@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -111,6 +112,32 @@ def test_an_evicted_dirty_block_is_written_back(image: tuple[bytes, bytes]) -> N
     bf.write(10, b"x")
     bf.read(5 * 64 * 1024, 1)  # evicts block 0
     assert blob.writes == [(16 * MiB, 64 * 1024)]
+
+
+def test_sequential_reads_prefetch_the_next_blocks(image: tuple[bytes, bytes]) -> None:
+    encrypted, plain = image
+    blob = FakeBlob(encrypted)
+    prefetched: list[tuple[int, int]] = []
+
+    def prefetch(offset: int, length: int) -> Future[bytes]:
+        prefetched.append((offset, length))
+        done: Future[bytes] = Future()
+        done.set_result(bytes(blob.data[offset : offset + length]))
+        return done
+
+    data = bytes(blob.data)
+    header = read_header(lambda o, s: data[o : o + s])
+    cipher = DataCipher(unlock(header, KEY, lambda o, s: data[o : o + s]), header.data_segment)
+    bf = BlockFile(
+        cipher, data_offset=16 * MiB, size=len(data) - 16 * MiB, fetch=blob.fetch, store=None,
+        block_size=64 * 1024, cache_blocks=4, prefetch=prefetch, read_ahead=2,
+    )  # fmt: skip
+    assert bf.read(0, 6 * 64 * 1024) == plain[: 6 * 64 * 1024]
+    # block 0 is a first miss, block 1 shows the pattern: 2 and 3 are requested ahead, and so on
+    assert blob.reads == [(16 * MiB, 64 * 1024), (16 * MiB + 64 * 1024, 64 * 1024)]
+    assert [off for off, _ in prefetched] == [16 * MiB + b * 64 * 1024 for b in range(2, 8)]
+    bf.read(40 * 64 * 1024, 10)  # a jump is not sequential: no read-ahead
+    assert len(prefetched) == 6
 
 
 def test_read_only_refuses_writes(image: tuple[bytes, bytes]) -> None:

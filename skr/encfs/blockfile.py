@@ -5,8 +5,13 @@ an LRU of ``cache_blocks`` blocks (32 by default). Writes change cached plaintex
 :meth:`BlockFile.flush` (fsync, eviction, unmount) encrypts only the dirty blocks and hands them to
 ``store`` — whole sectors, so every write is 512-byte aligned as page blobs need.
 
-Thread-safe (FUSE calls from several threads). I/O is the caller's: ``fetch(offset, length)`` and
-``store(offset, data)`` take *image* offsets. Plaintext stays in memory; nothing here logs data.
+Sequential reads start a read-ahead: on a miss that follows the previous block, the next ``read_ahead``
+blocks are requested through ``prefetch`` (which returns a future) while the current one is served.
+
+Thread-safe (FUSE calls from several threads). I/O is the caller's: ``fetch(offset, length)``,
+``prefetch(offset, length)`` and ``store(offset, data)`` take *image* offsets. Stores are synchronous, and
+a block is prefetched only while it is neither cached nor pending, so a prefetch never returns data older
+than a store. Plaintext stays in memory; nothing here logs data.
 """
 
 from __future__ import annotations
@@ -14,10 +19,12 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Protocol
 
 Fetch = Callable[[int, int], bytes]
 Store = Callable[[int, bytes], None]
+Prefetch = Callable[[int, int], "Future[bytes]"]
 
 DEFAULT_BLOCK_SIZE = 512 * 1024
 DEFAULT_CACHE_BLOCKS = 32
@@ -58,6 +65,8 @@ class BlockFile:
         store: Store | None,
         block_size: int = DEFAULT_BLOCK_SIZE,
         cache_blocks: int = DEFAULT_CACHE_BLOCKS,
+        prefetch: Prefetch | None = None,
+        read_ahead: int = 2,
     ) -> None:
         if block_size % cipher.sector_size or block_size <= 0:
             raise ValueError(f"the block size must be a multiple of the {cipher.sector_size}-byte sector")
@@ -72,6 +81,11 @@ class BlockFile:
         self._store = store
         self._cache: OrderedDict[int, bytearray] = OrderedDict()
         self._dirty: set[int] = set()
+        self._prefetch = prefetch
+        self.read_ahead = max(0, min(read_ahead, cache_blocks - 1))
+        self._pending: dict[int, Future[bytes]] = {}
+        self._last_miss = -2
+        self.prefetches = 0
         self._lock = threading.RLock()
         self.fetches = 0
         self.stores = 0
@@ -90,7 +104,14 @@ class BlockFile:
             self._cache.move_to_end(index)
             return block
         start, length = self._span(index)
-        ciphertext = self._fetch(self.data_offset + start, length)
+        pending = self._pending.pop(index, None)
+        sequential = index == self._last_miss + 1
+        self._last_miss = index
+        if sequential:
+            self._start_read_ahead(index)
+        ciphertext = (
+            pending.result() if pending is not None else self._fetch(self.data_offset + start, length)
+        )
         if len(ciphertext) != length:
             raise OSError(f"short read from the image: {len(ciphertext)} of {length} bytes")
         self.fetches += 1
@@ -101,6 +122,16 @@ class BlockFile:
             self._write_back(oldest)
             del self._cache[oldest]
         return block
+
+    def _start_read_ahead(self, index: int) -> None:
+        if self._prefetch is None:
+            return
+        blocks = -(-self.size // self.block_size)
+        for ahead in range(index + 1, min(index + 1 + self.read_ahead, blocks)):
+            if ahead not in self._cache and ahead not in self._pending:
+                start, length = self._span(ahead)
+                self._pending[ahead] = self._prefetch(self.data_offset + start, length)
+                self.prefetches += 1
 
     def _write_back(self, index: int) -> None:
         if index not in self._dirty:

@@ -14,6 +14,7 @@ Never logs the key or file data.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import errno
 import json
@@ -117,6 +118,9 @@ def build(config: FuseConfig, io: _Loop) -> tuple[BlockFile, Blob, Any]:
     def store(offset: int, data: bytes) -> None:
         io.run(blob.write_pages(offset, data))
 
+    def prefetch(offset: int, length: int) -> concurrent.futures.Future[bytes]:
+        return asyncio.run_coroutine_threadsafe(blob.read(offset, length), io.loop)
+
     blockfile = BlockFile(
         cipher,
         data_offset=config.data_offset,
@@ -125,6 +129,7 @@ def build(config: FuseConfig, io: _Loop) -> tuple[BlockFile, Blob, Any]:
         store=store if config.read_write else None,
         block_size=config.block_size,
         cache_blocks=config.cache_blocks,
+        prefetch=prefetch,
     )
     return blockfile, blob, factory
 
