@@ -92,3 +92,26 @@ def test_azure_info_sets_the_release_identity_and_certcache_below_flags_and_env(
     assert settings.certcache.endpoint_type == "LocalTHIM"
     assert settings.certcache.endpoint == "169.254.169.254/metadata/THIM/amd/certification"
     assert base_settings(ARGS, {}).identity_client_id is None
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        (["encfs"], {}, "needs EncfsSideCarArgs (env) or --config FILE"),
+        (["encfs"], {"EncfsSideCarArgs": "!!"}, "EncfsSideCarArgs is not standard base64"),
+        (["encfs", "--cache-blocks", "0"], {"EncfsSideCarArgs": "e30="}, "no azure_filesystems"),
+        (["encfs", "upload", "/etc/hostname", "--url", "http://a.blob.core.windows.net/c/b"], {}, "https"),
+        (["encfs", "inspect", "/nonexistent"], {}, "is not a file"),
+    ],
+)
+def test_cli_bad_input_is_one_line_exit_2(
+    argv: list[str], env: dict[str, str], message: str, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    from skr.cli import main
+
+    monkeypatch.delenv("EncfsSideCarArgs", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
