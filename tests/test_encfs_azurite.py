@@ -157,8 +157,8 @@ def health_port(proc: Proc) -> int:
     return port
 
 
-def stop(proc: Proc) -> int:
-    proc.send(signal.SIGTERM)
+def stop(proc: Proc, sig: signal.Signals = signal.SIGTERM) -> int:
+    proc.send(sig)
     return proc.wait(60)
 
 
@@ -333,6 +333,11 @@ def test_failures_end_with_one_clear_message_and_nothing_mounted(
     assert "Traceback" not in proc.stderr()
     if case == "missing blob":
         assert "does not exist" in last
+    if case == "denied release":
+        records = [r for r in audit_events(e2e) if r.get("note") == f"filesystem 0 at {mount_point}"]
+        assert [(r["event"], r["outcome"], r["kid"]) for r in records] == [
+            ("encfs.mount", "denied", "demo-denied")
+        ]
     assert_nothing_left(e2e, mount_point, name)
     time.sleep(0)
 
@@ -351,7 +356,7 @@ def test_a_crash_leaves_nothing_that_blocks_the_next_start(e2e: Env, oct_image: 
     second = e2e.start_encfs(config, "crash", "--ready-file", str(ready))
     wait_ready(second, ready)
     assert files_of(mount_point)["hello.txt"] == b"hello from an encrypted blob\n"
-    assert stop(second) == 0
+    assert stop(second, signal.SIGINT) == 0
     assert_nothing_left(e2e, mount_point, "crash")
 
 
