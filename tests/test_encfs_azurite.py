@@ -441,3 +441,30 @@ async def test_dm_crypt_backend_command_lines_with_a_recording_fake(
     assert argvs.index(["umount", target]) < argvs.index(["cryptsetup", "close", "remote-crypt-0"])
     assert not mount_point.is_symlink()
     assert not [m for m in mounted_paths() if m.startswith(str(tmp_path))]
+
+
+def test_teardown_is_bounded_while_the_app_still_holds_a_file(
+    e2e: Env, oct_image: Path, tmp_path: Path
+) -> None:
+    mount_point = tmp_path / "mnt" / "busy"
+    mount_point.parent.mkdir()
+    config = e2e.config(tmp_path, "busy", [e2e.filesystem(mount_point, "fail.img", "fs-fail")])
+    ready = tmp_path / "ready"
+    proc = e2e.start_encfs(config, "busy", "--ready-file", str(ready))
+    wait_ready(proc, ready)
+    held = open(mount_point / "hello.txt", "rb")  # noqa: SIM115 - the app keeps it open through the SIGTERM
+    try:
+        started = time.monotonic()
+        assert stop(proc) == 0
+        assert time.monotonic() - started < 50
+        assert not mount_point.is_symlink()
+        assert "busy" in proc.stderr() or "detaching lazily" in proc.stderr()
+    finally:
+        held.close()
+    for _ in range(100):  # the lazy detach completes once the last file is closed
+        if not [m for m in mounted_paths() if m.startswith(str(tmp_path))] and not loops_backed_by(
+            e2e.root / "work-busy"
+        ):
+            break
+        time.sleep(0.1)
+    assert_nothing_left(e2e, mount_point, "busy")

@@ -397,7 +397,12 @@ class EncfsMounter:
         if m.dm_name is not None:
             await self._run(self.system.cryptsetup_close, m.dm_name)
         if m.fuse is not None and m.fuse_dir is not None:
-            await self._run(self.system.fuse_unmount, m.fuse_dir)
+            done = await self._run(self.system.fuse_unmount, m.fuse_dir)
+            if done.returncode != 0:  # still in use (a lazily unmounted ext4 over it): detach lazily
+                log.warning(
+                    "unmounting FUSE at %s: %s; detaching lazily", m.fuse_dir, done.first_error_line()
+                )
+                await self._run(self.system.fuse_unmount, m.fuse_dir, lazy=True)
             try:
                 async with asyncio.timeout(self.options.teardown_timeout):
                     code = await m.fuse.wait()

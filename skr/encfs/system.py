@@ -136,9 +136,9 @@ class System:
     def umount(self, target: Path) -> Completed:
         return self.runner.run(["umount", str(target)])
 
-    def fuse_unmount(self, target: Path) -> Completed:
+    def fuse_unmount(self, target: Path, *, lazy: bool = False) -> Completed:
         tool = "fusermount3" if shutil.which("fusermount3") else "fusermount"
-        return self.runner.run([tool, "-u", str(target)])
+        return self.runner.run([tool, "-u", *(["-z"] if lazy else []), str(target)])
 
 
 def has_device_mapper(proc_misc: Path = Path("/proc/misc")) -> bool:
