@@ -172,7 +172,7 @@ class EncfsMounter:
                 )
             if str(target) in mounts:
                 log.info("unmounting a stale mount at %s", target)
-                await self._run(self.system.runner.run, ["umount", "-l", str(target)])
+                await self._run(self.system.umount, target, lazy=True)
             dm_name = f"remote-crypt-{spec.index}"
             if await asyncio.to_thread(Path("/dev/mapper", dm_name).exists):
                 await self._run(self.system.cryptsetup_close, dm_name)
@@ -182,7 +182,7 @@ class EncfsMounter:
         for path in sorted(mounts):
             if path.startswith(str(work) + "/"):
                 log.info("unmounting a stale FUSE mount at %s", path)
-                await self._run(self.system.runner.run, ["fusermount3", "-u", "-z", path])
+                await self._run(self.system.fuse_unmount, Path(path), lazy=True)
 
     async def mount_all(self) -> None:
         """Mount every filesystem in order; on the first failure tear everything down and raise it."""
@@ -391,7 +391,7 @@ class EncfsMounter:
             done = await self._run(self.system.umount, m.target)
             if done.returncode != 0:
                 log.warning("umount %s: %s; detaching lazily", m.target, done.first_error_line())
-                await self._run(self.system.runner.run, ["umount", "-l", str(m.target)])
+                await self._run(self.system.umount, m.target, lazy=True)
         if m.loop_device is not None:
             await self._run(self.system.losetup_detach, m.loop_device)
         if m.dm_name is not None:

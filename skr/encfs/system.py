@@ -133,8 +133,8 @@ class System:
         options = ["-o", "ro,noload"] if read_only else []
         self._must("mount", ["mount", "-t", "ext4", *options, device, str(target)])
 
-    def umount(self, target: Path) -> Completed:
-        return self.runner.run(["umount", str(target)])
+    def umount(self, target: Path, *, lazy: bool = False) -> Completed:
+        return self.runner.run(["umount", *(["-l"] if lazy else []), str(target)])
 
     def fuse_unmount(self, target: Path, *, lazy: bool = False) -> Completed:
         tool = "fusermount3" if shutil.which("fusermount3") else "fusermount"
