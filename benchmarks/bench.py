@@ -38,6 +38,7 @@ from benchmarks._harness import (
     start_services,
 )
 from benchmarks._load import ReleaseClient, ReleaseSample
+from benchmarks.encfs import measure_encfs
 from skr.local.stack import LocalStack
 
 KID = "demo-oct"  # an oct-HSM AES-256 key: the release's cost is the protocol's, not a big key's
@@ -800,6 +801,7 @@ async def run(sizes: Sizes) -> tuple[Report, dict[str, Any]]:
         warm_p50, warm_delay_p50 = report_warm(bench, await run_warm(bench), floor)
         report_naive(bench, await run_naive(bench), warm_p50, warm_delay_p50)
         await measure_concurrency(bench)
+        await measure_encfs(bench.report)
     finally:
         await stack.stop()
         shutil.rmtree(state_dir, ignore_errors=True)

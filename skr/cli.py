@@ -1,5 +1,5 @@
 """The ``skr`` command line: ``serve · local · release · report · policy · keys · audit · doctor · token ·
-wrap · keyprovider · image-key``.
+wrap · keyprovider · image-key · encfs``.
 
 Every command answers bad input with one clear line on stderr and a non-zero exit code, never a
 traceback. Exit codes: 0 success, 1 a negative verdict (invalid, denied, tampered), 2 unusable input or
@@ -30,6 +30,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "wrap",
     "keyprovider",
     "image-key",
+    "encfs",
 )
 
 # Commands that hold keys or tokens in memory: no core dumps, not dumpable (skr.process.harden).

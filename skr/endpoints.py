@@ -29,6 +29,14 @@ DEFAULT_ALLOWED = (
     "*.managedhsm.azure.cn",
     "*.managedhsm.usgovcloudapi.net",
 )
+# Azure Storage blob endpoints, for ``skr encfs`` only (SKR_ALLOWED_BLOB_ENDPOINTS overrides): kept apart from
+# DEFAULT_ALLOWED so the sidecar never sends evidence or vault tokens to a storage host.
+DEFAULT_BLOB_ALLOWED = (
+    "*.blob.core.windows.net",
+    "*.blob.storage.azure.net",
+    "*.blob.core.usgovcloudapi.net",
+    "*.blob.core.chinacloudapi.cn",
+)
 AZURE_SUFFIXES = tuple(p[1:] for p in DEFAULT_ALLOWED)  # ".attest.azure.net", ...
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 

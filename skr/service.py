@@ -460,14 +460,19 @@ class ReleaseService:
         akv_endpoint: str | None,
         access_token: str | None,
         ctx: RequestContext,
+        event: str = "key.release",
+        audit_fields: dict[str, Any] | None = None,
     ) -> ReleasedKeyResult:
-        """``/key/release``: attest (or reuse a token), release from Key Vault, verify, unwrap."""
+        """``/key/release``: attest (or reuse a token), release from Key Vault, verify, unwrap.
+
+        ``event`` / ``audit_fields``: another face of the same release (``encfs.mount``) and what it adds
+        to the audit record (never key material)."""
 
         async def as_is(result: ReleasedKeyResult) -> ReleasedKeyResult:
             return result
 
         return await self._release_flow(
-            "key.release",
+            event,
             kid=kid,
             maa_endpoint=maa_endpoint,
             akv_endpoint=akv_endpoint,
@@ -475,6 +480,7 @@ class ReleaseService:
             ctx=ctx,
             use=as_is,
             keep=None,
+            audit_fields=audit_fields,
         )
 
     async def unwrap(
@@ -517,10 +523,12 @@ class ReleaseService:
         ctx: RequestContext,
         use: Callable[[ReleasedKeyResult], Awaitable[T]],
         keep: dict[tuple[str, ...], _KeptKey] | None,
+        audit_fields: dict[str, Any] | None = None,
     ) -> T:
         """Resolve, release (or take the key from ``keep``), ``use`` it — within the deadline, audited."""
         started = time.monotonic()
         fields: dict[str, Any] = {
+            **(audit_fields or {}),
             "event": event,
             "request_id": ctx.request_id,
             "client": ctx.client,

@@ -1,0 +1,1 @@
+"""``skr encfs``: encrypted filesystems from Azure blobs for apps that only read files (see README)."""
