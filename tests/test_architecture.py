@@ -45,6 +45,7 @@ LAYERS: dict[str, int] = {
     "skr.connections": 7,
     "skr.keyprovider": 7,  # the gRPC and ocicrypt faces of the service, beside the HTTP one
     "skr.daemon": 8,
+    "skr.encfs": 9,  # a daemon of its own around the release service (mounts, FUSE, blob I/O)
     "skr.local": 5,  # the local services: below the service (see LOCAL_ASSEMBLY)
     "skr.commands": 10,
     "skr.cli": 10,
