@@ -31,7 +31,7 @@ import time
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import aiohttp
 from azure.core.credentials import AccessToken, AccessTokenInfo, TokenRequestOptions
@@ -151,7 +151,25 @@ def _jwt_expiry(token: str) -> int | None:
     return None
 
 
-class StaticTokenCredential:
+class _AsyncCredential:
+    """``async with`` for the credentials defined here (``AsyncTokenCredential`` is a protocol)."""
+
+    async def close(self) -> None:
+        """Nothing to release by default."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None = None,
+        exc_value: BaseException | None = None,
+        traceback: TracebackType | None = None,
+    ) -> None:
+        await self.close()
+
+
+class StaticTokenCredential(_AsyncCredential):
     """An ``AsyncTokenCredential`` that presents one access token given by the caller, whatever the scope.
 
     Expiry comes from the JWT ``exp`` claim when the token is a decodable JWT, else one hour from now.
@@ -190,17 +208,6 @@ class StaticTokenCredential:
 
     async def close(self) -> None:
         """Nothing to release."""
-
-    async def __aenter__(self) -> StaticTokenCredential:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None = None,
-        exc_value: BaseException | None = None,
-        traceback: TracebackType | None = None,
-    ) -> None:
-        await self.close()
 
     def __repr__(self) -> str:
         return f"StaticTokenCredential(expires_on={self._expires_on})"
@@ -284,7 +291,7 @@ def vault_scopes(vault: str, *, managed_hsm_hosts: Collection[str] = ()) -> tupl
     return (first, MANAGED_HSM_SCOPE)
 
 
-class VaultScopedCredential:
+class VaultScopedCredential(_AsyncCredential):
     """An ``AsyncTokenCredential`` for one vault that asks ``credential`` only for a vault data-plane
     scope (:func:`vault_scopes`), whatever the vault's 401 challenge names.
 
@@ -353,17 +360,6 @@ class VaultScopedCredential:
 
     async def close(self) -> None:
         """Nothing of its own: the wrapped credential belongs to its factory or to the call."""
-
-    async def __aenter__(self) -> VaultScopedCredential:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None = None,
-        exc_value: BaseException | None = None,
-        traceback: TracebackType | None = None,
-    ) -> None:
-        await self.close()
 
     def __repr__(self) -> str:
         return f"VaultScopedCredential(vault_url={self._vault_url!r}, scopes={list(self._scopes.values())!r})"
