@@ -145,7 +145,7 @@ class LocalCA:
             .not_valid_before(now - CLOCK_SKEW)
             .not_valid_after(now + CA_VALIDITY)
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(_ca_key_usage(), critical=True)
+            .add_extension(_key_usage(cert_sign=True), critical=True)
             .add_extension(ski, critical=False)
             .sign(key, hashes.SHA256())
         )
@@ -183,7 +183,7 @@ class LocalCA:
             .not_valid_after(min(now + LEAF_VALIDITY, self._certificate.not_valid_after_utc))
             .add_extension(x509.SubjectAlternativeName([_san(host) for host in hosts]), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(_leaf_key_usage(), critical=True)
+            .add_extension(_key_usage(key_encipherment=True), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .add_extension(
@@ -228,7 +228,7 @@ class LocalCA:
             .not_valid_before(now - CLOCK_SKEW)
             .not_valid_after(min(now + UVM_SIGNER_VALIDITY, self._certificate.not_valid_after_utc))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(_signing_key_usage(), critical=True)
+            .add_extension(_key_usage(), critical=True)
             .add_extension(x509.ExtendedKeyUsage([UVM_SIGNING_EKU]), critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .add_extension(
@@ -300,43 +300,16 @@ def _san(host: str) -> x509.GeneralName:
         return x509.DNSName(host)
 
 
-def _ca_key_usage() -> x509.KeyUsage:
+def _key_usage(*, key_encipherment: bool = False, cert_sign: bool = False) -> x509.KeyUsage:
+    """Digital signature plus, for a TLS leaf, key encipherment; for a CA, certificate and CRL signing."""
     return x509.KeyUsage(
         digital_signature=True,
         content_commitment=False,
-        key_encipherment=False,
+        key_encipherment=key_encipherment,
         data_encipherment=False,
         key_agreement=False,
-        key_cert_sign=True,
-        crl_sign=True,
-        encipher_only=False,
-        decipher_only=False,
-    )
-
-
-def _leaf_key_usage() -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=True,
-        content_commitment=False,
-        key_encipherment=True,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=False,
-        crl_sign=False,
-        encipher_only=False,
-        decipher_only=False,
-    )
-
-
-def _signing_key_usage() -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=True,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=False,
-        crl_sign=False,
+        key_cert_sign=cert_sign,
+        crl_sign=cert_sign,
         encipher_only=False,
         decipher_only=False,
     )
