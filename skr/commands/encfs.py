@@ -85,6 +85,7 @@ def _mount(args: argparse.Namespace) -> int:
     from skr.encfs.blob import blob_allowlist
     from skr.encfs.mount import Options
     from skr.encfs.run import base_settings, resolve_backend, run_encfs
+    from skr.local.demo import DEMO_SECURITY_POLICY
 
     if args.config is not None:
         encfs_args = parse_encfs_json(args.config.read_bytes(), source=str(args.config))
@@ -116,6 +117,7 @@ def _mount(args: argparse.Namespace) -> int:
             stop=asyncio.Event(),
             port=args.port,
             ready_file=args.ready_file,
+            virtual_policy=DEMO_SECURITY_POLICY,  # a virtual TEE without a context launches with it
         )
     )
     return 0

@@ -125,9 +125,10 @@ def _keyprovider(args: argparse.Namespace) -> int:
 async def _unwrap_direct(raw: bytes, settings: Settings) -> bytes:
     from skr.daemon import build_runtime
     from skr.keyprovider.provider import KeyProvider
+    from skr.local.demo import DEMO_SECURITY_POLICY  # a virtual TEE without a context launches with it
     from skr.service import RequestContext
 
-    runtime = await build_runtime(settings, env=os.environ)
+    runtime = await build_runtime(settings, env=os.environ, virtual_policy=DEMO_SECURITY_POLICY)
     try:
         ctx = RequestContext(request_id=uuid.uuid4().hex, client="keyprovider")
         return await KeyProvider(runtime.service).unwrap_key(raw, ctx)
