@@ -119,6 +119,16 @@ def test_a_virtual_checkpoint_verifies_with_its_ark_and_says_virtual(sealed, ark
     assert "VIRTUAL TEE" in err
 
 
+def test_a_log_sealed_only_at_its_start_says_no_records_are_sealed_yet(sealed, ark, capsys, tmp_path):
+    path, _ = sealed
+    start = tmp_path / "start.jsonl"
+    start.write_bytes(b"".join(path.read_bytes().splitlines(keepends=True)[:2]))  # checkpoint + audit.start
+    code, out, err = _verify(capsys, str(start), "--trust-ark", str(ark))
+    assert code == 0, err
+    assert "no records sealed yet: 1 virtual checkpoints" in out and "cover only the log's start" in out
+    assert "records 1\N{EN DASH}0" not in out
+
+
 def test_a_virtual_checkpoint_proves_nothing_without_its_ark_and_fails_with_another(sealed, capsys):
     path, _ = sealed
     code, out, err = _verify(capsys, str(path))  # not checked: sealed by nothing, and it says so

@@ -223,6 +223,11 @@ def _sentence(result: VerifyResult, proofs: Sequence[CheckpointProof]) -> str:
             "no records sealed by 0 hardware checkpoints; "
             f"{result.records} records are chained but not yet sealed"
         )
+    if sealed < result.first_seq:  # only the start-up checkpoint of an empty log so far
+        return (
+            f"no records sealed yet: {len(proofs)} {kind} checkpoints{where} cover only the log's start; "
+            f"{result.records} records are chained but not yet sealed"
+        )
     return (
         f"records {result.first_seq}–{sealed} sealed by {len(proofs)} {kind} checkpoints{where}; "  # noqa: RUF001 - the en dash is the issue's wording
         f"{result.last_seq - sealed} records after the last checkpoint are chained but not yet sealed"
