@@ -427,11 +427,11 @@ class CredentialFactory:
     def transport_kwargs(self, **settings: Any) -> dict[str, Any]:
         """Keyword arguments for an azure SDK client: skr's transport (system roots plus the CA bundle, no
         redirects, capped bodies) and no redirect policy. ``service`` (default "Key Vault") names the
-        upstream in errors; other settings go to the transport. Call while an event loop is running."""
+        upstream in errors; ``max_body`` overrides the cap (blob data); other settings go to the transport.
+        Call while an event loop is running."""
         service = str(settings.pop("service", "Key Vault"))
-        transport = verifying_transport(
-            self.ssl_context(), service=service, max_body=self._max_body, **settings
-        )
+        max_body = int(settings.pop("max_body", self._max_body))
+        transport = verifying_transport(self.ssl_context(), service=service, max_body=max_body, **settings)
         return {"transport": transport, "permit_redirects": False}
 
     def _workload_identity_configured(self) -> bool:

@@ -97,8 +97,9 @@ class Env:
         """``skr encfs --config FILE``, or (``go_env``) the Go sidecar's way: base64 in EncfsSideCarArgs."""
         work = self.root / f"work-{name}"
         source = [] if go_env else ["--config", str(config)]
+        audit = self.root / f"audit-{name}.log"  # one writer per audit file: each instance has its own
         argv = ["encfs", *source, "--evidence", "virtual", "--state-dir", str(self.state),
-                "--work-dir", str(work), "--audit-log", str(self.root / "audit.log"), *extra]  # fmt: skip
+                "--work-dir", str(work), "--audit-log", str(audit), *extra]  # fmt: skip
         env = self.env()
         if go_env:
             env["EncfsSideCarArgs"] = base64.b64encode(config.read_bytes()).decode()
@@ -181,10 +182,13 @@ def lease_state(env: Env, blob: str) -> str:
 
 
 def audit_events(env: Env) -> list[dict[str, Any]]:
-    path = env.root / "audit.log"
-    return (
-        [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    )
+    """The records of every encfs instance (each has its own audit log: one chain, one writer)."""
+    return [
+        json.loads(line)
+        for path in sorted(env.root.glob("audit-*.log"))
+        for line in path.read_text().splitlines()
+        if line.strip()
+    ]
 
 
 def test_oct_key_read_only_mount_reads_every_file_back(e2e: Env, content: Path, tmp_path: Path) -> None:

@@ -53,12 +53,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     create.set_defaults(func=_create)
 
     inspect = actions.add_parser("inspect", help="LUKS2 header summary, and whether a key opens it")
-    inspect.add_argument("image", type=Path, metavar="IMAGE")
+    inspect.add_argument("image", type=Path, metavar="IMAGE", help="the LUKS2 image file")
     inspect.add_argument("--key-file", type=Path, metavar="FILE", help="check whether this key opens it")
     inspect.set_defaults(func=_inspect)
 
     upload = actions.add_parser("upload", help="upload an image to a blob (--page for read-write mounts)")
-    upload.add_argument("image", type=Path, metavar="IMAGE")
+    upload.add_argument("image", type=Path, metavar="IMAGE", help="the image file to upload")
     upload.add_argument(
         "--url", required=True, help="https://<account>.blob.core.windows.net/<container>/<blob>"
     )
@@ -68,7 +68,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     upload.set_defaults(func=_upload)
 
     parser.add_argument("--config", type=Path, metavar="FILE", help="the EncfsSideCarArgs JSON (not base64)")
-    parser.add_argument("--backend", default="auto", choices=("auto", "dm-crypt", "userspace"))
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        choices=("auto", "dm-crypt", "userspace"),
+        help="auto: dm-crypt when the kernel has device-mapper (/proc/misc), else userspace",
+    )
     parser.add_argument("--cache-blocks", type=int, default=32, help="blocks in the cache (32)")
     parser.add_argument(
         "--block-size", type=int, default=512, metavar="KIB", help="cache block size (512 KiB)"
@@ -185,7 +190,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _upload(args: argparse.Namespace) -> int:
-    from skr.encfs.blob import blob_allowlist, parse_blob_url, upload_image
+    from skr.encfs.blob import blob_allowlist, blob_transport_kwargs, parse_blob_url, upload_image
     from skr.http import ca_bundle_from_env
     from skr.identity import CredentialFactory
 
@@ -203,7 +208,7 @@ def _upload(args: argparse.Namespace) -> int:
                 url,
                 page=args.page,
                 credential=credential,
-                transport_kwargs=factory.transport_kwargs(),
+                transport_kwargs=blob_transport_kwargs(factory),
             )
         finally:
             await factory.aclose()

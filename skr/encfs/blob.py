@@ -27,6 +27,15 @@ PAGE = 512
 MAX_PUT_PAGE = 4 * 1024 * 1024
 LEASE_SECONDS = 60
 _TIMEOUTS = {"connection_timeout": 10, "read_timeout": 60}
+#: The largest blob answer read at once: a LUKS2 header with its keyslot area (16 MiB by default) or a
+#: cache block. Blob data is not an API answer, so SKR_MAX_UPSTREAM_BODY (MAA, Key Vault, KDS) is not its cap.
+MAX_BLOB_READ = 64 * 1024 * 1024
+
+
+def blob_transport_kwargs(factory: Any) -> dict[str, Any]:
+    """skr's transport for Azure Storage (verified TLS, no redirects), capped at :data:`MAX_BLOB_READ`."""
+    kwargs: dict[str, Any] = factory.transport_kwargs(service="Azure Storage", max_body=MAX_BLOB_READ)
+    return kwargs
 
 
 def blob_allowlist(env: Mapping[str, str]) -> Allowlist:

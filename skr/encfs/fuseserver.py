@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from skr.encfs.blob import Blob, BlobUrl
+from skr.encfs.blob import Blob, BlobUrl, blob_transport_kwargs
 from skr.encfs.blockfile import BlockFile, Plain, SectorCipher
 from skr.encfs.luks2 import DataCipher, Segment, VolumeKey
 from skr.endpoints import parse_endpoint
@@ -93,7 +93,10 @@ def build(config: FuseConfig, io: _Loop) -> tuple[BlockFile, Blob, Any]:
         )
         credential = factory.for_request(None) if config.private and not url.sas else None
         blob = Blob(
-            url, credential=credential, transport_kwargs=factory.transport_kwargs(), lease_id=config.lease_id
+            url,
+            credential=credential,
+            transport_kwargs=blob_transport_kwargs(factory),
+            lease_id=config.lease_id,
         )
         return blob, factory
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from skr.encfs.args import EncfsArgs, FilesystemSpec
-from skr.encfs.blob import Blob, BlobUrl, parse_blob_url, proposed_lease_id
+from skr.encfs.blob import Blob, BlobUrl, blob_transport_kwargs, parse_blob_url, proposed_lease_id
 from skr.encfs.errors import BlobError, EncfsConfigError, LuksError, MountError
 from skr.encfs.fuseserver import FILE_NAME, FuseConfig
 from skr.encfs.keys import filesystem_key
@@ -268,7 +268,7 @@ class EncfsMounter:
             client_id=self.args.client_id or self.options.client_id, ca_bundle=self.options.ca_bundle
         )
         credential = factory.for_request(None) if spec.azure_url_private and not url.sas else None
-        blob = Blob(url, credential=credential, transport_kwargs=factory.transport_kwargs())
+        blob = Blob(url, credential=credential, transport_kwargs=blob_transport_kwargs(factory))
         try:
             await blob.properties()
             if spec.read_write:
