@@ -157,7 +157,8 @@ _SETTING_OF = {"attestation endpoint": "SKR_MAA_ENDPOINT", "key vault endpoint":
 
 
 def _collateral_check(settings: Settings, context_has_certs: bool) -> Check:
-    from skr.snp.collateral import KDS_BASE, THIM_URL, CollateralSource
+    from skr.snp.collateral import CollateralSource
+    from skr.snp.kds import KDS_BASE, THIM_URL
 
     certcache = settings.certcache
     try:

@@ -35,22 +35,7 @@ from skr.http import (
     request,
     summarize_body,
 )
-from skr.snp.kds import (
-    AZCACHE_API_VERSION,
-    AZCACHE_BASE,
-    AZCACHE_CLIENT_ID,
-    KDS_BASE,
-    THIM_URL,
-    ThimCertificates,
-    azcache_url,
-    candidate_products,
-    kds_cert_chain_url,
-    kds_vcek_url_for_report,
-    load_der_certificate,
-    load_pem_certificates,
-    parse_thim_json,
-    tcbm,
-)
+from skr.snp import kds
 from skr.snp.report import AttestationReport, Product
 
 log = logging.getLogger(__name__)
@@ -126,11 +111,11 @@ class CollateralClient:
         *,
         source: CollateralSource = CollateralSource.AMD,
         ssl_context: ssl.SSLContext | None = None,
-        thim_url: str = THIM_URL,
-        kds_base: str = KDS_BASE,
-        azcache_base: str = AZCACHE_BASE,
-        azcache_api_version: str = AZCACHE_API_VERSION,
-        azcache_client_id: str = AZCACHE_CLIENT_ID,
+        thim_url: str = kds.THIM_URL,
+        kds_base: str = kds.KDS_BASE,
+        azcache_base: str = kds.AZCACHE_BASE,
+        azcache_api_version: str = kds.AZCACHE_API_VERSION,
+        azcache_client_id: str = kds.AZCACHE_CLIENT_ID,
         timeout: float = 10.0,
         retry: RetryPolicy = DEFAULT_RETRY,
         product: Product | None = None,
@@ -175,16 +160,16 @@ class CollateralClient:
         source = CollateralSource.parse(setting("endpoint_type") or "AMD")
         endpoint = setting("endpoint").rstrip("/")
         if source is CollateralSource.LOCAL_THIM:
-            options["thim_url"] = _with_scheme(endpoint, "http") if endpoint else THIM_URL
+            options["thim_url"] = _with_scheme(endpoint, "http") if endpoint else kds.THIM_URL
         elif source is CollateralSource.AZCACHE:
             tee = setting("tee_type").strip("/") or "SevSnpVM"
-            host = _with_scheme(endpoint, "https") if endpoint else AZCACHE_BASE.rsplit("/", 1)[0]
+            host = _with_scheme(endpoint, "https") if endpoint else kds.AZCACHE_BASE.rsplit("/", 1)[0]
             options["azcache_base"] = f"{host}/{tee}"
             options["azcache_api_version"] = _fragment_value(
-                setting("api_version"), "api-version", AZCACHE_API_VERSION
+                setting("api_version"), "api-version", kds.AZCACHE_API_VERSION
             )
             options["azcache_client_id"] = _fragment_value(
-                setting("client_id"), "clientId", AZCACHE_CLIENT_ID
+                setting("client_id"), "clientId", kds.AZCACHE_CLIENT_ID
             )
         elif endpoint:
             base = _with_scheme(endpoint, "https")
@@ -225,10 +210,10 @@ class CollateralClient:
             self._cache[key] = fresh
             return fresh.chain_pem, fresh.tcbm
 
-    async def fetch_thim(self, *, deadline: Deadline | None = None) -> ThimCertificates:
+    async def fetch_thim(self, *, deadline: Deadline | None = None) -> kds.ThimCertificates:
         """GET THIM (``Metadata: true``) and parse it; no caching, no TCB check."""
         result = await self._get(self.thim_url, _THIM_SERVICE, deadline, headers={"Metadata": "true"})
-        return parse_thim_json(result.body)
+        return kds.parse_thim_json(result.body)
 
     # --- sources -------------------------------------------------------------------------------------
 
@@ -246,7 +231,7 @@ class CollateralClient:
         if thim.tcb_raw != report.reported_tcb:
             raise CollateralError(
                 f"THIM returned certificates for TCB {thim.tcbm} but the report's REPORTED_TCB is "
-                f"{tcbm(report.reported_tcb)}",
+                f"{kds.tcbm(report.reported_tcb)}",
                 hint="the host's TCB changed after the report was taken, or THIM is stale; retry, or use "
                 "the AMD or AzCache certificate source",
             )
@@ -254,7 +239,7 @@ class CollateralClient:
         return _Cached(thim.chain_pem(), thim.tcbm, self._clock(), max_age)
 
     async def _fetch_azcache(self, report: AttestationReport, deadline: Deadline | None) -> _Cached:
-        url = azcache_url(
+        url = kds.azcache_url(
             report.chip_id,
             report.reported_tcb,
             base=self.azcache_base,
@@ -262,16 +247,16 @@ class CollateralClient:
             client_id=self._azcache_client_id,
         )
         result = await self._get(url, _AZCACHE_SERVICE, deadline)
-        certs = load_pem_certificates(result.body, what=f"{_AZCACHE_SERVICE} answer")
+        certs = kds.load_pem_certificates(result.body, what=f"{_AZCACHE_SERVICE} answer")
         chain = b"".join(cert.public_bytes(Encoding.PEM) for cert in certs)
-        return _Cached(chain, tcbm(report.reported_tcb), self._clock(), self._max_age(result))
+        return _Cached(chain, kds.tcbm(report.reported_tcb), self._clock(), self._max_age(result))
 
     async def _fetch_kds(
         self, report: AttestationReport, product: Product | None, deadline: Deadline | None
     ) -> _Cached:
-        candidates = candidate_products(report, product or self._product)
+        candidates = kds.candidate_products(report, product or self._product)
         for index, candidate in enumerate(candidates):
-            url = kds_vcek_url_for_report(report, candidate, base=self.kds_base)
+            url = kds.kds_vcek_url_for_report(report, candidate, base=self.kds_base)
             result = await self._get(url, _KDS_SERVICE, deadline, accept=(200, 400, 404))
             if result.status != 200:
                 if index + 1 < len(candidates):
@@ -283,16 +268,16 @@ class CollateralClient:
                     )
                     continue
                 raise CollateralError(
-                    f"AMD KDS has no VCEK for this chip and TCB {tcbm(report.reported_tcb)} "
+                    f"AMD KDS has no VCEK for this chip and TCB {kds.tcbm(report.reported_tcb)} "
                     f"(tried {', '.join(p.value for p in candidates)}): HTTP {result.status} "
                     f"{summarize_body(result.body)}".rstrip(),
                     hint="check the product and that the chip id is not masked; or use the THIM / AzCache "
                     "source",
                 )
-            vcek = load_der_certificate(result.body, what="AMD KDS VCEK")
+            vcek = kds.load_der_certificate(result.body, what="AMD KDS VCEK")
             ask_ark = await self._kds_cert_chain(candidate, deadline)
             chain = vcek.public_bytes(Encoding.PEM) + ask_ark
-            return _Cached(chain, tcbm(report.reported_tcb), self._clock(), self._max_age(result))
+            return _Cached(chain, kds.tcbm(report.reported_tcb), self._clock(), self._max_age(result))
         raise AssertionError(
             "unreachable: there is always at least one candidate product"
         )  # pragma: no cover
@@ -303,8 +288,9 @@ class CollateralClient:
         if cached is not None and self._clock() - cached.fetched_at < cached.max_age:
             return cached.chain_pem
         try:
-            result = await self._get(kds_cert_chain_url(product, base=self.kds_base), _KDS_SERVICE, deadline)
-            certs = load_pem_certificates(result.body, what=f"AMD KDS {product.value} cert_chain")
+            url = kds.kds_cert_chain_url(product, base=self.kds_base)
+            result = await self._get(url, _KDS_SERVICE, deadline)
+            certs = kds.load_pem_certificates(result.body, what=f"AMD KDS {product.value} cert_chain")
             if len(certs) != 2:
                 raise CollateralError(
                     f"AMD KDS {product.value} cert_chain holds {len(certs)} certificates, "
@@ -386,11 +372,4 @@ def _fragment_value(text: str, name: str, default: str) -> str:
     return text[len(prefix) :] if text.lower().startswith(prefix.lower()) else text
 
 
-__all__ = [
-    "AZCACHE_BASE",
-    "KDS_BASE",
-    "THIM_URL",
-    "CertCacheSettings",
-    "CollateralClient",
-    "CollateralSource",
-]
+__all__ = ["CertCacheSettings", "CollateralClient", "CollateralSource"]

@@ -238,22 +238,3 @@ def load_der_certificate(data: bytes, *, what: str) -> x509.Certificate:
 
 def _with_newline(pem: bytes) -> bytes:
     return pem if pem.endswith(b"\n") else pem + b"\n"
-
-
-__all__ = [
-    "AZCACHE_API_VERSION",
-    "AZCACHE_BASE",
-    "AZCACHE_CLIENT_ID",
-    "KDS_BASE",
-    "THIM_URL",
-    "ThimCertificates",
-    "azcache_url",
-    "candidate_products",
-    "kds_cert_chain_url",
-    "kds_vcek_url",
-    "kds_vcek_url_for_report",
-    "load_der_certificate",
-    "load_pem_certificates",
-    "parse_thim_json",
-    "tcbm",
-]
