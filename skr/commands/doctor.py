@@ -31,6 +31,7 @@ import aiohttp
 
 from skr.config import (
     DOCTOR_FLAGS,
+    EvidenceKind,
     Settings,
     add_arguments,
     allowlist_pattern_problem,
@@ -280,7 +281,7 @@ async def _tee_checks(settings: Settings, *, skip_network: bool) -> list[Check]:
             checks.append(
                 Check(
                     "security context",
-                    settings.evidence == "virtual",
+                    settings.evidence == EvidenceKind.VIRTUAL,
                     "none found",
                     "set UVM_SECURITY_CONTEXT_DIR (ACI mounts /security-context-*)",
                 )
