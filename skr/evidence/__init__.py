@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Final
 
 from skr.config import EVIDENCE_KINDS, EvidenceKind
 from skr.errors import ConfigError, EvidenceUnavailable
@@ -33,8 +32,6 @@ from skr.evidence.tsm import TSM_REPORT_ROOT, TsmProvider
 from skr.snp.collateral import CollateralClient
 
 log = logging.getLogger(__name__)
-
-KINDS: Final = EVIDENCE_KINDS
 
 
 def create_provider(
@@ -66,7 +63,7 @@ def create_provider(
     if choice == EvidenceKind.TSM:
         return TsmProvider(root=tsm_root, context=context, collateral=collateral)
     if choice != EvidenceKind.AUTO:
-        raise ConfigError(f"unknown evidence source {kind!r}", hint="use one of " + ", ".join(KINDS))
+        raise ConfigError(f"unknown evidence source {kind!r}", hint="use one of " + ", ".join(EVIDENCE_KINDS))
     if sev_guest.exists():
         log.info("evidence: using %s", sev_guest)
         return SevGuestProvider(device=sev_guest, context=context, collateral=collateral)
@@ -112,7 +109,6 @@ def _under(root: Path, absolute: Path) -> Path:
 
 
 __all__ = [
-    "KINDS",
     "Evidence",
     "EvidenceKind",
     "EvidenceProvider",
