@@ -19,6 +19,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,18 @@ from skr import __version__
 from skr.endpoints import Allowlist, Endpoint, parse_endpoint
 from skr.errors import ConfigError
 
-EVIDENCE_KINDS = ("auto", "sevguest", "sev", "tsm", "virtual")
+
+class EvidenceKind(StrEnum):
+    """Where reports come from (``--evidence``, ``SKR_EVIDENCE``); see ``skr.evidence.create_provider``."""
+
+    AUTO = "auto"
+    SEVGUEST = "sevguest"
+    SEV = "sev"
+    TSM = "tsm"
+    VIRTUAL = "virtual"
+
+
+EVIDENCE_KINDS = tuple(kind.value for kind in EvidenceKind)
 LOG_LEVELS = ("trace", "debug", "info", "warning", "error", "fatal", "panic")
 #: http (the default); grpc: the Go sidecar's gRPC key provider on --port; both: gRPC on --grpc-port
 SERVER_TYPES = ("http", "grpc", "both")
@@ -59,7 +71,7 @@ class Settings:
     maa_endpoint: Endpoint | None = None
     akv_endpoint: Endpoint | None = None
     allowlist: Allowlist = field(default_factory=lambda: Allowlist.parse(None))
-    evidence: str = "auto"
+    evidence: str = EvidenceKind.AUTO
     state_dir: Path = field(default_factory=default_state_dir)
     ca_bundle: Path | None = None
     request_deadline: float = 30.0
@@ -278,7 +290,7 @@ def load_settings(
     if (v := pick("evidence", "SKR_EVIDENCE")) is not None:
         if v not in EVIDENCE_KINDS:
             raise ConfigError(f"evidence must be one of {', '.join(EVIDENCE_KINDS)}, got {v!r}")
-        changes["evidence"] = v
+        changes["evidence"] = EvidenceKind(v)
     if (v := pick("state_dir", "SKR_STATE_DIR")) is not None:
         changes["state_dir"] = Path(v)
     if (v := pick("ca_bundle", "SKR_CA_BUNDLE")) is not None:

@@ -30,7 +30,7 @@ from skr.akv.jws import TrustStore
 from skr.akv.release import KeyVaultReleaser, SdkSettings
 from skr.audit import AsyncAuditLog, AuditLog
 from skr.audit.checkpoint import Checkpointer
-from skr.config import Settings, describe
+from skr.config import EvidenceKind, Settings, describe
 from skr.connections import ConnectionGuard, GuardedRunner
 from skr.errors import ConfigError
 from skr.evidence.base import EvidenceProvider
@@ -141,7 +141,7 @@ async def create_evidence_provider(
 
     context = await asyncio.to_thread(load_security_context, env)
     policy = context.security_policy
-    if settings.evidence == "virtual" and policy is None:
+    if settings.evidence == EvidenceKind.VIRTUAL and policy is None:
         policy = virtual_policy
     collateral = CollateralClient.from_certcache(
         session,
@@ -159,7 +159,7 @@ async def create_evidence_provider(
         security_policy=policy,
     )
     arks: list[x509.Certificate] = []
-    if settings.evidence == "virtual":
+    if settings.evidence == EvidenceKind.VIRTUAL:
         from skr.evidence.virtual import VirtualTee  # already imported by create_provider
 
         if isinstance(provider, VirtualTee):  # a software TEE's reports chain to its own ARK
@@ -313,7 +313,7 @@ def announce(settings: Settings, port: int) -> None:
     )
     if settings.allow_remote:
         log.warning("--allow-remote: clients outside the loopback interface are accepted")
-    if settings.evidence == "virtual":
+    if settings.evidence == EvidenceKind.VIRTUAL:
         log.warning(
             "evidence source is the VIRTUAL TEE: reports are signed by a software key, "
             "nothing is confidential; use only for local development"

@@ -377,7 +377,8 @@ def test_the_sidecars_args_and_env_mean_what_the_values_say_to_skr_serve(chart):
 def test_the_default_collateral_source_is_the_node_local_thim_and_skr_reads_it_so(chart):
     from skr.commands import serve
     from skr.config import load_settings
-    from skr.snp.collateral import THIM_URL, CollateralClient, CollateralSource
+    from skr.snp.collateral import CollateralClient, CollateralSource
+    from skr.snp.kds import THIM_URL
 
     skr = container(render(chart, EXAMPLE))
     parser = argparse.ArgumentParser(prog="skr")

@@ -15,7 +15,7 @@ import pytest
 
 from skr.cli import build_parser, main
 from skr.commands.serve import check_server_type
-from skr.config import Settings, load_settings
+from skr.config import EvidenceKind, Settings, load_settings
 from skr.errors import ConfigError
 
 
@@ -172,3 +172,19 @@ def test_bad_server_type_and_grpc_port_name_the_setting():
         serve_settings([], {"SKR_SERVER_TYPE": "ttrpc"})
     with pytest.raises(ConfigError, match="gRPC port must be between 0 and 65535"):
         serve_settings([], {"SKR_GRPC_PORT": "70000"})
+
+
+@pytest.mark.parametrize("kind", ["auto", "sevguest", "sev", "tsm", "virtual"])
+def test_every_evidence_kind_is_accepted_by_flag_and_environment_as_the_same_string(kind):
+    by_flag = serve_settings(["--evidence", kind]).evidence
+    by_env = serve_settings([], {"SKR_EVIDENCE": kind}).evidence
+    assert by_flag is by_env is EvidenceKind(kind) and by_flag == kind and f"{by_flag}" == kind
+
+
+def test_an_unknown_evidence_kind_is_refused_naming_the_accepted_ones(capsys):
+    refusal = "evidence must be one of auto, sevguest, sev, tsm, virtual, got 'sgx'"
+    with pytest.raises(ConfigError, match=refusal):
+        serve_settings([], {"SKR_EVIDENCE": "sgx"})
+    with pytest.raises(SystemExit):
+        serve_settings(["--evidence", "SEVGUEST"])
+    assert "(choose from 'auto', 'sevguest', 'sev', 'tsm', 'virtual')" in capsys.readouterr().err

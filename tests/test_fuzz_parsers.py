@@ -73,8 +73,8 @@ from skr.local.ca import LocalCA
 from skr.maa.token import TokenVerifier, token_expiry, unverified_claims, unverified_header
 from skr.server import decode_runtime_data
 from skr.snp.certs import load_certificates
-from skr.snp.collateral import ThimCertificates, parse_thim_json
 from skr.snp.hostdata import decode_cce_policy
+from skr.snp.kds import ThimCertificates, parse_thim_json
 
 FUZZ = settings(
     max_examples=120,

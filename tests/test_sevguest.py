@@ -36,7 +36,7 @@ from skr.evidence.sevguest import (
     parse_report_response,
 )
 from skr.evidence.tsm import TsmProvider
-from skr.snp.collateral import parse_thim_json
+from skr.snp.kds import parse_thim_json
 from skr.snp.report import AttestationReport
 from skr.snp.verify import verify_evidence_chain
 

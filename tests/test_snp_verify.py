@@ -17,13 +17,16 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
 from skr.errors import CertificateError, ReportVerificationError, ValidationError
+from skr.evidence.certtable import load_one_certificate
 from skr.snp.certs import (
     AMD_ARK_SHA256,
     load_certificates,
     parse_vek_extensions,
+    read_certificates,
     verify_vek_chain,
 )
 from skr.snp.hostdata import host_data_of_policy
+from skr.snp.kds import load_der_certificate, load_pem_certificates
 from skr.snp.report import AttestationReport, Product, TcbVersion
 from skr.snp.verify import ValidationOptions, validate_report, verify_evidence_chain, verify_report
 from tests.test_snp_report import GENUINE, case_for, report_bytes
@@ -146,6 +149,27 @@ def test_loading_a_genuine_vcek_emits_no_serial_warning(vectors):
         warnings.simplefilter("error")
         (vcek,) = load_certificates((vectors / "snp/go-sev-guest/vcek.der").read_bytes())
     assert vcek.serial_number == 0  # outside: cryptography warns again on access
+
+
+def _thim_vcek(data: bytes) -> x509.Certificate:
+    return load_pem_certificates(data, what="THIM")[0]
+
+
+@pytest.mark.parametrize(
+    ("relative", "read"),
+    [
+        ("snp/go-sev-guest/vcek.der", lambda data: read_certificates(data)[0]),
+        ("snp/virtee-sev/vcek_turin.der", lambda data: load_der_certificate(data, what="AMD KDS VCEK")),
+        ("snp/trustee/test-vlek.der", load_one_certificate),
+        ("snp/aci-confidential-sidecar/uvm_host_amd_certificate.pem", _thim_vcek),
+    ],
+)
+def test_every_certificate_reader_of_skr_keeps_the_serial_warning_in(vectors, relative, read):
+    """Certificate tables, KDS answers, THIM and evidence files all go through the one reader."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cert = read((vectors / relative).read_bytes())
+        assert parse_vek_extensions(cert).kind in ("vcek", "vlek")
 
 
 def test_pem_bundle_loads_in_order(vectors):

@@ -18,7 +18,7 @@ import pytest
 from skr.errors import EvidenceUnavailable
 from skr.evidence.context import SecurityContext
 from skr.evidence.tsm import LinuxConfigfs, TsmProvider
-from skr.snp.collateral import parse_thim_json
+from skr.snp.kds import parse_thim_json
 from skr.snp.report import AttestationReport
 from skr.snp.verify import verify_evidence_chain
 

@@ -1,10 +1,9 @@
 """The release JWS of Key Vault / Managed HSM: verification, signing (local key service), opening.
 
-Owns: compact JWS parsing (three unpadded base64url parts, nothing else tolerated); the trust store for
-the signer chain (system roots plus PEM bundles, ``SKR_CA_BUNDLE``); verification — ``alg`` allowlist
-(RS256/384/512, PS256/384/512), the ``x5c`` chain built to a trust anchor with the leaf valid for the
-vault host at the validation time (SAN and wildcards, validity, basic constraints — cryptography's
-WebPKI verifier), the signature with the leaf key, and ``x5t`` / ``x5t#S256`` when present; signing of
+Owns: compact JWS parsing (three unpadded base64url parts, nothing else tolerated); verification — ``alg``
+allowlist (RS256/384/512, PS256/384/512), the ``x5c`` chain validated for the vault host at the validation
+time by the :class:`~skr.akv.trust.TrustStore` (system roots plus PEM bundles, ``SKR_CA_BUNDLE``; its
+own module), the signature with the leaf key, and ``x5t`` / ``x5t#S256`` when present; signing of
 release payloads in the Managed HSM header style; and :func:`open_release`, which verifies a release,
 checks that the released key (``response.key.key.kid``) is the requested one, and turns its ``key_hsm``
 into a JWK with the caller's wrapping key.
@@ -17,32 +16,27 @@ from __future__ import annotations
 
 import base64
 import binascii
-import functools
 import hashlib
 import ipaddress
 import json
-import os
 import re
-import ssl
-import threading
-import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.utils import CryptographyDeprecationWarning
-from cryptography.x509.verification import PolicyBuilder, Store, Subject, VerificationError
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.verification import Subject, VerificationError
 from jwt.algorithms import RSAAlgorithm, RSAPSSAlgorithm
 
 from skr.akv.jwk import jose_kty, jwk_to_json, plaintext_to_jwk
 from skr.akv.keywrap import Enc, b64url_decode, b64url_encode, parse_key_hsm, select_enc, unwrap
+from skr.akv.trust import TRUST_HINT, TrustStore
 from skr.errors import ConfigError, JwsError, KeyWrapError
+from skr.snp.certs import read_certificates
 
 __all__ = [
     "ALLOWED_ALGORITHMS",
@@ -66,165 +60,8 @@ ALLOWED_ALGORITHMS: Mapping[str, RSAAlgorithm] = {
 
 _MIN_SIGNER_BITS = 2048
 _MAX_X5C = 10
-_CHAIN_CACHE_SIZE = 64
 _MAX_COMPACT_CHARS = 1 << 20
 _PART_RE = re.compile(r"[A-Za-z0-9_-]+")
-_PEM_RE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
-_TRUST_HINT = (
-    "the signer chain must end at a trusted root: the system roots, or a PEM bundle named by "
-    "SKR_CA_BUNDLE (e.g. the local CA of `skr local`)"
-)
-
-
-# --- trust store ----------------------------------------------------------------------------------------
-
-
-def _pem_certificates(data: bytes) -> list[x509.Certificate]:
-    """Every certificate of a PEM bundle that parses; unparsable blocks are skipped."""
-    certs = []
-    for block in _PEM_RE.findall(data):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", CryptographyDeprecationWarning)
-                certs.append(x509.load_pem_x509_certificate(block))
-        except ValueError:
-            continue
-    return certs
-
-
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError:
-        return b""
-
-
-@functools.cache
-def _system_anchors() -> tuple[x509.Certificate, ...]:
-    """The OS trust store: OpenSSL's default CA file and directory, plus what ``ssl`` loaded itself.
-
-    Each distinct PEM block is parsed once: the directory holds every certificate of the CA file again,
-    under its own name and under its hash link. ``ssl``'s default context is asked only when OpenSSL has no
-    default CA file (where it has one, the context loads exactly that file; building it costs ~30 ms).
-    """
-    paths = ssl.get_default_verify_paths()
-    files = [Path(paths.cafile)] if paths.cafile else []
-    if paths.capath and Path(paths.capath).is_dir():
-        files.extend(entry for entry in sorted(Path(paths.capath).iterdir()) if entry.is_file())
-    blocks: dict[bytes, None] = {}
-    for path in files:
-        blocks.update(dict.fromkeys(_PEM_RE.findall(_read(path))))
-    certs = _pem_certificates(b"\n".join(blocks))
-    loaded_by_ssl = [] if paths.cafile else ssl.create_default_context().get_ca_certs(binary_form=True)
-    for der in loaded_by_ssl:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", CryptographyDeprecationWarning)
-                certs.append(x509.load_der_x509_certificate(der))
-        except ValueError:
-            continue
-    return tuple(_unique(certs))
-
-
-def _unique(certs: Iterable[x509.Certificate]) -> list[x509.Certificate]:
-    seen: dict[bytes, x509.Certificate] = {}
-    for cert in certs:
-        seen.setdefault(cert.public_bytes(serialization.Encoding.DER), cert)
-    return list(seen.values())
-
-
-@dataclass(frozen=True)
-class _Anchors:
-    certificates: tuple[x509.Certificate, ...]
-    fingerprints: frozenset[bytes]  # DER
-    store: Store | None
-
-
-class TrustStore:
-    """Trust anchors for release-JWS signer chains: system roots and/or extra PEM bundles.
-
-    Extra bundles are read and checked at once. The OS trust store is read on first use (thread-safe): it
-    takes tens of milliseconds that the sidecar's start-up need not wait for.
-    """
-
-    def __init__(
-        self,
-        extra_pem_paths: Sequence[str | os.PathLike[str]] = (),
-        *,
-        include_system: bool = True,
-        extra_certificates: Sequence[x509.Certificate] = (),
-    ) -> None:
-        extra: list[x509.Certificate] = []
-        if isinstance(extra_pem_paths, str | os.PathLike):  # one path given bare, not in a list
-            extra_pem_paths = [extra_pem_paths]
-        for name in extra_pem_paths:
-            path = Path(name)
-            try:
-                data = path.read_bytes()
-            except OSError as exc:
-                raise ConfigError(
-                    f"cannot read the CA bundle {path}: {exc.strerror or exc}",
-                    hint="check SKR_CA_BUNDLE or the path given",
-                ) from None
-            certs = _pem_certificates(data)
-            if not certs:
-                raise ConfigError(
-                    f"the CA bundle {path} holds no PEM certificate",
-                    hint="expected one or more '-----BEGIN CERTIFICATE-----' blocks",
-                )
-            extra.extend(certs)
-        extra.extend(extra_certificates)
-        self._include_system = include_system
-        self._extra = tuple(extra)
-        self._lock = threading.Lock()
-        self._loaded: _Anchors | None = None
-        # validated chains (see _verify_chain): (host, x5c DER...) -> validity window of the built chain
-        self._chain_cache: dict[tuple[str, tuple[bytes, ...]], tuple[datetime, datetime]] = {}
-
-    def _load(self) -> _Anchors:
-        loaded = self._loaded
-        if loaded is None:
-            with self._lock:
-                loaded = self._loaded
-                if loaded is None:
-                    system = _system_anchors() if self._include_system else ()
-                    unique = tuple(_unique([*system, *self._extra]))
-                    fingerprints = frozenset(c.public_bytes(serialization.Encoding.DER) for c in unique)
-                    loaded = _Anchors(unique, fingerprints, Store(list(unique)) if unique else None)
-                    self._loaded = loaded
-        return loaded
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> TrustStore:
-        """System roots plus the PEM bundle named by ``SKR_CA_BUNDLE`` (when set)."""
-        from skr.http import ca_bundle_from_env  # keeps aiohttp out of the import of this module
-
-        bundle = ca_bundle_from_env(env)
-        return cls([bundle] if bundle is not None else [])
-
-    @property
-    def anchors(self) -> tuple[x509.Certificate, ...]:
-        """The trust anchors, without duplicates."""
-        return self._load().certificates
-
-    def __contains__(self, cert: object) -> bool:
-        return (
-            isinstance(cert, x509.Certificate)
-            and cert.public_bytes(serialization.Encoding.DER) in self._load().fingerprints
-        )
-
-    def __len__(self) -> int:
-        return len(self._load().certificates)
-
-    def __repr__(self) -> str:
-        return f"TrustStore({len(self)} anchors)"
-
-    def store(self) -> Store:
-        """The anchors as a cryptography verification store (JwsError when there are none)."""
-        store = self._load().store
-        if store is None:
-            raise JwsError("the trust store for release signatures is empty", hint=_TRUST_HINT)
-        return store
 
 
 # --- compact JWS ----------------------------------------------------------------------------------------
@@ -305,10 +142,7 @@ def _certificates(header: Mapping[str, Any]) -> list[x509.Certificate]:
         try:
             if not isinstance(value, str):
                 raise ValueError
-            der = base64.b64decode(value, validate=True)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", CryptographyDeprecationWarning)
-                certs.append(x509.load_der_x509_certificate(der))
+            certs.extend(read_certificates(base64.b64decode(value, validate=True), encoding=Encoding.DER))
         except (ValueError, binascii.Error):
             raise JwsError(
                 f"x5c[{index}] of the release JWS is not a base64 DER certificate",
@@ -339,37 +173,20 @@ def _subject(host: str) -> Subject:
 
 
 def _verify_chain(certs: list[x509.Certificate], host: str, trust: TrustStore, at: datetime) -> None:
-    """Path validation of ``certs`` to the trust store for ``host`` at ``at``.
-
-    A successful validation is remembered per trust store for the same host and the same x5c bytes, and
-    reused only while ``at`` lies inside the validity window of every certificate of the built chain (the
-    anchor included): the answer cannot change inside it, since nothing else the check depends on does.
-    """
-    subject = _subject(host)
-    key = (repr(subject), tuple(c.public_bytes(serialization.Encoding.DER) for c in certs))
-    window = trust._chain_cache.get(key)
-    if window is not None and window[0] <= at <= window[1]:
-        return
-    verifier = PolicyBuilder().store(trust.store()).time(at).build_server_verifier(subject)
+    """Path validation of ``certs`` to the trust store for ``host`` at ``at``; JwsError saying why not."""
     try:
-        built = verifier.verify(certs[0], certs[1:])
+        trust.verify_server_chain(certs, _subject(host), at)
     except VerificationError as exc:
         detail = str(exc).split(" (encountered", 1)[0]
         raise JwsError(
             f"the release JWS signer certificate {certs[0].subject.rfc4514_string()[:120]!r} is not "
             f"trusted for host {host[:64]!r} at {at.isoformat(timespec='seconds')}: {detail}",
-            hint=_TRUST_HINT,
+            hint=TRUST_HINT,
         ) from None
-    not_before = max(c.not_valid_before_utc for c in built)
-    not_after = min(c.not_valid_after_utc for c in built)
-    with trust._lock:
-        if len(trust._chain_cache) >= _CHAIN_CACHE_SIZE:
-            trust._chain_cache.pop(next(iter(trust._chain_cache)))
-        trust._chain_cache[key] = (not_before, not_after)
 
 
 def _check_thumbprints(header: Mapping[str, Any], leaf: x509.Certificate) -> None:
-    der = leaf.public_bytes(serialization.Encoding.DER)
+    der = leaf.public_bytes(Encoding.DER)
     for name, digest in (("x5t", hashlib.sha1(der).digest()), ("x5t#S256", hashlib.sha256(der).digest())):  # noqa: S324
         if name in header and header[name] != b64url_encode(digest):
             raise JwsError(
@@ -424,12 +241,12 @@ def sign_release_jws(
         raise ConfigError("a release signature needs the signer certificate chain")
     if chain[0].public_key() != private_key.public_key():
         raise ConfigError("the release signing key does not match the first certificate of its chain")
-    leaf_der = chain[0].public_bytes(serialization.Encoding.DER)
+    leaf_der = chain[0].public_bytes(Encoding.DER)
     thumbprint = b64url_encode(hashlib.sha256(leaf_der).digest())
     header = {
         "alg": "RS256",
         "kid": thumbprint,
-        "x5c": [base64.b64encode(c.public_bytes(serialization.Encoding.DER)).decode("ascii") for c in chain],
+        "x5c": [base64.b64encode(c.public_bytes(Encoding.DER)).decode("ascii") for c in chain],
         "x5t#S256": thumbprint,
     }
     signing_input = ".".join(

@@ -31,6 +31,7 @@ import aiohttp
 
 from skr.config import (
     DOCTOR_FLAGS,
+    EvidenceKind,
     Settings,
     add_arguments,
     allowlist_pattern_problem,
@@ -157,7 +158,8 @@ _SETTING_OF = {"attestation endpoint": "SKR_MAA_ENDPOINT", "key vault endpoint":
 
 
 def _collateral_check(settings: Settings, context_has_certs: bool) -> Check:
-    from skr.snp.collateral import KDS_BASE, THIM_URL, CollateralSource
+    from skr.snp.collateral import CollateralSource
+    from skr.snp.kds import KDS_BASE, THIM_URL
 
     certcache = settings.certcache
     try:
@@ -279,7 +281,7 @@ async def _tee_checks(settings: Settings, *, skip_network: bool) -> list[Check]:
             checks.append(
                 Check(
                     "security context",
-                    settings.evidence == "virtual",
+                    settings.evidence == EvidenceKind.VIRTUAL,
                     "none found",
                     "set UVM_SECURITY_CONTEXT_DIR (ACI mounts /security-context-*)",
                 )

@@ -20,6 +20,7 @@ from typing import Any
 
 from cryptography import x509
 
+from skr.config import EVIDENCE_KINDS, EvidenceKind
 from skr.errors import BadRequest, CertificateError, VerificationError
 from skr.evidence.base import REPORT_DATA_SIZE, Evidence, report_data_for
 from skr.snp.certs import load_certificates
@@ -30,7 +31,6 @@ from skr.snp.verify import ValidationOptions, VerifiedReport, validate_report, v
 _EXIT_VALID = 0
 _EXIT_INVALID = 1
 _PRODUCTS = {p.value.lower(): p for p in Product}
-_EVIDENCE_KINDS = ("auto", "sevguest", "sev", "tsm", "virtual")
 _FILE_HELP = "the report: raw 1184 bytes or hex text, or an Azure vTPM HCL report (raw or hex)"
 
 
@@ -86,7 +86,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--runtime-data", type=Path, metavar="FILE", help="REPORT_DATA = SHA-256(file) + 32 zero bytes"
     )
     data.add_argument("--report-data", metavar="HEX", help="REPORT_DATA itself (up to 64 bytes, zero-padded)")
-    fetch.add_argument("--evidence", choices=_EVIDENCE_KINDS, default="auto", help="evidence source")
+    fetch.add_argument(
+        "--evidence", choices=EVIDENCE_KINDS, default=EvidenceKind.AUTO.value, help="evidence source"
+    )
     fetch.add_argument("--state-dir", type=Path, metavar="DIR", help="key directory of the virtual TEE")
     fetch.add_argument(
         "--security-policy",

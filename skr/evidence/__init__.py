@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Final
 
+from skr.config import EVIDENCE_KINDS, EvidenceKind
 from skr.errors import ConfigError, EvidenceUnavailable
 from skr.evidence.base import Evidence, EvidenceProvider, report_data_for
 from skr.evidence.context import SecurityContext
@@ -33,11 +33,9 @@ from skr.snp.collateral import CollateralClient
 
 log = logging.getLogger(__name__)
 
-KINDS: Final = ("auto", "sevguest", "sev", "tsm", "virtual")
-
 
 def create_provider(
-    kind: str = "auto",
+    kind: str = EvidenceKind.AUTO,
     *,
     context: SecurityContext | None = None,
     state_dir: Path | None = None,
@@ -53,19 +51,19 @@ def create_provider(
     settings and :class:`EvidenceUnavailable` when auto-detection finds no device.
     """
     choice = kind.strip().lower()
-    if choice == "virtual":
+    if choice == EvidenceKind.VIRTUAL:
         return _virtual(state_dir, security_policy if security_policy is not None else _policy_of(context))
     sev_guest = _under(root, SEV_GUEST_DEVICE)
     tsm_root = _under(root, TSM_REPORT_ROOT)
     legacy = _under(root, LEGACY_SEV_DEVICE)
-    if choice == "sevguest":
+    if choice == EvidenceKind.SEVGUEST:
         return SevGuestProvider(device=sev_guest, context=context, collateral=collateral)
-    if choice == "sev":
+    if choice == EvidenceKind.SEV:
         return LegacySevProvider(device=legacy, context=context, collateral=collateral)
-    if choice == "tsm":
+    if choice == EvidenceKind.TSM:
         return TsmProvider(root=tsm_root, context=context, collateral=collateral)
-    if choice != "auto":
-        raise ConfigError(f"unknown evidence source {kind!r}", hint="use one of " + ", ".join(KINDS))
+    if choice != EvidenceKind.AUTO:
+        raise ConfigError(f"unknown evidence source {kind!r}", hint="use one of " + ", ".join(EVIDENCE_KINDS))
     if sev_guest.exists():
         log.info("evidence: using %s", sev_guest)
         return SevGuestProvider(device=sev_guest, context=context, collateral=collateral)
@@ -111,8 +109,8 @@ def _under(root: Path, absolute: Path) -> Path:
 
 
 __all__ = [
-    "KINDS",
     "Evidence",
+    "EvidenceKind",
     "EvidenceProvider",
     "SecurityContext",
     "create_provider",

@@ -17,18 +17,16 @@ from __future__ import annotations
 import logging
 import struct
 import uuid
-import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from cryptography.utils import CryptographyDeprecationWarning
 
 from skr.errors import BadRequest, CertificateError, EvidenceUnavailable, ReportError
 from skr.evidence.base import REPORT_DATA_SIZE, Evidence
 from skr.evidence.context import SecurityContext, check_policy_hash
-from skr.snp.certs import parse_vek_extensions
+from skr.snp.certs import parse_vek_extensions, read_certificates
 from skr.snp.report import AttestationReport, Product
 
 if TYPE_CHECKING:
@@ -137,21 +135,14 @@ def der_or_pem_to_pem(data: bytes, *, what: str = "certificate") -> bytes:
 
 def load_one_certificate(data: bytes, *, what: str = "certificate") -> x509.Certificate:
     """One certificate given as DER or PEM. EvidenceUnavailable if it is neither."""
-    with warnings.catch_warnings():
-        # genuine VCEK/VLEK certificates carry serial number 0
-        warnings.simplefilter("ignore", CryptographyDeprecationWarning)
-        try:
-            if data.lstrip().startswith(b"-----BEGIN"):
-                cert = x509.load_pem_x509_certificate(data)
-            else:
-                cert = x509.load_der_x509_certificate(data)
-        except ValueError as exc:
-            raise EvidenceUnavailable(
-                f"the {what} certificate ({len(data)} bytes) is neither DER nor PEM X.509: {exc}",
-                hint="the host or certificate service returned something that is not a certificate",
-                code="certificate_unreadable",
-            ) from None
-    return cert
+    try:
+        return read_certificates(data)[0]
+    except ValueError as exc:
+        raise EvidenceUnavailable(
+            f"the {what} certificate ({len(data)} bytes) is neither DER nor PEM X.509: {exc}",
+            hint="the host or certificate service returned something that is not a certificate",
+            code="certificate_unreadable",
+        ) from None
 
 
 def _table_chain(report: AttestationReport, table: CertTable) -> tuple[bytes | None, str]:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Final
 
 from skr.errors import CollateralError, EvidenceUnavailable
-from skr.snp.collateral import ThimCertificates, parse_thim_json
+from skr.snp.kds import ThimCertificates, parse_thim_json
 
 CONTEXT_DIR_ENV: Final = "UVM_SECURITY_CONTEXT_DIR"
 POLICY_ENV: Final = "UVM_SECURITY_POLICY"

@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from skr.errors import VerificationError
+from skr.snp.certs import read_certificates
 
 ERROR_CODE: Final = "uvm_endorsement_invalid"
 
@@ -187,7 +188,7 @@ def _x5chain(value: Any) -> tuple[x509.Certificate, ...]:
     if not isinstance(items, list | tuple) or not items or not all(isinstance(i, bytes) for i in items):
         raise _fail("the protected header has no x5chain (label 33) of DER certificates")
     try:
-        return tuple(x509.load_der_x509_certificate(item) for item in items)
+        return tuple(read_certificates(item, encoding=serialization.Encoding.DER)[0] for item in items)
     except ValueError:
         raise _fail("a certificate in x5chain is not DER") from None
 

@@ -219,7 +219,7 @@ class _State:
     def certificate(self, stem: str) -> x509.Certificate | None:
         data = _read_private(self.dir / f"{stem}.pem")
         try:
-            return None if data is None else x509.load_pem_x509_certificate(data)
+            return None if data is None else certs.read_certificates(data)[0]
         except ValueError:
             return None
 

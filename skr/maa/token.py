@@ -21,7 +21,6 @@ import json
 import math
 import ssl
 import time
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -30,9 +29,8 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import jwt
-from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.utils import CryptographyDeprecationWarning
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from skr.endpoints import Allowlist, parse_endpoint
 from skr.errors import BadRequest, TokenError, UpstreamError
@@ -46,6 +44,7 @@ from skr.http import (
     summarize_body,
 )
 from skr.maa.client import b64url_decode, normalize_endpoint
+from skr.snp.certs import read_certificates
 
 ALLOWED_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
 MAX_TOKEN_LENGTH = 64 * 1024
@@ -162,9 +161,7 @@ def _public_key_of(jwk: Mapping[str, Any]) -> rsa.RSAPublicKey:
             raise ValueError("x5c is not a list of base64 certificates")
         try:
             der = base64.b64decode(x5c[0], validate=True)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", CryptographyDeprecationWarning)
-                cert_key = x509.load_der_x509_certificate(der).public_key()
+            cert_key = read_certificates(der, encoding=Encoding.DER)[0].public_key()
         except (binascii.Error, ValueError) as exc:
             raise ValueError(f"x5c[0] is not a DER certificate ({exc})") from None
         if not isinstance(cert_key, rsa.RSAPublicKey):

@@ -82,27 +82,33 @@ def common_name(name: x509.Name) -> str:
 # --- loading ---------------------------------------------------------------------------------------
 
 
-def load_certificates(data: bytes) -> list[x509.Certificate]:
-    """Every certificate in a PEM bundle, or the one certificate of a DER blob.
+def read_certificates(data: bytes, *, encoding: Encoding | None = None) -> list[x509.Certificate]:
+    """skr's one X.509 reader: every certificate of a PEM bundle, or the one certificate of a DER blob.
 
-    Genuine VCEKs/VLEKs carry serial number 0, which ``cryptography`` warns about when parsing; the
-    warning is suppressed here (nothing in skr reads ``serial_number``, which would warn again).
-    Raises :class:`CertificateError` when nothing can be read.
+    ``encoding`` insists on one form; by default a ``BEGIN CERTIFICATE`` line means PEM. Genuine
+    VCEKs/VLEKs carry serial number 0, which ``cryptography`` warns about when parsing; the warning is
+    suppressed here and nowhere else (nothing in skr reads ``serial_number``, which would warn again).
+    Raises ``ValueError`` (cryptography's message) when nothing can be read; callers say what they expected.
     """
+    if encoding is None:
+        encoding = Encoding.PEM if b"-----BEGIN CERTIFICATE-----" in data else Encoding.DER
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CryptographyDeprecationWarning)
-        try:
-            if b"-----BEGIN CERTIFICATE-----" in data:
-                certs = x509.load_pem_x509_certificates(data)
-            else:
-                certs = [x509.load_der_x509_certificate(data)]
-        except ValueError as exc:
-            raise CertificateError(
-                f"cannot read a certificate ({exc})",
-                hint="expected DER or PEM X.509 certificates",
-                code="certificate_unreadable",
-            ) from None
-    return certs
+        if encoding is Encoding.PEM:
+            return x509.load_pem_x509_certificates(data)
+        return [x509.load_der_x509_certificate(data)]
+
+
+def load_certificates(data: bytes) -> list[x509.Certificate]:
+    """:func:`read_certificates` for evidence: :class:`CertificateError` when nothing can be read."""
+    try:
+        return read_certificates(data)
+    except ValueError as exc:
+        raise CertificateError(
+            f"cannot read a certificate ({exc})",
+            hint="expected DER or PEM X.509 certificates",
+            code="certificate_unreadable",
+        ) from None
 
 
 # --- DER helpers for the AMD extension values ------------------------------------------------------

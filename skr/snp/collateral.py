@@ -1,10 +1,9 @@
-"""Where VCEK certificate chains come from: THIM, AMD KDS and the Azure certificate cache.
+"""Where VCEK certificate chains come from: the HTTP client and cache over THIM, AMD KDS and the Azure cache.
 
-Owns: the THIM JSON format (``{vcekCert, tcbm, certificateChain, cacheControl}``, as IMDS serves it and as
-ACI ships it base64-encoded in ``host-amd-cert-base64``), the AMD KDS URLs (per product; Turin's 8-byte
-hwID and ``fmcSPL``), the Azure certificate-cache URL, the choice of source (the Go sidecar's ``certcache``
-``endpoint_type``: ``AMD`` | ``AzCache`` | ``LocalTHIM``), and an in-memory cache keyed by (CHIP_ID,
-REPORTED_TCB) that serves the last good chain when the upstream fails (stale-on-error, always logged).
+Owns: the choice of source (the Go sidecar's ``certcache`` ``endpoint_type``: ``AMD`` | ``AzCache`` |
+``LocalTHIM``), the fetches, and an in-memory cache keyed by (CHIP_ID, REPORTED_TCB) that serves the last
+good chain when the upstream fails (stale-on-error, always logged). The URLs and the THIM document are
+:mod:`skr.snp.kds` (pure).
 
 Never decides trust: a chain fetched here is only a candidate that :mod:`skr.snp.verify` checks against the
 pinned AMD roots. Never sends anything but the chip id and TCB upstream. All HTTP goes through
@@ -14,21 +13,17 @@ pinned AMD roots. Never sends anything but the chip id and TCB upstream. All HTT
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import ssl
 import time
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Final, Protocol
 
 import aiohttp
-from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from cryptography.utils import CryptographyDeprecationWarning
 
 from skr.errors import CollateralError, ConfigError, UpstreamError, UpstreamTimeout
 from skr.http import (
@@ -40,22 +35,16 @@ from skr.http import (
     request,
     summarize_body,
 )
+from skr.snp import kds
 from skr.snp.report import AttestationReport, Product
 
 log = logging.getLogger(__name__)
 
-THIM_URL: Final = "http://169.254.169.254/metadata/THIM/amd/certification"
-KDS_BASE: Final = "https://kdsintf.amd.com"
-AZCACHE_BASE: Final = "https://global.acccache.azure.net/SevSnpVM"
-AZCACHE_API_VERSION: Final = "2020-10-15-preview"
-AZCACHE_CLIENT_ID: Final = "ConfidentialACI"
 DEFAULT_MAX_AGE: Final = 86400.0
 
 _THIM_SERVICE: Final = "THIM (IMDS)"
 _KDS_SERVICE: Final = "AMD KDS"
 _AZCACHE_SERVICE: Final = "Azure certificate cache"
-_TCBM_RE: Final = re.compile(r"[0-9a-fA-F]{1,16}")
-_MAX_AGE_RE: Final = re.compile(r"(?:.*\bmax-age=)?\s*(\d+)\s*", re.IGNORECASE)
 
 
 class CollateralSource(StrEnum):
@@ -96,163 +85,6 @@ class CertCacheSettings(Protocol):
     def client_id(self) -> str: ...
 
 
-# --- THIM --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ThimCertificates:
-    """The THIM answer: the VCEK, its ASK+ARK chain, and the TCB (``tcbm``) the VCEK was issued for."""
-
-    vcek_pem: bytes
-    certificate_chain_pem: bytes
-    tcbm: str
-    cache_control: int | None
-
-    def chain_pem(self) -> bytes:
-        """VCEK followed by ASK and ARK, as one PEM text."""
-        return _with_newline(self.vcek_pem) + _with_newline(self.certificate_chain_pem)
-
-    @property
-    def tcb_raw(self) -> int:
-        """``tcbm`` as the u64 TCB_VERSION it encodes (compare with the report's REPORTED_TCB)."""
-        return int(self.tcbm, 16)
-
-
-def parse_thim_json(data: bytes) -> ThimCertificates:
-    """Parse THIM JSON strictly. Raises :class:`CollateralError` saying which field is wrong and how."""
-    try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise CollateralError(
-            f"the THIM certificate document is not JSON ({exc.__class__.__name__}: {exc})",
-            hint="expected {vcekCert, tcbm, certificateChain, cacheControl}",
-        ) from None
-    if not isinstance(doc, dict):
-        raise CollateralError(
-            f"the THIM certificate document is a JSON {type(doc).__name__}, expected an object",
-            hint="expected {vcekCert, tcbm, certificateChain, cacheControl}",
-        )
-    vcek = _thim_string(doc, "vcekCert")
-    chain = _thim_string(doc, "certificateChain")
-    tcbm = _thim_string(doc, "tcbm").strip()
-    if not _TCBM_RE.fullmatch(tcbm):
-        raise CollateralError(
-            f"THIM tcbm {tcbm[:40]!r} is not a TCB_VERSION in hex (1 to 16 hex digits)",
-            hint='expected e.g. "7308000000000003"',
-        )
-    vcek_certs = _load_pem_certificates(vcek.encode(), what="THIM vcekCert")
-    if len(vcek_certs) != 1:
-        raise CollateralError(f"THIM vcekCert holds {len(vcek_certs)} certificates, expected exactly one")
-    _load_pem_certificates(chain.encode(), what="THIM certificateChain")
-    return ThimCertificates(
-        vcek_pem=vcek.encode(),
-        certificate_chain_pem=chain.encode(),
-        tcbm=tcbm,
-        cache_control=_thim_cache_control(doc.get("cacheControl")),
-    )
-
-
-def _thim_string(doc: Mapping[str, Any], name: str) -> str:
-    value = doc.get(name)
-    if not isinstance(value, str) or not value.strip():
-        if value is None:
-            found = "missing"
-        elif isinstance(value, str):
-            found = "empty"
-        else:
-            found = f"a JSON {type(value).__name__}"
-        raise CollateralError(
-            f"THIM field {name!r} is {found}, expected a non-empty string",
-            hint="expected {vcekCert, tcbm, certificateChain, cacheControl}",
-        )
-    if not value.isascii():  # PEM and hex are ASCII; this also refuses lone surrogates before .encode()
-        raise CollateralError(f"THIM field {name!r} holds non-ASCII text, expected PEM or hex")
-    return value
-
-
-def _thim_cache_control(value: Any) -> int | None:
-    if value is None or value == "":
-        return None
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    if isinstance(value, str):
-        match = _MAX_AGE_RE.fullmatch(value)
-        if match:
-            return int(match.group(1))
-    raise CollateralError(
-        f"THIM cacheControl {str(value)[:40]!r} is not a number of seconds",
-        hint='expected e.g. "86400"',
-    )
-
-
-# --- URLs --------------------------------------------------------------------------------------------
-
-
-def kds_vcek_url(
-    product: Product,
-    chip_id: bytes,
-    *,
-    bl: int,
-    tee: int,
-    snp: int,
-    ucode: int,
-    fmc: int | None = None,
-    base: str = KDS_BASE,
-) -> str:
-    """The AMD KDS VCEK URL (the answer is DER).
-
-    Milan/Genoa: ``{base}/vcek/v1/{product}/{64-byte CHIP_ID hex}?blSPL=&teeSPL=&snpSPL=&ucodeSPL=``.
-    Turin: the hwID is the first 8 bytes of CHIP_ID (16 hex digits) and ``&fmcSPL=`` is appended.
-    SPLs are unpadded decimal (as go-sev-guest writes them).
-    """
-    for name, value in (("bl", bl), ("tee", tee), ("snp", snp), ("ucode", ucode), ("fmc", fmc)):
-        if value is not None and not 0 <= value <= 255:
-            raise CollateralError(f"TCB part {name}={value} is outside 0..255")
-    query = f"blSPL={bl}&teeSPL={tee}&snpSPL={snp}&ucodeSPL={ucode}"
-    if product is Product.TURIN:
-        if fmc is None:
-            raise CollateralError("a Turin VCEK URL needs the FMC SPL, but none was given")
-        if len(chip_id) not in (8, 64):
-            raise CollateralError(f"CHIP_ID is {len(chip_id)} bytes, expected 64 (or the 8-byte Turin hwID)")
-        hwid = chip_id[:8].hex()
-        query += f"&fmcSPL={fmc}"
-    else:
-        if fmc is not None:
-            raise CollateralError(f"{product.value} has no FMC SPL, but fmc={fmc} was given")
-        if len(chip_id) != 64:
-            raise CollateralError(f"CHIP_ID is {len(chip_id)} bytes, expected 64")
-        hwid = chip_id.hex()
-    return f"{base.rstrip('/')}/vcek/v1/{product.value}/{hwid}?{query}"
-
-
-def kds_vcek_url_for_report(report: AttestationReport, product: Product, *, base: str = KDS_BASE) -> str:
-    """:func:`kds_vcek_url` for a report's CHIP_ID and REPORTED_TCB decoded for ``product``."""
-    tcb = report.reported_tcb_version(product)
-    return kds_vcek_url(
-        product, report.chip_id, bl=tcb.bl, tee=tcb.tee, snp=tcb.snp, ucode=tcb.ucode, fmc=tcb.fmc, base=base
-    )
-
-
-def kds_cert_chain_url(product: Product, *, base: str = KDS_BASE) -> str:
-    """The AMD KDS ``cert_chain`` URL for VCEKs: PEM, ASK first, then ARK."""
-    return f"{base.rstrip('/')}/vcek/v1/{product.value}/cert_chain"
-
-
-def azcache_url(
-    chip_id: bytes,
-    reported_tcb: int,
-    *,
-    base: str = AZCACHE_BASE,
-    api_version: str = AZCACHE_API_VERSION,
-    client_id: str = AZCACHE_CLIENT_ID,
-) -> str:
-    """The Azure certificate-cache URL: ``{base}/certificates/{chip_id hex}/{tcb hex, no leading zeros}``."""
-    query = f"api-version={api_version}"
-    if client_id:
-        query += f"&clientId={client_id}"
-    return f"{base.rstrip('/')}/certificates/{chip_id.hex()}/{reported_tcb:x}?{query}"
-
-
 # --- the client --------------------------------------------------------------------------------------
 
 
@@ -279,11 +111,11 @@ class CollateralClient:
         *,
         source: CollateralSource = CollateralSource.AMD,
         ssl_context: ssl.SSLContext | None = None,
-        thim_url: str = THIM_URL,
-        kds_base: str = KDS_BASE,
-        azcache_base: str = AZCACHE_BASE,
-        azcache_api_version: str = AZCACHE_API_VERSION,
-        azcache_client_id: str = AZCACHE_CLIENT_ID,
+        thim_url: str = kds.THIM_URL,
+        kds_base: str = kds.KDS_BASE,
+        azcache_base: str = kds.AZCACHE_BASE,
+        azcache_api_version: str = kds.AZCACHE_API_VERSION,
+        azcache_client_id: str = kds.AZCACHE_CLIENT_ID,
         timeout: float = 10.0,
         retry: RetryPolicy = DEFAULT_RETRY,
         product: Product | None = None,
@@ -328,16 +160,16 @@ class CollateralClient:
         source = CollateralSource.parse(setting("endpoint_type") or "AMD")
         endpoint = setting("endpoint").rstrip("/")
         if source is CollateralSource.LOCAL_THIM:
-            options["thim_url"] = _with_scheme(endpoint, "http") if endpoint else THIM_URL
+            options["thim_url"] = _with_scheme(endpoint, "http") if endpoint else kds.THIM_URL
         elif source is CollateralSource.AZCACHE:
             tee = setting("tee_type").strip("/") or "SevSnpVM"
-            host = _with_scheme(endpoint, "https") if endpoint else AZCACHE_BASE.rsplit("/", 1)[0]
+            host = _with_scheme(endpoint, "https") if endpoint else kds.AZCACHE_BASE.rsplit("/", 1)[0]
             options["azcache_base"] = f"{host}/{tee}"
             options["azcache_api_version"] = _fragment_value(
-                setting("api_version"), "api-version", AZCACHE_API_VERSION
+                setting("api_version"), "api-version", kds.AZCACHE_API_VERSION
             )
             options["azcache_client_id"] = _fragment_value(
-                setting("client_id"), "clientId", AZCACHE_CLIENT_ID
+                setting("client_id"), "clientId", kds.AZCACHE_CLIENT_ID
             )
         elif endpoint:
             base = _with_scheme(endpoint, "https")
@@ -350,7 +182,7 @@ class CollateralClient:
         """The VCEK chain PEM (VCEK, ASK, ARK) for ``report`` and the TCB it is for (16 hex digits).
 
         ``product`` picks the AMD KDS path; when None the client's configured product, then the report's
-        CPUID hint, then the CHIP_ID shape decide (see :func:`_candidate_products`). Raises
+        CPUID hint, then the CHIP_ID shape decide (see :func:`skr.snp.kds.candidate_products`). Raises
         :class:`CollateralError` (or UpstreamError/UpstreamTimeout) when no chain can be had and none
         is cached.
         """
@@ -378,10 +210,10 @@ class CollateralClient:
             self._cache[key] = fresh
             return fresh.chain_pem, fresh.tcbm
 
-    async def fetch_thim(self, *, deadline: Deadline | None = None) -> ThimCertificates:
+    async def fetch_thim(self, *, deadline: Deadline | None = None) -> kds.ThimCertificates:
         """GET THIM (``Metadata: true``) and parse it; no caching, no TCB check."""
         result = await self._get(self.thim_url, _THIM_SERVICE, deadline, headers={"Metadata": "true"})
-        return parse_thim_json(result.body)
+        return kds.parse_thim_json(result.body)
 
     # --- sources -------------------------------------------------------------------------------------
 
@@ -399,7 +231,7 @@ class CollateralClient:
         if thim.tcb_raw != report.reported_tcb:
             raise CollateralError(
                 f"THIM returned certificates for TCB {thim.tcbm} but the report's REPORTED_TCB is "
-                f"{report.reported_tcb:016x}",
+                f"{kds.tcbm(report.reported_tcb)}",
                 hint="the host's TCB changed after the report was taken, or THIM is stale; retry, or use "
                 "the AMD or AzCache certificate source",
             )
@@ -407,7 +239,7 @@ class CollateralClient:
         return _Cached(thim.chain_pem(), thim.tcbm, self._clock(), max_age)
 
     async def _fetch_azcache(self, report: AttestationReport, deadline: Deadline | None) -> _Cached:
-        url = azcache_url(
+        url = kds.azcache_url(
             report.chip_id,
             report.reported_tcb,
             base=self.azcache_base,
@@ -415,16 +247,16 @@ class CollateralClient:
             client_id=self._azcache_client_id,
         )
         result = await self._get(url, _AZCACHE_SERVICE, deadline)
-        certs = _load_pem_certificates(result.body, what=f"{_AZCACHE_SERVICE} answer")
+        certs = kds.load_pem_certificates(result.body, what=f"{_AZCACHE_SERVICE} answer")
         chain = b"".join(cert.public_bytes(Encoding.PEM) for cert in certs)
-        return _Cached(chain, f"{report.reported_tcb:016x}", self._clock(), self._max_age(result))
+        return _Cached(chain, kds.tcbm(report.reported_tcb), self._clock(), self._max_age(result))
 
     async def _fetch_kds(
         self, report: AttestationReport, product: Product | None, deadline: Deadline | None
     ) -> _Cached:
-        candidates = _candidate_products(report, product or self._product)
+        candidates = kds.candidate_products(report, product or self._product)
         for index, candidate in enumerate(candidates):
-            url = kds_vcek_url_for_report(report, candidate, base=self.kds_base)
+            url = kds.kds_vcek_url_for_report(report, candidate, base=self.kds_base)
             result = await self._get(url, _KDS_SERVICE, deadline, accept=(200, 400, 404))
             if result.status != 200:
                 if index + 1 < len(candidates):
@@ -436,16 +268,16 @@ class CollateralClient:
                     )
                     continue
                 raise CollateralError(
-                    f"AMD KDS has no VCEK for this chip and TCB {report.reported_tcb:016x} "
+                    f"AMD KDS has no VCEK for this chip and TCB {kds.tcbm(report.reported_tcb)} "
                     f"(tried {', '.join(p.value for p in candidates)}): HTTP {result.status} "
                     f"{summarize_body(result.body)}".rstrip(),
                     hint="check the product and that the chip id is not masked; or use the THIM / AzCache "
                     "source",
                 )
-            vcek = _load_der_certificate(result.body, what="AMD KDS VCEK")
+            vcek = kds.load_der_certificate(result.body, what="AMD KDS VCEK")
             ask_ark = await self._kds_cert_chain(candidate, deadline)
             chain = vcek.public_bytes(Encoding.PEM) + ask_ark
-            return _Cached(chain, f"{report.reported_tcb:016x}", self._clock(), self._max_age(result))
+            return _Cached(chain, kds.tcbm(report.reported_tcb), self._clock(), self._max_age(result))
         raise AssertionError(
             "unreachable: there is always at least one candidate product"
         )  # pragma: no cover
@@ -456,8 +288,9 @@ class CollateralClient:
         if cached is not None and self._clock() - cached.fetched_at < cached.max_age:
             return cached.chain_pem
         try:
-            result = await self._get(kds_cert_chain_url(product, base=self.kds_base), _KDS_SERVICE, deadline)
-            certs = _load_pem_certificates(result.body, what=f"AMD KDS {product.value} cert_chain")
+            url = kds.kds_cert_chain_url(product, base=self.kds_base)
+            result = await self._get(url, _KDS_SERVICE, deadline)
+            certs = kds.load_pem_certificates(result.body, what=f"AMD KDS {product.value} cert_chain")
             if len(certs) != 2:
                 raise CollateralError(
                     f"AMD KDS {product.value} cert_chain holds {len(certs)} certificates, "
@@ -527,49 +360,6 @@ def _check_fetchable(report: AttestationReport, source: CollateralSource) -> Non
         )
 
 
-def _candidate_products(report: AttestationReport, product: Product | None) -> list[Product]:
-    """Which KDS product paths to try: the given one, the report's CPUID hint, else by CHIP_ID shape.
-
-    Version 2 reports carry no CPUID. A CHIP_ID whose bytes 8..63 are zero is a Turin hwID (virtee's
-    heuristic); otherwise Milan is tried first, then Genoa.
-    """
-    chosen = product or report.product_hint()
-    if chosen is not None:
-        return [chosen]
-    if any(report.chip_id[:8]) and not any(report.chip_id[8:]):
-        return [Product.TURIN]
-    return [Product.MILAN, Product.GENOA]
-
-
-def _load_pem_certificates(data: bytes, *, what: str) -> list[x509.Certificate]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", CryptographyDeprecationWarning)  # genuine VCEKs have serial 0
-        try:
-            certs = x509.load_pem_x509_certificates(data)
-        except ValueError as exc:
-            raise CollateralError(
-                f"the {what} is not a PEM certificate bundle ({exc})",
-                hint="the certificate service returned something other than certificates",
-            ) from None
-    return certs
-
-
-def _load_der_certificate(data: bytes, *, what: str) -> x509.Certificate:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", CryptographyDeprecationWarning)  # genuine VCEKs have serial 0
-        try:
-            return x509.load_der_x509_certificate(data)
-        except ValueError as exc:
-            raise CollateralError(
-                f"the {what} ({len(data)} bytes) is not a DER X.509 certificate ({exc})",
-                hint="the certificate service returned something other than a certificate",
-            ) from None
-
-
-def _with_newline(pem: bytes) -> bytes:
-    return pem if pem.endswith(b"\n") else pem + b"\n"
-
-
 def _with_scheme(endpoint: str, scheme: str) -> str:
     return endpoint if "://" in endpoint else f"{scheme}://{endpoint}"
 
@@ -582,17 +372,4 @@ def _fragment_value(text: str, name: str, default: str) -> str:
     return text[len(prefix) :] if text.lower().startswith(prefix.lower()) else text
 
 
-__all__ = [
-    "AZCACHE_BASE",
-    "KDS_BASE",
-    "THIM_URL",
-    "CertCacheSettings",
-    "CollateralClient",
-    "CollateralSource",
-    "ThimCertificates",
-    "azcache_url",
-    "kds_cert_chain_url",
-    "kds_vcek_url",
-    "kds_vcek_url_for_report",
-    "parse_thim_json",
-]
+__all__ = ["CertCacheSettings", "CollateralClient", "CollateralSource"]
