@@ -29,11 +29,11 @@ from cryptography import x509
 from skr.akv.jwk import jwk_to_json
 from skr.akv.jws import TrustStore, open_release
 from skr.akv.keywrap import Enc
-from skr.akv.release import KeyVaultReleaser, ReleaseResult, parse_kid
+from skr.akv.release import KeyVaultReleaser, ReleaseResult
 from skr.audit import AsyncAuditLog, token_fingerprint
 from skr.audit.chain import trim_reason
 from skr.config import Settings
-from skr.endpoints import Endpoint, parse_endpoint
+from skr.endpoints import Endpoint, KeyRef, parse_endpoint, parse_kid
 from skr.errors import (
     BadRequest,
     EvidenceUnavailable,
@@ -53,8 +53,6 @@ log = logging.getLogger("skr.service")
 
 T = TypeVar("T")
 
-_KEY_NAME = re.compile(r"^[0-9A-Za-z-]{1,127}$")
-_KEY_VERSION = re.compile(r"^[0-9A-Za-z]{1,64}$")
 #: The audit note of an unwrap that used a key kept in memory from an earlier release (no Key Vault call).
 KEPT_KEY_NOTE = "key kept in memory from an earlier unwrap"
 WRAPPING_KEY_BITS = DEFAULT_BITS  # 2048; `skr serve` makes its first key with this default too
@@ -243,8 +241,9 @@ class ReleaseService:
             )
         return self.settings.allowlist.check(ep, what="attestation endpoint")
 
-    def resolve_vault(self, value: str | None, kid: str) -> tuple[Endpoint, str, str | None]:
-        """The vault, key name and version for a request. A full key URL in ``kid`` names the vault."""
+    def resolve_vault(self, value: str | None, kid: str) -> KeyRef:
+        """The key a request names, parsed once (the request edge). A full key URL in ``kid`` names the
+        vault."""
         if not isinstance(kid, str) or not kid:
             raise BadRequest("kid is required", code="missing_field")
         if any(c.isspace() or ord(c) < 0x20 or ord(c) > 0x7E for c in kid) or "%" in kid or ".." in kid:
@@ -255,14 +254,7 @@ class ReleaseService:
             raise BadRequest(
                 f"kid is not a key name, name/version or key URL: {exc.message}", code="invalid_kid"
             ) from None
-        if not _KEY_NAME.match(name) or (version is not None and not _KEY_VERSION.match(version)):
-            raise BadRequest(
-                "kid must be a key name (letters, digits, '-'), optionally followed by /<version>",
-                code="invalid_kid",
-            )
-        vault: Endpoint | None = None
-        if kid_vault:
-            vault = parse_endpoint(kid_vault, what="kid vault")
+        vault = kid_vault
         if value:
             named = parse_endpoint(value, what="akv_endpoint")
             if vault is not None and vault != named:
@@ -276,7 +268,7 @@ class ReleaseService:
                     code="missing_field",
                 )
             vault = self.settings.akv_endpoint
-        return self.settings.allowlist.check(vault, what="key vault endpoint"), name, version
+        return KeyRef(self.settings.allowlist.check(vault, what="key vault endpoint"), name, version)
 
     # --- upstream helpers ------------------------------------------------------------------------------
 
@@ -306,7 +298,7 @@ class ReleaseService:
         try:
             evidence = await self._evidence(report_data_for(runtime_data), ctx)
             token = await self._timed(
-                "maa", ctx, self.maa.attest(maa.url, evidence, runtime_data, deadline=deadline)
+                "maa", ctx, self.maa.attest(maa, evidence, runtime_data, deadline=deadline)
             )
         except SkrError:
             self.metrics.attestations.inc(outcome="error")
@@ -428,7 +420,7 @@ class ReleaseService:
             async def work() -> str:
                 evidence = await self._evidence(report_data_for(runtime_data), ctx)
                 token = await self._timed(
-                    "maa", ctx, self.maa.attest(maa.url, evidence, runtime_data, deadline=deadline)
+                    "maa", ctx, self.maa.attest(maa, evidence, runtime_data, deadline=deadline)
                 )
                 if self.token_verifier is not None:
                     # the app gets the token as proof: it must really be the endpoint's (issuer, signature)
@@ -538,16 +530,16 @@ class ReleaseService:
         }
         try:
             maa = self.resolve_maa(maa_endpoint)
-            vault, name, version = self.resolve_vault(akv_endpoint, kid)
-            fields.update(maa=maa.authority, vault=vault.authority)
+            ref = self.resolve_vault(akv_endpoint, kid)
+            fields.update(maa=maa.authority, vault=ref.vault.authority)
             deadline = Deadline.after(self.settings.request_deadline)
 
             async def work() -> T:
                 slot = (
                     maa.authority,
-                    vault.authority,
-                    name,
-                    version or "",
+                    ref.vault.authority,
+                    ref.name,
+                    ref.version or "",
                     token_fingerprint(access_token or ""),
                 )
                 kept = keep.get(slot) if keep is not None else None
@@ -562,9 +554,7 @@ class ReleaseService:
                         del fields["note"]
                 released = await self._release(
                     maa=maa,
-                    vault=vault,
-                    name=name,
-                    version=version,
+                    ref=ref,
                     access_token=access_token,
                     deadline=deadline,
                     ctx=ctx,
@@ -615,24 +605,19 @@ class ReleaseService:
         self,
         *,
         maa: Endpoint,
-        vault: Endpoint,
-        name: str,
-        version: str | None,
+        ref: KeyRef,
         access_token: str | None,
         deadline: Deadline,
         ctx: RequestContext,
         fields: dict[str, Any],
     ) -> ReleasedKeyResult:
-        kid = f"{name}/{version}" if version else name
-
         async def release_to(attestation: _Attestation) -> ReleaseResult:
             fields.update(_token_fields(attestation.token, attestation.claims))
             return await self._timed(
                 "akv",
                 ctx,
                 self.releaser.release(
-                    vault.url,
-                    kid,
+                    ref,
                     attestation.token,
                     access_token=access_token,
                     enc=Enc.CKM_RSA_AES_KEY_WRAP,
@@ -654,12 +639,12 @@ class ReleaseService:
         # once per validity window): cheaper than a worker-thread hop, so it runs on the loop.
         opened = open_release(
             released.jws,
-            host=vault.host,
+            host=ref.vault.host,
             trust=self.trust,
             wrapping_key=attestation.key.private_key,
             expected_wrapping_kid=attestation.key.kid,
-            expected_name=name,
-            expected_version=version,
+            expected_name=ref.name,
+            expected_version=ref.version,
         )
         return ReleasedKeyResult(
             key_json=jwk_to_json(opened.jwk),
