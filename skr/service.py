@@ -1,13 +1,15 @@
 """The sidecar's use cases: raw / combined / MAA attestation and secure key release.
 
-Owns: endpoint resolution and the allowlist check (before any connection), the ephemeral wrapping-key
-pool, the attestation-token cache with single-flight per MAA endpoint, the per-request deadline, the
-release itself (Key Vault → release JWS verification → unwrap → JWK), and one audit record per decision.
+Owns: endpoint and kid resolution — the request edge, where they are parsed once — and the allowlist check
+(before any connection), the per-request deadline, the release itself (attestation from
+:class:`skr.attestations.AttestationCache` → Key Vault → release JWS verification → unwrap → JWK), the
+retry of a refused reused token, and one :class:`skr.ports.AuditRecord` per decision.
 
 Never caches keys released to the caller (``/key/release``); a key released for an unwrap (``/key/unwrap``,
 the key provider) stays in memory, never on disk, until its attestation token expires, and only plaintexts
 leave. Never logs or audits a token or key (tokens appear only as SHA-256).
-Collaborators are passed in, so the same code runs against Azure and against the local services.
+Collaborators are ports (:mod:`skr.ports`) passed in, so the same code runs against Azure, against the local
+services, and against in-memory fakes.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import os
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from cryptography import x509
 
@@ -86,10 +88,6 @@ class RequestContext:
 #: A key kept for unwraps, with the audit fields of the attestation it was released under.
 _KeptKey = tuple[ReleasedKeyResult, dict[str, Any]]
 _TOKEN_FIELDS = ("maa_jti", "token_sha256", "host_data", "measurement")
-
-
-class SelfCheck(Protocol):
-    async def __call__(self) -> dict[str, Any]: ...
 
 
 def trusted_opener(trust: TrustStore) -> ReleaseOpener:
