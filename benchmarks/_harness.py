@@ -28,6 +28,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from benchmarks._load import parse_server_timing
+from skr.endpoints import parse_endpoint
 from skr.local.faults import FaultPlan, FaultRule
 from skr.local.stack import LocalStack, StackOptions
 
@@ -111,7 +112,7 @@ async def real_release(stack: LocalStack, state_dir: Path) -> tuple[str, rsa.RSA
     bearer = stack.identity.issue_token(stack.key_service.resource)["access_token"]
     async with aiohttp.ClientSession() as session:
         token = await MaaClient(session, ssl_context=ssl_context).attest(
-            info["attestation_url"], evidence, runtime_data
+            parse_endpoint(info["attestation_url"]), evidence, runtime_data
         )
         async with session.post(
             f"{info['key_vault_url']}/keys/demo-oct/release?api-version=7.4",

@@ -1,4 +1,9 @@
-"""Upstream endpoints named by requests and configuration, and the allowlist that guards them.
+"""Upstream endpoints and keys named by requests and configuration, and the allowlist that guards them.
+
+Owns the one host parser (:func:`parse_endpoint`), the one "is this a Microsoft cloud host?" rule
+(:func:`is_azure_host`, with the sovereign clouds), the Managed HSM host rule, and the one key name /
+version rule with its parser (:class:`KeyRef`, :func:`parse_kid`). Values are parsed here once, at the
+edge, and passed on typed.
 
 A request may name the attestation and key vault endpoints it wants. The sidecar sends the pod's
 identity token to the vault and hardware evidence to the attestation service, so an endpoint outside
@@ -37,7 +42,34 @@ DEFAULT_BLOB_ALLOWED = (
     "*.blob.core.usgovcloudapi.net",
     "*.blob.core.chinacloudapi.cn",
 )
-AZURE_SUFFIXES = tuple(p[1:] for p in DEFAULT_ALLOWED)  # ".attest.azure.net", ...
+# Data-plane DNS suffixes per cloud: (Key Vault, Managed HSM). The AAD resource of a vault is
+# ``https://<suffix>`` of its cloud (:mod:`skr.identity`).
+CLOUD_VAULT_SUFFIXES: tuple[tuple[str, str], ...] = (
+    ("vault.azure.net", "managedhsm.azure.net"),  # public
+    ("vault.azure.cn", "managedhsm.azure.cn"),  # Azure China (21Vianet)
+    ("vault.usgovcloudapi.net", "managedhsm.usgovcloudapi.net"),  # Azure US Government
+    ("vault.microsoftazure.de", "managedhsm.microsoftazure.de"),  # Azure Germany (legacy)
+)
+# Domains of the Microsoft clouds (public, US Government, China; vault, managedhsm and attest hosts are all
+# below them). The Key Vault SDK's challenge-resource check is never relaxed for these.
+AZURE_DOMAIN_SUFFIXES: tuple[str, ...] = (
+    "azure.net",
+    "azure.com",
+    "azure.cn",
+    "azure.us",
+    "usgovcloudapi.net",
+    "microsoftazure.de",
+    "windows.net",
+    "chinacloudapi.cn",
+    "microsoft.com",
+    "microsoftonline.com",
+)
+#: The one key name / version rule (they end up in a URL path); :mod:`skr.openapi` derives its pattern.
+KEY_NAME_PATTERN = "[0-9A-Za-z-]{1,127}"
+KEY_VERSION_PATTERN = "[0-9A-Za-z]{1,64}"
+_KEY_NAME = re.compile(f"^{KEY_NAME_PATTERN}$")
+_KEY_VERSION = re.compile(f"^{KEY_VERSION_PATTERN}$")
+_KID_HINT = "kid is name, name/version or https://<vault>/keys/<name>[/<version>]"
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 
 
@@ -58,7 +90,7 @@ class Endpoint:
         return f"https://{self.authority}"
 
     def is_azure(self) -> bool:
-        return self.host.endswith(AZURE_SUFFIXES)
+        return is_azure_host(self)
 
     def __str__(self) -> str:
         return self.authority
@@ -101,6 +133,136 @@ def parse_endpoint(value: str, *, what: str = "endpoint") -> Endpoint:
     if port is not None and not 0 < port < 65536:
         raise BadRequest(f"{what} port must be between 1 and 65535")
     return Endpoint(host, port or 443)
+
+
+def host_of(value: Endpoint | str) -> str:
+    """The lower-case host of an endpoint given as ``host``, ``host:port`` or ``https://host[:port][/]``."""
+    return value.host if isinstance(value, Endpoint) else parse_endpoint(value).host
+
+
+def _within(host: str, suffix: str) -> bool:
+    return host == suffix or host.endswith("." + suffix)  # whole DNS labels only
+
+
+def is_azure_host(value: Endpoint | str) -> bool:
+    """True when the host is in a Microsoft cloud domain (public, sovereign or Microsoft-owned)."""
+    host = host_of(value)
+    return any(_within(host, suffix) for suffix in AZURE_DOMAIN_SUFFIXES)
+
+
+def cloud_suffix(value: Endpoint | str) -> str | None:
+    """``managedhsm.<cloud>`` or ``vault.<cloud>`` for a vault host in a Microsoft cloud, else None."""
+    host = host_of(value)
+    for pair in CLOUD_VAULT_SUFFIXES:
+        for suffix in reversed(pair):
+            if _within(host, suffix):
+                return suffix
+    return None
+
+
+def is_managed_hsm(value: Endpoint | str, *, managed_hsm_hosts: Iterable[str] = ()) -> bool:
+    """True for ``*.managedhsm.<cloud>`` hosts and for non-Azure hosts configured as Managed HSM."""
+    host = host_of(value)
+    if (cloud_suffix(host) or "").startswith("managedhsm."):
+        return True
+    return host in {host_of(h) for h in managed_hsm_hosts} and not is_azure_host(host)
+
+
+@dataclass(frozen=True)
+class KeyRef:
+    """A key in a vault: its vault endpoint, name and version (None: the latest), checked by the one rule."""
+
+    vault: Endpoint
+    name: str
+    version: str | None = None
+
+    @property
+    def kid(self) -> str:
+        """``name`` or ``name/version``."""
+        return f"{self.name}/{self.version}" if self.version else self.name
+
+    def __str__(self) -> str:
+        return f"{self.vault.url}/keys/{self.kid}"
+
+    @classmethod
+    def parse(cls, kid: str, *, vault: Endpoint | str | None = None) -> KeyRef:
+        """The key ``kid`` names (``name``, ``name/version`` or a key URL) in ``vault`` (or the key URL's).
+
+        For callers that name a key and a vault as text (the CLI, tools); the request edge is
+        :meth:`skr.service.ReleaseService.resolve_vault`, which has its own error codes.
+        """
+        kid_vault, name, version = parse_kid(kid)
+        given = vault if isinstance(vault, Endpoint) else None
+        if isinstance(vault, str) and vault.strip():
+            given = parse_endpoint(vault, what="the vault endpoint")
+        if given is not None and kid_vault is not None and given != kid_vault:
+            raise BadRequest(
+                f"kid names vault {kid_vault.url} but the request names {given.url}",
+                hint="drop one of them or make them agree",
+            )
+        chosen = given or kid_vault
+        if chosen is None:
+            raise BadRequest(
+                "no vault named: kid is not a key URL and no akv_endpoint was given",
+                hint="set akv_endpoint or configure a default vault",
+            )
+        return cls(chosen, name, version)
+
+
+def _check_name(name: str, kid: str) -> str:
+    if not _KEY_NAME.match(name):
+        raise BadRequest(
+            f"the key name in kid {kid[:200]!r} is not valid; expected 1-127 letters, digits or '-'",
+            hint=_KID_HINT,
+        )
+    return name
+
+
+def _check_version(version: str, kid: str) -> str | None:
+    if not version:
+        return None
+    if not _KEY_VERSION.match(version):
+        raise BadRequest(
+            f"the key version in kid {kid[:200]!r} is not valid; expected letters and digits (32 hex)",
+            hint=_KID_HINT,
+        )
+    return version
+
+
+def parse_kid(kid: str) -> tuple[Endpoint | None, str, str | None]:
+    """``(vault | None, name, version | None)`` for ``name``, ``name/version`` or a key URL
+    ``https://host[:port]/keys/name[/version]``. Names and versions are checked for their character set
+    (they end up in a URL path)."""
+    text = kid.strip() if isinstance(kid, str) else ""
+    if not text:
+        raise BadRequest("kid is empty", hint="name the key to release")
+    if "://" in text:
+        try:
+            parts = urlsplit(text)
+        except ValueError:
+            raise BadRequest(f"kid {kid[:200]!r} is not a valid URL") from None
+        vault = parse_endpoint(f"{parts.scheme}://{parts.netloc}", what="the vault endpoint")
+        if parts.query or parts.fragment:
+            raise BadRequest(
+                f"kid {kid[:200]!r} has a query or fragment; expected .../keys/<name>[/<version>]"
+            )
+        segments = parts.path.strip("/").split("/")
+        if len(segments) not in (2, 3) or segments[0] != "keys":
+            raise BadRequest(
+                f"kid {kid[:200]!r} is not a key URL; expected https://<vault>/keys/<name>[/<version>]"
+            )
+        name = _check_name(segments[1], kid)
+        version = _check_version(segments[2], kid) if len(segments) == 3 else None
+        return vault, name, version
+    segments = text.split("/")
+    if len(segments) > 2:
+        raise BadRequest(
+            f"kid {kid[:200]!r} has too many '/' parts; expected name or name/version",
+            hint="or give the full key URL https://<vault>/keys/<name>/<version>",
+        )
+    name = _check_name(segments[0], kid)
+    version = _check_version(segments[1], kid) if len(segments) == 2 else None
+    return None, name, version
 
 
 @dataclass(frozen=True)

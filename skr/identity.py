@@ -38,70 +38,18 @@ from azure.core.credentials import AccessToken, AccessTokenInfo, TokenRequestOpt
 from azure.core.credentials_async import AsyncTokenCredential
 from azure.core.pipeline.transport import AioHttpTransport
 
+from skr.endpoints import cloud_suffix, host_of, is_azure_host, is_managed_hsm
 from skr.errors import BadRequest, ConfigError, UpstreamError
 from skr.http import DEFAULT_MAX_UPSTREAM_BODY, read_capped, redirect_error
 
 VAULT_SCOPE = "https://vault.azure.net/.default"
 MANAGED_HSM_SCOPE = "https://managedhsm.azure.net/.default"
 
-# Data-plane DNS suffixes per cloud: (Key Vault, Managed HSM). The AAD resource of a vault is
-# ``https://<suffix>`` of its cloud; the scope is that resource plus ``/.default``.
-_CLOUD_SUFFIXES: tuple[tuple[str, str], ...] = (
-    ("vault.azure.net", "managedhsm.azure.net"),  # public
-    ("vault.azure.cn", "managedhsm.azure.cn"),  # Azure China (21Vianet)
-    ("vault.usgovcloudapi.net", "managedhsm.usgovcloudapi.net"),  # Azure US Government
-    ("vault.microsoftazure.de", "managedhsm.microsoftazure.de"),  # Azure Germany (legacy)
-)
-
-# Domains that belong to Microsoft clouds. For these the SDK's challenge-resource check is never turned off.
-AZURE_DOMAIN_SUFFIXES: tuple[str, ...] = (
-    "azure.net",
-    "azure.com",
-    "azure.cn",
-    "azure.us",
-    "usgovcloudapi.net",
-    "microsoftazure.de",
-    "windows.net",
-    "chinacloudapi.cn",
-    "microsoft.com",
-    "microsoftonline.com",
-)
-
 WORKLOAD_IDENTITY_ENV = ("AZURE_CLIENT_ID", "AZURE_TENANT_ID", "AZURE_FEDERATED_TOKEN_FILE")
 STATIC_TOKEN_DEFAULT_LIFETIME = 3600
 
 # Identity endpoints: short timeouts; the SDK retries transient failures itself.
 _CREDENTIAL_TRANSPORT_SETTINGS: dict[str, Any] = {"connection_timeout": 5, "read_timeout": 10}
-
-
-def host_of(vault: str) -> str:
-    """The lower-case host name of a vault given as ``host``, ``host:port`` or ``https://host[:port]/``."""
-    value = vault.strip()
-    if "://" in value:
-        value = value.split("://", 1)[1]
-    value = value.split("/", 1)[0].rsplit("@", 1)[-1]
-    if value.startswith("["):  # IPv6 literal
-        return value.split("]", 1)[0].strip("[").lower()
-    return value.split(":", 1)[0].rstrip(".").lower()
-
-
-def _matches(host: str, suffix: str) -> bool:
-    return host == suffix or host.endswith("." + suffix)
-
-
-def is_azure_host(vault: str) -> bool:
-    """True when the host is in a Microsoft cloud domain (public, sovereign or Microsoft-owned)."""
-    host = host_of(vault)
-    return any(_matches(host, suffix) for suffix in AZURE_DOMAIN_SUFFIXES)
-
-
-def is_managed_hsm(vault: str, *, managed_hsm_hosts: Collection[str] = ()) -> bool:
-    """True for ``*.managedhsm.<cloud>`` hosts and for non-Azure hosts configured as Managed HSM."""
-    host = host_of(vault)
-    if any(_matches(host, mhsm) for _, mhsm in _CLOUD_SUFFIXES):
-        return True
-    configured = {host_of(h) for h in managed_hsm_hosts}
-    return host in configured and not is_azure_host(host)
 
 
 def scope_for(vault: str, *, managed_hsm_hosts: Collection[str] = ()) -> str:
@@ -118,15 +66,13 @@ def scope_for(vault: str, *, managed_hsm_hosts: Collection[str] = ()) -> str:
       when the host is listed in ``managed_hsm_hosts`` (and is not an Azure domain), else the public
       Key Vault scope — the same default as the Go sidecar.
 
-    The port, a scheme and a path are ignored; matching is case-insensitive and on whole DNS labels
+    The port and the scheme are ignored; matching is case-insensitive and on whole DNS labels
     (``evilvault.azure.net.example.com`` is not a vault).
     """
     host = host_of(vault)
-    for vault_suffix, mhsm_suffix in _CLOUD_SUFFIXES:
-        if _matches(host, mhsm_suffix):
-            return f"https://{mhsm_suffix}/.default"
-        if _matches(host, vault_suffix):
-            return f"https://{vault_suffix}/.default"
+    suffix = cloud_suffix(host)
+    if suffix is not None:
+        return f"https://{suffix}/.default"
     if is_managed_hsm(host, managed_hsm_hosts=managed_hsm_hosts):
         return MANAGED_HSM_SCOPE
     return VAULT_SCOPE

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from skr import __version__
+from skr.endpoints import KEY_NAME_PATTERN, KEY_VERSION_PATTERN
 
 _ERROR = {
     "type": "object",
@@ -31,7 +32,7 @@ _B64_NONEMPTY_PATTERN = (
 )
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOSTPORT = rf"{_LABEL}(?:\.{_LABEL})*(?::[1-9][0-9]{{0,3}})?"
-_KID_PATTERN = rf"^(?:https://{_HOSTPORT}/keys/)?[0-9A-Za-z-]{{1,127}}(?:/[0-9A-Za-z]{{1,64}})?$"
+_KID_PATTERN = rf"^(?:https://{_HOSTPORT}/keys/)?{KEY_NAME_PATTERN}(?:/{KEY_VERSION_PATTERN})?$"
 _RUNTIME = {
     "type": "object",
     "required": ["runtime_data"],

@@ -1,13 +1,15 @@
 """The sidecar's use cases: raw / combined / MAA attestation and secure key release.
 
-Owns: endpoint resolution and the allowlist check (before any connection), the ephemeral wrapping-key
-pool, the attestation-token cache with single-flight per MAA endpoint, the per-request deadline, the
-release itself (Key Vault → release JWS verification → unwrap → JWK), and one audit record per decision.
+Owns: endpoint and kid resolution — the request edge, where they are parsed once — and the allowlist check
+(before any connection), the per-request deadline, the release itself (attestation from
+:class:`skr.attestations.AttestationCache` → Key Vault → release JWS verification → unwrap → JWK), the
+retry of a refused reused token, and one :class:`skr.ports.AuditRecord` per decision.
 
 Never caches keys released to the caller (``/key/release``); a key released for an unwrap (``/key/unwrap``,
 the key provider) stays in memory, never on disk, until its attestation token expires, and only plaintexts
 leave. Never logs or audits a token or key (tokens appear only as SHA-256).
-Collaborators are passed in, so the same code runs against Azure and against the local services.
+Collaborators are ports (:mod:`skr.ports`) passed in, so the same code runs against Azure, against the local
+services, and against in-memory fakes.
 """
 
 from __future__ import annotations
@@ -16,24 +18,26 @@ import asyncio
 import base64
 import concurrent.futures
 import contextlib
+import dataclasses
+import functools
 import logging
 import os
 import re
-import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from cryptography import x509
 
 from skr.akv.jwk import jwk_to_json
 from skr.akv.jws import TrustStore, open_release
 from skr.akv.keywrap import Enc
-from skr.akv.release import KeyVaultReleaser, ReleaseResult, parse_kid
-from skr.audit import AsyncAuditLog, token_fingerprint
+from skr.akv.release import ReleaseResult
+from skr.attestations import Attestation, AttestationCache
+from skr.audit import token_fingerprint
 from skr.audit.chain import trim_reason
 from skr.config import Settings
-from skr.endpoints import Endpoint, parse_endpoint
+from skr.endpoints import Endpoint, KeyRef, parse_endpoint, parse_kid
 from skr.errors import (
     BadRequest,
     EvidenceUnavailable,
@@ -42,22 +46,32 @@ from skr.errors import (
     UnwrapFailed,
     UpstreamTimeout,
 )
-from skr.evidence.base import Evidence, EvidenceProvider, report_data_for
+from skr.evidence.base import Evidence, report_data_for
 from skr.http import Deadline
-from skr.maa.client import MaaClient
 from skr.maa.runtime import DEFAULT_BITS, AuditHead, WrappingKey
 from skr.maa.token import TokenVerifier, unverified_claims
 from skr.metrics import Metrics
+from skr.ports import (
+    ABSENT,
+    Attester,
+    AuditRecord,
+    AuditSink,
+    Clock,
+    EvidenceSource,
+    ReleasedKeyResult,
+    ReleaseOpener,
+    Releaser,
+    SystemClock,
+)
 
 log = logging.getLogger("skr.service")
 
 T = TypeVar("T")
 
-_KEY_NAME = re.compile(r"^[0-9A-Za-z-]{1,127}$")
-_KEY_VERSION = re.compile(r"^[0-9A-Za-z]{1,64}$")
 #: The audit note of an unwrap that used a key kept in memory from an earlier release (no Key Vault call).
 KEPT_KEY_NOTE = "key kept in memory from an earlier unwrap"
 WRAPPING_KEY_BITS = DEFAULT_BITS  # 2048; `skr serve` makes its first key with this default too
+_NEW_WRAPPING_KEY = functools.partial(WrappingKey.generate, WRAPPING_KEY_BITS)
 
 
 @dataclass
@@ -71,54 +85,59 @@ class RequestContext:
     client_token_id: str | None = None  # the name of the client token presented (SKR_CLIENT_TOKEN_FILE)
 
 
-@dataclass(frozen=True)
-class ReleasedKeyResult:
-    """What ``/key/release`` returns: the JWK as a compact JSON string (the Go sidecar's shape)."""
-
-    key_json: str = field(repr=False)
-    key_id: str
-    version: str | None
-    expires_at: float = field(default=0.0, compare=False)  # the attestation token's expiry (epoch s)
-
-
 #: A key kept for unwraps, with the audit fields of the attestation it was released under.
 _KeptKey = tuple[ReleasedKeyResult, dict[str, Any]]
 _TOKEN_FIELDS = ("maa_jti", "token_sha256", "host_data", "measurement")
 
 
-@dataclass
-class _Attestation:
-    token: str = field(repr=False)
-    key: WrappingKey = field(repr=False)
-    claims: dict[str, Any]
-    expires_at: float  # epoch seconds
+def trusted_opener(trust: TrustStore) -> ReleaseOpener:
+    """The real "open the release" step: the JWS verified against ``trust``, the key unwrapped."""
 
-    def fresh_for(self, margin: float) -> bool:
-        return time.time() < self.expires_at - margin
+    def open_(jws: str, ref: KeyRef, key: WrappingKey) -> ReleasedKeyResult:
+        # ~0.5 ms of CPU (RS256 verify, one RSA-2048 OAEP decrypt, AES-KWP; the signer chain is validated
+        # once per validity window): cheaper than a worker-thread hop, so it runs on the loop.
+        opened = open_release(
+            jws,
+            host=ref.vault.host,
+            trust=trust,
+            wrapping_key=key.private_key,
+            expected_wrapping_kid=key.kid,
+            expected_name=ref.name,
+            expected_version=ref.version,
+        )
+        return ReleasedKeyResult(
+            key_json=jwk_to_json(opened.jwk), key_id=opened.key_id, version=opened.version
+        )
 
-
-class SelfCheck(Protocol):
-    async def __call__(self) -> dict[str, Any]: ...
+    return open_
 
 
 class ReleaseService:
-    """All four use cases, with caches. One instance per daemon."""
+    """All four use cases over injected ports (evidence, attester, releaser, opener, audit sink, clock).
+    One instance per daemon. ``opener`` defaults to :func:`trusted_opener` over ``trust``."""
 
     def __init__(
         self,
         settings: Settings,
         *,
-        provider: EvidenceProvider,
-        maa: MaaClient,
-        releaser: KeyVaultReleaser,
-        trust: TrustStore,
-        audit: AsyncAuditLog | None,
+        provider: EvidenceSource,
+        maa: Attester,
+        releaser: Releaser,
+        trust: TrustStore | None = None,
+        audit: AuditSink | None,
         metrics: Metrics,
         trusted_arks: Sequence[x509.Certificate] = (),
         security_policy: bytes | None = None,
         token_verifier: TokenVerifier | None = None,
         ambient_identity: Callable[[], str] | None = None,
+        opener: ReleaseOpener | None = None,
+        clock: Clock | None = None,
+        new_key: Callable[[], WrappingKey] = _NEW_WRAPPING_KEY,
     ) -> None:
+        if opener is None:
+            if trust is None:
+                raise TypeError("ReleaseService needs a trust store or an opener")
+            opener = trusted_opener(trust)
         self.settings = settings
         self.provider = provider
         self.maa = maa
@@ -131,12 +150,17 @@ class ReleaseService:
         self.token_verifier = token_verifier
         # "workload_identity" | "managed_identity": which credential a release without access_token uses
         self.ambient_identity = ambient_identity
-        self._cache: dict[str, _Attestation] = {}
-        self._inflight: dict[str, asyncio.Future[_Attestation]] = {}
-        self._next_key: asyncio.Future[WrappingKey] | None = None
+        self.open = opener
+        self.clock = clock or SystemClock()
+        self.attestations = AttestationCache(
+            reuse=settings.token_reuse,
+            margin=settings.token_margin,
+            metrics=metrics,
+            clock=self.clock,
+            new_key=new_key,
+        )
         self._unwrap_keys: dict[tuple[str, ...], _KeptKey] = {}
         self.readiness: dict[str, Any] = {"evidence": "not checked", "policy_hash": "not checked"}
-        self._keys_generated = False
         self.ready = False
 
     # --- lifecycle -----------------------------------------------------------------------------------
@@ -146,18 +170,10 @@ class ReleaseService:
 
         ``first_key``: a key already being generated (``skr serve`` starts one before its imports).
         """
-        if first_key is not None and self._next_key is None:
-            self._next_key = asyncio.wrap_future(first_key)
-        self._prepare_key()
-        assert self._next_key is not None
-        await asyncio.gather(asyncio.shield(self._next_key), self.self_check())
-        self._keys_generated = True
+        await asyncio.gather(self.attestations.start(first_key), self.self_check())
 
     async def aclose(self) -> None:
-        for fut in self._inflight.values():
-            fut.cancel()
-        if self._next_key is not None:
-            self._next_key.cancel()
+        self.attestations.close()
         await self.provider.aclose()
 
     async def self_check(self) -> dict[str, Any]:
@@ -207,26 +223,7 @@ class ReleaseService:
     @property
     def wrapping_key_ready(self) -> bool:
         """True once a wrapping key has been generated and the latest generation has not failed."""
-        nxt = self._next_key
-        if nxt is not None and nxt.done() and not nxt.cancelled() and nxt.exception() is not None:
-            return False
-        return self._keys_generated
-
-    # --- wrapping keys ---------------------------------------------------------------------------------
-
-    def _prepare_key(self) -> None:
-        if self._next_key is None or (self._next_key.done() and self._next_key.exception() is not None):
-            self._next_key = asyncio.ensure_future(asyncio.to_thread(WrappingKey.generate, WRAPPING_KEY_BITS))
-
-    async def _take_key(self) -> WrappingKey:
-        """A fresh RSA-2048 wrapping key; the next one starts generating right away (off the loop)."""
-        self._prepare_key()
-        assert self._next_key is not None
-        current = self._next_key
-        self._next_key = None
-        key = await current
-        self._prepare_key()
-        return key
+        return self.attestations.wrapping_key_ready
 
     # --- endpoints -------------------------------------------------------------------------------------
 
@@ -243,8 +240,9 @@ class ReleaseService:
             )
         return self.settings.allowlist.check(ep, what="attestation endpoint")
 
-    def resolve_vault(self, value: str | None, kid: str) -> tuple[Endpoint, str, str | None]:
-        """The vault, key name and version for a request. A full key URL in ``kid`` names the vault."""
+    def resolve_vault(self, value: str | None, kid: str) -> KeyRef:
+        """The key a request names, parsed once (the request edge). A full key URL in ``kid`` names the
+        vault."""
         if not isinstance(kid, str) or not kid:
             raise BadRequest("kid is required", code="missing_field")
         if any(c.isspace() or ord(c) < 0x20 or ord(c) > 0x7E for c in kid) or "%" in kid or ".." in kid:
@@ -255,14 +253,7 @@ class ReleaseService:
             raise BadRequest(
                 f"kid is not a key name, name/version or key URL: {exc.message}", code="invalid_kid"
             ) from None
-        if not _KEY_NAME.match(name) or (version is not None and not _KEY_VERSION.match(version)):
-            raise BadRequest(
-                "kid must be a key name (letters, digits, '-'), optionally followed by /<version>",
-                code="invalid_kid",
-            )
-        vault: Endpoint | None = None
-        if kid_vault:
-            vault = parse_endpoint(kid_vault, what="kid vault")
+        vault = kid_vault
         if value:
             named = parse_endpoint(value, what="akv_endpoint")
             if vault is not None and vault != named:
@@ -276,16 +267,16 @@ class ReleaseService:
                     code="missing_field",
                 )
             vault = self.settings.akv_endpoint
-        return self.settings.allowlist.check(vault, what="key vault endpoint"), name, version
+        return KeyRef(self.settings.allowlist.check(vault, what="key vault endpoint"), name, version)
 
     # --- upstream helpers ------------------------------------------------------------------------------
 
     async def _timed(self, service: str, ctx: RequestContext, call: Awaitable[T]) -> T:
-        started = time.monotonic()
+        started = self.clock.monotonic()
         try:
             return await call
         finally:
-            spent = time.monotonic() - started
+            spent = self.clock.monotonic() - started
             ctx.upstream_seconds += spent
             self.metrics.upstream_calls.inc(service=service)
             self.metrics.upstream_wait.observe(spent, service=service)
@@ -299,59 +290,30 @@ class ReleaseService:
         self.metrics.evidence.inc(outcome="ok")
         return evidence
 
-    async def _attest(self, maa: Endpoint, deadline: Deadline, ctx: RequestContext) -> _Attestation:
-        key = await self._take_key()
+    async def _mint(self, maa: Endpoint, key: WrappingKey, deadline: Deadline, ctx: RequestContext) -> str:
+        """An attestation token from ``maa`` for fresh evidence binding ``key``'s runtime data."""
         # the token names the audit head at attestation time (a cached token keeps naming that moment)
         runtime_data = key.runtime_data(self._audit_head())
         try:
             evidence = await self._evidence(report_data_for(runtime_data), ctx)
             token = await self._timed(
-                "maa", ctx, self.maa.attest(maa.url, evidence, runtime_data, deadline=deadline)
+                "maa", ctx, self.maa.attest(maa, evidence, runtime_data, deadline=deadline)
             )
         except SkrError:
             self.metrics.attestations.inc(outcome="error")
             raise
         self.metrics.attestations.inc(outcome="ok")
-        claims = unverified_claims(token)
-        exp = claims.get("exp")
-        expires_at = float(exp) if isinstance(exp, int | float) else time.time() + 300
-        return _Attestation(token=token, key=key, claims=claims, expires_at=expires_at)
+        return token
 
     async def _attestation(
         self, maa: Endpoint, deadline: Deadline, ctx: RequestContext, *, reject: str | None = None
-    ) -> _Attestation:
-        """An attestation token and its wrapping key for ``maa``: cached, shared with a concurrent
-        request, or fresh. ``reject``: a token Key Vault refused — never hand it out again."""
-        if not self.settings.token_reuse:
-            ctx.attestation = "fresh"
-            return await self._attest(maa, deadline, ctx)
-        slot = maa.authority
-        cached = self._cache.get(slot)
-        if cached is not None and reject is not None and cached.token == reject:
-            del self._cache[slot]
-            cached = None
-        if cached is not None and cached.fresh_for(self.settings.token_margin):
-            self.metrics.token_cache.inc(result="hit")
-            ctx.attestation = "cached"
-            return cached
-        fut = self._inflight.get(slot)
-        if fut is None:
-            self.metrics.token_cache.inc(result="miss")
-            ctx.attestation = "fresh"
-            fut = asyncio.ensure_future(self._attest(maa, deadline, ctx))
-            self._inflight[slot] = fut
-
-            def done(f: asyncio.Future[_Attestation]) -> None:
-                if self._inflight.get(slot) is f:
-                    del self._inflight[slot]
-                if not f.cancelled() and f.exception() is None:
-                    self._cache[slot] = f.result()
-
-            fut.add_done_callback(done)
-        else:
-            self.metrics.token_cache.inc(result="shared")
-            ctx.attestation = "shared"
-        return await asyncio.shield(fut)
+    ) -> Attestation:
+        """The sidecar's attestation for ``maa`` (:class:`AttestationCache`); ``ctx`` learns its source."""
+        source, attestation = self.attestations.get(
+            maa, lambda key: self._mint(maa, key, deadline, ctx), reject=reject
+        )
+        ctx.attestation = source
+        return await attestation
 
     async def _within(self, deadline: Deadline, what: str, work: Callable[[], Awaitable[T]]) -> T:
         try:
@@ -376,28 +338,42 @@ class ReleaseService:
         kind = self.ambient_identity() if self.ambient_identity is not None else "managed_identity"
         return "workload" if kind == "workload_identity" else "managed"
 
-    async def _record(self, fields: dict[str, Any]) -> None:
+    def _elapsed_ms(self, started: float) -> float:
+        return round((self.clock.monotonic() - started) * 1000, 3)
+
+    async def _record(self, record: AuditRecord) -> None:
         if self.audit is not None:
-            await self.audit.append(fields)
+            await self.audit.append(record.as_fields())
 
     # --- use cases -------------------------------------------------------------------------------------
 
     async def _audited_evidence(self, runtime_data: bytes, ctx: RequestContext, event: str) -> Evidence:
         """A report binding ``runtime_data`` within the deadline, with its audit record."""
-        started = time.monotonic()
+        started = self.clock.monotonic()
         deadline = Deadline.after(self.settings.request_deadline)
-        fields: dict[str, Any] = {"event": event, "request_id": ctx.request_id, "client": ctx.client}
+        record = AuditRecord(event=event, request_id=ctx.request_id, client=ctx.client)
         try:
             evidence = await self._within(
                 deadline, "fetching the report", lambda: self._evidence(report_data_for(runtime_data), ctx)
             )
         except SkrError as exc:
             await self._record(
-                {**fields, "outcome": "error", "error_code": exc.code, **_why(exc), **_duration(started)}
+                dataclasses.replace(
+                    record,
+                    outcome="error",
+                    error_code=exc.code,
+                    **_why(exc),
+                    duration_ms=self._elapsed_ms(started),
+                )
             )
             raise
         await self._record(
-            {**fields, "outcome": "granted", **_report_fields(evidence.report), **_duration(started)}
+            dataclasses.replace(
+                record,
+                outcome="granted",
+                **_report_fields(evidence.report),
+                duration_ms=self._elapsed_ms(started),
+            )
         )
         return evidence
 
@@ -418,17 +394,17 @@ class ReleaseService:
 
     async def maa_token(self, maa_endpoint: str | None, runtime_data: bytes, ctx: RequestContext) -> str:
         """``/attest/maa``: an MAA token for the caller's runtime data (never cached: the data is theirs)."""
-        started = time.monotonic()
-        fields: dict[str, Any] = {"event": "attest.maa", "request_id": ctx.request_id, "client": ctx.client}
+        started = self.clock.monotonic()
+        draft = _Draft(AuditRecord(event="attest.maa", request_id=ctx.request_id, client=ctx.client))
         try:
             maa = self.resolve_maa(maa_endpoint)
-            fields["maa"] = maa.authority
+            draft.note(maa=maa.authority)
             deadline = Deadline.after(self.settings.request_deadline)
 
             async def work() -> str:
                 evidence = await self._evidence(report_data_for(runtime_data), ctx)
                 token = await self._timed(
-                    "maa", ctx, self.maa.attest(maa.url, evidence, runtime_data, deadline=deadline)
+                    "maa", ctx, self.maa.attest(maa, evidence, runtime_data, deadline=deadline)
                 )
                 if self.token_verifier is not None:
                     # the app gets the token as proof: it must really be the endpoint's (issuer, signature)
@@ -442,13 +418,17 @@ class ReleaseService:
             self.metrics.attestations.inc(outcome="error")
             outcome = "denied" if exc.status == 403 else "error"
             await self._record(
-                {**fields, "outcome": outcome, "error_code": exc.code, **_why(exc), **_duration(started)}
+                draft.final(
+                    outcome=outcome, error_code=exc.code, **_why(exc), duration_ms=self._elapsed_ms(started)
+                )
             )
             raise
         self.metrics.attestations.inc(outcome="ok")
         claims = unverified_claims(token)
         await self._record(
-            {**fields, "outcome": "granted", **_token_fields(token, claims), **_duration(started)}
+            draft.final(
+                outcome="granted", **_token_fields(token, claims), duration_ms=self._elapsed_ms(started)
+            )
         )
         return token
 
@@ -526,63 +506,65 @@ class ReleaseService:
         audit_fields: dict[str, Any] | None = None,
     ) -> T:
         """Resolve, release (or take the key from ``keep``), ``use`` it — within the deadline, audited."""
-        started = time.monotonic()
-        fields: dict[str, Any] = {
-            **(audit_fields or {}),
-            "event": event,
-            "request_id": ctx.request_id,
-            "client": ctx.client,
-            "kid": kid if isinstance(kid, str) and len(kid) <= 256 else None,
-            "identity": self._identity(access_token),
-            "client_token_id": ctx.client_token_id,
-        }
+        started = self.clock.monotonic()
+        draft = _Draft(
+            AuditRecord(
+                event=event,
+                request_id=ctx.request_id,
+                client=ctx.client,
+                extra=audit_fields or {},
+                kid=kid if isinstance(kid, str) and len(kid) <= 256 else None,
+                identity=self._identity(access_token),
+                client_token_id=ctx.client_token_id,
+            )
+        )
         try:
             maa = self.resolve_maa(maa_endpoint)
-            vault, name, version = self.resolve_vault(akv_endpoint, kid)
-            fields.update(maa=maa.authority, vault=vault.authority)
+            ref = self.resolve_vault(akv_endpoint, kid)
+            draft.note(maa=maa.authority, vault=ref.vault.authority)
             deadline = Deadline.after(self.settings.request_deadline)
 
             async def work() -> T:
                 slot = (
                     maa.authority,
-                    vault.authority,
-                    name,
-                    version or "",
+                    ref.vault.authority,
+                    ref.name,
+                    ref.version or "",
                     token_fingerprint(access_token or ""),
                 )
                 kept = keep.get(slot) if keep is not None else None
-                if keep is not None and kept is not None and time.time() < kept[0].expires_at:
+                if keep is not None and kept is not None and self.clock.time() < kept[0].expires_at:
                     ctx.attestation = "cached"
-                    fields.update(kept[1], key_version=kept[0].version, note=KEPT_KEY_NOTE)
+                    draft.note(**kept[1], key_version=kept[0].version, note=KEPT_KEY_NOTE)
                     try:
                         return await use(kept[0])
                     except UnwrapFailed:
                         # A new key version since it was kept? Release the key again, once.
                         keep.pop(slot, None)
-                        del fields["note"]
+                        draft.note(note=ABSENT)
                 released = await self._release(
                     maa=maa,
-                    vault=vault,
-                    name=name,
-                    version=version,
+                    ref=ref,
                     access_token=access_token,
                     deadline=deadline,
                     ctx=ctx,
-                    fields=fields,
+                    draft=draft,
                 )
-                fields["key_version"] = released.version
+                draft.note(key_version=released.version)
                 if keep is not None:
-                    now = time.time()
+                    now = self.clock.time()
                     for old in [k for k, v in keep.items() if v[0].expires_at <= now]:
                         del keep[old]
-                    keep[slot] = (released, {k: fields.get(k) for k in _TOKEN_FIELDS})
+                    keep[slot] = (released, {k: getattr(draft.record, k) for k in _TOKEN_FIELDS})
                 return await use(released)
 
             result = await self._within(deadline, "the key release", work)
         except asyncio.CancelledError:
             # The client went away or shutdown cut the request off: the attempt still gets its record.
             self.metrics.releases.inc(outcome="error")
-            record = {**fields, "outcome": "error", "error_code": "cancelled", **_duration(started)}
+            record = draft.final(
+                outcome="error", error_code="cancelled", duration_ms=self._elapsed_ms(started)
+            )
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._record(record))
             raise
@@ -590,24 +572,18 @@ class ReleaseService:
             self.metrics.releases.inc(outcome="denied" if exc.status == 403 else "error")
             outcome = "denied" if exc.status in (403, 404) else "error"
             await self._record(
-                {
-                    **fields,
-                    "outcome": outcome,
-                    "error_code": exc.code,
+                draft.final(
+                    outcome=outcome,
+                    error_code=exc.code,
                     **_why(exc),
-                    "attestation": ctx.attestation,
-                    **_duration(started),
-                }
+                    attestation=ctx.attestation,
+                    duration_ms=self._elapsed_ms(started),
+                )
             )
             raise
         self.metrics.releases.inc(outcome="granted")
         await self._record(
-            {
-                **fields,
-                "outcome": "granted",
-                "attestation": ctx.attestation,
-                **_duration(started),
-            }
+            draft.final(outcome="granted", attestation=ctx.attestation, duration_ms=self._elapsed_ms(started))
         )
         return result
 
@@ -615,24 +591,19 @@ class ReleaseService:
         self,
         *,
         maa: Endpoint,
-        vault: Endpoint,
-        name: str,
-        version: str | None,
+        ref: KeyRef,
         access_token: str | None,
         deadline: Deadline,
         ctx: RequestContext,
-        fields: dict[str, Any],
+        draft: _Draft,
     ) -> ReleasedKeyResult:
-        kid = f"{name}/{version}" if version else name
-
-        async def release_to(attestation: _Attestation) -> ReleaseResult:
-            fields.update(_token_fields(attestation.token, attestation.claims))
+        async def release_to(attestation: Attestation) -> ReleaseResult:
+            draft.note(**_token_fields(attestation.token, attestation.claims))
             return await self._timed(
                 "akv",
                 ctx,
                 self.releaser.release(
-                    vault.url,
-                    kid,
+                    ref,
                     attestation.token,
                     access_token=access_token,
                     enc=Enc.CKM_RSA_AES_KEY_WRAP,
@@ -650,23 +621,21 @@ class ReleaseService:
             log.info("key vault refused a reused attestation token; attesting again")
             attestation = await self._attestation(maa, deadline, ctx, reject=attestation.token)
             released = await release_to(attestation)
-        # ~0.5 ms of CPU (RS256 verify, one RSA-2048 OAEP decrypt, AES-KWP; the signer chain is validated
-        # once per validity window): cheaper than a worker-thread hop, so it runs on the loop.
-        opened = open_release(
-            released.jws,
-            host=vault.host,
-            trust=self.trust,
-            wrapping_key=attestation.key.private_key,
-            expected_wrapping_kid=attestation.key.kid,
-            expected_name=name,
-            expected_version=version,
-        )
-        return ReleasedKeyResult(
-            key_json=jwk_to_json(opened.jwk),
-            key_id=opened.key_id,
-            version=opened.version,
-            expires_at=attestation.expires_at,
-        )
+        opened = self.open(released.jws, ref, attestation.key)
+        return dataclasses.replace(opened, expires_at=attestation.expires_at)
+
+
+class _Draft:
+    """The audit record of one request as it grows: each step replaces the frozen record."""
+
+    def __init__(self, record: AuditRecord) -> None:
+        self.record = record
+
+    def note(self, **changes: Any) -> None:
+        self.record = dataclasses.replace(self.record, **changes)
+
+    def final(self, **changes: Any) -> AuditRecord:
+        return dataclasses.replace(self.record, **changes)
 
 
 _UPSTREAM_STATUS = re.compile(r"\bHTTP ([1-5][0-9]{2})\b")
@@ -680,10 +649,6 @@ def _why(exc: SkrError) -> dict[str, Any]:
         found = _UPSTREAM_STATUS.search(exc.message)
         status = int(found[1]) if found else None
     return {"reason": trim_reason(exc.message), "upstream_status": status}
-
-
-def _duration(started: float) -> dict[str, Any]:
-    return {"duration_ms": round((time.monotonic() - started) * 1000, 3)}
 
 
 def _token_fields(token: str, claims: dict[str, Any]) -> dict[str, Any]:

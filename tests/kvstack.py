@@ -22,6 +22,7 @@ from azure.keyvault.keys.aio import KeyClient
 
 from skr.akv.jws import TrustStore
 from skr.akv.policy import build_confidential_containers_policy
+from skr.endpoints import parse_endpoint
 from skr.evidence.base import report_data_for
 from skr.evidence.virtual import VirtualTee
 from skr.local.attestation import LocalAttestationService
@@ -140,7 +141,7 @@ class Stack:
         data = runtime_data if runtime_data is not None else key.runtime_data()
         evidence = await self.tee.collect(report_data_for(data))
         client = MaaClient(self.session, ssl_context=self.ca.client_ssl_context())
-        return await client.attest(self.maa_url, evidence, data)
+        return await client.attest(parse_endpoint(self.maa_url), evidence, data)
 
     def bearer(self, resource: str = HSM_RESOURCE) -> str:
         token: str = self.identity.issue_token(resource)["access_token"]

@@ -26,9 +26,8 @@ from skr.akv.release import (
     ReleaseResult,
     SdkSettings,
     import_off_loop,
-    normalize_vault,
-    parse_kid,
 )
+from skr.endpoints import KeyRef, parse_endpoint, parse_kid
 from skr.errors import (
     BadRequest,
     IdentityError,
@@ -70,7 +69,8 @@ FAST = SdkSettings(
     ],
 )
 def test_parse_kid(kid, expected):
-    assert parse_kid(kid) == expected
+    vault, name, version = parse_kid(kid)
+    assert (vault.url if vault else None, name, version) == expected
 
 
 @pytest.mark.parametrize(
@@ -108,7 +108,7 @@ def test_parse_kid_refuses(kid):
     ],
 )
 def test_normalize_vault(value, url):
-    assert normalize_vault(value) == url
+    assert parse_endpoint(value).url == url
 
 
 @pytest.mark.parametrize(
@@ -130,7 +130,7 @@ def test_normalize_vault(value, url):
 )
 def test_normalize_vault_refuses(value):
     with pytest.raises(BadRequest):
-        normalize_vault(value)
+        parse_endpoint(value)
 
 
 @pytest.mark.parametrize(
@@ -147,7 +147,7 @@ def test_normalize_vault_refuses(value):
 )
 def test_challenge_resource_check_is_relaxed_only_for_listed_non_azure_hosts(allowed, vault, verify):
     releaser = KeyVaultReleaser(credentials=CredentialFactory({}), allow_insecure_challenge_hosts=allowed)
-    assert releaser.verify_challenge_resource(normalize_vault(vault)) is verify
+    assert releaser.verify_challenge_resource(parse_endpoint(vault)) is verify
 
 
 def test_release_result_repr_hides_the_jws():
@@ -175,7 +175,7 @@ async def releaser(stack: Stack, imds_env: None) -> AsyncIterator[KeyVaultReleas
 async def test_release_end_to_end_unwraps_to_the_created_key(stack, releaser, wrapping_key, enc):
     key = await stack.hsm.create_key("rsa", kty="RSA-HSM", size=2048, release_policy=stack.policy())
     token = await stack.target_token(wrapping_key)
-    result = await releaser.release(stack.hsm_host, "rsa", token, enc=enc)
+    result = await releaser.release(KeyRef.parse("rsa", vault=stack.hsm_host), token, enc=enc)
     assert (result.vault_url, result.name, result.version) == (stack.hsm_url, "rsa", None)
     opened = open_release(
         result.jws,
@@ -195,8 +195,8 @@ async def test_release_by_key_url_with_version_and_reused_credential(stack, rele
     await stack.hsm.create_key("ec", kty="EC-HSM", curve="P-384", release_policy=stack.policy())
     token = await stack.target_token(wrapping_key)
     kid = f"{stack.hsm_url}/keys/ec/{first.version}"
-    one = await releaser.release(None, kid, token)
-    two = await releaser.release(stack.hsm_url + "/", kid, token)
+    one = await releaser.release(KeyRef.parse(kid, vault=None), token)
+    two = await releaser.release(KeyRef.parse(kid, vault=stack.hsm_url + "/"), token)
     assert one.version == two.version == first.version
     opened = open_release(
         one.jws, host=stack.hsm_host, trust=stack.trust(), wrapping_key=wrapping_key.private_key
@@ -209,7 +209,7 @@ async def test_request_access_token_is_used_instead_of_managed_identity(stack, r
     await stack.hsm.create_key("k", kty="oct-HSM", release_policy=stack.policy())
     bearer = stack.bearer()
     result = await releaser.release(
-        stack.hsm_host, "k", await stack.target_token(wrapping_key), access_token=bearer
+        KeyRef.parse("k", vault=stack.hsm_host), await stack.target_token(wrapping_key), access_token=bearer
     )
     assert result.jws.count(".") == 2 and stack.identity.issued == 1  # only the one issued by the test
 
@@ -217,7 +217,9 @@ async def test_request_access_token_is_used_instead_of_managed_identity(stack, r
 async def test_policy_denial_names_the_claim_and_the_role(stack, releaser, wrapping_key):
     await stack.hsm.create_key("other", kty="oct-HSM", release_policy=stack.policy(host_data=OTHER_HOST_DATA))
     with pytest.raises(ReleaseDenied) as info:
-        await releaser.release(stack.hsm_host, "other", await stack.target_token(wrapping_key))
+        await releaser.release(
+            KeyRef.parse("other", vault=stack.hsm_host), await stack.target_token(wrapping_key)
+        )
     assert "HTTP 403 Forbidden" in info.value.message and "x-ms-sevsnpvm-hostdata" in info.value.message
     assert "(inner error: AccessDenied)" in info.value.message
     assert MANAGED_HSM_RELEASE_ROLE in (info.value.hint or "") and "release policy" in (info.value.hint or "")
@@ -228,14 +230,14 @@ async def test_rejected_bearer_is_release_denied(stack, releaser, wrapping_key):
     await stack.hsm.create_key("k", kty="oct-HSM", release_policy=stack.policy())
     wrong_audience = stack.bearer("https://vault.azure.net")
     with pytest.raises(ReleaseDenied) as info:
-        await releaser.release(stack.hsm_host, "k", "t.t.t", access_token=wrong_audience)
+        await releaser.release(KeyRef.parse("k", vault=stack.hsm_host), "t.t.t", access_token=wrong_audience)
     assert "HTTP 401" in info.value.message and "audience" in (info.value.hint or "")
     assert wrong_audience not in info.value.diagnostics()
 
 
 async def test_unknown_key_is_key_not_found(stack, releaser):
     with pytest.raises(KeyNotFound) as info:
-        await releaser.release(stack.hsm_host, "missing", "t.t.t")
+        await releaser.release(KeyRef.parse("missing", vault=stack.hsm_host), "t.t.t")
     assert "KeyNotFound" in info.value.message and info.value.status == 404
 
 
@@ -243,14 +245,16 @@ async def test_token_without_runtime_key_is_bad_request(stack, releaser):
     await stack.hsm.create_key("k", kty="oct-HSM", release_policy=stack.policy())
     token = await stack.target_token(WrappingKey.generate(), runtime_data=b'{"keys":[]}')
     with pytest.raises(BadRequest) as info:
-        await releaser.release(stack.hsm_host, "k", token)
+        await releaser.release(KeyRef.parse("k", vault=stack.hsm_host), token)
     assert "BadParameter" in info.value.message and "x-ms-runtime.keys" in info.value.message
 
 
 async def test_transient_errors_are_retried(stack, releaser, wrapping_key):
     await stack.hsm.create_key("k", kty="oct-HSM", release_policy=stack.policy())
     stack.faults.add(FaultRule(route="hsm.release", action="status", status=503, times=2))
-    result = await releaser.release(stack.hsm_host, "k", await stack.target_token(wrapping_key))
+    result = await releaser.release(
+        KeyRef.parse("k", vault=stack.hsm_host), await stack.target_token(wrapping_key)
+    )
     # two 503s (each on the SDK's bodiless challenge request), then the 401 challenge and the release
     assert result.jws and stack.faults.count("hsm.release") == 4
 
@@ -258,7 +262,7 @@ async def test_transient_errors_are_retried(stack, releaser, wrapping_key):
 async def test_persistent_5xx_is_upstream_error_after_the_retry_budget(stack, releaser):
     stack.faults.add(FaultRule(route="hsm.release", action="status", status=503))
     with pytest.raises(UpstreamError) as info:
-        await releaser.release(stack.hsm_host, "k", "t.t.t")
+        await releaser.release(KeyRef.parse("k", vault=stack.hsm_host), "t.t.t")
     assert "HTTP 503 InjectedFault" in info.value.message
     assert stack.faults.count("hsm.release") == FAST.retry.attempts
 
@@ -267,14 +271,16 @@ async def test_retry_after_is_honoured(stack, releaser, wrapping_key):
     await stack.hsm.create_key("k", kty="oct-HSM", release_policy=stack.policy())
     stack.faults.add(FaultRule(route="hsm.release", action="status", status=429, retry_after=0.5, times=1))
     started = asyncio.get_running_loop().time()
-    result = await releaser.release(stack.hsm_host, "k", await stack.target_token(wrapping_key))
+    result = await releaser.release(
+        KeyRef.parse("k", vault=stack.hsm_host), await stack.target_token(wrapping_key)
+    )
     assert result.jws and asyncio.get_running_loop().time() - started >= 0.5
 
 
 async def test_throttling_is_upstream_error(stack, releaser):
     stack.faults.add(FaultRule(route="hsm.release", action="status", status=429, retry_after=0))
     with pytest.raises(UpstreamError, match="HTTP 429"):
-        await releaser.release(stack.hsm_host, "k", "t.t.t")
+        await releaser.release(KeyRef.parse("k", vault=stack.hsm_host), "t.t.t")
 
 
 async def test_deadline_is_upstream_timeout(stack, releaser):
@@ -282,19 +288,19 @@ async def test_deadline_is_upstream_timeout(stack, releaser):
     stack.faults.add(FaultRule(route="hsm.release", action="delay", seconds=1))
     started = asyncio.get_running_loop().time()
     with pytest.raises(UpstreamTimeout):
-        await releaser.release(stack.hsm_host, "k", "t.t.t", deadline=Deadline.after(0.5))
+        await releaser.release(KeyRef.parse("k", vault=stack.hsm_host), "t.t.t", deadline=Deadline.after(0.5))
     assert asyncio.get_running_loop().time() - started < 0.9
 
 
 async def test_expired_deadline_fails_without_calling(stack, releaser):
     with pytest.raises(UpstreamTimeout):
-        await releaser.release(stack.hsm_host, "k", "t.t.t", deadline=Deadline.after(-1))
+        await releaser.release(KeyRef.parse("k", vault=stack.hsm_host), "t.t.t", deadline=Deadline.after(-1))
     assert stack.faults.count("hsm.*") == 0
 
 
 async def test_unreachable_vault_is_upstream_error(stack, releaser):
     with pytest.raises(UpstreamError) as info:
-        await releaser.release("127.0.0.1:1", "k", "t.t.t", access_token="x")
+        await releaser.release(KeyRef.parse("k", vault="127.0.0.1:1"), "t.t.t", access_token="x")
     assert info.value.code == "upstream_unreachable"
 
 
@@ -304,7 +310,7 @@ async def test_untrusted_tls_is_upstream_error(stack, imds_env):
     )
     try:
         with pytest.raises(UpstreamError) as info:
-            await releaser.release(stack.hsm_host, "k", "t.t.t", access_token="x")
+            await releaser.release(KeyRef.parse("k", vault=stack.hsm_host), "t.t.t", access_token="x")
     finally:
         await releaser.aclose()
     assert info.value.code == "upstream_tls_untrusted"
@@ -315,7 +321,9 @@ async def test_challenge_for_another_domain_is_refused_unless_allow_listed(stack
     releaser = KeyVaultReleaser(credentials=credentials, sdk=FAST)
     try:
         with pytest.raises(UpstreamError) as info:
-            await releaser.release(stack.hsm_host, "k", "t.t.t", access_token=stack.bearer())
+            await releaser.release(
+                KeyRef.parse("k", vault=stack.hsm_host), "t.t.t", access_token=stack.bearer()
+            )
     finally:
         await releaser.aclose()
     assert info.value.code == "vault_challenge_mismatch"
@@ -340,7 +348,7 @@ async def test_identity_failure_is_identity_error(stack, releaser, monkeypatch, 
     monkeypatch.setenv("AZURE_POD_IDENTITY_AUTHORITY_HOST", url)
     try:
         with pytest.raises(IdentityError) as info:
-            await releaser.release(stack.hsm_host, "k", "t.t.t")
+            await releaser.release(KeyRef.parse("k", vault=stack.hsm_host), "t.t.t")
     finally:
         await runner.cleanup()
     assert "no access token" in info.value.message and description in info.value.message
@@ -349,13 +357,15 @@ async def test_identity_failure_is_identity_error(stack, releaser, monkeypatch, 
 
 async def test_vault_and_kid_must_agree(releaser):
     with pytest.raises(BadRequest, match="kid names vault"):
-        await releaser.release("a.vault.azure.net", "https://b.vault.azure.net/keys/k", "t.t.t")
+        await releaser.release(
+            KeyRef.parse("https://b.vault.azure.net/keys/k", vault="a.vault.azure.net"), "t.t.t"
+        )
     with pytest.raises(BadRequest, match="no vault"):
-        await releaser.release(None, "k", "t.t.t")
+        await releaser.release(KeyRef.parse("k", vault=None), "t.t.t")
     with pytest.raises(BadRequest, match="empty"):
-        await releaser.release("a.vault.azure.net", "k", " ")
+        await releaser.release(KeyRef.parse("k", vault="a.vault.azure.net"), " ")
     with pytest.raises(BadRequest, match="enc 'RSA1_5'"):
-        await releaser.release("a.vault.azure.net", "k", "t.t.t", enc="RSA1_5")
+        await releaser.release(KeyRef.parse("k", vault="a.vault.azure.net"), "t.t.t", enc="RSA1_5")
 
 
 def test_role_names_are_azure_rbac_role_names():
@@ -391,7 +401,9 @@ async def test_release_loads_the_sdks_off_the_loop_first(
     monkeypatch.setattr(release_module, "import_off_loop", recording)
     await stack.hsm.create_key("k", kty="oct-HSM", release_policy=stack.policy())
     token = await stack.target_token(wrapping_key)
-    await releaser.release(stack.hsm_host, "k", token, access_token=stack.bearer() if with_token else None)
+    await releaser.release(
+        KeyRef.parse("k", vault=stack.hsm_host), token, access_token=stack.bearer() if with_token else None
+    )
     expected = SDK_MODULES if with_token else SDK_MODULES + IDENTITY_MODULES
     assert asked == [expected]
 
@@ -411,11 +423,16 @@ async def test_connections_to_one_vault_are_capped(stack, imds_env, wrapping_key
     try:
         await stack.hsm.create_key("k", kty="oct-HSM", release_policy=stack.policy())
         token = await stack.target_token(wrapping_key)
-        await releaser.release(stack.hsm_host, "k", token)  # challenge + identity token, outside the timing
+        await releaser.release(
+            KeyRef.parse("k", vault=stack.hsm_host), token
+        )  # challenge + identity token, outside the timing
         stack.faults.add(FaultRule(route="hsm.release", action="delay", seconds=0.4, times=6))
         started = asyncio.get_running_loop().time()
         results = await asyncio.wait_for(
-            asyncio.gather(*(releaser.release(stack.hsm_host, "k", token) for _ in range(6))), timeout=10
+            asyncio.gather(
+                *(releaser.release(KeyRef.parse("k", vault=stack.hsm_host), token) for _ in range(6))
+            ),
+            timeout=10,
         )
         elapsed = asyncio.get_running_loop().time() - started
     finally:

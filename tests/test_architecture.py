@@ -40,6 +40,8 @@ LAYERS: dict[str, int] = {
     "skr.maa": 5,
     "skr.akv": 5,
     "skr.service": 6,
+    "skr.ports": 6,  # the release use case's Protocols, clock and audit record
+    "skr.attestations": 6,  # the wrapping-key pool and attestation-token cache of the use case
     "skr.openapi": 7,
     "skr.server": 7,
     "skr.connections": 7,

@@ -157,10 +157,10 @@ async def test_each_release_names_the_client_token_it_came_with(env, tmp_path):
 async def test_the_sidecars_attestation_token_names_the_audit_head_of_its_moment(env):
     stack, client = env
     service = stack.runtime.service
-    service._cache.clear()  # the next release attests afresh
+    service.attestations.tokens.clear()  # the next release attests afresh
     before = service.audit.head
     assert (await post(client, "/key/release", {"kid": "demo-oct"}))[0] == 200
-    (attestation,) = service._cache.values()
+    (attestation,) = service.attestations.tokens.values()
     named = attestation.claims["x-ms-runtime"]["skr-audit"]
     assert named == {"seq": before[0], "head": before[1], "instance": service.audit.instance}
     assert attestation.claims["x-ms-runtime"]["keys"][0]["kid"] == attestation.key.kid

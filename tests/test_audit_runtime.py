@@ -7,6 +7,7 @@ import json
 
 from skr.akv.jws import open_release
 from skr.akv.keywrap import Enc
+from skr.endpoints import KeyRef
 from skr.maa.runtime import AuditHead, WrappingKey
 from skr.maa.token import unverified_claims
 from tests.test_akv_release import releaser  # noqa: F401 - the releaser fixture against the local stack
@@ -47,7 +48,9 @@ async def test_key_vault_still_finds_the_wrapping_key_when_the_runtime_data_name
     token = await stack.target_token(wrapping_key, runtime_data=wrapping_key.runtime_data(HEAD))
     runtime = unverified_claims(token)["x-ms-runtime"]
     assert runtime["skr-audit"] == {"head": HEAD.head, "instance": HEAD.instance, "seq": HEAD.seq}
-    result = await releaser.release(stack.hsm_host, "oct", token, enc=Enc.CKM_RSA_AES_KEY_WRAP)
+    result = await releaser.release(
+        KeyRef.parse("oct", vault=stack.hsm_host), token, enc=Enc.CKM_RSA_AES_KEY_WRAP
+    )
     opened = open_release(
         result.jws,
         host=stack.hsm_host,

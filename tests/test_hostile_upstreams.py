@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from skr.akv.jws import check_released_key_id
 from skr.akv.release import KeyVaultReleaser, SdkSettings, VaultError
 from skr.config import Settings, load_settings
-from skr.endpoints import Allowlist
+from skr.endpoints import Allowlist, KeyRef
 from skr.errors import ConfigError, JwsError, ReleaseDenied, TokenError, UpstreamError, UpstreamTimeout
 from skr.http import RetryPolicy, request
 from skr.identity import CredentialFactory, VaultScopedCredential
@@ -231,7 +231,9 @@ async def test_key_vault_does_not_follow_a_redirect_with_the_release_body(ca):
         )
         try:
             with pytest.raises(UpstreamError) as info:
-                await releaser.release(url, "k", "attestation.token.here", access_token="bearer")
+                await releaser.release(
+                    KeyRef.parse("k", vault=url), "attestation.token.here", access_token="bearer"
+                )
         finally:
             await releaser.aclose()
     assert info.value.code == "upstream_redirect" and info.value.status == 502
@@ -255,7 +257,7 @@ async def test_the_identity_endpoint_cannot_redirect(ca, monkeypatch):
         )
         try:
             with pytest.raises(UpstreamError) as info:
-                await releaser.release(vault_url, "k", "attestation.token.here")
+                await releaser.release(KeyRef.parse("k", vault=vault_url), "attestation.token.here")
         finally:
             await releaser.aclose()
             await credentials.aclose()
@@ -275,7 +277,7 @@ async def test_a_challenge_for_another_resource_gets_no_token_even_from_an_allow
         )
         try:
             with pytest.raises(UpstreamError) as info:
-                await releaser.release(url, "k", "attestation.token.here")
+                await releaser.release(KeyRef.parse("k", vault=url), "attestation.token.here")
         finally:
             await releaser.aclose()
     assert recorder.scopes == []
@@ -296,7 +298,7 @@ async def test_the_token_is_requested_for_the_vault_kind_scope_as_skr_spells_it(
         )
         try:
             with pytest.raises(ReleaseDenied):  # the stand-in answers 403 to the authorized request
-                await releaser.release(url, "k", "attestation.token.here")
+                await releaser.release(KeyRef.parse("k", vault=url), "attestation.token.here")
         finally:
             await releaser.aclose()
     assert recorder.scopes == [("https://vault.azure.net/.default",)]
@@ -369,7 +371,9 @@ async def test_the_key_vault_release_answer_is_capped(ca):
         )
         try:
             with pytest.raises(UpstreamError) as info:
-                await releaser.release(url, "k", "attestation.token.here", access_token="bearer")
+                await releaser.release(
+                    KeyRef.parse("k", vault=url), "attestation.token.here", access_token="bearer"
+                )
         finally:
             await releaser.aclose()
     assert info.value.code == "upstream_too_large" and "Key Vault" in info.value.message
@@ -397,6 +401,7 @@ async def main(mode: str, url: str, ca: str) -> None:
     import aiohttp
     import azure.keyvault.keys.aio  # noqa: F401 - loaded before the measurement
     from skr.akv.release import KeyVaultReleaser, SdkSettings
+    from skr.endpoints import KeyRef
     from skr.errors import SkrError
     from skr.http import RetryPolicy, request
     from skr.identity import CredentialFactory
@@ -414,7 +419,7 @@ async def main(mode: str, url: str, ca: str) -> None:
                     sdk=SdkSettings(retry=one),
                 )
                 try:
-                    await releaser.release(url, "k", "t.t.t", access_token="bearer")
+                    await releaser.release(KeyRef.parse("k", vault=url), "t.t.t", access_token="bearer")
                 finally:
                     await releaser.aclose()
         except SkrError as exc:
@@ -694,7 +699,9 @@ async def test_an_unreachable_vault_names_the_host_and_the_cause():
     )
     try:
         with pytest.raises(UpstreamError) as info:
-            await releaser.release(f"127.0.0.1:{port}", "k", "t.t.t", access_token="bearer")
+            await releaser.release(
+                KeyRef.parse("k", vault=f"127.0.0.1:{port}"), "t.t.t", access_token="bearer"
+            )
     finally:
         await releaser.aclose()
     assert info.value.code == "upstream_unreachable"

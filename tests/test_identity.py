@@ -15,14 +15,13 @@ from azure.identity import CredentialUnavailableError
 from azure.identity.aio import ManagedIdentityCredential, WorkloadIdentityCredential
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from skr.endpoints import is_azure_host, is_managed_hsm
 from skr.errors import BadRequest, ConfigError
 from skr.identity import (
     MANAGED_HSM_SCOPE,
     VAULT_SCOPE,
     CredentialFactory,
     StaticTokenCredential,
-    is_azure_host,
-    is_managed_hsm,
     scope_for,
 )
 from skr.local.ca import LocalCA

@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
 
+from skr.endpoints import parse_endpoint
 from skr.errors import AttestationFailed, TokenError
 from skr.evidence.base import Evidence, report_data_for
 from skr.evidence.virtual import VirtualTee
@@ -168,7 +169,7 @@ def u64(report: bytes, offset: int) -> int:
 async def test_token_carries_the_report_fields_and_verifies_through_openid_metadata(stack, tee, wrapping_key):
     runtime = wrapping_key.runtime_data()
     evidence = await tee.collect(report_data_for(runtime))
-    token = await stack.maa().attest(stack.host, evidence, runtime, nonce="n-123")
+    token = await stack.maa().attest(parse_endpoint(stack.host), evidence, runtime, nonce="n-123")
     claims = await stack.verifier().verify(token, issuer=stack.host)
 
     report = evidence.report
@@ -210,7 +211,9 @@ async def test_token_carries_the_report_fields_and_verifies_through_openid_metad
 
 async def test_claims_have_maas_json_types(stack, tee, wrapping_key):
     runtime = wrapping_key.runtime_data()
-    token = await stack.maa().attest(stack.host, await tee.collect(report_data_for(runtime)), runtime)
+    token = await stack.maa().attest(
+        parse_endpoint(stack.host), await tee.collect(report_data_for(runtime)), runtime
+    )
     claims = jwt.decode(token, options={"verify_signature": False})
     for name, value in claims.items():
         if name.endswith(("-svn", "guestsvn", "vmpl")) or name in ("iat", "nbf", "exp"):
@@ -223,7 +226,9 @@ async def test_claims_have_maas_json_types(stack, tee, wrapping_key):
 
 async def test_token_lives_eight_hours_and_names_its_key(stack, tee, wrapping_key):
     runtime = wrapping_key.runtime_data()
-    token = await stack.maa().attest(stack.host, await tee.collect(report_data_for(runtime)), runtime)
+    token = await stack.maa().attest(
+        parse_endpoint(stack.host), await tee.collect(report_data_for(runtime)), runtime
+    )
     claims = jwt.decode(token, options={"verify_signature": False})
     assert claims["exp"] - claims["iat"] == 28800
     assert unverified_header(token) == {
@@ -236,7 +241,9 @@ async def test_token_lives_eight_hours_and_names_its_key(stack, tee, wrapping_ke
 
 async def test_policy_hash_follows_the_claim_sets_definition(stack, tee, wrapping_key):
     runtime = wrapping_key.runtime_data()
-    token = await stack.maa().attest(stack.host, await tee.collect(report_data_for(runtime)), runtime)
+    token = await stack.maa().attest(
+        parse_endpoint(stack.host), await tee.collect(report_data_for(runtime)), runtime
+    )
     claims = jwt.decode(token, options={"verify_signature": False})
     inner = b64url(DEFAULT_POLICY.encode("utf-8")).encode("utf-8")
     assert claims["x-ms-policy-hash"] == b64url(hashlib.sha256(inner).digest())
@@ -248,7 +255,7 @@ async def test_verified_uvm_endorsement_yields_compliance_and_the_endorsement_cl
     runtime = wrapping_key.runtime_data()
     evidence = await endorsed_tee.collect(report_data_for(runtime))
     assert evidence.uvm_endorsements == endorsed_tee.uvm_endorsement
-    token = await endorsing_stack.maa().attest(endorsing_stack.host, evidence, runtime)
+    token = await endorsing_stack.maa().attest(parse_endpoint(endorsing_stack.host), evidence, runtime)
     claims = await endorsing_stack.verifier().verify(token, issuer=endorsing_stack.host)
     assert claims["x-ms-compliance-status"] == "azure-compliant-uvm"
     # string values, as genuine ACI tokens carry them (AZURE_WIRE.md §1.5), read from the report here
@@ -263,7 +270,7 @@ async def test_request_without_endorsement_gets_neither_claim(endorsing_stack, t
     runtime = wrapping_key.runtime_data()
     evidence = await tee.collect(report_data_for(runtime))
     assert evidence.uvm_endorsements is None
-    token = await endorsing_stack.maa().attest(endorsing_stack.host, evidence, runtime)
+    token = await endorsing_stack.maa().attest(parse_endpoint(endorsing_stack.host), evidence, runtime)
     claims = await endorsing_stack.verifier().verify(token, issuer=endorsing_stack.host)
     assert "x-ms-compliance-status" not in claims and "x-ms-sevsnpvm-uvm-endorsement" not in claims
 
@@ -272,7 +279,7 @@ async def test_endorsement_from_an_untrusted_signer_gets_neither_claim(stack, en
     # ``stack`` trusts no UVM signing root: the same endorsement that verifies above is not enough
     runtime = wrapping_key.runtime_data()
     evidence = await endorsed_tee.collect(report_data_for(runtime))
-    token = await stack.maa().attest(stack.host, evidence, runtime)
+    token = await stack.maa().attest(parse_endpoint(stack.host), evidence, runtime)
     claims = jwt.decode(token, options={"verify_signature": False})
     assert "x-ms-compliance-status" not in claims and "x-ms-sevsnpvm-uvm-endorsement" not in claims
 
@@ -304,7 +311,7 @@ async def test_endorsement_built_independently_is_accepted(endorsing_stack, ca, 
     evidence = await tee.collect(report_data_for(runtime))
     cose = _signed_endorsement(signer.private_key, signer.chain, evidence.report[0x90:0xC0])
     endorsed = Evidence(evidence.report, evidence.vcek_chain_pem, "test", uvm_endorsements=cose)
-    token = await endorsing_stack.maa().attest(endorsing_stack.host, endorsed, runtime)
+    token = await endorsing_stack.maa().attest(parse_endpoint(endorsing_stack.host), endorsed, runtime)
     claims = jwt.decode(token, options={"verify_signature": False})
     assert claims["x-ms-compliance-status"] == "azure-compliant-uvm"
     assert claims["x-ms-sevsnpvm-uvm-endorsement"]["x-ms-sevsnpvm-guestsvn"] == "3"
@@ -377,7 +384,7 @@ async def test_go_sidecar_path_and_api_versions_are_accepted(stack, tee, wrappin
     evidence = await tee.collect(report_data_for(runtime))
     for version in ("2020-10-01", "2022-08-01", "2025-06-01"):
         client = stack.maa(tee_path="SevSnpVM", api_version=version)
-        token = await client.attest(stack.host, evidence, runtime)
+        token = await client.attest(parse_endpoint(stack.host), evidence, runtime)
         assert (await stack.verifier().verify(token, issuer=stack.issuer))["iss"] == stack.issuer
 
 
@@ -386,7 +393,7 @@ async def test_the_clients_random_nonce_is_echoed_as_the_nonce_claim(stack, tee,
     evidence = await tee.collect(report_data_for(runtime))
     seen: list[str] = []
     for _ in range(2):
-        token = await stack.maa().attest(stack.host, evidence, runtime)
+        token = await stack.maa().attest(parse_endpoint(stack.host), evidence, runtime)
         seen.append((await stack.verifier().verify(token, issuer=stack.host))["nonce"])
     assert all(n.isdigit() for n in seen) and seen[0] != seen[1]
     status, body, _ = await stack.post(request_body(evidence, runtime, nonce="chosen-nonce"))
@@ -444,7 +451,7 @@ async def test_tampered_report_is_refused_with_400(stack, tee, wrapping_key):
     assert "signature" in body["error"]["message"]
     assert headers["x-ms-error-code"] == "EvidenceVerificationFailed"
     with pytest.raises(AttestationFailed) as info:
-        await stack.maa().attest(stack.host, forged, runtime)
+        await stack.maa().attest(parse_endpoint(stack.host), forged, runtime)
     assert info.value.hint is not None and "refused the evidence" in info.value.hint
 
 
@@ -560,7 +567,9 @@ async def test_issuer_defaults_to_the_request_host(tee, ca, server_ssl, tmp_path
     runtime = wrapping_key.runtime_data()
     async with serve(service.app, server_ssl) as host, aiohttp.ClientSession() as session:
         stack = Stack(host, service, session, ca.client_ssl_context())
-        token = await stack.maa().attest(host, await tee.collect(report_data_for(runtime)), runtime)
+        token = await stack.maa().attest(
+            parse_endpoint(host), await tee.collect(report_data_for(runtime)), runtime
+        )
         claims = await stack.verifier().verify(token, issuer=host)
     assert service.issuer is None
     assert claims["iss"] == f"https://{host}"
@@ -612,7 +621,9 @@ async def test_fault_hook_is_consulted_per_route(
     async with serve(service.app, server_ssl) as host, aiohttp.ClientSession() as session:
         service.issuer = f"https://{host}"
         stack = Stack(host, service, session, ca.client_ssl_context())
-        token = await stack.maa().attest(host, await tee.collect(report_data_for(runtime)), runtime)
+        token = await stack.maa().attest(
+            parse_endpoint(host), await tee.collect(report_data_for(runtime)), runtime
+        )
         if refusal is None:
             await stack.verifier().verify(token, issuer=host)
         else:

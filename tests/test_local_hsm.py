@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from skr.akv.jws import open_release
 from skr.akv.keywrap import Enc
 from skr.akv.release import vault_error
+from skr.endpoints import parse_endpoint
 from skr.evidence.base import report_data_for
 from skr.local.attestation import LocalAttestationService
 from skr.local.faults import FaultRule
@@ -406,7 +407,7 @@ async def test_expired_target_token_cannot_be_verified(stack, wrapping_key):
         data = wrapping_key.runtime_data()
         evidence = await stack.tee.collect(report_data_for(data))
         token = await MaaClient(stack.session, ssl_context=stack.ca.client_ssl_context()).attest(
-            past_url, evidence, data
+            parse_endpoint(past_url), evidence, data
         )
     finally:
         await runner.cleanup()

@@ -15,6 +15,7 @@ import pytest
 from aiohttp import web
 
 from skr import __version__
+from skr.endpoints import parse_endpoint
 from skr.errors import AttestationFailed, BadRequest, UpstreamError, UpstreamTimeout
 from skr.evidence.base import Evidence
 from skr.http import Deadline, RetryPolicy
@@ -214,7 +215,7 @@ async def test_attest_posts_the_documented_request_and_returns_the_token(tls, se
     fake = Recorder((200, {"token": FAKE_JWT}))
     async with serve(fake.app(), server_ctx) as host:
         client = MaaClient(session, ssl_context=client_ctx, retry=FAST_RETRY)
-        token = await client.attest(host, aci_evidence, RUNTIME, nonce="abc")
+        token = await client.attest(parse_endpoint(host), aci_evidence, RUNTIME, nonce="abc")
     assert token == FAKE_JWT
     (seen,) = fake.requests
     assert seen["path"] == "/attest/SevSnpVm"
@@ -240,8 +241,8 @@ async def test_every_request_carries_a_fresh_random_nonce_byte_for_byte(vectors,
     fake = Recorder((200, {"token": FAKE_JWT}))
     async with serve(fake.app(), server_ctx) as host:
         client = MaaClient(session, ssl_context=client_ctx, retry=FAST_RETRY)
-        await client.attest(host, aci_evidence, RUNTIME)
-        await client.attest(host, aci_evidence, RUNTIME)
+        await client.attest(parse_endpoint(host), aci_evidence, RUNTIME)
+        await client.attest(parse_endpoint(host), aci_evidence, RUNTIME)
     nonces = [json.loads(seen["body"])["nonce"] for seen in fake.requests]
     for nonce in nonces:  # a random uint64 in decimal, like the Go sidecar's, as the string MAA specifies
         assert isinstance(nonce, str) and nonce.isdigit() and 0 <= int(nonce) < 2**64
@@ -273,7 +274,7 @@ async def test_go_sidecar_path_and_version_are_one_setting_away(tls, session, ac
             api_version="2020-10-01",
             user_agent="ConfidentialSkrContainer",
         )
-        await client.attest(f"https://{host}/", aci_evidence, RUNTIME)
+        await client.attest(parse_endpoint(f"https://{host}/"), aci_evidence, RUNTIME)
     (seen,) = fake.requests
     assert seen["path"] == "/attest/SevSnpVM"
     assert seen["query"] == {"api-version": "2020-10-01"}
@@ -283,7 +284,9 @@ async def test_go_sidecar_path_and_version_are_one_setting_away(tls, session, ac
 async def test_token_member_is_read_case_insensitively(tls, session, aci_evidence):
     server_ctx, client_ctx = tls
     async with serve(Recorder((200, {"Token": FAKE_JWT})).app(), server_ctx) as host:
-        token = await MaaClient(session, ssl_context=client_ctx).attest(host, aci_evidence, RUNTIME)
+        token = await MaaClient(session, ssl_context=client_ctx).attest(
+            parse_endpoint(host), aci_evidence, RUNTIME
+        )
     assert token == FAKE_JWT
 
 
@@ -294,7 +297,7 @@ async def test_503_is_retried_then_200_succeeds(tls, session, aci_evidence):
     )
     async with serve(fake.app(), server_ctx) as host:
         token = await MaaClient(session, ssl_context=client_ctx, retry=FAST_RETRY).attest(
-            host, aci_evidence, RUNTIME
+            parse_endpoint(host), aci_evidence, RUNTIME
         )
     assert token == FAKE_JWT
     assert len(fake.requests) == 2
@@ -308,7 +311,7 @@ async def test_400_is_not_retried_and_the_maa_error_is_summarized(tls, session, 
     async with serve(fake.app(), server_ctx) as host:
         with pytest.raises(AttestationFailed) as info:
             await MaaClient(session, ssl_context=client_ctx, retry=FAST_RETRY).attest(
-                host, aci_evidence, RUNTIME
+                parse_endpoint(host), aci_evidence, RUNTIME
             )
     assert len(fake.requests) == 1
     assert "HTTP 400" in info.value.message
@@ -322,7 +325,9 @@ async def test_200_without_a_token_is_an_attestation_failure(tls, session, aci_e
     server_ctx, client_ctx = tls
     async with serve(Recorder((200, {"jwt": "not-a-token"})).app(), server_ctx) as host:
         with pytest.raises(AttestationFailed) as info:
-            await MaaClient(session, ssl_context=client_ctx).attest(host, aci_evidence, RUNTIME)
+            await MaaClient(session, ssl_context=client_ctx).attest(
+                parse_endpoint(host), aci_evidence, RUNTIME
+            )
     assert "not-a-token" not in info.value.diagnostics()
 
 
@@ -332,7 +337,7 @@ async def test_slow_service_runs_into_the_deadline(tls, session, aci_evidence):
     async with serve(fake.app(), server_ctx) as host:
         client = MaaClient(session, ssl_context=client_ctx, timeout=0.2, retry=FAST_RETRY)
         with pytest.raises(UpstreamTimeout):
-            await client.attest(host, aci_evidence, RUNTIME, deadline=Deadline.after(0.5))
+            await client.attest(parse_endpoint(host), aci_evidence, RUNTIME, deadline=Deadline.after(0.5))
 
 
 async def test_tls_is_verified_against_the_trust_store(tls, session, aci_evidence):
@@ -341,14 +346,14 @@ async def test_tls_is_verified_against_the_trust_store(tls, session, aci_evidenc
     async with serve(fake.app(), server_ctx) as host:
         client = MaaClient(session, ssl_context=ssl.create_default_context(), retry=FAST_RETRY)
         with pytest.raises(UpstreamError) as info:
-            await client.attest(host, aci_evidence, RUNTIME)
+            await client.attest(parse_endpoint(host), aci_evidence, RUNTIME)
     assert info.value.code == "upstream_tls_untrusted"
     assert fake.requests == []
 
 
 async def test_http_endpoints_are_refused_before_any_connection(session, aci_evidence):
     with pytest.raises(BadRequest):
-        await MaaClient(session).attest("http://127.0.0.1:1", aci_evidence, RUNTIME)
+        await MaaClient(session).attest(parse_endpoint("http://127.0.0.1:1"), aci_evidence, RUNTIME)
 
 
 async def test_client_settings_are_validated(session):

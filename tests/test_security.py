@@ -360,7 +360,9 @@ async def test_no_secret_reaches_logs_audit_errors_or_metrics(env, debug_log):
     # tokens: an app's MAA token, the attestation token the releases used, access tokens
     raw = await call("/attest/maa", {"runtime_data": b64(b'{"keys":[]}')}, 200)
     secrets_["MAA token from /attest/maa"] = _token_parts(json.loads(raw)["token"])
-    cached = list(stack.runtime.service._cache.values())  # the sidecar's own attestation token(s)
+    cached = list(
+        stack.runtime.service.attestations.tokens.values()
+    )  # the sidecar's own attestation token(s)
     assert cached
     for i, attestation in enumerate(cached):
         secrets_[f"release attestation token {i}"] = _token_parts(attestation.token)

@@ -1,10 +1,9 @@
 """The Key Vault / Managed HSM *release* call, through ``azure.keyvault.keys.aio.KeyClient``.
 
-Owns: parsing what the caller names (``kid`` as ``name``, ``name/version`` or a full key URL; the vault as
-``host``, ``host:port`` or an ``https://`` URL), one SDK client per (vault, credential) reused across
-calls, the SDK's retry and timeout settings, the per-request deadline, and the mapping of the vault's
-answers to skr errors that carry the vault's error code and message plus a hint on what to fix (RBAC
-role, release policy, key name).
+Owns: one SDK client per (vault, credential) reused across calls, the SDK's retry and timeout settings,
+the per-request deadline, and the mapping of the vault's answers to skr errors that carry the vault's
+error code and message plus a hint on what to fix (RBAC role, release policy, key name). It takes the key
+parsed (:class:`skr.endpoints.KeyRef`).
 
 It returns the release JWS untouched: verifying and unwrapping it is :mod:`skr.akv.jws`'s job.
 
@@ -31,7 +30,6 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from azure.core.credentials_async import AsyncTokenCredential
 from azure.core.exceptions import (
@@ -42,7 +40,7 @@ from azure.core.exceptions import (
 )
 
 from skr.akv.keywrap import Enc
-from skr.endpoints import parse_endpoint
+from skr.endpoints import Endpoint, KeyRef, is_azure_host, parse_endpoint
 from skr.errors import (
     BadRequest,
     IdentityError,
@@ -65,7 +63,7 @@ from skr.http import (
     redirect_error,
     transient_retrying,
 )
-from skr.identity import CredentialFactory, StaticTokenCredential, is_azure_host, verifying_transport
+from skr.identity import CredentialFactory, StaticTokenCredential, verifying_transport
 
 if TYPE_CHECKING:  # the SDK is imported on first use: it costs start-up time and memory (see _key_client)
     from azure.keyvault.keys import ReleaseKeyResult
@@ -74,8 +72,6 @@ if TYPE_CHECKING:  # the SDK is imported on first use: it costs start-up time an
 VAULT_RELEASE_ROLE = "Key Vault Crypto Service Release User"
 MANAGED_HSM_RELEASE_ROLE = "Managed HSM Crypto Service Release User"
 
-_NAME_RE = re.compile(r"^[0-9A-Za-z-]{1,127}$")
-_VERSION_RE = re.compile(r"^[0-9A-Za-z]{1,64}$")
 _MAX_DETAIL = 400
 _CODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # What of a vault's free-text message is passed on: the claim names and Key Vault's own error numbers it
@@ -126,75 +122,6 @@ class SdkSettings:
     16 calls in flight limit throughput."""
     max_body: int = DEFAULT_MAX_UPSTREAM_BODY
     """Bytes of one vault answer read at most (``upstream_too_large`` above)."""
-
-
-# --- parsing ----------------------------------------------------------------------------------------
-
-
-def normalize_vault(value: str) -> str:
-    """``https://host[:port]`` for a vault given as ``host``, ``host:port`` or ``https://host[:port][/]``.
-
-    Refuses ``http://`` (the SDK would refuse bearer auth anyway), user info, paths, queries and fragments,
-    and host names that are not DNS names or IP literals (:func:`skr.endpoints.parse_endpoint`).
-    Lower-cases the host and drops ``:443``.
-    """
-    return parse_endpoint(value, what="the vault endpoint").url
-
-
-def _check_name(name: str, kid: str) -> str:
-    if not _NAME_RE.match(name):
-        raise BadRequest(
-            f"the key name in kid {kid[:200]!r} is not valid; expected 1-127 letters, digits or '-'",
-            hint="kid is name, name/version or https://<vault>/keys/<name>[/<version>]",
-        )
-    return name
-
-
-def _check_version(version: str, kid: str) -> str | None:
-    if not version:
-        return None
-    if not _VERSION_RE.match(version):
-        raise BadRequest(
-            f"the key version in kid {kid[:200]!r} is not valid; expected letters and digits (32 hex)",
-            hint="kid is name, name/version or https://<vault>/keys/<name>[/<version>]",
-        )
-    return version
-
-
-def parse_kid(kid: str) -> tuple[str | None, str, str | None]:
-    """``(vault_url | None, name, version | None)`` for ``name``, ``name/version`` or a key URL
-    ``https://host[:port]/keys/name[/version]``. Names and versions are checked for their character set
-    (they end up in a URL path)."""
-    text = kid.strip() if isinstance(kid, str) else ""
-    if not text:
-        raise BadRequest("kid is empty", hint="name the key to release")
-    if "://" in text:
-        try:
-            parts = urlsplit(text)
-        except ValueError:
-            raise BadRequest(f"kid {kid[:200]!r} is not a valid URL") from None
-        vault_url = normalize_vault(f"{parts.scheme}://{parts.netloc}")
-        if parts.query or parts.fragment:
-            raise BadRequest(
-                f"kid {kid[:200]!r} has a query or fragment; expected .../keys/<name>[/<version>]"
-            )
-        segments = parts.path.strip("/").split("/")
-        if len(segments) not in (2, 3) or segments[0] != "keys":
-            raise BadRequest(
-                f"kid {kid[:200]!r} is not a key URL; expected https://<vault>/keys/<name>[/<version>]"
-            )
-        name = _check_name(segments[1], kid)
-        version = _check_version(segments[2], kid) if len(segments) == 3 else None
-        return vault_url, name, version
-    segments = text.split("/")
-    if len(segments) > 2:
-        raise BadRequest(
-            f"kid {kid[:200]!r} has too many '/' parts; expected name or name/version",
-            hint="or give the full key URL https://<vault>/keys/<name>/<version>",
-        )
-    name = _check_name(segments[0], kid)
-    version = _check_version(segments[1], kid) if len(segments) == 2 else None
-    return None, name, version
 
 
 # --- error mapping ------------------------------------------------------------------------------------
@@ -293,23 +220,25 @@ class KeyVaultReleaser:
         self._api_version = api_version.strip() if api_version and api_version.strip() else None
         self._ca_bundle = ca_bundle
         self._sdk = sdk or SdkSettings()
-        self._insecure_challenge = frozenset(_netloc(h) for h in allow_insecure_challenge_hosts)
+        self._insecure_challenge = frozenset(
+            parse_endpoint(h, what="an insecure challenge host") for h in allow_insecure_challenge_hosts
+        )
         self._clients: dict[tuple[str, int], KeyClient] = {}
         self._own_ssl_context: ssl.SSLContext | None = None
         self._slots: dict[str, asyncio.Semaphore] = {}
 
-    def verify_challenge_resource(self, vault_url: str) -> bool:
-        """False only for allow-listed endpoints outside Azure's domains; True for everything else."""
-        netloc = _netloc(vault_url)
-        host = netloc[: netloc.index("]") + 1] if netloc.startswith("[") else netloc.split(":", 1)[0]
-        listed = netloc in self._insecure_challenge or host in self._insecure_challenge
-        return not (listed and not is_azure_host(vault_url))
+    def verify_challenge_resource(self, vault: Endpoint) -> bool:
+        """False only for allow-listed endpoints outside Azure's domains; True for everything else.
 
-    def _client_kwargs(self, vault_url: str) -> dict[str, Any]:
+        A listed ``host`` without a port (port 443 once parsed) names the host on any port."""
+        listed = vault in self._insecure_challenge or Endpoint(vault.host) in self._insecure_challenge
+        return not (listed and not is_azure_host(vault))
+
+    def _client_kwargs(self, vault: Endpoint) -> dict[str, Any]:
         sdk = self._sdk
         transport_settings = {"connection_timeout": sdk.connection_timeout, "read_timeout": sdk.read_timeout}
         kwargs: dict[str, Any] = {
-            "verify_challenge_resource": self.verify_challenge_resource(vault_url),
+            "verify_challenge_resource": self.verify_challenge_resource(vault),
             "retry_total": 0,  # retries are ours (transient_retrying), bounded by the request deadline
             "permit_redirects": False,  # and the transport refuses any 3xx (upstream_redirect)
         }
@@ -318,7 +247,7 @@ class KeyVaultReleaser:
         kwargs["transport"] = verifying_transport(
             self._ssl_context(),
             connections_per_host=max(sdk.max_connections, 0),
-            service=self._service(vault_url),
+            service=self._service(vault.url),
             max_body=sdk.max_body,
             **transport_settings,
         )
@@ -339,48 +268,31 @@ class KeyVaultReleaser:
             return contextlib.nullcontext()
         return self._slots.setdefault(vault_url, asyncio.Semaphore(self._sdk.max_connections))
 
-    def _client(self, vault_url: str, credential: AsyncTokenCredential) -> KeyClient:
-        key = (vault_url, id(credential))
+    def _client(self, vault: Endpoint, credential: AsyncTokenCredential) -> KeyClient:
+        key = (vault.url, id(credential))
         client = self._clients.get(key)
         if client is None:
-            scoped = self._credentials.scoped(credential, vault_url)
-            client = _key_client(vault_url, scoped, **self._client_kwargs(vault_url))
+            scoped = self._credentials.scoped(credential, vault.url)
+            client = _key_client(vault.url, scoped, **self._client_kwargs(vault))
             self._clients[key] = client
         return client
 
-    def _resolve(self, vault: str | None, kid: str) -> tuple[str, str, str | None]:
-        kid_vault, name, version = parse_kid(kid)
-        given = normalize_vault(vault) if vault is not None and vault.strip() else None
-        if given and kid_vault and given != kid_vault:
-            raise BadRequest(
-                f"kid names vault {kid_vault} but the request names {given}",
-                hint="drop one of them or make them agree",
-            )
-        vault_url = given or kid_vault
-        if vault_url is None:
-            raise BadRequest(
-                "no vault named: kid is not a key URL and no akv_endpoint was given",
-                hint="set akv_endpoint or configure a default vault",
-            )
-        return vault_url, name, version
-
     async def release(
         self,
-        vault: str | None,
-        kid: str,
+        ref: KeyRef,
         target_token: str,
         *,
         access_token: str | None = None,
         enc: Enc = Enc.CKM_RSA_AES_KEY_WRAP,
         deadline: Deadline | None = None,
     ) -> ReleaseResult:
-        """Ask the vault to release ``kid`` to the TEE described by ``target_token`` (an MAA JWT).
+        """Ask the vault to release the key ``ref`` to the TEE described by ``target_token`` (an MAA JWT).
 
         Raises :class:`ReleaseDenied` (401/403), :class:`KeyNotFound` (404), :class:`BadRequest` (400),
         :class:`IdentityError` (no access token), :class:`UpstreamError` (unreachable, 429/5xx after the
         SDK's retries) or :class:`UpstreamTimeout` (``deadline`` ran out).
         """
-        vault_url, name, version = self._resolve(vault, kid)
+        vault_url, name, version = ref.vault.url, ref.name, ref.version
         if not target_token or not target_token.strip():
             raise BadRequest("the attestation token for the release is empty")
         try:
@@ -394,10 +306,10 @@ class KeyVaultReleaser:
         ephemeral = isinstance(credential, StaticTokenCredential)
         client = (
             _key_client(
-                vault_url, self._credentials.scoped(credential, vault_url), **self._client_kwargs(vault_url)
+                vault_url, self._credentials.scoped(credential, vault_url), **self._client_kwargs(ref.vault)
             )
             if ephemeral
-            else self._client(vault_url, credential)
+            else self._client(ref.vault, credential)
         )
         remaining = deadline.remaining() if deadline is not None else None
         try:
@@ -543,11 +455,6 @@ def _key_client(vault_url: str, credential: AsyncTokenCredential, **kwargs: Any)
     from azure.keyvault.keys.aio import KeyClient
 
     return KeyClient(vault_url, credential, **kwargs)
-
-
-def _netloc(value: str) -> str:
-    """``host[:port]`` of a vault-like value (lower-case host, no ``:443``), for allow-list matching."""
-    return normalize_vault(value).split("://", 1)[1]
 
 
 def _upstream_cause(exc: BaseException) -> UpstreamError | None:

@@ -40,7 +40,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from skr.akv.jwk import CURVES, jwk_to_private_key
 from skr.akv.keywrap import b64url_decode
 from skr.akv.policy import encode_policy_for_wire
-from skr.akv.release import normalize_vault, vault_error
+from skr.akv.release import vault_error
+from skr.endpoints import parse_endpoint
 from skr.errors import (
     BadRequest,
     Forbidden,
@@ -52,7 +53,7 @@ from skr.errors import (
     UpstreamError,
 )
 from skr.http import ca_bundle_from_env
-from skr.identity import CredentialFactory, is_azure_host
+from skr.identity import CredentialFactory
 
 KTY_CHOICES = ("oct-HSM", "RSA-HSM", "EC-HSM")
 OCT_SIZES = (128, 192, 256)
@@ -303,13 +304,14 @@ def _map_error(exc: Exception, vault: str, name: str) -> SkrError:
 async def _with_client(
     args: argparse.Namespace, call: Callable[[KeyClient], Awaitable[KeyVaultKey]]
 ) -> KeyVaultKey:
-    vault = normalize_vault(args.vault)
+    endpoint = parse_endpoint(args.vault, what="the vault endpoint")
+    vault = endpoint.url
     factory, token = _credentials(args)
     credential = factory.for_request(token)
     kwargs: dict[str, Any] = factory.transport_kwargs(**_TIMEOUTS)
     if args.api_version:
         kwargs["api_version"] = args.api_version
-    relax = args.allow_insecure_challenge and not is_azure_host(vault)
+    relax = args.allow_insecure_challenge and not endpoint.is_azure()
     try:
         async with KeyClient(vault, credential, verify_challenge_resource=not relax, **kwargs) as client:
             return await call(client)
@@ -380,8 +382,9 @@ async def _refuse_existing(client: KeyClient, args: argparse.Namespace) -> None:
         current = await client.get_key(args.name)
     except ResourceNotFoundError:
         return
+    vault = parse_endpoint(args.vault, what="the vault endpoint").url
     raise BadRequest(
-        f"key {args.name} already exists in {normalize_vault(args.vault)} (current version "
+        f"key {args.name} already exists in {vault} (current version "
         f"{current.properties.version}); a new version is new key material, and data encrypted under "
         "the old version can only be decrypted with the old version",
         hint="pass --new-version to add one anyway, or use `skr keys update-policy` to change only the "

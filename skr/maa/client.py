@@ -13,8 +13,8 @@ Owns the wire format of ``POST https://{instance}/attest/SevSnpVm?api-version=â€
   sample client sends (the genuine request in the test vectors re-encodes identically); the Go sidecar
   pads, and MAA accepts both. Our decoders accept both as well.
 
-Also owns endpoint normalization: a host, ``host:port`` or ``https://`` URL becomes
-``https://host[:port]``; plain HTTP, credentials, paths and queries are refused. TLS is always
+Takes the endpoint parsed (:class:`skr.endpoints.Endpoint`); :func:`normalize_endpoint` gives an issuer's
+origin as text for comparisons. TLS is always
 verified (system roots plus ``SKR_CA_BUNDLE``). Every call goes through :func:`skr.http.request`
 (timeouts, retries of transient failures only, deadline).
 
@@ -37,7 +37,7 @@ from urllib.parse import quote
 import aiohttp
 
 from skr import __version__
-from skr.endpoints import parse_endpoint
+from skr.endpoints import Endpoint, parse_endpoint
 from skr.errors import AttestationFailed, BadRequest
 from skr.evidence.base import Evidence
 from skr.http import (
@@ -247,13 +247,13 @@ class MaaClient:
         self.retry = retry
         self.max_body = max_body
 
-    def attest_url(self, endpoint: str) -> str:
+    def attest_url(self, endpoint: Endpoint) -> str:
         """``https://{instance}/attest/{tee_path}?api-version={api_version}``."""
-        return f"{normalize_endpoint(endpoint)}/attest/{self.tee_path}?api-version={quote(self.api_version)}"
+        return f"{endpoint.url}/attest/{self.tee_path}?api-version={quote(self.api_version)}"
 
     async def attest(
         self,
-        endpoint: str,
+        endpoint: Endpoint,
         evidence: Evidence,
         runtime_data: bytes,
         *,
@@ -266,12 +266,12 @@ class MaaClient:
         ``nonce``: echoed by MAA as the ``nonce`` claim; ``None`` sends a fresh random one
         (:func:`new_nonce`), the same for every retry of this call.
 
-        Raises :class:`BadRequest` for a bad endpoint, :class:`AttestationFailed` when MAA refuses or
+        Raises :class:`AttestationFailed` when MAA refuses or
         answers something unusable, :class:`skr.errors.UpstreamError` / :class:`UpstreamTimeout` when it
         stays unreachable or the deadline runs out.
         """
         url = self.attest_url(endpoint)
-        origin = normalize_endpoint(endpoint)
+        origin = endpoint.url
         nonce = new_nonce() if nonce is None else nonce
         body = build_request_body(evidence, runtime_data, nonce, init_time_data=init_time_data)
         result = await request(

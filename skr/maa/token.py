@@ -32,7 +32,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from skr.endpoints import Allowlist, parse_endpoint
+from skr.endpoints import Allowlist, Endpoint, parse_endpoint
 from skr.errors import BadRequest, TokenError, UpstreamError
 from skr.http import (
     DEFAULT_MAX_UPSTREAM_BODY,
@@ -389,17 +389,13 @@ class TokenVerifier:
         """The metadata may not send skr elsewhere: ``jwks_uri`` is on the issuer's origin, or on a host
         the allowlist names; checked before any connection to it."""
         # the metadata URL is skr's choice (the issuer's, unless overridden for recorded tokens)
-        if _same_origin(jwks_uri, issuer) or _same_origin(jwks_uri, _origin_of(metadata_url)):
+        jwks = _endpoint_of(jwks_uri)
+        if jwks is not None and (
+            jwks.url == issuer
+            or jwks == _endpoint_of(metadata_url)
+            or (self._allowlist is not None and self._allowlist.allows(jwks))
+        ):
             return
-        if self._allowlist is not None:
-            try:
-                endpoint = parse_endpoint(
-                    f"https://{urlsplit(jwks_uri).netloc}", what="the OpenID metadata's jwks_uri"
-                )
-            except (BadRequest, ValueError):
-                endpoint = None
-            if endpoint is not None and self._allowlist.allows(endpoint):
-                return
         raise TokenError(
             f"the OpenID metadata at {metadata_url} points jwks_uri at {urlsplit(jwks_uri).netloc[:100]!r}, "
             f"not at the issuer {issuer}; no request was sent to it",
@@ -429,27 +425,12 @@ class TokenVerifier:
         return _IssuerKeys(keys, skipped, time.monotonic(), sources=[metadata_url, jwks_uri])
 
 
-def _same_origin(url: str, origin: str) -> bool:
-    """True when ``url`` is on ``origin`` (``https://host[:port]``, as :func:`normalize_issuer` gives)."""
+def _endpoint_of(url: str) -> Endpoint | None:
+    """The origin of ``url`` as an :class:`Endpoint` (scheme and path ignored), or None when it has none."""
     try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        return False
-    host = (parts.hostname or "").rstrip(".").lower()
-    if not host or parts.username is not None or parts.password is not None:
-        return False
-    authority = f"[{host}]" if ":" in host else host
-    if port not in (None, 443):
-        authority += f":{port}"
-    return f"https://{authority}" == origin
-
-
-def _origin_of(url: str) -> str:
-    try:
-        return normalize_endpoint(f"https://{urlsplit(url).netloc}")
+        return parse_endpoint(f"https://{urlsplit(url).netloc}")
     except (BadRequest, ValueError):
-        return ""
+        return None
 
 
 def _loose_issuer(value: str) -> str | None:
