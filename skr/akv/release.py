@@ -1,6 +1,6 @@
 """The Key Vault / Managed HSM *release* call, through ``azure.keyvault.keys.aio.KeyClient``.
 
-Owns: one SDK client per (vault, credential) reused across calls, the SDK's retry and timeout settings,
+Owns: one SDK client per (vault, credential) reused across calls, the SDK's timeouts, the retries around it,
 the per-request deadline, and the mapping of the vault's answers to skr errors that carry the vault's
 error code and message plus a hint on what to fix (RBAC role, release policy, key name). It takes the key
 parsed (:class:`skr.endpoints.KeyRef`).
@@ -85,9 +85,8 @@ _CLAIM_FAILURE_RE = re.compile(
     r"found (\"[\w.-]{1,128}\"|[\w.-]{1,128}|<absent>)",
     re.IGNORECASE | re.ASCII,
 )
-# azure-core retries POST only on 500/503/504 and never after a connection error. A release changes nothing
-# in the vault (it only wraps the key for the target), so it is safe to repeat: let the SDK retry it like a
-# GET — on 408/429/502 too, and after a reset connection.
+# A release changes nothing in the vault (it only wraps the key for the target), so it is safe to repeat: the
+# SDK's own retries are off and transient_retrying retries it on 408/429/5xx and after a reset connection.
 
 
 @dataclass(frozen=True)
@@ -204,7 +203,7 @@ class KeyVaultReleaser:
     ``credentials`` chooses the credential per call; ``api_version`` overrides the SDK default;
     ``ca_bundle`` adds TLS trust anchors (default: the factory's); ``allow_insecure_challenge_hosts`` names
     non-Azure endpoints (``host`` or ``host:port``) whose 401 challenge may name a resource that is not
-    their own domain (local emulators). ``sdk`` sets the SDK's retries and timeouts.
+    their own domain (local emulators). ``sdk`` sets the timeouts, the retry policy and the in-flight cap.
     """
 
     def __init__(
@@ -290,7 +289,7 @@ class KeyVaultReleaser:
 
         Raises :class:`ReleaseDenied` (401/403), :class:`KeyNotFound` (404), :class:`BadRequest` (400),
         :class:`IdentityError` (no access token), :class:`UpstreamError` (unreachable, 429/5xx after the
-        SDK's retries) or :class:`UpstreamTimeout` (``deadline`` ran out).
+        retries) or :class:`UpstreamTimeout` (``deadline`` ran out).
         """
         vault_url, name, version = ref.vault.url, ref.name, ref.version
         if not target_token or not target_token.strip():
