@@ -27,7 +27,10 @@ bound its port); when none is set, each request's issuer is ``https://`` + its `
 the ``kid`` derives from the signing key, so it is stable across restarts and ports.
 
 Every response carries ``Server-Timing: app;dur=<ms>`` (time spent inside the service). An optional
-fault hook (:class:`FaultHook`) can answer in place of any route, for resilience tests and demos.
+fault hook (:class:`skr.local.kit.Faults`) can answer in place of a route (``attest``, both path casings;
+``openid-configuration``; ``certs``), for resilience tests and demos, or corrupt an issued token:
+``wrong_issuer`` (another ``iss``), ``resign_jws`` (a stranger's key, same ``kid``), ``truncate_jws``,
+``expired_cert`` (a token that expired an hour ago).
 
 Never issues a token for evidence that failed a check, and never logs tokens or request bodies.
 """
@@ -46,11 +49,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import jwt
 from aiohttp import web
-from aiohttp.typedefs import Handler
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -64,6 +66,7 @@ from skr.evidence.endorsement import (
     verify_uvm_endorsement,
 )
 from skr.files import ensure_directory, load_or_create_rsa_key, read_regular_file, write_private_file
+from skr.local.kit import Faults, Handler, Route, ServiceError, azure_error, local_app, mutations_of
 from skr.maa.client import (
     DATA_TYPE_BINARY,
     DATA_TYPE_JSON,
@@ -130,30 +133,15 @@ WRONG_ISSUER = "https://wrong-issuer.invalid"
 ROUTE_ATTEST = "attest"
 ROUTE_OPENID = "openid-configuration"
 ROUTE_CERTS = "certs"
-_STARTED: web.RequestKey[float] = web.RequestKey("skr.local.attestation.started", float)
 
 
-class FaultHook(Protocol):
-    """Injects failures for tests and demos: return a response to send it instead of the real one."""
-
-    async def before(self, route: str, request: web.Request) -> web.StreamResponse | None:
-        """Called before route ``route`` handles ``request``; ``None`` lets the request proceed.
-
-        Routes: ``attest`` (both path casings), ``openid-configuration``, ``certs``. A hook may also
-        offer ``mutations_for(request) -> Collection[str]`` to corrupt an issued token on purpose:
-        ``wrong_issuer`` (another ``iss``), ``resign_jws`` (signed by a stranger's key, same ``kid``),
-        ``truncate_jws`` (signature cut short), ``expired_cert`` (a token that expired an hour ago).
-        """
-        ...
-
-
-class AttestationRefused(Exception):
+class AttestationRefused(ServiceError):
     """Evidence or a request the service refuses; becomes a 400 in MAA's error shape."""
 
+    code_header = True
+
     def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+        super().__init__(400, code, message)
 
 
 # --- pure helpers -------------------------------------------------------------------------------
@@ -351,7 +339,7 @@ class LocalAttestationService:
         issuer: str | None = None,
         trusted_arks: Sequence[x509.Certificate] = (),
         uvm_signing_roots: Sequence[x509.Certificate] = (),
-        faults: FaultHook | None = None,
+        faults: Faults | None = None,
         policy_text: str = DEFAULT_POLICY,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -384,7 +372,7 @@ class LocalAttestationService:
         issuer: str | None = None,
         trusted_arks: Sequence[x509.Certificate] = (),
         uvm_signing_roots: Sequence[x509.Certificate] = (),
-        faults: FaultHook | None = None,
+        faults: Faults | None = None,
         policy_text: str = DEFAULT_POLICY,
         clock: Callable[[], float] = time.time,
     ) -> LocalAttestationService:
@@ -433,39 +421,15 @@ class LocalAttestationService:
         return self._app
 
     def _build_app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY, middlewares=[self._middleware])
-        app.router.add_post("/attest/SevSnpVm", self._attest, name=ROUTE_ATTEST)
-        app.router.add_post("/attest/SevSnpVM", self._attest, name=f"{ROUTE_ATTEST}-go")
-        app.router.add_get("/.well-known/openid-configuration", self._openid, name=ROUTE_OPENID)
-        app.router.add_get("/certs", self._certs, name=ROUTE_CERTS)
-        app.on_response_prepare.append(_add_server_timing)
-        return app
-
-    # -- middleware --
-
-    @web.middleware
-    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        request[_STARTED] = time.perf_counter()
-        route = request.match_info.route.name
-        if self._faults is not None and route is not None:
-            injected = await self._faults.before(
-                ROUTE_ATTEST if route.startswith(ROUTE_ATTEST) else route, request
-            )
-            if injected is not None:
-                return injected
-        try:
-            response: web.StreamResponse = await handler(request)
-        except web.HTTPException as exc:
-            return _maa_error(
-                exc.status, exc.reason.replace(" ", ""), f"{request.method} {request.path}: {exc.reason}"
-            )
-        except Exception:
-            log.exception("local attestation service failed on %s %s", request.method, request.path)
-            return _maa_error(500, "InternalError", "the local attestation service failed; see its log")
-        return response
+        routes: list[Route] = [
+            ("POST", "/attest/SevSnpVm", ROUTE_ATTEST, self._attest),
+            ("POST", "/attest/SevSnpVM", ROUTE_ATTEST, self._attest),
+            ("GET", "/.well-known/openid-configuration", ROUTE_OPENID, self._openid),
+            ("GET", "/certs", ROUTE_CERTS, self._certs),
+        ]
+        return local_app(routes, faults=self._faults, client_max_size=MAX_BODY, middlewares=[_maa_errors])
 
     # -- handlers --
-
     def _issuer_for(self, request: web.Request) -> str:
         if self._issuer is not None:
             return self._issuer
@@ -477,30 +441,24 @@ class LocalAttestationService:
             ) from None
 
     async def _attest(self, request: web.Request) -> web.Response:
+        api_version = request.query.get("api-version")
+        if api_version not in SUPPORTED_API_VERSIONS:
+            raise AttestationRefused(
+                "InvalidApiVersion",
+                f"api-version {api_version!r} is not supported;"
+                f" expected one of {', '.join(SUPPORTED_API_VERSIONS)}",
+            )
         try:
-            api_version = request.query.get("api-version")
-            if api_version not in SUPPORTED_API_VERSIONS:
-                raise AttestationRefused(
-                    "InvalidApiVersion",
-                    f"api-version {api_version!r} is not supported;"
-                    f" expected one of {', '.join(SUPPORTED_API_VERSIONS)}",
-                )
-            try:
-                body = json.loads(await request.read())
-            except (ValueError, UnicodeDecodeError):
-                raise AttestationRefused("InvalidParameter", "the request body is not JSON") from None
-            parsed = _parse_attest_request(body)
-            issuer = self._issuer_for(request)
-            token = await asyncio.to_thread(self._issue, parsed, issuer, self._mutations(request))
-        except AttestationRefused as exc:
-            return _maa_error(400, exc.code, exc.message)
+            body = json.loads(await request.read())
+        except (ValueError, UnicodeDecodeError):
+            raise AttestationRefused("InvalidParameter", "the request body is not JSON") from None
+        parsed = _parse_attest_request(body)
+        issuer = self._issuer_for(request)
+        token = await asyncio.to_thread(self._issue, parsed, issuer, mutations_of(request))
         return web.json_response({"token": token})
 
     async def _openid(self, request: web.Request) -> web.Response:
-        try:
-            issuer = self._issuer_for(request)
-        except AttestationRefused as exc:
-            return _maa_error(400, exc.code, exc.message)
+        issuer = self._issuer_for(request)
         return web.json_response(
             {
                 "issuer": issuer,
@@ -513,10 +471,7 @@ class LocalAttestationService:
         )
 
     async def _certs(self, request: web.Request) -> web.Response:
-        try:
-            issuer = self._issuer_for(request)
-        except AttestationRefused as exc:
-            return _maa_error(400, exc.code, exc.message)
+        issuer = self._issuer_for(request)
         cert = self._certificate_for(issuer)
         jwk: dict[str, Any] = {
             "alg": "RS256",
@@ -537,10 +492,6 @@ class LocalAttestationService:
         return cert
 
     # -- verification and issuance (runs in a worker thread) --
-
-    def _mutations(self, request: web.Request) -> frozenset[str]:
-        chooser = getattr(self._faults, "mutations_for", None)
-        return frozenset(chooser(request)) if callable(chooser) else frozenset()
 
     def _issue(self, request: _AttestRequest, issuer: str, mutations: frozenset[str] = frozenset()) -> str:
         now = self._clock()
@@ -636,17 +587,19 @@ class LocalAttestationService:
 # --- responses ----------------------------------------------------------------------------------
 
 
-def _maa_error(status: int, code: str, message: str) -> web.Response:
-    """MAA's error shape (``CloudError`` / Azure Core ``ErrorResponse``) plus ``x-ms-error-code``."""
-    return web.json_response(
-        {"error": {"code": code, "message": message}}, status=status, headers={"x-ms-error-code": code}
-    )
-
-
-async def _add_server_timing(request: web.Request, response: web.StreamResponse) -> None:
-    started = request.get(_STARTED)
-    if isinstance(started, float):
-        response.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - started) * 1000:.1f}"
+@web.middleware
+async def _maa_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp's own refusals (404, 405, 413) and failures in MAA's error shape (plus ``x-ms-error-code``)."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        code, message = exc.reason.replace(" ", ""), f"{request.method} {request.path}: {exc.reason}"
+        return azure_error(exc.status, code, message, code_header=True)
+    except Exception:
+        log.exception("local attestation service failed on %s %s", request.method, request.path)
+        return azure_error(
+            500, "InternalError", "the local attestation service failed; see its log", code_header=True
+        )
 
 
 # --- signing material on disk -------------------------------------------------------------------

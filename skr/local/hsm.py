@@ -50,7 +50,8 @@ from skr.akv.keywrap import Enc, b64url_encode, encode_key_hsm, wrap
 from skr.akv.policy import ReleasePolicy, evaluate, normalize_authority, parse_policy
 from skr.errors import BadRequest, ConfigError, KeyWrapError, PolicyError, SkrError
 from skr.files import ensure_directory, read_regular_file, write_private_file
-from skr.local.identity import Faults, InvalidAccessToken, server_timing_middleware
+from skr.local.identity import InvalidAccessToken
+from skr.local.kit import Faults, Route, ServiceError, azure_error, local_app, mutations_of
 from skr.maa.token import unverified_claims
 
 MANAGED_HSM_RESOURCE = "https://managedhsm.azure.net"
@@ -190,24 +191,6 @@ class KeyVersion:
             ),
             tags=dict(doc.get("tags") or {}),
         )
-
-
-class ServiceError(Exception):
-    """An Azure-shaped error answer: ``{"error": {"code", "message", "innererror"?}}``."""
-
-    def __init__(self, status: int, code: str, message: str, inner_code: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.inner_code = inner_code
-
-    def response(self) -> web.Response:
-        """The JSON error response."""
-        error: dict[str, Any] = {"code": self.code, "message": self.message}
-        if self.inner_code:
-            error["innererror"] = {"code": self.inner_code}
-        return web.json_response({"error": error}, status=self.status)
 
 
 class KeyRejected(BadRequest):
@@ -411,7 +394,6 @@ class LocalKeyService:
         self._signing_key = signing_key
         self._chain = list(chain)
         self._verifier = token_verifier
-        self._faults = faults
         self._keys_dir = state_dir / "keys"
         ensure_directory(self._keys_dir)
         os.chmod(self._keys_dir, 0o700)
@@ -419,8 +401,7 @@ class LocalKeyService:
         self._lock = asyncio.Lock()
         self.challenged: deque[tuple[str, str]] = deque(maxlen=256)
         """(method, path) of the latest requests answered with the 401 challenge (diagnostics, tests)."""
-        self.app = web.Application(middlewares=[server_timing_middleware()], client_max_size=max_body)
-        self._routes()
+        self.app = local_app(self._routes(), faults=faults, client_max_size=max_body)
 
     # --- persistence --------------------------------------------------------------------------------
 
@@ -590,21 +571,22 @@ class LocalKeyService:
 
     # --- HTTP plumbing ------------------------------------------------------------------------------
 
-    def _routes(self) -> None:
-        r = self.app.router
-        r.add_post("/keys/{name}/create", self._wrap("create", self._create))
-        r.add_post("/keys/{name}/{version:[^{}/]*}/release", self._wrap("release", self._release))
-        r.add_post("/keys/{name}/release", self._wrap("release", self._release))
-        r.add_put("/keys/{name}", self._wrap("import", self._import))
-        r.add_get("/keys/{name}", self._wrap("get", self._get))
-        r.add_get("/keys/{name}/{version:[^{}/]*}", self._wrap("get", self._get))
-        r.add_patch("/keys/{name}/{version:[^{}/]*}", self._wrap("update", self._update))
+    def _routes(self) -> list[Route]:
+        version = "{version:[^{}/]*}"
+        return [
+            ("POST", "/keys/{name}/create", "create", self._wrap(self._create)),
+            ("POST", f"/keys/{{name}}/{version}/release", "release", self._wrap(self._release)),
+            ("POST", "/keys/{name}/release", "release", self._wrap(self._release)),
+            ("PUT", "/keys/{name}", "import", self._wrap(self._import)),
+            ("GET", "/keys/{name}", "get", self._wrap(self._get)),
+            ("GET", f"/keys/{{name}}/{version}", "get", self._wrap(self._get)),
+            ("PATCH", f"/keys/{{name}}/{version}", "update", self._wrap(self._update)),
+        ]
 
     def _challenge(self, request: web.Request, message: str) -> web.Response:
         self.challenged.append((request.method, request.path))
         header = f'Bearer authorization="{self._authority}", resource="{self.resource}"'
-        error = {"error": {"code": "Unauthorized", "message": message}}
-        return web.json_response(error, status=401, headers={"WWW-Authenticate": header})
+        return azure_error(401, "Unauthorized", message, headers={"WWW-Authenticate": header})
 
     def _authenticate(self, request: web.Request) -> web.Response | None:
         """None when the bearer is valid; else the 401 challenge (sent before the body is read)."""
@@ -618,25 +600,18 @@ class LocalKeyService:
             return self._challenge(request, f"AKV10032: Invalid bearer token: {exc.message}")
         return None
 
-    def _wrap(self, route: str, handler: Any) -> Any:
+    def _wrap(self, handler: Any) -> Any:
         async def wrapped(request: web.Request) -> web.StreamResponse:
-            if self._faults is not None:
-                fault = await self._faults.before(route, request)
-                if fault is not None:
-                    return fault
             challenge = self._authenticate(request)
             if challenge is not None:
                 return challenge
-            try:
-                api_version = request.query.get("api-version", "")
-                if not api_version:
-                    raise _bad("The 'api-version' query parameter is missing.")
-                if not _API_VERSION_RE.match(api_version):
-                    raise _bad(f"The specified api-version '{api_version[:32]}' is not supported.")
-                response: web.StreamResponse = await handler(request, api_version)
-                return response
-            except ServiceError as exc:
-                return exc.response()
+            api_version = request.query.get("api-version", "")
+            if not api_version:
+                raise _bad("The 'api-version' query parameter is missing.")
+            if not _API_VERSION_RE.match(api_version):
+                raise _bad(f"The specified api-version '{api_version[:32]}' is not supported.")
+            response: web.StreamResponse = await handler(request, api_version)
+            return response
 
         return wrapped
 
@@ -792,14 +767,8 @@ class LocalKeyService:
             wrapping_key=wrapping_key,
             requested_version=version,
         )
-        jws = self._sign(payload, self._mutations(request))
+        jws = self._sign(payload, mutations_of(request))
         return web.json_response({"value": jws})
-
-    def _mutations(self, request: web.Request) -> frozenset[str]:
-        """Answer corruptions a fault plan chose for this request (``mutations_for``), if any."""
-        chooser = getattr(self._faults, "mutations_for", None)
-        chosen = chooser(request) if chooser is not None else frozenset()
-        return frozenset(chosen) if isinstance(chosen, frozenset | set) else frozenset()
 
     def _sign(self, payload: Mapping[str, Any], mutations: frozenset[str]) -> str:
         """The release JWS; a fault plan can corrupt it: ``truncate_jws``, ``resign_jws`` (signature by
