@@ -58,9 +58,6 @@ def azure_error(
 class ServiceError(Exception):
     """An Azure-shaped error answer, raised anywhere below a route of :func:`local_app`."""
 
-    code_header = False
-    """Whether the answer names the code in ``x-ms-error-code`` too (MAA does, Key Vault does not)."""
-
     def __init__(self, status: int, code: str, message: str, inner_code: str | None = None) -> None:
         super().__init__(message)
         self.status = status
@@ -70,9 +67,7 @@ class ServiceError(Exception):
 
     def response(self) -> web.Response:
         """The JSON error response."""
-        return azure_error(
-            self.status, self.code, self.message, inner_code=self.inner_code, code_header=self.code_header
-        )
+        return azure_error(self.status, self.code, self.message, inner_code=self.inner_code)
 
 
 def mutations_of(request: web.Request) -> frozenset[str]:
