@@ -162,12 +162,7 @@ class LocalKeyService(KeyStore):
         return f"https://{self.host}"
 
     def _bundle(self, key: KeyVersion, request: web.Request | None) -> dict[str, Any]:
-        jwk: dict[str, Any] = {
-            "kid": f"{self._base_url(request)}/keys/{key.name}/{key.version}",
-            "kty": key.kty,
-            "key_ops": list(key.key_ops),
-            **key.public_members(),
-        }
+        jwk = key.public_jwk(self._base_url(request))
         bundle: dict[str, Any] = {"key": jwk, "attributes": key.attributes(), "tags": dict(key.tags)}
         if key.release_policy is not None:
             bundle["release_policy"] = key.release_policy.to_wire()
@@ -225,18 +220,19 @@ class LocalKeyService(KeyStore):
         return web.json_response(self._bundle(key, request))
 
     async def _get(self, request: web.Request, api_version: str) -> web.StreamResponse:
-        key = self._version(request.match_info["name"], request.match_info.get("version") or None)
+        key = self._version(*_key_ref(request))
         return web.json_response(self._bundle(key, request))
 
     async def _update(self, request: web.Request, api_version: str) -> web.StreamResponse:
         body = await self._json_body(request)
-        name, version = request.match_info["name"], request.match_info.get("version") or None
+        name, version = _key_ref(request)
         self._version(name, version)  # an unknown key is a 404 before any 400 about the body
+        policy = parse_stored_policy(ci_member(body, "release_policy"))
         attributes = self._attributes_in(body)
         updated = await self.update_version(
             name,
             version,
-            policy=parse_stored_policy(ci_member(body, "release_policy")),
+            policy=policy,
             exportable=ci_member(attributes, "exportable"),
             enabled=ci_member(attributes, "enabled"),
         )
@@ -246,7 +242,7 @@ class LocalKeyService(KeyStore):
 
     async def _release(self, request: web.Request, api_version: str) -> web.StreamResponse:
         body = await self._json_body(request)
-        name, version = request.match_info["name"], request.match_info.get("version") or None
+        name, version = _key_ref(request)
         target = ci_member(body, "target")
         if not isinstance(target, str) or not target.strip():
             raise bad("The 'target' attestation token is missing.")
@@ -264,6 +260,11 @@ class LocalKeyService(KeyStore):
 
     def __repr__(self) -> str:
         return f"LocalKeyService(host={self.host!r}, keys={len(self._keys)})"
+
+
+def _key_ref(request: web.Request) -> tuple[str, str | None]:
+    """The key name and version (None: the latest) of a ``/keys/{name}[/{version}]`` route."""
+    return request.match_info["name"], request.match_info.get("version") or None
 
 
 def _tags(body: Mapping[str, Any]) -> dict[str, str]:

@@ -191,13 +191,7 @@ class KeyReleaser:
             decode_b64url(key.material["k"]) if key.kty == "oct-HSM" else dict(key.material)
         )
         key_hsm = encode_key_hsm(wrapping_kid, enc, wrap(plaintext, wrapping_key, enc))
-        released = {
-            "kid": f"{base}/keys/{key.name}/{key.version}",
-            "kty": key.kty,
-            "key_ops": list(key.key_ops),
-            **key.public_members(),
-            "key_hsm": key_hsm,
-        }
+        released = {**key.public_jwk(base), "key_hsm": key_hsm}
         assert key.release_policy is not None
         return {
             "request": {"api-version": api_version, "enc": enc.value, "kid": requested},

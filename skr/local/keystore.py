@@ -96,10 +96,16 @@ class KeyVersion:
     release_policy: StoredPolicy | None = None
     tags: Mapping[str, str] = field(default_factory=dict)
 
-    def public_members(self) -> dict[str, Any]:
-        """``n``/``e`` or ``crv``/``x``/``y`` (nothing for oct keys)."""
+    def public_jwk(self, base_url: str) -> dict[str, Any]:
+        """The public JWK of a key bundle: ``kid`` under ``base_url``, ``kty``, ``key_ops``, and ``n``/``e``
+        or ``crv``/``x``/``y`` (nothing more for oct keys)."""
         members = ("n", "e") if self.kty == "RSA-HSM" else ("crv", "x", "y") if self.kty == "EC-HSM" else ()
-        return {m: self.material[m] for m in members}
+        return {
+            "kid": f"{base_url}/keys/{self.name}/{self.version}",
+            "kty": self.kty,
+            "key_ops": list(self.key_ops),
+            **{m: self.material[m] for m in members},
+        }
 
     def attributes(self) -> dict[str, Any]:
         """The ``attributes`` member of a key bundle."""
@@ -249,6 +255,7 @@ def key_ops_of(value: object, kty: str) -> tuple[str, ...]:
 
 
 def parse_stored_policy(value: object) -> StoredPolicy | None:
+    """The ``release_policy`` member of a request (None when absent); a 400 when it is not a policy."""
     if value is None:
         return None
     if not isinstance(value, Mapping):
@@ -256,14 +263,16 @@ def parse_stored_policy(value: object) -> StoredPolicy | None:
     data = ci_member(value, "data")
     if data is None:
         raise bad("Key Release Policy: missing 'data'.")
-    raw = decode_b64url(data)
+    content_type = str(ci_member(value, "contentType") or POLICY_CONTENT_TYPE)
+    return _checked_policy(decode_b64url(data), content_type, bool(ci_member(value, "immutable")))
+
+
+def _checked_policy(data: bytes, content_type: str, immutable: bool) -> StoredPolicy:
     try:
-        parse_policy(raw)
+        parse_policy(data)
     except PolicyError as exc:
         raise bad(f"Key Release Policy: {exc.message}") from None
-    content_type = ci_member(value, "contentType") or POLICY_CONTENT_TYPE
-    immutable = ci_member(value, "immutable")
-    return StoredPolicy(data=raw, content_type=str(content_type), immutable=bool(immutable))
+    return StoredPolicy(data=data, content_type=content_type, immutable=immutable)
 
 
 def _policy_changed(old: StoredPolicy, new: StoredPolicy | None) -> bool:
@@ -361,12 +370,9 @@ class KeyStore:
         """
         with _rejections():
             kty = normalize_kty(kty)
-            policy = StoredPolicy(release_policy, immutable=immutable) if release_policy is not None else None
-            if policy is not None:
-                try:
-                    parse_policy(policy.data)
-                except PolicyError as exc:
-                    raise bad(f"Key Release Policy: {exc.message}") from None
+            policy = None
+            if release_policy is not None:
+                policy = _checked_policy(release_policy, POLICY_CONTENT_TYPE, immutable)
             material = await asyncio.to_thread(generate_material, kty, size=size, curve=curve)
             ops = key_ops_of(list(key_ops) if key_ops else None, kty)
             return await self._add_version(
