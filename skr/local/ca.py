@@ -259,7 +259,11 @@ class LocalCA:
 
     def server_ssl_context(self, hosts: Sequence[str]) -> ssl.SSLContext:
         """A TLS server context (TLS 1.2+) with a fresh certificate for ``hosts``."""
-        issued = self.issue(hosts)
+        return self.tls_context(self.issue(hosts))
+
+    @staticmethod
+    def tls_context(issued: IssuedCert) -> ssl.SSLContext:
+        """A TLS server context (TLS 1.2+) serving ``issued``."""
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         # ssl only loads certificates from files: use a private temporary directory, removed at once.
