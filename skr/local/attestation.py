@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import jwt
 from aiohttp import web
@@ -125,6 +125,20 @@ def _common_name(cert: x509.Certificate) -> str | None:
 # --- the service --------------------------------------------------------------------------------
 
 
+class AttestationOptions(TypedDict, total=False):
+    """What a :class:`LocalAttestationService` trusts and how it runs, beside its key and issuer.
+
+    ``uvm_signing_roots``: the roots a UVM endorsement's ``x5chain`` must lead to (local mode: the local
+    CA, whose UVM signing leaf signs the virtual TEE's endorsement); none = nothing is compliant.
+    """
+
+    trusted_arks: Sequence[x509.Certificate]
+    uvm_signing_roots: Sequence[x509.Certificate]
+    faults: Faults | None
+    policy_text: str
+    clock: Callable[[], float]
+
+
 class LocalAttestationService:
     """An MAA-compatible attestation service for SEV-SNP evidence (see module docstring)."""
 
@@ -163,33 +177,14 @@ class LocalAttestationService:
 
     @classmethod
     async def create(
-        cls,
-        state_dir: Path,
-        *,
-        issuer: str | None = None,
-        trusted_arks: Sequence[x509.Certificate] = (),
-        uvm_signing_roots: Sequence[x509.Certificate] = (),
-        faults: Faults | None = None,
-        policy_text: str = DEFAULT_POLICY,
-        clock: Callable[[], float] = time.time,
+        cls, state_dir: Path, *, issuer: str | None = None, **options: Unpack[AttestationOptions]
     ) -> LocalAttestationService:
         """Load the signing key and certificate from ``state_dir`` (files mode 0600), creating them once.
 
         The RSA-2048 key survives restarts, so tokens and the ``kid`` stay verifiable across them.
-        ``uvm_signing_roots``: the roots a UVM endorsement's ``x5chain`` must lead to (local mode: the
-        local CA, whose UVM signing leaf signs the virtual TEE's endorsement); none = nothing is compliant.
         """
         key, cert = await asyncio.to_thread(_load_or_create_signing_material, Path(state_dir), issuer)
-        return cls(
-            key,
-            cert,
-            issuer=issuer,
-            trusted_arks=trusted_arks,
-            uvm_signing_roots=uvm_signing_roots,
-            faults=faults,
-            policy_text=policy_text,
-            clock=clock,
-        )
+        return cls(key, cert, issuer=issuer, **options)
 
     def __repr__(self) -> str:
         return f"LocalAttestationService(issuer={self._issuer!r}, kid={self._kid!r})"
