@@ -38,7 +38,7 @@ import aiohttp
 
 from benchmarks._harness import LOOPBACK, free_port, serve_command, sidecar_env
 from skr.audit import chain_files, read_records, verify_chain
-from skr.local.attestation import TOKEN_LIFETIME
+from skr.local.claims import TOKEN_LIFETIME
 from skr.local.faults import FaultPlan, FaultRule
 from skr.local.stack import LocalStack, StackOptions
 

@@ -13,6 +13,7 @@ import shutil
 import ssl
 import stat
 import struct
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -36,6 +37,7 @@ from skr.evidence.virtual import VirtualTee
 from skr.http import RetryPolicy
 from skr.local.attestation import DEFAULT_POLICY, LocalAttestationService
 from skr.local.ca import LocalCA
+from skr.local.claims import AttestationRefused, attested_claims, parse_attest_request
 from skr.maa.client import MaaClient, encode_report
 from skr.maa.runtime import WrappingKey
 from skr.maa.token import TokenVerifier, unverified_header
@@ -207,6 +209,23 @@ async def test_token_carries_the_report_fields_and_verifies_through_openid_metad
     assert re.fullmatch("[0-9a-f]{64}", claims["jti"])
     assert claims["nbf"] == claims["iat"]
     assert "x-ms-compliance-status" not in claims
+
+
+async def test_claims_are_assembled_in_memory_without_a_server(tee, wrapping_key):
+    runtime = wrapping_key.runtime_data()
+    evidence = await tee.collect(report_data_for(runtime))
+    request = parse_attest_request(request_body(evidence, runtime, nonce=7))
+    options: dict[str, Any] = {"issuer": "https://maa.test", "now": time.time(), "issued_at": 1000}
+    options |= {"uvm_signing_roots": (), "policy_hash": "h"}
+    claims = attested_claims(request, trusted_arks=[tee.ark_certificate], **options)
+    assert (claims["iss"], claims["iat"], claims["exp"]) == ("https://maa.test", 1000, 1000 + 8 * 3600)
+    assert claims["nonce"] == "7"  # a number from the Go sidecar, echoed as a string
+    assert claims["x-ms-sevsnpvm-reportdata"] == evidence.report[0x50:0x90].hex()
+    assert claims["x-ms-runtime"] == json.loads(runtime) and claims["x-ms-policy-hash"] == "h"
+    assert list(claims) == sorted(claims) and "x-ms-compliance-status" not in claims
+    with pytest.raises(AttestationRefused) as refused:  # the virtual TEE's ARK is not trusted
+        attested_claims(request, trusted_arks=(), **options)
+    assert refused.value.code == "EvidenceVerificationFailed"
 
 
 async def test_claims_have_maas_json_types(stack, tee, wrapping_key):

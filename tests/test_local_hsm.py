@@ -531,7 +531,7 @@ async def test_keys_persist_across_restart_in_private_files(stack, wrapping_key)
 
 
 def test_release_policy_serialization_is_unpadded_base64url():
-    from skr.local.hsm import StoredPolicy
+    from skr.local.keystore import StoredPolicy
 
     wire = StoredPolicy(b'{"version":"1.0.0"}', immutable=True).to_wire()
     assert "=" not in wire["data"] and wire["immutable"] is True
@@ -539,7 +539,7 @@ def test_release_policy_serialization_is_unpadded_base64url():
 
 
 async def test_programmatic_create_follows_the_same_rules(stack):
-    from skr.local.hsm import KeyRejected
+    from skr.local.keystore import KeyRejected
 
     with pytest.raises(KeyRejected, match=r"AKV\.SKR\.1004"):
         await stack.hsm.create_key("x", kty="oct-HSM")

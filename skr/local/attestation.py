@@ -7,19 +7,8 @@ Owns an aiohttp application that speaks MAA's wire format (docs/wire-formats.md 
 * ``GET /.well-known/openid-configuration`` and ``GET /certs`` (the JWKS with ``x5c``), so verifiers
   (Key Vault, the local key service, :class:`skr.maa.token.TokenVerifier`) use the real trust path.
 
-It really verifies, like MAA: the VCEK chain to a pinned AMD ARK or one of ``trusted_arks`` (the virtual
-TEE's), the report signature, SHA-256(``runtimeData``) == REPORT_DATA[0:32] with REPORT_DATA[32:64] zero,
-SHA-256(``initTimeData``) == HOST_DATA when sent. Then it issues an RS256 JWT with the SEV-SNP claim set
-of MAA (exact names and JSON types), valid 8 hours, echoing the request's ``nonce`` as the ``nonce``
-claim (a string, also when the Go sidecar sends a number).
-
-UVM endorsements are evaluated as on ACI: ``x-ms-compliance-status: azure-compliant-uvm`` and the
-``x-ms-sevsnpvm-uvm-endorsement`` object (``x-ms-sevsnpvm-guestsvn``, ``x-ms-sevsnpvm-launchmeasurement``,
-string values) are emitted only when an ``Endorsements.Uvm`` COSE_Sign1 verifies
-(:func:`skr.evidence.endorsement.verify_uvm_endorsement`: signature, ``x5chain`` to one of
-``uvm_signing_roots`` through a UVM-signing leaf, ``iss``, ``feed``) and its launch measurement equals the
-report's MEASUREMENT. No endorsement or a bad one: neither claim (the token is still issued, so a release
-policy that requires compliance is denied, exactly as MAA's tokens make Key Vault deny it).
+It verifies the evidence and assembles the claims as MAA does (:mod:`skr.local.claims`), then signs an
+RS256 JWT valid 8 hours with its persisted key.
 
 Issuer: the ``issuer`` given (or assigned later through the ``issuer`` property once the server has
 bound its port); when none is set, each request's issuer is ``https://`` + its ``Host`` header. The
@@ -27,7 +16,10 @@ bound its port); when none is set, each request's issuer is ``https://`` + its `
 the ``kid`` derives from the signing key, so it is stable across restarts and ports.
 
 Every response carries ``Server-Timing: app;dur=<ms>`` (time spent inside the service). An optional
-fault hook (:class:`FaultHook`) can answer in place of any route, for resilience tests and demos.
+fault hook (:class:`skr.local.kit.Faults`) can answer in place of a route (``attest``, both path casings;
+``openid-configuration``; ``certs``), for resilience tests and demos, or corrupt an issued token:
+``wrong_issuer`` (another ``iss``), ``resign_jws`` (a stranger's key, same ``kid``), ``truncate_jws``,
+``expired_cert`` (a token that expired an hour ago).
 
 Never issues a token for evidence that failed a check, and never logs tokens or request bodies.
 """
@@ -40,48 +32,37 @@ import hashlib
 import json
 import logging
 import os
-import secrets
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, TypedDict, Unpack
 
 import jwt
 from aiohttp import web
-from aiohttp.typedefs import Handler
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from skr.errors import BadRequest, SkrError
-from skr.evidence.endorsement import (
-    CLAIM_UVM_ENDORSEMENT,
-    UvmEndorsement,
-    parse_uvm_endorsement,
-    verify_uvm_endorsement,
-)
+from skr.errors import BadRequest
 from skr.files import ensure_directory, load_or_create_rsa_key, read_regular_file, write_private_file
-from skr.maa.client import (
-    DATA_TYPE_BINARY,
-    DATA_TYPE_JSON,
-    ReportEnvelope,
-    b64url_decode,
-    decode_report,
-    normalize_endpoint,
+from skr.local.claims import (
+    CLAIMS_SUPPORTED,
+    TOKEN_LIFETIME,
+    AttestationRefused,
+    AttestRequest,
+    attested_claims,
+    parse_attest_request,
+    policy_hash,
 )
+from skr.local.kit import Faults, Handler, Route, azure_error, local_app, mutations_of
+from skr.maa.client import normalize_endpoint
 from skr.maa.runtime import rsa_public_members
-from skr.snp.report import AttestationReport, Product
-from skr.snp.verify import verify_evidence_chain
 
 log = logging.getLogger(__name__)
 
 SUPPORTED_API_VERSIONS = ("2020-10-01", "2022-08-01", "2025-06-01")
-TOKEN_LIFETIME = 8 * 60 * 60
-ATTESTATION_TYPE = "sevsnpvm"
-COMPLIANT_UVM = "azure-compliant-uvm"
 MAX_BODY = 1024 * 1024
 SIGNING_KEY_FILE = "attestation-signing-key.pem"
 SIGNING_CERT_FILE = "attestation-signing-cert.pem"
@@ -97,104 +78,14 @@ issuancerules
 """
 """The policy text the local service evaluates: permit everything that passed verification."""
 
-CLAIMS_SUPPORTED = (
-    "nonce",
-    "x-ms-ver",
-    "x-ms-attestation-type",
-    "x-ms-policy-hash",
-    "x-ms-runtime",
-    "x-ms-inittime",
-    "x-ms-compliance-status",
-    "x-ms-sevsnpvm-authorkeydigest",
-    "x-ms-sevsnpvm-bootloader-svn",
-    "x-ms-sevsnpvm-familyId",
-    "x-ms-sevsnpvm-guestsvn",
-    "x-ms-sevsnpvm-hostdata",
-    "x-ms-sevsnpvm-idkeydigest",
-    "x-ms-sevsnpvm-imageId",
-    "x-ms-sevsnpvm-is-debuggable",
-    "x-ms-sevsnpvm-launchmeasurement",
-    "x-ms-sevsnpvm-microcode-svn",
-    "x-ms-sevsnpvm-migration-allowed",
-    "x-ms-sevsnpvm-reportdata",
-    "x-ms-sevsnpvm-reportid",
-    "x-ms-sevsnpvm-smt-allowed",
-    "x-ms-sevsnpvm-snpfw-svn",
-    "x-ms-sevsnpvm-tee-svn",
-    "x-ms-sevsnpvm-uvm-endorsement",
-    "x-ms-sevsnpvm-vmpl",
-)
-
 WRONG_ISSUER = "https://wrong-issuer.invalid"
 
 ROUTE_ATTEST = "attest"
 ROUTE_OPENID = "openid-configuration"
 ROUTE_CERTS = "certs"
-_STARTED: web.RequestKey[float] = web.RequestKey("skr.local.attestation.started", float)
 
 
-class FaultHook(Protocol):
-    """Injects failures for tests and demos: return a response to send it instead of the real one."""
-
-    async def before(self, route: str, request: web.Request) -> web.StreamResponse | None:
-        """Called before route ``route`` handles ``request``; ``None`` lets the request proceed.
-
-        Routes: ``attest`` (both path casings), ``openid-configuration``, ``certs``. A hook may also
-        offer ``mutations_for(request) -> Collection[str]`` to corrupt an issued token on purpose:
-        ``wrong_issuer`` (another ``iss``), ``resign_jws`` (signed by a stranger's key, same ``kid``),
-        ``truncate_jws`` (signature cut short), ``expired_cert`` (a token that expired an hour ago).
-        """
-        ...
-
-
-class AttestationRefused(Exception):
-    """Evidence or a request the service refuses; becomes a 400 in MAA's error shape."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-# --- pure helpers -------------------------------------------------------------------------------
-
-
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def policy_hash(policy_text: str) -> str:
-    """``x-ms-policy-hash``: BASE64URL(SHA256(UTF8(BASE64URL(UTF8(policy text))))) (MAA claim sets)."""
-    return _b64url(hashlib.sha256(_b64url(policy_text.encode("utf-8")).encode("utf-8")).digest())
-
-
-def sevsnp_claims(report: AttestationReport, product: Product) -> dict[str, Any]:
-    """The ``x-ms-sevsnpvm-*`` claims MAA derives from a verified report (docs/wire-formats.md §1.5).
-
-    Byte fields are lowercase hex strings, SVNs and VMPL numbers, policy bits booleans; the TCB
-    parts come from REPORTED_TCB decoded for ``product``.
-    """
-    tcb = report.reported_tcb_version(product)
-    policy = report.guest_policy
-    return {
-        "x-ms-sevsnpvm-authorkeydigest": report.author_key_digest.hex(),
-        "x-ms-sevsnpvm-bootloader-svn": tcb.bl,
-        "x-ms-sevsnpvm-familyId": report.family_id.hex(),
-        "x-ms-sevsnpvm-guestsvn": report.guest_svn,
-        "x-ms-sevsnpvm-hostdata": report.host_data.hex(),
-        "x-ms-sevsnpvm-idkeydigest": report.id_key_digest.hex(),
-        "x-ms-sevsnpvm-imageId": report.image_id.hex(),
-        "x-ms-sevsnpvm-is-debuggable": policy.debug,
-        "x-ms-sevsnpvm-launchmeasurement": report.measurement.hex(),
-        "x-ms-sevsnpvm-microcode-svn": tcb.ucode,
-        "x-ms-sevsnpvm-migration-allowed": policy.migrate_ma,
-        "x-ms-sevsnpvm-reportdata": report.report_data.hex(),
-        "x-ms-sevsnpvm-reportid": report.report_id.hex(),
-        "x-ms-sevsnpvm-smt-allowed": policy.smt,
-        "x-ms-sevsnpvm-snpfw-svn": tcb.snp,
-        "x-ms-sevsnpvm-tee-svn": tcb.tee,
-        "x-ms-sevsnpvm-vmpl": report.vmpl,
-    }
+# --- signing key and certificates ---------------------------------------------------------------
 
 
 def signing_kid(public_key: rsa.RSAPublicKey) -> str:
@@ -231,113 +122,21 @@ def _common_name(cert: x509.Certificate) -> str | None:
     return value if isinstance(value, str) else None
 
 
-# --- request parsing ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Data:
-    raw: bytes
-    data_type: str
-
-
-@dataclass(frozen=True)
-class _AttestRequest:
-    envelope: ReportEnvelope
-    runtime_data: _Data | None
-    init_time_data: _Data | None
-    nonce: str | None
-
-
-def _parse_data(body: dict[str, Any], name: str) -> _Data | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, dict):
-        raise AttestationRefused("InvalidParameter", f"{name} must be an object {{data, dataType}}")
-    data_type = value.get("dataType", DATA_TYPE_BINARY)
-    if data_type not in (DATA_TYPE_JSON, DATA_TYPE_BINARY):
-        raise AttestationRefused(
-            "InvalidParameter", f"{name}.dataType must be 'JSON' or 'Binary', found {data_type!r}"
-        )
-    try:
-        raw = _decode_b64url(value.get("data"), f"{name}.data")
-    except BadRequest as exc:
-        raise AttestationRefused("InvalidParameter", exc.message) from None
-    return _Data(raw=raw, data_type=data_type)
-
-
-def _decode_b64url(value: Any, what: str) -> bytes:
-    if not isinstance(value, str) or not value:
-        raise BadRequest(f"{what} must be a non-empty base64url string")
-    return b64url_decode(value, what=what)
-
-
-def _parse_attest_request(body: Any) -> _AttestRequest:
-    if not isinstance(body, dict):
-        raise AttestationRefused("InvalidParameter", "the request body must be a JSON object")
-    report = body.get("report")
-    if not isinstance(report, str) or not report:
-        raise AttestationRefused("InvalidParameter", "the request has no 'report' string")
-    try:
-        envelope = decode_report(report)
-    except BadRequest as exc:
-        raise AttestationRefused("InvalidReport", f"the report could not be decoded: {exc.message}") from None
-    nonce = body.get("nonce")
-    if nonce is not None and not isinstance(nonce, str):
-        if isinstance(nonce, bool) or not isinstance(nonce, int):
-            raise AttestationRefused("InvalidParameter", "nonce must be a string")
-        nonce = str(nonce)  # the Go sidecar sends a number; MAA echoes it as a string
-    return _AttestRequest(
-        envelope=envelope,
-        runtime_data=_parse_data(body, "runtimeData"),
-        init_time_data=_parse_data(body, "initTimeData"),
-        nonce=nonce or None,
-    )
-
-
-def _json_claim(data: _Data, name: str) -> Any:
-    if data.data_type != DATA_TYPE_JSON:
-        return None
-    try:
-        doc = json.loads(data.raw)
-    except (ValueError, UnicodeDecodeError):
-        raise AttestationRefused(
-            "InvalidParameter", f"{name}.data has dataType JSON but is not valid JSON"
-        ) from None
-    if not isinstance(doc, dict):
-        raise AttestationRefused(
-            "InvalidParameter", f"{name}.data must be a JSON object, found {type(doc).__name__}"
-        )
-    return doc
-
-
-def _check_binding(report: AttestationReport, request: _AttestRequest) -> None:
-    runtime = request.runtime_data
-    if runtime is not None:
-        digest = hashlib.sha256(runtime.raw).digest()
-        if report.report_data[:32] != digest:
-            raise AttestationRefused(
-                "RuntimeDataMismatch",
-                f"SHA-256 of runtimeData is {digest.hex()}"
-                f" but REPORT_DATA[0:32] is {report.report_data[:32].hex()}",
-            )
-        if any(report.report_data[32:]):
-            raise AttestationRefused(
-                "RuntimeDataMismatch",
-                "REPORT_DATA[32:64] must be zero when runtimeData is bound,"
-                f" found {report.report_data[32:].hex()}",
-            )
-    init = request.init_time_data
-    if init is not None:
-        digest = hashlib.sha256(init.raw).digest()
-        if report.host_data != digest:
-            raise AttestationRefused(
-                "InitTimeDataMismatch",
-                f"SHA-256 of initTimeData is {digest.hex()} but HOST_DATA is {report.host_data.hex()}",
-            )
-
-
 # --- the service --------------------------------------------------------------------------------
+
+
+class AttestationOptions(TypedDict, total=False):
+    """What a :class:`LocalAttestationService` trusts and how it runs, beside its key and issuer.
+
+    ``uvm_signing_roots``: the roots a UVM endorsement's ``x5chain`` must lead to (local mode: the local
+    CA, whose UVM signing leaf signs the virtual TEE's endorsement); none = nothing is compliant.
+    """
+
+    trusted_arks: Sequence[x509.Certificate]
+    uvm_signing_roots: Sequence[x509.Certificate]
+    faults: Faults | None
+    policy_text: str
+    clock: Callable[[], float]
 
 
 class LocalAttestationService:
@@ -351,7 +150,7 @@ class LocalAttestationService:
         issuer: str | None = None,
         trusted_arks: Sequence[x509.Certificate] = (),
         uvm_signing_roots: Sequence[x509.Certificate] = (),
-        faults: FaultHook | None = None,
+        faults: Faults | None = None,
         policy_text: str = DEFAULT_POLICY,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -378,33 +177,14 @@ class LocalAttestationService:
 
     @classmethod
     async def create(
-        cls,
-        state_dir: Path,
-        *,
-        issuer: str | None = None,
-        trusted_arks: Sequence[x509.Certificate] = (),
-        uvm_signing_roots: Sequence[x509.Certificate] = (),
-        faults: FaultHook | None = None,
-        policy_text: str = DEFAULT_POLICY,
-        clock: Callable[[], float] = time.time,
+        cls, state_dir: Path, *, issuer: str | None = None, **options: Unpack[AttestationOptions]
     ) -> LocalAttestationService:
         """Load the signing key and certificate from ``state_dir`` (files mode 0600), creating them once.
 
         The RSA-2048 key survives restarts, so tokens and the ``kid`` stay verifiable across them.
-        ``uvm_signing_roots``: the roots a UVM endorsement's ``x5chain`` must lead to (local mode: the
-        local CA, whose UVM signing leaf signs the virtual TEE's endorsement); none = nothing is compliant.
         """
         key, cert = await asyncio.to_thread(_load_or_create_signing_material, Path(state_dir), issuer)
-        return cls(
-            key,
-            cert,
-            issuer=issuer,
-            trusted_arks=trusted_arks,
-            uvm_signing_roots=uvm_signing_roots,
-            faults=faults,
-            policy_text=policy_text,
-            clock=clock,
-        )
+        return cls(key, cert, issuer=issuer, **options)
 
     def __repr__(self) -> str:
         return f"LocalAttestationService(issuer={self._issuer!r}, kid={self._kid!r})"
@@ -433,39 +213,15 @@ class LocalAttestationService:
         return self._app
 
     def _build_app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY, middlewares=[self._middleware])
-        app.router.add_post("/attest/SevSnpVm", self._attest, name=ROUTE_ATTEST)
-        app.router.add_post("/attest/SevSnpVM", self._attest, name=f"{ROUTE_ATTEST}-go")
-        app.router.add_get("/.well-known/openid-configuration", self._openid, name=ROUTE_OPENID)
-        app.router.add_get("/certs", self._certs, name=ROUTE_CERTS)
-        app.on_response_prepare.append(_add_server_timing)
-        return app
-
-    # -- middleware --
-
-    @web.middleware
-    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        request[_STARTED] = time.perf_counter()
-        route = request.match_info.route.name
-        if self._faults is not None and route is not None:
-            injected = await self._faults.before(
-                ROUTE_ATTEST if route.startswith(ROUTE_ATTEST) else route, request
-            )
-            if injected is not None:
-                return injected
-        try:
-            response: web.StreamResponse = await handler(request)
-        except web.HTTPException as exc:
-            return _maa_error(
-                exc.status, exc.reason.replace(" ", ""), f"{request.method} {request.path}: {exc.reason}"
-            )
-        except Exception:
-            log.exception("local attestation service failed on %s %s", request.method, request.path)
-            return _maa_error(500, "InternalError", "the local attestation service failed; see its log")
-        return response
+        routes: list[Route] = [
+            ("POST", "/attest/SevSnpVm", ROUTE_ATTEST, self._attest),
+            ("POST", "/attest/SevSnpVM", ROUTE_ATTEST, self._attest),
+            ("GET", "/.well-known/openid-configuration", ROUTE_OPENID, self._openid),
+            ("GET", "/certs", ROUTE_CERTS, self._certs),
+        ]
+        return local_app(routes, faults=self._faults, client_max_size=MAX_BODY, middlewares=[_maa_errors])
 
     # -- handlers --
-
     def _issuer_for(self, request: web.Request) -> str:
         if self._issuer is not None:
             return self._issuer
@@ -477,30 +233,24 @@ class LocalAttestationService:
             ) from None
 
     async def _attest(self, request: web.Request) -> web.Response:
+        api_version = request.query.get("api-version")
+        if api_version not in SUPPORTED_API_VERSIONS:
+            raise AttestationRefused(
+                "InvalidApiVersion",
+                f"api-version {api_version!r} is not supported;"
+                f" expected one of {', '.join(SUPPORTED_API_VERSIONS)}",
+            )
         try:
-            api_version = request.query.get("api-version")
-            if api_version not in SUPPORTED_API_VERSIONS:
-                raise AttestationRefused(
-                    "InvalidApiVersion",
-                    f"api-version {api_version!r} is not supported;"
-                    f" expected one of {', '.join(SUPPORTED_API_VERSIONS)}",
-                )
-            try:
-                body = json.loads(await request.read())
-            except (ValueError, UnicodeDecodeError):
-                raise AttestationRefused("InvalidParameter", "the request body is not JSON") from None
-            parsed = _parse_attest_request(body)
-            issuer = self._issuer_for(request)
-            token = await asyncio.to_thread(self._issue, parsed, issuer, self._mutations(request))
-        except AttestationRefused as exc:
-            return _maa_error(400, exc.code, exc.message)
+            body = json.loads(await request.read())
+        except (ValueError, UnicodeDecodeError):
+            raise AttestationRefused("InvalidParameter", "the request body is not JSON") from None
+        parsed = parse_attest_request(body)
+        issuer = self._issuer_for(request)
+        token = await asyncio.to_thread(self._issue, parsed, issuer, mutations_of(request))
         return web.json_response({"token": token})
 
     async def _openid(self, request: web.Request) -> web.Response:
-        try:
-            issuer = self._issuer_for(request)
-        except AttestationRefused as exc:
-            return _maa_error(400, exc.code, exc.message)
+        issuer = self._issuer_for(request)
         return web.json_response(
             {
                 "issuer": issuer,
@@ -513,10 +263,7 @@ class LocalAttestationService:
         )
 
     async def _certs(self, request: web.Request) -> web.Response:
-        try:
-            issuer = self._issuer_for(request)
-        except AttestationRefused as exc:
-            return _maa_error(400, exc.code, exc.message)
+        issuer = self._issuer_for(request)
         cert = self._certificate_for(issuer)
         jwk: dict[str, Any] = {
             "alg": "RS256",
@@ -538,30 +285,17 @@ class LocalAttestationService:
 
     # -- verification and issuance (runs in a worker thread) --
 
-    def _mutations(self, request: web.Request) -> frozenset[str]:
-        chooser = getattr(self._faults, "mutations_for", None)
-        return frozenset(chooser(request)) if callable(chooser) else frozenset()
-
-    def _issue(self, request: _AttestRequest, issuer: str, mutations: frozenset[str] = frozenset()) -> str:
+    def _issue(self, request: AttestRequest, issuer: str, mutations: frozenset[str] = frozenset()) -> str:
         now = self._clock()
-        envelope = request.envelope
-        try:
-            verified = verify_evidence_chain(
-                envelope.report,
-                envelope.vcek_chain_pem,
-                at=datetime.fromtimestamp(now, tz=UTC),
-                trusted_arks=self._trusted_arks,
-            )
-        except SkrError as exc:
-            raise AttestationRefused(
-                "InvalidReport" if exc.status == 400 else "EvidenceVerificationFailed",
-                f"the SEV-SNP evidence failed verification: {exc.message}",
-            ) from None
-        report = verified.report
-        _check_binding(report, request)
-        endorsement = self._uvm_endorsement(envelope.uvm_endorsements, report, now)
-        issued_at = int(now) - (TOKEN_LIFETIME + 3600 if "expired_cert" in mutations else 0)
-        claims = self._claims(report, verified.product, request, issuer, issued_at, endorsement=endorsement)
+        claims = attested_claims(
+            request,
+            issuer=issuer,
+            now=now,
+            issued_at=int(now) - (TOKEN_LIFETIME + 3600 if "expired_cert" in mutations else 0),
+            trusted_arks=self._trusted_arks,
+            uvm_signing_roots=self._uvm_signing_roots,
+            policy_hash=self._policy_hash,
+        )
         if "wrong_issuer" in mutations:
             claims["iss"] = WRONG_ISSUER
         key = self._signing_key
@@ -571,82 +305,25 @@ class LocalAttestationService:
         token = jwt.encode(claims, key, algorithm="RS256", headers=headers)
         return token[:-16] if "truncate_jws" in mutations else token
 
-    def _uvm_endorsement(
-        self, endorsements: Sequence[bytes], report: AttestationReport, now: float
-    ) -> UvmEndorsement | None:
-        """The first endorsement that verifies and endorses the report's MEASUREMENT, else ``None``."""
-        if not endorsements:
-            log.info("no UVM endorsement in the request: no x-ms-compliance-status")
-        for raw in endorsements:
-            try:
-                endorsement = parse_uvm_endorsement(raw)
-                verify_uvm_endorsement(
-                    endorsement, trusted_roots=self._uvm_signing_roots, at=datetime.fromtimestamp(now, tz=UTC)
-                )
-            except SkrError as exc:
-                log.warning("UVM endorsement refused: %s", exc.message)
-                continue
-            if endorsement.launch_measurement != report.measurement:
-                log.warning(
-                    "UVM endorsement refused: it endorses launch measurement %s, the report has %s",
-                    endorsement.launch_measurement.hex(),
-                    report.measurement.hex(),
-                )
-                continue
-            return endorsement
-        return None
-
-    def _claims(
-        self,
-        report: AttestationReport,
-        product: Product,
-        request: _AttestRequest,
-        issuer: str,
-        now: int,
-        *,
-        endorsement: UvmEndorsement | None,
-    ) -> dict[str, Any]:
-        claims: dict[str, Any] = {
-            "exp": now + TOKEN_LIFETIME,
-            "iat": now,
-            "iss": issuer,
-            "jti": secrets.token_hex(32),
-            "nbf": now,
-            "x-ms-attestation-type": ATTESTATION_TYPE,
-            "x-ms-policy-hash": self._policy_hash,
-            "x-ms-ver": "1.0",
-        }
-        claims.update(sevsnp_claims(report, product))
-        if endorsement is not None:
-            claims["x-ms-compliance-status"] = COMPLIANT_UVM
-            claims[CLAIM_UVM_ENDORSEMENT] = endorsement.claims()
-        if request.runtime_data is not None:
-            runtime = _json_claim(request.runtime_data, "runtimeData")
-            if runtime is not None:
-                claims["x-ms-runtime"] = runtime
-        if request.init_time_data is not None:
-            init = _json_claim(request.init_time_data, "initTimeData")
-            if init is not None:
-                claims["x-ms-inittime"] = init
-        if request.nonce is not None:
-            claims["nonce"] = request.nonce
-        return dict(sorted(claims.items()))
-
 
 # --- responses ----------------------------------------------------------------------------------
 
 
-def _maa_error(status: int, code: str, message: str) -> web.Response:
-    """MAA's error shape (``CloudError`` / Azure Core ``ErrorResponse``) plus ``x-ms-error-code``."""
-    return web.json_response(
-        {"error": {"code": code, "message": message}}, status=status, headers={"x-ms-error-code": code}
-    )
-
-
-async def _add_server_timing(request: web.Request, response: web.StreamResponse) -> None:
-    started = request.get(_STARTED)
-    if isinstance(started, float):
-        response.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - started) * 1000:.1f}"
+@web.middleware
+async def _maa_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp's own refusals (404, 405, 413) and failures in MAA's error shape (plus ``x-ms-error-code``)."""
+    try:
+        return await handler(request)
+    except AttestationRefused as exc:
+        return azure_error(400, exc.code, exc.message, code_header=True)
+    except web.HTTPException as exc:
+        code, message = exc.reason.replace(" ", ""), f"{request.method} {request.path}: {exc.reason}"
+        return azure_error(exc.status, code, message, code_header=True)
+    except Exception:
+        log.exception("local attestation service failed on %s %s", request.method, request.path)
+        return azure_error(
+            500, "InternalError", "the local attestation service failed; see its log", code_header=True
+        )
 
 
 # --- signing material on disk -------------------------------------------------------------------

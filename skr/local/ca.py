@@ -171,32 +171,13 @@ class LocalCA:
         """A server certificate for ``hosts`` (IP addresses become IP SANs, the rest DNS SANs)."""
         if not hosts:
             raise ConfigError("a server certificate needs at least one host name or IP address")
-        key = rsa.generate_private_key(public_exponent=65537, key_size=KEY_BITS)
-        now = _now()
-        leaf = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0][:64])]))
-            .issuer_name(self._certificate.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - CLOCK_SKEW)
-            .not_valid_after(min(now + LEAF_VALIDITY, self._certificate.not_valid_after_utc))
-            .add_extension(x509.SubjectAlternativeName([_san(host) for host in hosts]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(_key_usage(key_encipherment=True), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()), critical=False
-            )
-            .sign(self._key, hashes.SHA256())
-        )
-        pem = serialization.Encoding.PEM
-        return IssuedCert(
-            cert_pem=leaf.public_bytes(pem) + self._certificate.public_bytes(pem),
-            key_pem=key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
-            chain=[leaf, self._certificate],
-            private_key=key,
+        return self._issue_leaf(
+            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0][:64])]),
+            LEAF_VALIDITY,
+            (x509.SubjectAlternativeName([_san(host) for host in hosts]), False),
+            (x509.BasicConstraints(ca=False, path_length=None), True),
+            (_key_usage(key_encipherment=True), True),
+            (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False),
         )
 
     def uvm_signer(self) -> IssuedCert:
@@ -210,42 +191,21 @@ class LocalCA:
                 return loaded
         from skr.evidence.endorsement import UVM_SIGNING_EKU
 
-        key = rsa.generate_private_key(public_exponent=65537, key_size=KEY_BITS)
-        now = _now()
-        leaf = (
-            x509.CertificateBuilder()
-            .subject_name(
-                x509.Name(
-                    [
-                        x509.NameAttribute(NameOID.COMMON_NAME, "skr local UVM signing"),
-                        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "skr local mode (not Microsoft)"),
-                    ]
-                )
-            )
-            .issuer_name(self._certificate.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - CLOCK_SKEW)
-            .not_valid_after(min(now + UVM_SIGNER_VALIDITY, self._certificate.not_valid_after_utc))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(_key_usage(), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([UVM_SIGNING_EKU]), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()), critical=False
-            )
-            .sign(self._key, hashes.SHA256())
-        )
-        pem = serialization.Encoding.PEM
-        issued = IssuedCert(
-            cert_pem=leaf.public_bytes(pem) + self._certificate.public_bytes(pem),
-            key_pem=key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
-            chain=[leaf, self._certificate],
-            private_key=key,
+        issued = self._issue_leaf(
+            x509.Name(
+                [
+                    x509.NameAttribute(NameOID.COMMON_NAME, "skr local UVM signing"),
+                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "skr local mode (not Microsoft)"),
+                ]
+            ),
+            UVM_SIGNER_VALIDITY,
+            (x509.BasicConstraints(ca=False, path_length=None), True),
+            (_key_usage(), True),
+            (x509.ExtendedKeyUsage([UVM_SIGNING_EKU]), False),
         )
         write_private_file(key_path, issued.key_pem)
         write_atomically(cert_path, issued.cert_pem, 0o644)
-        log.info("issued the local UVM signing certificate %s", _fingerprint(leaf))
+        log.info("issued the local UVM signing certificate %s", _fingerprint(issued.chain[0]))
         return issued
 
     def _load_uvm_signer(self, cert_path: Path, key_path: Path) -> IssuedCert | None:
@@ -259,6 +219,36 @@ class LocalCA:
             return None
         if leaf.not_valid_after_utc - dt.timedelta(days=30) <= _now():
             return None
+        return self._issued(leaf, key)
+
+    def _issue_leaf(
+        self, subject: x509.Name, validity: dt.timedelta, *extensions: tuple[x509.ExtensionType, bool]
+    ) -> IssuedCert:
+        """A fresh key and its certificate from this CA: ``extensions`` (value, critical) in order, then
+        the subject and authority key identifiers."""
+        key = rsa.generate_private_key(public_exponent=65537, key_size=KEY_BITS)
+        now = _now()
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(self._certificate.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - CLOCK_SKEW)
+            .not_valid_after(min(now + validity, self._certificate.not_valid_after_utc))
+        )
+        for extension, critical in extensions:
+            builder = builder.add_extension(extension, critical=critical)
+        leaf = (
+            builder.add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()), critical=False
+            )
+            .sign(self._key, hashes.SHA256())
+        )
+        return self._issued(leaf, key)
+
+    def _issued(self, leaf: x509.Certificate, key: rsa.RSAPrivateKey) -> IssuedCert:
         pem = serialization.Encoding.PEM
         return IssuedCert(
             cert_pem=leaf.public_bytes(pem) + self._certificate.public_bytes(pem),
@@ -269,7 +259,11 @@ class LocalCA:
 
     def server_ssl_context(self, hosts: Sequence[str]) -> ssl.SSLContext:
         """A TLS server context (TLS 1.2+) with a fresh certificate for ``hosts``."""
-        issued = self.issue(hosts)
+        return self.tls_context(self.issue(hosts))
+
+    @staticmethod
+    def tls_context(issued: IssuedCert) -> ssl.SSLContext:
+        """A TLS server context (TLS 1.2+) serving ``issued``."""
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         # ssl only loads certificates from files: use a private temporary directory, removed at once.

@@ -45,6 +45,7 @@ from typing import Any
 from aiohttp import web
 
 from skr.errors import ConfigError
+from skr.local.kit import azure_error
 
 ACTIONS = ("status", "delay", "reset", "malformed", "mutate")
 MUTATIONS = ("truncate_jws", "resign_jws", "wrong_issuer", "expired_cert")
@@ -174,8 +175,9 @@ class FaultPlan:
         if rule.action == "malformed":
             return web.Response(status=200, text='{"value": "truncated', content_type="application/json")
         headers = {"Retry-After": f"{rule.retry_after:g}"} if rule.retry_after is not None else None
-        body = {"error": {"code": "InjectedFault", "message": f"fault plan answered {rule.status}"}}
-        return web.json_response(body, status=rule.status, headers=headers)
+        return azure_error(
+            rule.status, "InjectedFault", f"fault plan answered {rule.status}", headers=headers
+        )
 
     @staticmethod
     def mutations_for(request: web.Request) -> frozenset[str]:

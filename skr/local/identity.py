@@ -24,9 +24,9 @@ import re
 import secrets
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import jwt
 from aiohttp import web
@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from skr.errors import ConfigError, Unauthenticated
 from skr.files import ensure_directory, load_or_create_rsa_key, read_regular_file, write_private_file
+from skr.local.kit import Faults, Route, local_app
 
 IMDS_TOKEN_PATH = "/metadata/identity/oauth2/token"  # noqa: S105 - a URL path, not a secret
 APP_SERVICE_TOKEN_PATH = "/msi/token"  # noqa: S105 - a URL path, not a secret
@@ -47,39 +48,11 @@ IDENTITY_HEADER_FILE = "identity-header"
 _API_VERSION_RE = re.compile(r"^\d{4}-\d{2}-\d{2}(-preview)?$")
 _OID_NAMESPACE = uuid.UUID("5f0c2d4e-8a4b-4c53-9d0e-7a3b4f6c1e21")
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-class Faults(Protocol):
-    """A fault injector for the local services (tests, demos): may answer a request instead of the route."""
-
-    async def before(self, route: str, request: web.Request) -> web.StreamResponse | None:
-        """A response to send instead of running ``route``, or None to run it."""
-        ...
-
 
 class InvalidAccessToken(Unauthenticated):
     """A bearer token that the local identity service did not issue for the resource asked."""
 
     default_code = "access_token_invalid"
-
-
-def server_timing_middleware() -> Any:
-    """aiohttp middleware adding ``Server-Timing: app;dur=<ms>`` to every response (errors included)."""
-
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        started = time.perf_counter()
-        try:
-            response = await handler(request)
-        except web.HTTPException as exc:
-            exc.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - started) * 1000:.1f}"
-            raise
-        if not response.prepared:
-            response.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - started) * 1000:.1f}"
-        return response
-
-    return middleware
 
 
 def key_thumbprint(public_key: rsa.RSAPublicKey) -> str:
@@ -242,17 +215,13 @@ class LocalIdentityService:
     # --- HTTP -----------------------------------------------------------------------------------------
 
     def _build_app(self) -> web.Application:
-        app = web.Application(middlewares=[server_timing_middleware()], client_max_size=16 * 1024)
-        app.router.add_get(IMDS_TOKEN_PATH, self._imds_token)
-        app.router.add_get(APP_SERVICE_TOKEN_PATH, self._app_service_token)
-        return app
-
-    async def _fault(self, route: str, request: web.Request) -> web.StreamResponse | None:
-        return await self._faults.before(route, request) if self._faults is not None else None
+        routes: list[Route] = [
+            ("GET", IMDS_TOKEN_PATH, "imds", self._imds_token),
+            ("GET", APP_SERVICE_TOKEN_PATH, "app_service", self._app_service_token),
+        ]
+        return local_app(routes, faults=self._faults, client_max_size=16 * 1024)
 
     async def _imds_token(self, request: web.Request) -> web.StreamResponse:
-        if (fault := await self._fault("imds", request)) is not None:
-            return fault
         if request.headers.get("Metadata", "").strip().lower() != "true":
             return _error(400, "invalid_request", "Required metadata header not specified")
         if "X-Forwarded-For" in request.headers:
@@ -275,8 +244,6 @@ class LocalIdentityService:
         return _token_response(body)
 
     async def _app_service_token(self, request: web.Request) -> web.StreamResponse:
-        if (fault := await self._fault("app_service", request)) is not None:
-            return fault
         presented = request.headers.get("X-IDENTITY-HEADER", "")
         if not hmac.compare_digest(presented.encode(), self._identity_header.encode()):
             return web.json_response(

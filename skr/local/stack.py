@@ -38,7 +38,6 @@ from skr.files import (
     check_state_tree,
     ensure_directory,
     read_regular_file,
-    write_atomically,
     write_private_file,
 )
 from skr.local.attestation import LocalAttestationService
@@ -195,9 +194,7 @@ class LocalStack:
             faults=self.faults.scoped("hsm"),
         )
         self.key_service = key_service
-        server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        server_ctx.load_cert_chain(*_write_server_pem(state / "hsm", issued.cert_pem, issued.key_pem))
-        self._runners.append(await _serve(key_service.app, hsm_sock, server_ctx))
+        self._runners.append(await _serve(key_service.app, hsm_sock, ca.tls_context(issued)))
 
         granted, denied = await self._demo_keys(key_service, maa_ep.url, tee.host_data.hex())
         if tee.uvm_endorsement is None:  # every demo policy requires azure-compliant-uvm
@@ -305,13 +302,6 @@ class LocalStack:
         name = key or (self.info["keys"]["granted"] or ["demo-oct"])[0]
         base = self.info.get("sidecar", "http://127.0.0.1:8080")
         return f'curl -s {base}/key/release -d \'{{"kid": "{name}"}}\''
-
-
-def _write_server_pem(directory: Path, cert_pem: bytes, key_pem: bytes) -> tuple[str, str]:
-    cert_path, key_path = directory / "tls-cert.pem", directory / "tls-key.pem"
-    write_private_file(key_path, key_pem)
-    write_atomically(cert_path, cert_pem, 0o644)
-    return str(cert_path), str(key_path)
 
 
 def _write_manifest(path: Path, info: dict[str, Any]) -> None:
