@@ -209,6 +209,11 @@ class KeyRef:
         return cls(chosen, name, version)
 
 
+def is_key_name(text: str) -> bool:
+    """True for a valid Key Vault key name: the one rule, also for the local key service."""
+    return _KEY_NAME.match(text) is not None
+
+
 def _check_name(name: str, kid: str) -> str:
     if not _KEY_NAME.match(name):
         raise BadRequest(

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import secrets
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -30,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from skr.akv.jwk import CURVES, jwk_to_private_key, private_key_to_jwk
 from skr.akv.keywrap import b64url_decode, b64url_encode
 from skr.akv.policy import parse_policy
+from skr.endpoints import is_key_name
 from skr.errors import BadRequest, ConfigError, KeyWrapError, PolicyError
 from skr.files import ensure_directory, read_regular_file, write_private_file
 from skr.local.kit import ServiceError
@@ -55,7 +55,6 @@ _KTY_ALIASES: Mapping[str, str] = {
     "ec": "EC-HSM",
     "ec-hsm": "EC-HSM",
 }
-_NAME_RE = re.compile(r"^[0-9A-Za-z-]{1,127}$")
 
 ERR_1004 = "AKV.SKR.1004: Exportable keys must have release policy."
 ERR_1005 = "AKV.SKR.1005: Non-exportable keys must not have release policy."
@@ -417,7 +416,7 @@ class KeyStore:
         policy: StoredPolicy | None,
         tags: Mapping[str, str] | None = None,
     ) -> KeyVersion:
-        if not _NAME_RE.match(name):
+        if not is_key_name(name):
             raise bad("The key name is invalid: 1-127 letters, digits and dashes.")
         async with self._lock:
             existing = self._find(name)
