@@ -252,8 +252,10 @@ async def measure_crypto_floor(bench: Bench) -> float:
 
     from skr.akv.jws import TrustStore, open_release, verify_release_jws
     from skr.akv.keywrap import parse_key_hsm
+    from skr.endpoints import parse_endpoint
 
-    jws, key, host = await real_release(bench.stack, bench.state_dir)
+    jws, key, host_text = await real_release(bench.stack, bench.state_dir)
+    host = parse_endpoint(host_text)  # parsed once, as the service does
     trust = TrustStore([bench.stack.info["ca_bundle"]])  # what the sidecar builds: system roots + CA bundle
     payload = verify_release_jws(jws, host=host, trust=trust)
     wrapped = parse_key_hsm(payload["response"]["key"]["key"]["key_hsm"]).ciphertext

@@ -98,7 +98,7 @@ def trusted_opener(trust: TrustStore) -> ReleaseOpener:
         # once per validity window): cheaper than a worker-thread hop, so it runs on the loop.
         opened = open_release(
             jws,
-            host=ref.vault.host,
+            host=ref.vault,
             trust=trust,
             wrapping_key=key.private_key,
             expected_wrapping_kid=key.kid,

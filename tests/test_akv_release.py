@@ -179,7 +179,7 @@ async def test_release_end_to_end_unwraps_to_the_created_key(stack, releaser, wr
     assert (result.vault_url, result.name, result.version) == (stack.hsm_url, "rsa", None)
     opened = open_release(
         result.jws,
-        host=stack.hsm_host,
+        host=parse_endpoint(stack.hsm_host),
         trust=stack.trust(),
         wrapping_key=wrapping_key.private_key,
         expected_wrapping_kid=wrapping_key.kid,
@@ -199,7 +199,10 @@ async def test_release_by_key_url_with_version_and_reused_credential(stack, rele
     two = await releaser.release(KeyRef.parse(kid, vault=stack.hsm_url + "/"), token)
     assert one.version == two.version == first.version
     opened = open_release(
-        one.jws, host=stack.hsm_host, trust=stack.trust(), wrapping_key=wrapping_key.private_key
+        one.jws,
+        host=parse_endpoint(stack.hsm_host),
+        trust=stack.trust(),
+        wrapping_key=wrapping_key.private_key,
     )
     assert opened.jwk["d"] == first.material["d"]
     assert stack.identity.issued == 1  # one credential, its token cached across both releases

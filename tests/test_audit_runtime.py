@@ -7,7 +7,7 @@ import json
 
 from skr.akv.jws import open_release
 from skr.akv.keywrap import Enc
-from skr.endpoints import KeyRef
+from skr.endpoints import KeyRef, parse_endpoint
 from skr.maa.runtime import AuditHead, WrappingKey
 from skr.maa.token import unverified_claims
 from tests.test_akv_release import releaser  # noqa: F401 - the releaser fixture against the local stack
@@ -53,7 +53,7 @@ async def test_key_vault_still_finds_the_wrapping_key_when_the_runtime_data_name
     )
     opened = open_release(
         result.jws,
-        host=stack.hsm_host,
+        host=parse_endpoint(stack.hsm_host),
         trust=stack.trust(),
         wrapping_key=wrapping_key.private_key,
         expected_wrapping_kid=wrapping_key.kid,

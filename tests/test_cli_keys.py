@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from skr.akv.jws import open_release
 from skr.cli import main
 from skr.commands.keys import read_key
+from skr.endpoints import parse_endpoint
 from skr.errors import BadRequest
 from skr.maa.runtime import WrappingKey
 from tests.kvstack import OTHER_HOST_DATA, Stack
@@ -65,7 +66,7 @@ async def release_jwk(stack: Stack, name: str, wrapping_key: WrappingKey) -> dic
     assert resp.status == 200, await resp.text()
     value = (await resp.json())["value"]
     return open_release(
-        value, host=stack.hsm_host, trust=stack.trust(), wrapping_key=wrapping_key.private_key
+        value, host=parse_endpoint(stack.hsm_host), trust=stack.trust(), wrapping_key=wrapping_key.private_key
     ).jwk
 
 

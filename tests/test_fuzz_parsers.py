@@ -401,7 +401,7 @@ def release_pki(tmp_path_factory) -> tuple[Any, TrustStore]:
 def test_release_jws_arbitrary(release_pki, compact):
     _, trust = release_pki
     with contextlib.suppress(JwsError):
-        verify_release_jws(compact, host="fuzz.vault.azure.net", trust=trust)
+        verify_release_jws(compact, host=parse_endpoint("fuzz.vault.azure.net"), trust=trust)
         pytest.fail("an unsigned or garbage JWS verified")
 
 
@@ -432,7 +432,7 @@ def test_release_jws_shaped_headers(release_pki, header_extra, alg, x5c, payload
     )
     compact = f"{signing_input.decode()}.{b64u(signature)}"
     try:
-        verified = verify_release_jws(compact, host="fuzz.vault.azure.net", trust=trust)
+        verified = verify_release_jws(compact, host=parse_endpoint("fuzz.vault.azure.net"), trust=trust)
     except JwsError:
         return
     assert alg == "RS256" and json.loads(payload) == verified
@@ -512,7 +512,9 @@ def test_harness_a_well_formed_release_opens(release_pki, wrapping_key):
         },
     }
     compact = sign_release_jws(payload, issued.private_key, issued.chain)
-    released = open_release(compact, host="fuzz.vault.azure.net", trust=trust, wrapping_key=wrapping_key)
+    released = open_release(
+        compact, host=parse_endpoint("fuzz.vault.azure.net"), trust=trust, wrapping_key=wrapping_key
+    )
     assert released.jwk["kty"] == "oct" and base64.urlsafe_b64decode(released.jwk["k"] + "=") == b"k" * 32
 
 
@@ -523,9 +525,13 @@ def test_open_release_of_signed_hostile_payloads(release_pki, wrapping_key, data
     issued, trust = release_pki
     payload = data.draw(release_payloads(wrapping_key) | json_objects)
     compact = sign_release_jws(payload, issued.private_key, issued.chain)
-    assert verify_release_jws(compact, host="fuzz.vault.azure.net", trust=trust) == json.loads(jdump(payload))
+    assert verify_release_jws(
+        compact, host=parse_endpoint("fuzz.vault.azure.net"), trust=trust
+    ) == json.loads(jdump(payload))
     with contextlib.suppress(JwsError, KeyWrapError):
-        released = open_release(compact, host="fuzz.vault.azure.net", trust=trust, wrapping_key=wrapping_key)
+        released = open_release(
+            compact, host=parse_endpoint("fuzz.vault.azure.net"), trust=trust, wrapping_key=wrapping_key
+        )
         assert released.jwk["kty"] in ("oct", "RSA", "EC")
 
 

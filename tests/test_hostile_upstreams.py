@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from skr.akv.jws import check_released_key_id
 from skr.akv.release import KeyVaultReleaser, SdkSettings, VaultError
 from skr.config import Settings, load_settings
-from skr.endpoints import Allowlist, KeyRef
+from skr.endpoints import Allowlist, KeyRef, parse_endpoint
 from skr.errors import ConfigError, JwsError, ReleaseDenied, TokenError, UpstreamError, UpstreamTimeout
 from skr.http import RetryPolicy, request
 from skr.identity import CredentialFactory, VaultScopedCredential
@@ -480,16 +480,21 @@ async def test_peak_memory_stays_within_a_few_mib_of_normal_under_a_hostile_answ
 )
 def test_a_released_key_id_that_names_another_key_is_refused(kid, name, version, wrong):
     with pytest.raises(JwsError) as info:
-        check_released_key_id(kid, host="v.vault.azure.net", name=name, version=version)
+        check_released_key_id(kid, host=parse_endpoint("v.vault.azure.net"), name=name, version=version)
     assert info.value.code == "release_jws_invalid" and wrong in info.value.message
 
 
 def test_the_released_key_id_of_the_requested_key_passes():
     check_released_key_id(
-        "https://V.vault.azure.net/keys/MyKey/0123ABCD", host="v.vault.azure.net", name="mykey"
+        "https://V.vault.azure.net/keys/MyKey/0123ABCD",
+        host=parse_endpoint("v.vault.azure.net"),
+        name="mykey",
     )
     check_released_key_id(
-        "https://127.0.0.1:8443/keys/k/0123abcd", host="127.0.0.1", name="k", version="0123ABCD"
+        "https://127.0.0.1:8443/keys/k/0123abcd",
+        host=parse_endpoint("127.0.0.1"),
+        name="k",
+        version="0123ABCD",
     )
 
 

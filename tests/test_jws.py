@@ -23,6 +23,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from skr.akv.jws import ReleasedKey, TrustStore, open_release, sign_release_jws, verify_release_jws
 from skr.akv.keywrap import Enc
+from skr.endpoints import parse_endpoint
 from skr.errors import ConfigError, JwsError, KeyWrapError
 
 GENUINE_HOST = "skr-kvq6srllol2jntw.vault.azure.net"
@@ -169,7 +170,9 @@ def digicert_trust(tmp_path, genuine_root) -> TrustStore:
 
 
 def test_genuine_release_verifies_at_its_time(genuine, digicert_trust, vectors):
-    payload = verify_release_jws(genuine, host=GENUINE_HOST, trust=digicert_trust, at=GENUINE_TIME)
+    payload = verify_release_jws(
+        genuine, host=parse_endpoint(GENUINE_HOST), trust=digicert_trust, at=GENUINE_TIME
+    )
     decoded = json.loads((vectors / "akv/release-response.decoded-body.json").read_text())
     assert payload == decoded
     assert payload["request"]["enc"] == "CKM_RSA_AES_KEY_WRAP"
@@ -179,45 +182,58 @@ def test_genuine_release_verifies_at_its_time(genuine, digicert_trust, vectors):
 def test_genuine_release_is_expired_in_2024(genuine, digicert_trust):
     with pytest.raises(JwsError, match="not valid at validation time"):
         verify_release_jws(
-            genuine, host=GENUINE_HOST, trust=digicert_trust, at=datetime(2024, 1, 10, tzinfo=UTC)
+            genuine,
+            host=parse_endpoint(GENUINE_HOST),
+            trust=digicert_trust,
+            at=datetime(2024, 1, 10, tzinfo=UTC),
         )
 
 
 def test_a_remembered_chain_never_widens_what_is_accepted(genuine, digicert_trust, trust):
     """The chain-validation cache answers only for the same host, inside the chain's validity window,
     and only for the trust store that validated it; the signature is checked every time."""
-    verify_release_jws(genuine, host=GENUINE_HOST, trust=digicert_trust, at=GENUINE_TIME)
-    verify_release_jws(genuine, host=GENUINE_HOST, trust=digicert_trust, at=GENUINE_TIME)  # from the cache
+    verify_release_jws(genuine, host=parse_endpoint(GENUINE_HOST), trust=digicert_trust, at=GENUINE_TIME)
+    verify_release_jws(
+        genuine, host=parse_endpoint(GENUINE_HOST), trust=digicert_trust, at=GENUINE_TIME
+    )  # from the cache
     with pytest.raises(JwsError, match="not valid at validation time"):
         verify_release_jws(
-            genuine, host=GENUINE_HOST, trust=digicert_trust, at=datetime(2024, 1, 10, tzinfo=UTC)
+            genuine,
+            host=parse_endpoint(GENUINE_HOST),
+            trust=digicert_trust,
+            at=datetime(2024, 1, 10, tzinfo=UTC),
         )
     with pytest.raises(JwsError, match="subjectAltName"):
-        verify_release_jws(genuine, host="evil.example.com", trust=digicert_trust, at=GENUINE_TIME)
+        verify_release_jws(
+            genuine, host=parse_endpoint("evil.example.com"), trust=digicert_trust, at=GENUINE_TIME
+        )
     with pytest.raises(JwsError, match="not trusted"):
-        verify_release_jws(genuine, host=GENUINE_HOST, trust=trust, at=GENUINE_TIME)
+        verify_release_jws(genuine, host=parse_endpoint(GENUINE_HOST), trust=trust, at=GENUINE_TIME)
     header, payload, signature = genuine.split(".")
     forged = ".".join((header, payload, signature[:-4] + ("AAAA" if signature[-4:] != "AAAA" else "BBBB")))
     with pytest.raises(JwsError):
-        verify_release_jws(forged, host=GENUINE_HOST, trust=digicert_trust, at=GENUINE_TIME)
+        verify_release_jws(forged, host=parse_endpoint(GENUINE_HOST), trust=digicert_trust, at=GENUINE_TIME)
 
 
 @pytest.mark.parametrize("host", ["evil.example.com", "vault.azure.net.evil.com", "a.b.vault.azure.net"])
 def test_genuine_release_is_not_valid_for_another_host(genuine, digicert_trust, host):
     with pytest.raises(JwsError, match="subjectAltName"):
-        verify_release_jws(genuine, host=host, trust=digicert_trust, at=GENUINE_TIME)
+        verify_release_jws(genuine, host=parse_endpoint(host), trust=digicert_trust, at=GENUINE_TIME)
 
 
 def test_genuine_release_with_an_untrusted_root_is_refused(genuine, trust):
     """The chain ends at DigiCert Global Root G2, carried in x5c itself; that alone is not trust."""
     with pytest.raises(JwsError, match="not trusted"):
-        verify_release_jws(genuine, host=GENUINE_HOST, trust=trust, at=GENUINE_TIME)
+        verify_release_jws(genuine, host=parse_endpoint(GENUINE_HOST), trust=trust, at=GENUINE_TIME)
 
 
 def test_genuine_release_with_no_anchor_at_all_is_refused(genuine):
     with pytest.raises(JwsError, match="empty"):
         verify_release_jws(
-            genuine, host=GENUINE_HOST, trust=TrustStore(include_system=False), at=GENUINE_TIME
+            genuine,
+            host=parse_endpoint(GENUINE_HOST),
+            trust=TrustStore(include_system=False),
+            at=GENUINE_TIME,
         )
 
 
@@ -227,7 +243,7 @@ def test_genuine_release_with_tampered_payload_is_refused(genuine, digicert_trus
     document["request"]["enc"] = "RSA_AES_KEY_WRAP_256"
     forged = f"{header}.{b64u_json(document)}.{signature}"
     with pytest.raises(JwsError, match="signature does not verify"):
-        verify_release_jws(forged, host=GENUINE_HOST, trust=digicert_trust, at=GENUINE_TIME)
+        verify_release_jws(forged, host=parse_endpoint(GENUINE_HOST), trust=digicert_trust, at=GENUINE_TIME)
 
 
 @pytest.mark.parametrize("alg", ["none", "HS256", "ES256", "RS1", None])
@@ -237,7 +253,9 @@ def test_genuine_release_with_another_alg_is_refused(genuine, digicert_trust, al
     header["alg"] = alg
     for forged in (f"{b64u_json(header)}.{payload}.{signature}", f"{b64u_json(header)}.{payload}."):
         with pytest.raises(JwsError, match="alg"):
-            verify_release_jws(forged, host=GENUINE_HOST, trust=digicert_trust, at=GENUINE_TIME)
+            verify_release_jws(
+                forged, host=parse_endpoint(GENUINE_HOST), trust=digicert_trust, at=GENUINE_TIME
+            )
 
 
 @pytest.mark.parametrize("member", ["x5t", "x5t#S256"])
@@ -248,7 +266,7 @@ def test_genuine_release_with_a_wrong_thumbprint_is_refused(genuine, digicert_tr
     with pytest.raises(JwsError, match=member):
         verify_release_jws(
             f"{b64u_json(header)}.{payload}.{signature}",
-            host=GENUINE_HOST,
+            host=parse_endpoint(GENUINE_HOST),
             trust=digicert_trust,
             at=GENUINE_TIME,
         )
@@ -269,19 +287,23 @@ def test_padded_or_non_base64url_parts_are_refused(genuine, digicert_trust):
         genuine.replace("-", "+", 1),
     ):
         with pytest.raises(JwsError, match="base64url"):
-            verify_release_jws(forged, host=GENUINE_HOST, trust=digicert_trust, at=GENUINE_TIME)
+            verify_release_jws(
+                forged, host=parse_endpoint(GENUINE_HOST), trust=digicert_trust, at=GENUINE_TIME
+            )
 
 
 def test_empty_signature_is_refused_even_with_an_allowed_alg(genuine, digicert_trust):
     header, payload, _ = genuine.split(".")
     with pytest.raises(JwsError, match="empty signature"):
-        verify_release_jws(f"{header}.{payload}.", host=GENUINE_HOST, trust=digicert_trust, at=GENUINE_TIME)
+        verify_release_jws(
+            f"{header}.{payload}.", host=parse_endpoint(GENUINE_HOST), trust=digicert_trust, at=GENUINE_TIME
+        )
 
 
 @pytest.mark.parametrize("value", ["", "a.b", "a.b.c.d", "x" * 10])
 def test_not_a_compact_jws_is_refused(value, trust):
     with pytest.raises(JwsError):
-        verify_release_jws(value, host=HOST, trust=trust)
+        verify_release_jws(value, host=parse_endpoint(HOST), trust=trust)
 
 
 # --- JWS built here with an independent CA ----------------------------------------------------------------
@@ -290,7 +312,7 @@ def test_not_a_compact_jws_is_refused(value, trust):
 @pytest.mark.parametrize("alg", ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512"])
 def test_independently_signed_jws_verifies_with_every_allowed_alg(pki, trust, alg):
     compact = sign_compact(header_for(pki, alg), PAYLOAD, pki["key"])
-    assert verify_release_jws(compact, host=HOST, trust=trust) == PAYLOAD
+    assert verify_release_jws(compact, host=parse_endpoint(HOST), trust=trust) == PAYLOAD
 
 
 def test_thumbprints_are_checked_when_present(pki, trust):
@@ -298,16 +320,19 @@ def test_thumbprints_are_checked_when_present(pki, trust):
     good = header_for(
         pki, x5t=b64u(hashlib.sha1(leaf).digest()), **{"x5t#S256": b64u(hashlib.sha256(leaf).digest())}
     )
-    assert verify_release_jws(sign_compact(good, PAYLOAD, pki["key"]), host=HOST, trust=trust) == PAYLOAD
+    assert (
+        verify_release_jws(sign_compact(good, PAYLOAD, pki["key"]), host=parse_endpoint(HOST), trust=trust)
+        == PAYLOAD
+    )
     bad = dict(good, x5t=b64u(hashlib.sha1(b"other").digest()))
     with pytest.raises(JwsError, match="x5t"):
-        verify_release_jws(sign_compact(bad, PAYLOAD, pki["key"]), host=HOST, trust=trust)
+        verify_release_jws(sign_compact(bad, PAYLOAD, pki["key"]), host=parse_endpoint(HOST), trust=trust)
 
 
 def test_signature_by_another_key_is_refused(pki, trust):
     compact = sign_compact(header_for(pki), PAYLOAD, rsa.generate_private_key(65537, 2048))
     with pytest.raises(JwsError, match="signature does not verify"):
-        verify_release_jws(compact, host=HOST, trust=trust)
+        verify_release_jws(compact, host=parse_endpoint(HOST), trust=trust)
 
 
 def test_expired_leaf_is_refused(pki, trust):
@@ -316,20 +341,20 @@ def test_expired_leaf_is_refused(pki, trust):
     )
     header = {"alg": "RS256", "x5c": [base64.b64encode(der(leaf)).decode()]}
     with pytest.raises(JwsError, match="not valid at validation time"):
-        verify_release_jws(sign_compact(header, PAYLOAD, key), host=HOST, trust=trust)
+        verify_release_jws(sign_compact(header, PAYLOAD, key), host=parse_endpoint(HOST), trust=trust)
 
 
 def test_wildcard_does_not_cover_the_bare_domain_or_deeper_names(pki, trust):
     compact = sign_compact(header_for(pki), PAYLOAD, pki["key"])
     for host in ("managedhsm.example", "a.hsm1.managedhsm.example"):
         with pytest.raises(JwsError, match="subjectAltName"):
-            verify_release_jws(compact, host=host, trust=trust)
+            verify_release_jws(compact, host=parse_endpoint(host), trust=trust)
 
 
 def test_host_given_as_url_or_with_port_is_checked_by_name(pki, trust):
     compact = sign_compact(header_for(pki), PAYLOAD, pki["key"])
     for host in (f"https://{HOST}", f"{HOST}:8443", HOST.upper()):
-        assert verify_release_jws(compact, host=host, trust=trust) == PAYLOAD
+        assert verify_release_jws(compact, host=parse_endpoint(host), trust=trust) == PAYLOAD
 
 
 def test_chain_to_an_anchor_only_in_x5c_is_refused(pki, trust):
@@ -337,7 +362,7 @@ def test_chain_to_an_anchor_only_in_x5c_is_refused(pki, trust):
     key, leaf = issue_leaf(other_key, other_ca, [HOST])
     header = {"alg": "RS256", "x5c": [base64.b64encode(der(c)).decode() for c in (leaf, other_ca)]}
     with pytest.raises(JwsError, match="not trusted"):
-        verify_release_jws(sign_compact(header, PAYLOAD, key), host=HOST, trust=trust)
+        verify_release_jws(sign_compact(header, PAYLOAD, key), host=parse_endpoint(HOST), trust=trust)
 
 
 def test_chain_through_an_intermediate_verifies(pki, trust):
@@ -363,10 +388,13 @@ def test_chain_through_an_intermediate_verifies(pki, trust):
     key, leaf = issue_leaf(inter_key, inter, [HOST])
     chain = [leaf, inter, pki["ca"]]
     header = {"alg": "RS256", "x5c": [base64.b64encode(der(c)).decode() for c in chain]}
-    assert verify_release_jws(sign_compact(header, PAYLOAD, key), host=HOST, trust=trust) == PAYLOAD
+    assert (
+        verify_release_jws(sign_compact(header, PAYLOAD, key), host=parse_endpoint(HOST), trust=trust)
+        == PAYLOAD
+    )
     header["x5c"] = header["x5c"][:1]
     with pytest.raises(JwsError, match="not trusted"):
-        verify_release_jws(sign_compact(header, PAYLOAD, key), host=HOST, trust=trust)
+        verify_release_jws(sign_compact(header, PAYLOAD, key), host=parse_endpoint(HOST), trust=trust)
 
 
 def test_ec_signer_is_refused_even_with_a_valid_chain(pki, trust):
@@ -375,7 +403,7 @@ def test_ec_signer_is_refused_even_with_a_valid_chain(pki, trust):
     signing_input = f"{b64u_json(header)}.{b64u_json(PAYLOAD)}"
     compact = f"{signing_input}.{b64u(key.sign(signing_input.encode(), ec.ECDSA(hashes.SHA256())))}"
     with pytest.raises(JwsError, match="expected RSA"):
-        verify_release_jws(compact, host=HOST, trust=trust)
+        verify_release_jws(compact, host=parse_endpoint(HOST), trust=trust)
 
 
 @pytest.mark.parametrize(
@@ -392,12 +420,14 @@ def test_bad_header_members_are_refused(pki, trust, mutate, complaint):
     header = header_for(pki)
     mutate(header)
     with pytest.raises(JwsError, match=complaint):
-        verify_release_jws(sign_compact(header, PAYLOAD, pki["key"]), host=HOST, trust=trust)
+        verify_release_jws(sign_compact(header, PAYLOAD, pki["key"]), host=parse_endpoint(HOST), trust=trust)
 
 
 def test_payload_that_is_not_an_object_is_refused(pki, trust):
     with pytest.raises(JwsError, match="payload"):
-        verify_release_jws(sign_compact(header_for(pki), [1, 2], pki["key"]), host=HOST, trust=trust)
+        verify_release_jws(
+            sign_compact(header_for(pki), [1, 2], pki["key"]), host=parse_endpoint(HOST), trust=trust
+        )
 
 
 # --- signing (the local key service) ----------------------------------------------------------------------
@@ -419,7 +449,7 @@ def test_sign_release_jws_is_managed_hsm_style_and_verifies_independently(pki, t
         unb64u(signature_b64), f"{header_b64}.{payload_b64}".encode(), padding.PKCS1v15(), hashes.SHA256()
     )
     assert json.loads(unb64u(payload_b64)) == PAYLOAD
-    assert verify_release_jws(compact, host=HOST, trust=trust) == PAYLOAD
+    assert verify_release_jws(compact, host=parse_endpoint(HOST), trust=trust) == PAYLOAD
 
 
 def test_sign_release_jws_refuses_a_key_that_is_not_the_leafs(pki):
@@ -510,7 +540,11 @@ def release_payload(
 def test_open_release_returns_the_key_as_jwk(pki, trust, wrapping_key, released_rsa_key):
     compact = sign_compact(header_for(pki), release_payload(released_rsa_key, wrapping_key), pki["key"])
     released = open_release(
-        compact, host=HOST, trust=trust, wrapping_key=wrapping_key, expected_wrapping_kid="wk1"
+        compact,
+        host=parse_endpoint(HOST),
+        trust=trust,
+        wrapping_key=wrapping_key,
+        expected_wrapping_kid="wk1",
     )
     numbers = released_rsa_key.private_numbers()
     assert released.key_id == f"https://{HOST}/keys/app-key/0123abcd"
@@ -529,7 +563,7 @@ def test_open_release_falls_back_to_the_key_hsm_header_enc(pki, trust, wrapping_
         released_rsa_key, wrapping_key, request_enc=None, header_enc="RSA_AES_KEY_WRAP_384"
     )
     compact = sign_compact(header_for(pki), payload, pki["key"])
-    released = open_release(compact, host=HOST, trust=trust, wrapping_key=wrapping_key)
+    released = open_release(compact, host=parse_endpoint(HOST), trust=trust, wrapping_key=wrapping_key)
     assert released.enc is Enc.RSA_AES_KEY_WRAP_384
 
 
@@ -538,13 +572,24 @@ def test_open_release_refuses_a_key_wrapped_to_another_kid(pki, trust, wrapping_
         header_for(pki), release_payload(released_rsa_key, wrapping_key, kid="someone-else"), pki["key"]
     )
     with pytest.raises(KeyWrapError, match="someone-else"):
-        open_release(compact, host=HOST, trust=trust, wrapping_key=wrapping_key, expected_wrapping_kid="wk1")
+        open_release(
+            compact,
+            host=parse_endpoint(HOST),
+            trust=trust,
+            wrapping_key=wrapping_key,
+            expected_wrapping_kid="wk1",
+        )
 
 
 def test_open_release_refuses_the_wrong_wrapping_key(pki, trust, wrapping_key, released_rsa_key):
     compact = sign_compact(header_for(pki), release_payload(released_rsa_key, wrapping_key), pki["key"])
     with pytest.raises(KeyWrapError, match="RSA-OAEP"):
-        open_release(compact, host=HOST, trust=trust, wrapping_key=rsa.generate_private_key(65537, 2048))
+        open_release(
+            compact,
+            host=parse_endpoint(HOST),
+            trust=trust,
+            wrapping_key=rsa.generate_private_key(65537, 2048),
+        )
 
 
 def test_open_release_refuses_key_material_that_does_not_match_the_public_key(
@@ -557,7 +602,7 @@ def test_open_release_refuses_key_material_that_does_not_match_the_public_key(
     with pytest.raises(KeyWrapError, match="public 'n'"):
         open_release(
             sign_compact(header_for(pki), payload, pki["key"]),
-            host=HOST,
+            host=parse_endpoint(HOST),
             trust=trust,
             wrapping_key=wrapping_key,
         )
@@ -568,7 +613,7 @@ def test_open_release_verifies_before_unwrapping(pki, wrapping_key, released_rsa
     with pytest.raises(JwsError):
         open_release(
             compact,
-            host=HOST,
+            host=parse_endpoint(HOST),
             trust=TrustStore(include_system=False, extra_certificates=[make_ca()[1]]),
             wrapping_key=wrapping_key,
         )
@@ -581,7 +626,7 @@ def test_open_release_names_a_missing_payload_member(pki, trust, wrapping_key, r
     with pytest.raises(JwsError, match=f"response.key.key.{missing}"):
         open_release(
             sign_compact(header_for(pki), payload, pki["key"]),
-            host=HOST,
+            host=parse_endpoint(HOST),
             trust=trust,
             wrapping_key=wrapping_key,
         )

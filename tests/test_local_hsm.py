@@ -242,7 +242,7 @@ async def test_imported_rsa_key_is_released_wrapped_to_the_attested_key(stack, m
         result = await client.release_key("imported-rsa", token)
     opened = open_release(
         result.value,
-        host="127.0.0.1",
+        host=parse_endpoint("127.0.0.1"),
         trust=stack.trust(),
         wrapping_key=wrapping_key.private_key,
         expected_wrapping_kid=wrapping_key.kid,
@@ -280,7 +280,10 @@ async def test_release_payload_has_the_azure_shape(stack, mi_credential, wrappin
     assert json.loads(policy) == json.loads(stack.policy())
     assert released["release_policy"]["contentType"] == "application/json; charset=utf-8"
     opened = open_release(
-        result.value, host="127.0.0.1", trust=stack.trust(), wrapping_key=wrapping_key.private_key
+        result.value,
+        host=parse_endpoint("127.0.0.1"),
+        trust=stack.trust(),
+        wrapping_key=wrapping_key.private_key,
     )
     assert opened.enc is enc and opened.jwk["k"] == b64url(secret)
 
@@ -300,7 +303,10 @@ async def test_imported_ec_key_round_trips(stack, mi_credential, wrapping_key, c
         )
         result = await client.release_key("ec", await stack.target_token(wrapping_key))
     opened = open_release(
-        result.value, host="127.0.0.1", trust=stack.trust(), wrapping_key=wrapping_key.private_key
+        result.value,
+        host=parse_endpoint("127.0.0.1"),
+        trust=stack.trust(),
+        wrapping_key=wrapping_key.private_key,
     )
     assert opened.jwk["crv"] == crv
     d = int.from_bytes(base64.urlsafe_b64decode(opened.jwk["d"] + "=="), "big")
@@ -316,7 +322,7 @@ async def test_release_without_version_segment_is_the_latest_version(stack, wrap
         assert resp.status == 200, await resp.text()
         opened = open_release(
             (await resp.json())["value"],
-            host="127.0.0.1",
+            host=parse_endpoint("127.0.0.1"),
             trust=stack.trust(),
             wrapping_key=wrapping_key.private_key,
         )
@@ -490,7 +496,7 @@ async def test_fault_plan_can_corrupt_the_release_jws(stack, wrapping_key):
     with pytest.raises(JwsError, match="signature"):
         open_release(
             (await resp.json())["value"],
-            host="127.0.0.1",
+            host=parse_endpoint("127.0.0.1"),
             trust=stack.trust(),
             wrapping_key=wrapping_key.private_key,
         )
@@ -515,7 +521,7 @@ async def test_keys_persist_across_restart_in_private_files(stack, wrapping_key)
         assert resp.status == 200
         opened = open_release(
             (await resp.json())["value"],
-            host="127.0.0.1",
+            host=parse_endpoint("127.0.0.1"),
             trust=stack.trust(),
             wrapping_key=wrapping_key.private_key,
         )

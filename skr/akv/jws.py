@@ -35,6 +35,7 @@ from jwt.algorithms import RSAAlgorithm, RSAPSSAlgorithm
 from skr.akv.jwk import jose_kty, jwk_to_json, plaintext_to_jwk
 from skr.akv.keywrap import Enc, b64url_decode, b64url_encode, parse_key_hsm, select_enc, unwrap
 from skr.akv.trust import TRUST_HINT, TrustStore
+from skr.endpoints import Endpoint
 from skr.errors import ConfigError, JwsError, KeyWrapError
 from skr.snp.certs import read_certificates
 
@@ -151,28 +152,15 @@ def _certificates(header: Mapping[str, Any]) -> list[x509.Certificate]:
     return certs
 
 
-def _subject(host: str) -> Subject:
-    value = host.strip().lower()
-    if value.startswith("https://"):
-        value = urlsplit(value).hostname or ""
-    elif value.startswith("[") and "]" in value:
-        value = value[1 : value.index("]")]
-    elif value.count(":") == 1:
-        value = value.split(":", 1)[0]
-    value = value.rstrip(".")
+def _subject(host: Endpoint) -> Subject:
+    """The name the signer certificate must carry: the vault's IP address or DNS name."""
     try:
-        return x509.IPAddress(ipaddress.ip_address(value))
+        return x509.IPAddress(ipaddress.ip_address(host.host))
     except ValueError:
-        pass
-    if not value:
-        raise JwsError("no vault host was given to check the release signer against")
-    try:
-        return x509.DNSName(value)
-    except ValueError:
-        raise JwsError(f"{host[:64]!r} is not a valid host name") from None
+        return x509.DNSName(host.host)
 
 
-def _verify_chain(certs: list[x509.Certificate], host: str, trust: TrustStore, at: datetime) -> None:
+def _verify_chain(certs: list[x509.Certificate], host: Endpoint, trust: TrustStore, at: datetime) -> None:
     """Path validation of ``certs`` to the trust store for ``host`` at ``at``; JwsError saying why not."""
     try:
         trust.verify_server_chain(certs, _subject(host), at)
@@ -180,7 +168,7 @@ def _verify_chain(certs: list[x509.Certificate], host: str, trust: TrustStore, a
         detail = str(exc).split(" (encountered", 1)[0]
         raise JwsError(
             f"the release JWS signer certificate {certs[0].subject.rfc4514_string()[:120]!r} is not "
-            f"trusted for host {host[:64]!r} at {at.isoformat(timespec='seconds')}: {detail}",
+            f"trusted for host {host.host!r} at {at.isoformat(timespec='seconds')}: {detail}",
             hint=TRUST_HINT,
         ) from None
 
@@ -196,7 +184,7 @@ def _check_thumbprints(header: Mapping[str, Any], leaf: x509.Certificate) -> Non
 
 
 def verify_release_jws(
-    compact: str, *, host: str, trust: TrustStore, at: datetime | None = None
+    compact: str, *, host: Endpoint, trust: TrustStore, at: datetime | None = None
 ) -> dict[str, Any]:
     """Verify a release JWS signed for ``host`` and return its payload.
 
@@ -331,7 +319,7 @@ def _check_public_part(jwk: Mapping[str, Any], released: Mapping[str, Any]) -> N
         raise KeyWrapError("the unwrapped key is on another curve than the released key")
 
 
-def check_released_key_id(key_id: str, *, host: str, name: str, version: str | None = None) -> None:
+def check_released_key_id(key_id: str, *, host: Endpoint, name: str, version: str | None = None) -> None:
     """The released key is the requested key: ``key_id`` (the payload's ``response.key.key.kid``,
     ``https://<vault>/keys/<name>/<version>``) names the vault ``host``, the key ``name`` and — when the
     request named one — the ``version``. Names and versions compare case-insensitively, as Key Vault's do.
@@ -342,7 +330,7 @@ def check_released_key_id(key_id: str, *, host: str, name: str, version: str | N
     except ValueError:
         parts, kid_host = None, ""
     segments = [s for s in parts.path.split("/") if s] if parts is not None else []
-    wanted = _subject_host(host)
+    wanted = host.host
     found_name = segments[1] if len(segments) in (2, 3) and segments[0] == "keys" else None
     found_version = segments[2] if len(segments) == 3 else None
     problems = []
@@ -359,21 +347,10 @@ def check_released_key_id(key_id: str, *, host: str, name: str, version: str | N
         )
 
 
-def _subject_host(host: str) -> str:
-    value = host.strip().lower()
-    if "://" in value:
-        value = urlsplit(value).hostname or ""
-    elif value.startswith("["):
-        value = value[1:].split("]", 1)[0]
-    elif value.count(":") == 1:
-        value = value.split(":", 1)[0]
-    return value.rstrip(".")
-
-
 def open_release(
     compact: str,
     *,
-    host: str,
+    host: Endpoint,
     trust: TrustStore,
     wrapping_key: rsa.RSAPrivateKey,
     at: datetime | None = None,
