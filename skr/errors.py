@@ -222,7 +222,12 @@ class KeyNotFound(NotFound):
 
 
 class ReportError(BadRequest):
-    """An SEV-SNP attestation report that cannot be parsed (wrong size, unknown version, ...)."""
+    """An SEV-SNP attestation report that cannot be parsed (wrong size, unknown version, ...).
+
+    Unusable input when a caller handed the report in. A report *from the device* that does not parse is
+    the TEE's fault, not the caller's: the evidence layer turns it into :class:`EvidenceUnavailable`
+    (``device_report_invalid``).
+    """
 
     default_code = Code.INVALID_REPORT
 
