@@ -37,7 +37,7 @@ from tenacity import (
     stop_after_attempt,
 )
 
-from skr.errors import UpstreamError, UpstreamTimeout
+from skr.errors import Code, UpstreamError, UpstreamTimeout
 
 log = logging.getLogger("skr.http")
 
@@ -174,7 +174,7 @@ def redirect_error(service: str, url: str, status: int, location: str | None) ->
     return UpstreamError(
         f"{service} ({host_of_url(url)}) answered HTTP {status}, {where}; skr does not follow redirects",
         hint="configure the endpoint's final address; a redirect from an upstream is never followed",
-        code="upstream_redirect",
+        code=Code.UPSTREAM_REDIRECT,
     )
 
 
@@ -184,7 +184,7 @@ def too_large_error(service: str, url: str, limit: int) -> UpstreamError:
         f"{service} ({host_of_url(url)}) answered with a body larger than {limit} bytes; "
         "skr stopped reading it",
         hint=f"check the endpoint; the cap is {MAX_UPSTREAM_BODY_ENV}",
-        code="upstream_too_large",
+        code=Code.UPSTREAM_TOO_LARGE,
     )
 
 
@@ -396,7 +396,7 @@ async def request(
         raise UpstreamError(
             f"{service} presented a TLS certificate that is not trusted ({host}): {exc.certificate_error}",
             hint=f"check the endpoint; for private CAs set {CA_BUNDLE_ENV}",
-            code="upstream_tls_untrusted",
+            code=Code.UPSTREAM_TLS_UNTRUSTED,
         ) from None
     except aiohttp.ClientConnectionError as exc:
         if deadline.expired():
@@ -406,7 +406,7 @@ async def request(
         raise UpstreamError(
             f"{service} could not be reached at {host} after {attempts} attempts: {connection_cause(exc)}",
             hint="check the endpoint name, DNS and network egress",
-            code="upstream_unreachable",
+            code=Code.UPSTREAM_UNREACHABLE,
         ) from None
     result.upstream_seconds = time.monotonic() - started
     return result

@@ -39,7 +39,7 @@ from azure.core.credentials_async import AsyncTokenCredential
 from azure.core.pipeline.transport import AioHttpTransport
 
 from skr.endpoints import cloud_suffix, host_of, is_azure_host, is_managed_hsm
-from skr.errors import BadRequest, ConfigError, UpstreamError
+from skr.errors import BadRequest, Code, ConfigError, UpstreamError
 from skr.http import DEFAULT_MAX_UPSTREAM_BODY, read_capped, redirect_error
 
 VAULT_SCOPE = "https://vault.azure.net/.default"
@@ -269,7 +269,7 @@ class VaultScopedCredential(_AsyncCredential):
             f"({', '.join(self._scopes.values())}); no token was requested",
             hint="the endpoint is not the vault it claims to be, or the vault kind is misconfigured; "
             "check the vault URL",
-            code="vault_challenge_mismatch",
+            code=Code.VAULT_CHALLENGE_MISMATCH,
         )
 
     async def get_token(

@@ -25,14 +25,21 @@ from typing import Any
 
 from aiohttp import http_exceptions, web, web_protocol
 
-from skr.audit.checkpoint import Checkpointer
+from skr.audit.checkpoint import AuditRateLimited, Checkpointer
 from skr.errors import (
     BadRequest,
+    Code,
+    EvidenceUnavailable,
+    Forbidden,
     NotFound,
     PayloadTooLarge,
     RemoteClientRefused,
     SkrError,
     Unauthenticated,
+    UpstreamError,
+    UpstreamTimeout,
+    VerificationError,
+    by_class,
 )
 from skr.hostcheck import check_host_and_origin
 from skr.logs import request_id_var
@@ -64,12 +71,34 @@ def json_response(
     return resp
 
 
+#: The HTTP status of each domain error class. :func:`http_status` walks the error's MRO, so the most
+#: specific class wins (a ``PayloadTooLarge`` is a ``BadRequest`` but answers 413); anything else is a 500.
+HTTP_STATUS: dict[type[SkrError], int] = {
+    BadRequest: 400,
+    PayloadTooLarge: 413,
+    Unauthenticated: 401,
+    Forbidden: 403,
+    NotFound: 404,
+    AuditRateLimited: 429,
+    VerificationError: 502,
+    UpstreamError: 502,
+    EvidenceUnavailable: 503,
+    UpstreamTimeout: 504,
+}
+
+
+def http_status(exc: SkrError) -> int:
+    """The HTTP status that answers ``exc``: the entry of its most specific class in :data:`HTTP_STATUS`."""
+    return by_class(HTTP_STATUS, exc, 500)
+
+
 def error_response(exc: SkrError, request_id: str) -> web.Response:
     body = {"error": exc.message, "code": exc.code, "request_id": request_id}
     if exc.hint:
         body["hint"] = exc.hint
-    headers = {"WWW-Authenticate": 'Bearer realm="skr"'} if exc.status == 401 else None
-    return json_response(body, exc.status, headers)
+    status = http_status(exc)
+    headers = {"WWW-Authenticate": 'Bearer realm="skr"'} if status == 401 else None
+    return json_response(body, status, headers)
 
 
 # --- requests that are not HTTP at all ----------------------------------------------------------------
@@ -118,7 +147,9 @@ class _JsonErrorHandler(web_protocol.RequestHandler):
             "refused a request that is not valid HTTP",
             extra={"status": status, "reason": type(exc).__name__, "client": request.remote},
         )
-        response = error_response(SkrError(_protocol_error_message(exc), code="malformed_http"), request_id)
+        response = error_response(
+            SkrError(_protocol_error_message(exc), code=Code.MALFORMED_HTTP), request_id
+        )
         response.set_status(status)
         response.headers["X-Request-Id"] = request_id
         response.headers["Server"] = SERVER_HEADER
@@ -149,27 +180,27 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
         raw = await request.read()
     except ConnectionResetError:  # the client went away mid-body: its fault, and nobody reads the answer
         raise BadRequest(
-            "the client closed the connection before the request body was complete", code="incomplete_body"
+            "the client closed the connection before the request body was complete", code=Code.INCOMPLETE_BODY
         ) from None
     if not raw.strip():
-        raise BadRequest("the request body is empty; send a JSON object", code="invalid_json")
+        raise BadRequest("the request body is empty; send a JSON object", code=Code.INVALID_JSON)
     try:
         doc = json.loads(raw)
     except RecursionError:
-        raise BadRequest("the request body is nested too deeply", code="invalid_json") from None
+        raise BadRequest("the request body is nested too deeply", code=Code.INVALID_JSON) from None
     except (ValueError, UnicodeDecodeError):
-        raise BadRequest("the request body is not valid JSON", code="invalid_json") from None
+        raise BadRequest("the request body is not valid JSON", code=Code.INVALID_JSON) from None
     if not isinstance(doc, dict):
-        raise BadRequest("the request body must be a JSON object", code="invalid_json")
+        raise BadRequest("the request body must be a JSON object", code=Code.INVALID_JSON)
     return doc
 
 
 def required_str(doc: dict[str, Any], name: str) -> str:
     value = doc.get(name)
     if value is None or value == "":
-        raise BadRequest(f"{name} is required", code="missing_field")
+        raise BadRequest(f"{name} is required", code=Code.MISSING_FIELD)
     if not isinstance(value, str):
-        raise BadRequest(f"{name} must be a string", code="invalid_field")
+        raise BadRequest(f"{name} must be a string", code=Code.INVALID_FIELD)
     return _unicode(name, value)
 
 
@@ -178,7 +209,7 @@ def optional_str(doc: dict[str, Any], name: str) -> str | None:
     if value is None or value == "":
         return None
     if not isinstance(value, str):
-        raise BadRequest(f"{name} must be a string", code="invalid_field")
+        raise BadRequest(f"{name} must be a string", code=Code.INVALID_FIELD)
     return _unicode(name, value)
 
 
@@ -188,7 +219,7 @@ def _unicode(name: str, value: str) -> str:
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise BadRequest(
-            f"{name} is not valid Unicode text (a lone surrogate escape)", code="invalid_field"
+            f"{name} is not valid Unicode text (a lone surrogate escape)", code=Code.INVALID_FIELD
         ) from None
     return value
 
@@ -202,7 +233,7 @@ def _bearer(token: str | None) -> str | None:
         raise BadRequest(
             "access_token is not a bearer token (RFC 6750 b64token characters only)",
             hint="pass the raw AAD access token, without 'Bearer ' and without whitespace",
-            code="invalid_field",
+            code=Code.INVALID_FIELD,
         )
     return token
 
@@ -221,7 +252,7 @@ def _require_json(runtime_data: bytes) -> None:
     if not isinstance(doc, dict):
         raise BadRequest(
             "runtime_data must be base64 of a UTF-8 JSON object: it is sent to MAA as JSON runtime data",
-            code="invalid_field",
+            code=Code.INVALID_FIELD,
         )
 
 
@@ -234,7 +265,7 @@ def decode_runtime_data(value: str) -> bytes:
         raise BadRequest(
             "runtime_data is not standard base64 (RFC 4648 §4 alphabet with '=' padding)",
             hint="URL-safe base64 ('-' and '_') is not accepted",
-            code="invalid_base64",
+            code=Code.INVALID_BASE64,
         ) from None
 
 
@@ -306,8 +337,9 @@ async def _frame(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = await handler(request)
     except SkrError as exc:
         response = error_response(exc, request_id)
-        level = logging.WARNING if exc.status < 500 else logging.ERROR
-        log.log(level, "request failed", extra={"path": request.path, "status": exc.status, "code": exc.code})
+        status = http_status(exc)
+        level = logging.WARNING if status < 500 else logging.ERROR
+        log.log(level, "request failed", extra={"path": request.path, "status": status, "code": exc.code})
     except web.HTTPRequestEntityTooLarge:
         response = error_response(
             PayloadTooLarge(f"the request body exceeds {service.settings.max_body} bytes"), request_id
@@ -318,7 +350,7 @@ async def _frame(request: web.Request, handler: Handler) -> web.StreamResponse:
             BadRequest(
                 "the request body could not be read: it does not match its Content-Encoding or framing",
                 hint="send plain JSON, or a body that really is encoded as Content-Encoding says",
-                code="invalid_body",
+                code=Code.INVALID_BODY,
             ),
             request_id,
         )
@@ -326,7 +358,7 @@ async def _frame(request: web.Request, handler: Handler) -> web.StreamResponse:
         request.content.feed_eof()  # and do not drain it (aiohttp would log the decode error as unhandled)
     except web.HTTPMethodNotAllowed as exc:
         response = error_response(
-            SkrError(f"{request.method} is not allowed on {request.path}", code="method_not_allowed"),
+            SkrError(f"{request.method} is not allowed on {request.path}", code=Code.METHOD_NOT_ALLOWED),
             request_id,
         )
         response.set_status(405)
@@ -334,7 +366,7 @@ async def _frame(request: web.Request, handler: Handler) -> web.StreamResponse:
     except web.HTTPNotFound:
         response = error_response(NotFound(f"no such endpoint: {request.path}"), request_id)
     except web.HTTPException as exc:
-        response = error_response(SkrError(exc.reason, code="http_error"), request_id)
+        response = error_response(SkrError(exc.reason, code=Code.HTTP_ERROR), request_id)
         response.set_status(exc.status)
     except Exception:
         log.exception("unexpected error", extra={"path": request.path})
@@ -447,7 +479,7 @@ async def audit_head(request: web.Request) -> web.Response:
     checkpointer = request.app.get(AUDIT_HEAD_KEY)
     if checkpointer is None:
         raise NotFound(
-            "this sidecar keeps no audit log", hint="start it with --audit-log", code="audit_disabled"
+            "this sidecar keeps no audit log", hint="start it with --audit-log", code=Code.AUDIT_DISABLED
         )
     return json_response(await checkpointer.head_statement())
 
@@ -460,7 +492,7 @@ def decode_std_base64(value: str, name: str) -> bytes:
         raise BadRequest(
             f"{name} is not standard base64 (RFC 4648 §4 alphabet with '=' padding)",
             hint="URL-safe base64 ('-' and '_') is not accepted",
-            code="invalid_base64",
+            code=Code.INVALID_BASE64,
         ) from None
 
 

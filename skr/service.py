@@ -40,7 +40,10 @@ from skr.config import Settings
 from skr.endpoints import Endpoint, KeyRef, parse_endpoint, parse_kid
 from skr.errors import (
     BadRequest,
+    Code,
     EvidenceUnavailable,
+    Forbidden,
+    NotFound,
     ReleaseDenied,
     SkrError,
     UnwrapFailed,
@@ -236,7 +239,7 @@ class ReleaseService:
             raise BadRequest(
                 "maa_endpoint is required (no default attestation endpoint is configured)",
                 hint="pass maa_endpoint or set SKR_MAA_ENDPOINT",
-                code="missing_field",
+                code=Code.MISSING_FIELD,
             )
         return self.settings.allowlist.check(ep, what="attestation endpoint")
 
@@ -244,27 +247,29 @@ class ReleaseService:
         """The key a request names, parsed once (the request edge). A full key URL in ``kid`` names the
         vault."""
         if not isinstance(kid, str) or not kid:
-            raise BadRequest("kid is required", code="missing_field")
+            raise BadRequest("kid is required", code=Code.MISSING_FIELD)
         if any(c.isspace() or ord(c) < 0x20 or ord(c) > 0x7E for c in kid) or "%" in kid or ".." in kid:
-            raise BadRequest("kid contains characters that are not allowed in a key name", code="invalid_kid")
+            raise BadRequest(
+                "kid contains characters that are not allowed in a key name", code=Code.INVALID_KID
+            )
         try:
             kid_vault, name, version = parse_kid(kid)
         except SkrError as exc:
             raise BadRequest(
-                f"kid is not a key name, name/version or key URL: {exc.message}", code="invalid_kid"
+                f"kid is not a key name, name/version or key URL: {exc.message}", code=Code.INVALID_KID
             ) from None
         vault = kid_vault
         if value:
             named = parse_endpoint(value, what="akv_endpoint")
             if vault is not None and vault != named:
-                raise BadRequest("kid names a different vault than akv_endpoint", code="invalid_kid")
+                raise BadRequest("kid names a different vault than akv_endpoint", code=Code.INVALID_KID)
             vault = named
         if vault is None:
             if self.settings.akv_endpoint is None:
                 raise BadRequest(
                     "akv_endpoint is required (no default key vault is configured)",
                     hint="pass akv_endpoint or set SKR_AKV_ENDPOINT",
-                    code="missing_field",
+                    code=Code.MISSING_FIELD,
                 )
             vault = self.settings.akv_endpoint
         return KeyRef(self.settings.allowlist.check(vault, what="key vault endpoint"), name, version)
@@ -416,7 +421,7 @@ class ReleaseService:
             token = await self._within(deadline, "attestation", work)
         except SkrError as exc:
             self.metrics.attestations.inc(outcome="error")
-            outcome = "denied" if exc.status == 403 else "error"
+            outcome = "denied" if isinstance(exc, Forbidden) else "error"
             await self._record(
                 draft.final(
                     outcome=outcome, error_code=exc.code, **_why(exc), duration_ms=self._elapsed_ms(started)
@@ -563,14 +568,14 @@ class ReleaseService:
             # The client went away or shutdown cut the request off: the attempt still gets its record.
             self.metrics.releases.inc(outcome="error")
             record = draft.final(
-                outcome="error", error_code="cancelled", duration_ms=self._elapsed_ms(started)
+                outcome="error", error_code=Code.CANCELLED, duration_ms=self._elapsed_ms(started)
             )
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._record(record))
             raise
         except SkrError as exc:
-            self.metrics.releases.inc(outcome="denied" if exc.status == 403 else "error")
-            outcome = "denied" if exc.status in (403, 404) else "error"
+            self.metrics.releases.inc(outcome="denied" if isinstance(exc, Forbidden) else "error")
+            outcome = "denied" if isinstance(exc, Forbidden | NotFound) else "error"
             await self._record(
                 draft.final(
                     outcome=outcome,

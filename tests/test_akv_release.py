@@ -40,6 +40,7 @@ from skr.http import Deadline, RetryPolicy
 from skr.identity import CredentialFactory
 from skr.local.faults import FaultRule
 from skr.maa.runtime import WrappingKey
+from skr.server import http_status
 from tests.kvstack import (
     OTHER_HOST_DATA,
     Stack,
@@ -226,7 +227,7 @@ async def test_policy_denial_names_the_claim_and_the_role(stack, releaser, wrapp
     assert "HTTP 403 Forbidden" in info.value.message and "x-ms-sevsnpvm-hostdata" in info.value.message
     assert "(inner error: AccessDenied)" in info.value.message
     assert MANAGED_HSM_RELEASE_ROLE in (info.value.hint or "") and "release policy" in (info.value.hint or "")
-    assert info.value.status == 403
+    assert http_status(info.value) == 403
 
 
 async def test_rejected_bearer_is_release_denied(stack, releaser, wrapping_key):
@@ -241,7 +242,7 @@ async def test_rejected_bearer_is_release_denied(stack, releaser, wrapping_key):
 async def test_unknown_key_is_key_not_found(stack, releaser):
     with pytest.raises(KeyNotFound) as info:
         await releaser.release(KeyRef.parse("missing", vault=stack.hsm_host), "t.t.t")
-    assert "KeyNotFound" in info.value.message and info.value.status == 404
+    assert "KeyNotFound" in info.value.message and http_status(info.value) == 404
 
 
 async def test_token_without_runtime_key_is_bad_request(stack, releaser):

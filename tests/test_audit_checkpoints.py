@@ -22,6 +22,7 @@ from skr.audit.chain import statement_report_data
 from skr.audit.checkpoint import AuditRateLimited, Checkpointer
 from skr.audit.proof import ProofOptions, prove_checkpoint
 from skr.cli import main
+from skr.server import http_status
 
 VECTORS = Path(__file__).resolve().parents[2] / "shared" / "testvectors"
 
@@ -258,7 +259,7 @@ async def test_a_head_statement_binds_the_current_head_and_is_rate_limited(tee, 
     assert proof.virtual and proof.covers_seq == 1
     with pytest.raises(AuditRateLimited) as limited:
         await checkpointer.head_statement()
-    assert limited.value.status == 429 and limited.value.code == "rate_limited"
+    assert http_status(limited.value) == 429 and limited.value.code == "rate_limited"
     assert alog.head[0] == 1  # nothing was written
     await alog.aclose()
 

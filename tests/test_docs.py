@@ -7,16 +7,12 @@ import re
 from pathlib import Path
 
 from skr.config import add_arguments
+from skr.errors import Code
 from skr.server import ROUTES
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 SOURCES = [p.read_text() for p in (ROOT / "skr").rglob("*.py")]
-
-
-def _troubleshooting_codes() -> set[str]:
-    section = README.split("## Troubleshooting", 1)[1].split("\n## ", 1)[0]
-    return set(re.findall(r"`([a-z][a-z0-9_]*)`", section))
 
 
 def test_quick_start_shows_the_two_commands():
@@ -28,14 +24,27 @@ def test_every_route_is_documented():
         assert f"`{path}`" in README, path
 
 
+def _troubleshooting_rows() -> set[str]:
+    """The codes named in the first column of the troubleshooting table."""
+    section = README.split("## Troubleshooting", 1)[1].split("\n## ", 1)[0]
+    rows = (line.split("|")[1] for line in section.splitlines() if line.startswith("|"))
+    return {code for cell in rows for code in re.findall(r"`([a-z][a-z0-9_]*)`", cell)}
+
+
 def test_every_error_code_has_a_troubleshooting_row():
-    codes: set[str] = set()
-    for text in SOURCES:
-        codes.update(re.findall(r'\bcode="([a-z][a-z0-9_]*)"', text))
-        codes.update(re.findall(r'default_code = "([a-z][a-z0-9_]*)"', text))
-    assert codes, "no error codes found"
-    missing = codes - _troubleshooting_codes()
+    missing = {code.value for code in Code} - _troubleshooting_rows()
     assert not missing, f"error codes without a troubleshooting row: {sorted(missing)}"
+
+
+def test_every_troubleshooting_row_names_an_error_code():
+    unknown = _troubleshooting_rows() - {code.value for code in Code}
+    assert not unknown, f"troubleshooting rows for codes skr never raises: {sorted(unknown)}"
+
+
+def test_error_codes_are_enum_members_not_strings_at_raise_sites():
+    for text in SOURCES:
+        assert not re.findall(r'\bcode="[a-z][a-z0-9_]*"', text)
+        assert not re.findall(r'default_code(?:: ClassVar\[str\])? = "', text)
 
 
 def test_every_daemon_flag_is_in_the_configuration_table():

@@ -35,6 +35,7 @@ from skr.http import RetryPolicy, request
 from skr.identity import CredentialFactory, VaultScopedCredential
 from skr.local.ca import LocalCA
 from skr.maa.token import TokenVerifier
+from skr.server import http_status
 from skr.snp.collateral import CollateralClient, CollateralSource
 from tests.e2e import post, serve_local, stack_session
 from tests.kvstack import point_imds_at, serve
@@ -188,7 +189,7 @@ async def test_a_redirect_is_an_error_naming_its_target_and_the_target_gets_no_c
     ):
         with pytest.raises(UpstreamError) as info:
             await request(session, "GET", f"{url}/thing", service="Test Service", retry=ONE)
-    assert info.value.code == "upstream_redirect" and info.value.status == 502
+    assert info.value.code == "upstream_redirect" and http_status(info.value) == 502
     assert target.authority in info.value.message
     assert seen == ["GET /thing"]  # not retried
     assert target.connections == 0
@@ -236,7 +237,7 @@ async def test_key_vault_does_not_follow_a_redirect_with_the_release_body(ca):
                 )
         finally:
             await releaser.aclose()
-    assert info.value.code == "upstream_redirect" and info.value.status == 502
+    assert info.value.code == "upstream_redirect" and http_status(info.value) == 502
     assert target.authority in info.value.message
     assert len(seen) == 1 and target.connections == 0  # not retried, not followed
 
@@ -348,7 +349,7 @@ async def test_an_answer_over_the_cap_is_upstream_too_large_and_not_retried(answ
     async with hostile(answer) as (url, seen), aiohttp.ClientSession() as session:
         with pytest.raises(UpstreamError) as info:
             await request(session, "GET", f"{url}/x", service="Test Service", retry=ONE, max_body=1024 * 1024)
-    assert info.value.code == "upstream_too_large" and info.value.status == 502
+    assert info.value.code == "upstream_too_large" and http_status(info.value) == 502
     assert "1048576 bytes" in info.value.message and seen == ["GET /x"]
 
 

@@ -24,6 +24,7 @@ from skr.akv.policy import (
     parse_policy,
 )
 from skr.errors import PolicyError
+from skr.server import http_status
 
 MAA = "https://sharedeus.eus.attest.azure.net"
 
@@ -380,7 +381,7 @@ def test_malformed_policy_names_the_bad_part(document, complaint):
     with pytest.raises(PolicyError) as info:
         parse_policy(document)
     assert complaint in info.value.message
-    assert info.value.status == 400
+    assert http_status(info.value) == 400
 
 
 @pytest.mark.parametrize(

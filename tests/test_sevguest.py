@@ -36,6 +36,7 @@ from skr.evidence.sevguest import (
     parse_report_response,
 )
 from skr.evidence.tsm import TsmProvider
+from skr.server import http_status
 from skr.snp.kds import parse_thim_json
 from skr.snp.report import AttestationReport
 from skr.snp.verify import verify_evidence_chain
@@ -401,6 +402,19 @@ async def test_report_for_other_report_data_is_refused(vectors: Path, tmp_path: 
     provider = SevGuestProvider(device=device, ioctl=FakeSevGuest(device, raw), context=_aci_context(vectors))
     with pytest.raises(EvidenceUnavailable, match="not the requested"):
         await provider.collect(bytes(64))
+
+
+async def test_a_report_from_the_device_that_does_not_parse_is_unavailable_evidence_not_bad_input(
+    vectors: Path, tmp_path: Path
+) -> None:
+    raw, report = _genuine(vectors)
+    device = _device(tmp_path)
+    garbage = struct.pack("<I", 0xFFFF) + raw[4:]  # the firmware's fault: a report version nobody defined
+    provider = SevGuestProvider(device=device, ioctl=FakeSevGuest(device, garbage))
+    with pytest.raises(EvidenceUnavailable, match="returned a report that does not parse") as info:
+        await provider.collect(report.report_data)
+    assert info.value.code == "device_report_invalid" and http_status(info.value) == 503
+    assert info.value.hint is not None and "firmware" in info.value.hint
 
 
 async def test_no_chain_anywhere_lists_what_was_tried(vectors: Path, tmp_path: Path) -> None:

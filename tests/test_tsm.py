@@ -18,6 +18,7 @@ import pytest
 from skr.errors import EvidenceUnavailable
 from skr.evidence.context import SecurityContext
 from skr.evidence.tsm import LinuxConfigfs, TsmProvider
+from skr.server import http_status
 from skr.snp.kds import parse_thim_json
 from skr.snp.report import AttestationReport
 from skr.snp.verify import verify_evidence_chain
@@ -197,4 +198,17 @@ async def test_failing_outblob_read_is_reported_and_the_entry_removed(vectors: P
     kernel = FailingKernel(raw)
     with pytest.raises(EvidenceUnavailable, match="outblob failed: Input/output error"):
         await TsmProvider(root=root, fs=kernel).collect(report.report_data)
+    assert _left_behind(root) == []
+
+
+async def test_a_report_from_the_device_that_does_not_parse_is_unavailable_evidence_not_bad_input(
+    vectors: Path, root: Path
+) -> None:
+    raw, report = _genuine(vectors)
+    kernel = FakeTsmKernel(b"\xff" * len(raw))  # the TEE's fault: version 0xffffffff, nothing the caller sent
+    with pytest.raises(
+        EvidenceUnavailable, match="the tsm device returned a report that does not parse"
+    ) as info:
+        await TsmProvider(root=root, fs=kernel).collect(report.report_data)
+    assert info.value.code == "device_report_invalid" and http_status(info.value) == 503
     assert _left_behind(root) == []

@@ -43,6 +43,7 @@ from skr.akv.keywrap import Enc
 from skr.endpoints import Endpoint, KeyRef, is_azure_host, parse_endpoint
 from skr.errors import (
     BadRequest,
+    Code,
     IdentityError,
     KeyNotFound,
     ReleaseDenied,
@@ -377,13 +378,13 @@ class KeyVaultReleaser:
                 return UpstreamError(
                     f"{service} {vault_url} presented a TLS certificate that is not trusted",
                     hint=f"check the endpoint; for private CAs set {CA_BUNDLE_ENV}",
-                    code="upstream_tls_untrusted",
+                    code=Code.UPSTREAM_TLS_UNTRUSTED,
                 )
             return UpstreamError(
                 f"{service} {vault_url} could not be reached at {host_of_url(vault_url)}: "
                 f"{connection_cause(exc.inner_exception)}",
                 hint="check the vault name, DNS, private endpoint and network egress",
-                code="upstream_unreachable",
+                code=Code.UPSTREAM_UNREACHABLE,
             )
         if isinstance(exc, ValueError) and "challenge" in str(exc).lower():
             return UpstreamError(
@@ -391,7 +392,7 @@ class KeyVaultReleaser:
                 f"{_first_line(str(exc))}",
                 hint="check the vault URL; for a trusted local emulator add its host to "
                 "allow_insecure_challenge_hosts",
-                code="vault_challenge_mismatch",
+                code=Code.VAULT_CHALLENGE_MISMATCH,
             )
         return UpstreamError(f"{service} {vault_url} release of {what} failed: {_first_line(str(exc))}")
 
@@ -407,7 +408,7 @@ class KeyVaultReleaser:
                     if error.status == 403
                     else f"the access token was rejected; check its tenant and audience and the '{role}' role"
                 ),
-                code="access_token_rejected" if error.status == 401 else None,
+                code=Code.ACCESS_TOKEN_REJECTED if error.status == 401 else None,
             )
         if error.status == 404:
             return KeyNotFound(

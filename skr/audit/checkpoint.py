@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Protocol
 
 from skr.audit.chain import CHECKPOINT_EVENT, canonical, rfc3339_now, statement, statement_report_data
 from skr.audit.writer import AsyncAuditLog
-from skr.errors import SkrError
+from skr.errors import Code, SkrError
 
 log = logging.getLogger("skr.audit")
 
@@ -51,8 +51,7 @@ Collect = Callable[[bytes], Awaitable[CheckpointEvidence]]
 class AuditRateLimited(SkrError):
     """``GET /audit/head`` asked again within a second (each answer costs a hardware report)."""
 
-    status: ClassVar[int] = 429
-    default_code: ClassVar[str] = "rate_limited"
+    default_code: ClassVar[Code] = Code.RATE_LIMITED
 
 
 def evidence_fields(evidence: CheckpointEvidence) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from skr.audit.chain import Line, is_record, parse_record
-from skr.errors import AuditError
+from skr.errors import AuditError, Code
 
 STDIN = "-"
 _PROBE_LINES = 64  # how far into a file we look for its first record
@@ -45,7 +45,7 @@ def chain_files(path: Path) -> list[Path]:
 def refusal(message: str, *, hint: str | None = None) -> AuditError:
     """A file the audit log will not use (a link, not a regular file, not an audit log, locked): the
     sidecar does not start (``config_invalid``)."""
-    return AuditError(message, hint=hint, code="config_invalid")
+    return AuditError(message, hint=hint, code=Code.CONFIG_INVALID)
 
 
 def open_regular(path: Path, flags: int, mode: int = 0o600) -> int:

@@ -20,7 +20,7 @@ from typing import Any
 from cryptography import x509
 
 from skr.audit.chain import statement_report_data
-from skr.errors import SkrError, VerificationError
+from skr.errors import Code, SkrError, VerificationError
 from skr.snp.certs import AMD_ARK_SHA256
 from skr.snp.verify import ValidationOptions, validate_report, verify_evidence_chain
 
@@ -62,7 +62,9 @@ def prove_checkpoint(checkpoint: Mapping[str, Any], options: ProofOptions) -> Ch
     try:
         report = base64.b64decode(str(evidence.get("report", "")), validate=True)
     except (binascii.Error, ValueError):
-        raise VerificationError("the checkpoint's report is not base64", code="checkpoint_invalid") from None
+        raise VerificationError(
+            "the checkpoint's report is not base64", code=Code.CHECKPOINT_INVALID
+        ) from None
     chain = str(evidence.get("vcek_chain", "")).encode()
     # 1. the report is genuine: signature by the VCEK/VLEK, chain to a pinned or explicitly trusted ARK
     at = options.at or _parse_time(str(checkpoint["time"]))

@@ -29,7 +29,7 @@ from skr.audit.chain import (
 )
 from skr.audit.files import STDIN, iter_lines
 from skr.audit.proof import CheckpointProof, ProofOptions, describe_failure, prove_checkpoint
-from skr.errors import BadRequest, SkrError
+from skr.errors import BadRequest, Code, SkrError
 
 EXIT_PROVEN, EXIT_DAMAGED = 0, 1
 FORMATS = ("table", "json", "csv")
@@ -191,11 +191,11 @@ def _verify(args: argparse.Namespace) -> int:
             try:
                 proofs.append(prove_checkpoint(checkpoint, options))
             except SkrError as exc:
-                if exc.code == "untrusted_root" and not _demands_proof(args):
+                if exc.code == Code.UNTRUSTED_ROOT and not _demands_proof(args):
                     unverified += 1  # a virtual TEE's: proves nothing unless its ARK is named
                     continue
                 failure = describe_failure(checkpoint, exc)
-                if exc.code == "untrusted_root":
+                if exc.code == Code.UNTRUSTED_ROOT:
                     failure += " (a virtual TEE checkpoint verifies only with --trust-ark and its ARK)"
                 break
     _report(args, sources, result, proofs, failure, unverified=unverified)

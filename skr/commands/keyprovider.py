@@ -26,7 +26,7 @@ from typing import BinaryIO
 from urllib.parse import urlsplit
 
 from skr.config import Settings, add_arguments, load_settings
-from skr.errors import BadRequest, ConfigError, ReleaseDenied, SkrError, UpstreamError
+from skr.errors import BadRequest, Code, ConfigError, ReleaseDenied, SkrError, UpstreamError
 from skr.logs import setup_logging
 
 #: ocicrypt's requests are a few hundred bytes; anything near this is not one.
@@ -67,12 +67,12 @@ def read_request(stream: BinaryIO | None = None) -> bytes:
     raw = (stream or sys.stdin.buffer).read(MAX_REQUEST + 1)
     if len(raw) > MAX_REQUEST:
         raise BadRequest(
-            f"the key-provider request exceeds {MAX_REQUEST} bytes", code="invalid_keyprovider_request"
+            f"the key-provider request exceeds {MAX_REQUEST} bytes", code=Code.INVALID_KEYPROVIDER_REQUEST
         )
     if not raw.strip():
         raise BadRequest(
             "no key-provider request on stdin (ocicrypt writes one JSON request)",
-            code="invalid_keyprovider_request",
+            code=Code.INVALID_KEYPROVIDER_REQUEST,
         )
     return raw
 
@@ -173,8 +173,11 @@ async def _unwrap_via_sidecar(raw: bytes, base: str, token: str | None, deadline
         raise UpstreamError(f"the skr sidecar at {base} answered HTTP {result.status} without a JSON body")
     if result.status != 200:
         message = str(doc.get("error") or f"HTTP {result.status}")
-        code = str(doc.get("code") or "upstream_error")
-        kind = ReleaseDenied if code == "release_denied" else SkrError
+        try:
+            code = Code(str(doc.get("code") or Code.UPSTREAM_ERROR))
+        except ValueError:  # a code this version of skr does not know
+            code = Code.UPSTREAM_ERROR
+        kind = ReleaseDenied if code is Code.RELEASE_DENIED else SkrError
         raise kind(f"the sidecar refused the unwrap: {message}", code=code)
     try:
         plaintext = base64.b64decode(str(doc["plaintext"]), validate=True)

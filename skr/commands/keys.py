@@ -44,6 +44,7 @@ from skr.akv.release import vault_error
 from skr.endpoints import parse_endpoint
 from skr.errors import (
     BadRequest,
+    Code,
     Forbidden,
     IdentityError,
     KeyWrapError,
@@ -389,7 +390,7 @@ async def _refuse_existing(client: KeyClient, args: argparse.Namespace) -> None:
         "the old version can only be decrypted with the old version",
         hint="pass --new-version to add one anyway, or use `skr keys update-policy` to change only the "
         "release policy",
-        code="key_exists",
+        code=Code.KEY_EXISTS,
     )
 
 

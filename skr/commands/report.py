@@ -21,7 +21,7 @@ from typing import Any
 from cryptography import x509
 
 from skr.config import EVIDENCE_KINDS, EvidenceKind
-from skr.errors import BadRequest, CertificateError, VerificationError
+from skr.errors import BadRequest, CertificateError, Code, VerificationError
 from skr.evidence.base import REPORT_DATA_SIZE, Evidence, report_data_for
 from skr.snp.certs import load_certificates
 from skr.snp.hcl import HclReport, is_hcl_report, parse_hcl_report
@@ -252,10 +252,10 @@ def _verify(args: argparse.Namespace) -> int:
             raise VerificationError(
                 f"the SNP report's REPORT_DATA does not start with the {hcl.hash_name} of the HCL runtime "
                 "data, so the runtime data (its keys, user-data) is not the one the hardware attested",
-                code="report_invalid",
+                code=Code.REPORT_INVALID,
             )
     except VerificationError as exc:
-        if exc.code == "certificate_chain_incomplete":  # nothing was judged: the input lacks the chain
+        if exc.code == Code.CERTIFICATE_CHAIN_INCOMPLETE:  # nothing was judged: the input lacks the chain
             raise BadRequest(
                 f"unusable input: {exc.message}",
                 hint="pass the ASK/ASVK and ARK with --chain, or a PEM bundle VEK+ASK+ARK as --vek",

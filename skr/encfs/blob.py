@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 from skr.encfs.errors import BlobError, BlobLeased, EncfsConfigError
 from skr.endpoints import DEFAULT_BLOB_ALLOWED, Allowlist, Endpoint, parse_endpoint
-from skr.errors import BadRequest
+from skr.errors import BadRequest, Code
 
 PAGE = 512
 MAX_PUT_PAGE = 4 * 1024 * 1024
@@ -84,7 +84,7 @@ def parse_blob_url(value: str, *, allowlist: Allowlist, what: str = "azure_url")
         raise EncfsConfigError(
             f"{what} host {endpoint.authority} is not in the blob endpoint allowlist; no request was sent",
             hint="add it to SKR_ALLOWED_BLOB_ENDPOINTS if this storage account is really yours",
-            code="endpoint_not_allowed",
+            code=Code.ENDPOINT_NOT_ALLOWED,
         )
     return BlobUrl(endpoint, parts.path, parts.query)
 
@@ -134,7 +134,7 @@ class Blob:
         try:
             props = await self._client.get_blob_properties()
         except ResourceNotFoundError:
-            raise BlobError(f"the blob {self.url} does not exist", code="blob_not_found") from None
+            raise BlobError(f"the blob {self.url} does not exist", code=Code.BLOB_NOT_FOUND) from None
         except AzureError as exc:
             raise BlobError(f"the blob {self.url} could not be read: {_describe(exc)}") from None
         self.size = int(props.size)

@@ -6,51 +6,50 @@ or storage tokens.
 
 from __future__ import annotations
 
-from skr.errors import BadRequest, ConfigError, Forbidden, SkrError, UpstreamError
+from skr.errors import BadRequest, Code, ConfigError, Forbidden, SkrError, UpstreamError
 
 
 class EncfsConfigError(ConfigError):
     """``EncfsSideCarArgs`` / ``--config`` that cannot be used."""
 
-    default_code = "encfs_config_invalid"
+    default_code = Code.ENCFS_CONFIG_INVALID
 
 
 class EncfsKeyError(BadRequest):
     """The released key cannot be a filesystem key (wrong type, wrong length, bad derivation input)."""
 
-    default_code = "encfs_key_invalid"
+    default_code = Code.ENCFS_KEY_INVALID
 
 
 class LuksError(BadRequest):
     """The image is not a LUKS2 image skr can open (bad magic, damaged header, unsupported cipher)."""
 
-    default_code = "luks_header_invalid"
+    default_code = Code.LUKS_HEADER_INVALID
 
 
 class LuksUnsupported(LuksError):
-    default_code = "luks_unsupported"
+    default_code = Code.LUKS_UNSUPPORTED
 
 
 class LuksWrongKey(Forbidden):
     """No keyslot opens with this key (the digest check failed for every keyslot)."""
 
-    default_code = "luks_wrong_key"
+    default_code = Code.LUKS_WRONG_KEY
 
 
 class BlobError(UpstreamError):
     """The blob holding the image could not be read or written."""
 
-    default_code = "blob_unavailable"
+    default_code = Code.BLOB_UNAVAILABLE
 
 
 class BlobLeased(Forbidden):
     """Another writer holds the blob's lease: two writers would corrupt the image."""
 
-    default_code = "blob_leased"
+    default_code = Code.BLOB_LEASED
 
 
 class MountError(SkrError):
     """A privileged step (FUSE, loop device, cryptsetup, mount) failed."""
 
-    status = 500
-    default_code = "encfs_mount_failed"
+    default_code = Code.ENCFS_MOUNT_FAILED

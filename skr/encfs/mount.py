@@ -36,7 +36,7 @@ from skr.encfs.keys import filesystem_key
 from skr.encfs.luks2 import Header, VolumeKey, read_header, unlock
 from skr.encfs.system import System
 from skr.endpoints import Allowlist
-from skr.errors import SkrError
+from skr.errors import Code, SkrError
 
 log = logging.getLogger("skr.encfs")
 
@@ -149,7 +149,7 @@ class EncfsMounter:
                 raise MountError(
                     f"{path} is served by another running skr encfs",
                     hint="give each skr encfs its own --work-dir",
-                    code="encfs_in_use",
+                    code=Code.ENCFS_IN_USE,
                 )
         for spec in self.args.filesystems:
             link, target = target_of(spec)
@@ -168,7 +168,7 @@ class EncfsMounter:
                     f"filesystem {spec.index}: {target} is mounted and published at {users[0]} "
                     "by another skr encfs",
                     hint="mount points of different skr encfs instances need different directories",
-                    code="encfs_in_use",
+                    code=Code.ENCFS_IN_USE,
                 )
             if str(target) in mounts:
                 log.info("unmounting a stale mount at %s", target)
@@ -277,7 +277,7 @@ class EncfsMounter:
                         f"the blob {url} is a {blob.blob_type or 'block blob'}; "
                         "read-write mounts need a page blob",
                         hint="upload it with `skr encfs upload --page`",
-                        code="blob_not_page_blob",
+                        code=Code.BLOB_NOT_PAGE_BLOB,
                     )
                 await blob.acquire_lease(proposed_lease_id(url, spec.mount_point))
         except BaseException:
@@ -293,7 +293,7 @@ class EncfsMounter:
             raise LuksError(
                 f"the blob holds {blob.size} bytes but the LUKS2 data segment needs "
                 f"{seg.offset + max(size, seg.sector_size)}: the image is truncated",
-                code="luks_image_truncated",
+                code=Code.LUKS_IMAGE_TRUNCATED,
             )
         return size - size % seg.sector_size
 

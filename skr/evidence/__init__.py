@@ -24,7 +24,7 @@ import logging
 from pathlib import Path
 
 from skr.config import EVIDENCE_KINDS, EvidenceKind
-from skr.errors import ConfigError, EvidenceUnavailable
+from skr.errors import Code, ConfigError, EvidenceUnavailable
 from skr.evidence.base import Evidence, EvidenceProvider, report_data_for
 from skr.evidence.context import SecurityContext
 from skr.evidence.sevguest import LEGACY_SEV_DEVICE, SEV_GUEST_DEVICE, LegacySevProvider, SevGuestProvider
@@ -77,7 +77,7 @@ def create_provider(
         f"no SEV-SNP guest interface found: probed {sev_guest}, {tsm_root} and {legacy}",
         hint="run inside an SEV-SNP confidential container with the device passed in; for local use "
         "choose the software TEE explicitly with --evidence virtual",
-        code="no_tee",
+        code=Code.NO_TEE,
     )
 
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Final
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from skr.errors import BadRequest, CertificateError, EvidenceUnavailable, ReportError
+from skr.errors import BadRequest, CertificateError, Code, EvidenceUnavailable, ReportError
 from skr.evidence.base import REPORT_DATA_SIZE, Evidence
 from skr.evidence.context import SecurityContext, check_policy_hash
 from skr.snp.certs import parse_vek_extensions, read_certificates
@@ -107,7 +107,7 @@ def parse_cert_table(blob: bytes) -> CertTable:
             raise EvidenceUnavailable(
                 f"the host certificate table has no terminating all-zero entry within its {len(blob)} bytes",
                 hint="the hypervisor supplied a malformed GHCB certificate table",
-                code="cert_table_invalid",
+                code=Code.CERT_TABLE_INVALID,
             )
         raw_guid, cert_offset, length = _ENTRY.unpack_from(blob, offset)
         offset += ENTRY_SIZE
@@ -122,7 +122,7 @@ def parse_cert_table(blob: bytes) -> CertTable:
                 f"[{cert_offset}, {cert_offset + length}) but the table header ends at {offset} and the "
                 f"buffer holds {len(blob)} bytes",
                 hint="the hypervisor supplied a malformed GHCB certificate table",
-                code="cert_table_invalid",
+                code=Code.CERT_TABLE_INVALID,
             )
         parsed.append(CertTableEntry(guid, bytes(blob[cert_offset : cert_offset + length])))
     return CertTable(tuple(parsed))
@@ -141,7 +141,7 @@ def load_one_certificate(data: bytes, *, what: str = "certificate") -> x509.Cert
         raise EvidenceUnavailable(
             f"the {what} certificate ({len(data)} bytes) is neither DER nor PEM X.509: {exc}",
             hint="the host or certificate service returned something that is not a certificate",
-            code="certificate_unreadable",
+            code=Code.CERTIFICATE_UNREADABLE,
         ) from None
 
 
@@ -209,7 +209,7 @@ async def resolve_chain(
         "no VCEK certificate chain for the report: tried " + "; ".join(tried),
         hint="provide host-amd-cert-base64 in the security context or configure a certificate source "
         "(certcache)",
-        code="collateral_unavailable",
+        code=Code.COLLATERAL_UNAVAILABLE,
     )
 
 
@@ -242,14 +242,14 @@ async def assemble_evidence(
         raise EvidenceUnavailable(
             f"the {provider} device returned a report that does not parse: {exc.message}",
             hint="the guest driver or firmware misbehaved; see the kernel log",
-            code="device_report_invalid",
+            code=Code.DEVICE_REPORT_INVALID,
         ) from None
     if report.report_data != report_data:
         raise EvidenceUnavailable(
             f"the {provider} device returned a report for REPORT_DATA {report.report_data.hex()[:32]}…, "
             f"not the requested {report_data.hex()[:32]}…",
             hint="another process may share the report interface; retry",
-            code="device_report_mismatch",
+            code=Code.DEVICE_REPORT_MISMATCH,
         )
     if context is not None and context.security_policy is not None:
         check_policy_hash(context, report.host_data)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from skr.errors import CollateralError, EvidenceUnavailable
+from skr.errors import Code, CollateralError, EvidenceUnavailable
 from skr.snp.kds import ThimCertificates, parse_thim_json
 
 CONTEXT_DIR_ENV: Final = "UVM_SECURITY_CONTEXT_DIR"
@@ -97,7 +97,7 @@ def find_security_context_dir(env: Mapping[str, str] = os.environ, root: Path = 
             raise EvidenceUnavailable(
                 f"{CONTEXT_DIR_ENV} names {named!r}, which is not a directory",
                 hint="mount the security context there or unset the variable",
-                code="security_context_missing",
+                code=Code.SECURITY_CONTEXT_MISSING,
             )
         return path
     try:
@@ -129,7 +129,7 @@ def load_security_context(env: Mapping[str, str] = os.environ, root: Path = Path
             raise EvidenceUnavailable(
                 f"{origin} does not hold valid THIM certificates: {exc.message}",
                 hint=exc.hint,
-                code="security_context_invalid",
+                code=Code.SECURITY_CONTEXT_INVALID,
             ) from None
     if reference is not None:
         _check_cose_sign1(*reference)
@@ -169,7 +169,7 @@ def check_policy_hash(context: SecurityContext, report_host_data: bytes) -> None
             "the security context has no security policy, so HOST_DATA cannot be checked",
             hint=f"mount {POLICY_FILE} (or set {POLICY_ENV}); security-context directory: "
             f"{context.directory or 'none found'}",
-            code="security_policy_missing",
+            code=Code.SECURITY_POLICY_MISSING,
         )
     if bytes(report_host_data) != expected:
         raise EvidenceUnavailable(
@@ -177,7 +177,7 @@ def check_policy_hash(context: SecurityContext, report_host_data: bytes) -> None
             f"policy is {expected.hex()}",
             hint="the mounted security policy is not the one this container group was launched with; check "
             f"{CONTEXT_DIR_ENV} and the deployment's ccePolicy",
-            code="host_data_mismatch",
+            code=Code.HOST_DATA_MISMATCH,
         )
 
 
@@ -194,7 +194,7 @@ def _read(
                 raise EvidenceUnavailable(
                     f"cannot read {path}: {exc.strerror or exc}",
                     hint="check the file's permissions",
-                    code="security_context_unreadable",
+                    code=Code.SECURITY_CONTEXT_UNREADABLE,
                 ) from None
             return _decode_base64(text, str(path)), str(path)
     value = env.get(variable, "")
@@ -209,7 +209,7 @@ def _decode_base64(data: bytes, origin: str) -> bytes:
         raise EvidenceUnavailable(
             f"{origin} is empty",
             hint="expected standard base64 text",
-            code="security_context_invalid",
+            code=Code.SECURITY_CONTEXT_INVALID,
         )
     try:
         decoded = base64.b64decode(compact, validate=True)
@@ -217,10 +217,10 @@ def _decode_base64(data: bytes, origin: str) -> bytes:
         raise EvidenceUnavailable(
             f"{origin} is not valid standard base64 ({exc})",
             hint="the platform writes these files base64-encoded; check the file was not altered",
-            code="security_context_invalid",
+            code=Code.SECURITY_CONTEXT_INVALID,
         ) from None
     if not decoded:
-        raise EvidenceUnavailable(f"{origin} decodes to nothing", code="security_context_invalid")
+        raise EvidenceUnavailable(f"{origin} decodes to nothing", code=Code.SECURITY_CONTEXT_INVALID)
     return decoded
 
 
@@ -231,5 +231,5 @@ def _check_cose_sign1(data: bytes, origin: str) -> None:
         raise EvidenceUnavailable(
             f"{origin} does not hold a COSE_Sign1 (starts with {data[:2].hex() or 'nothing'}, expected d284)",
             hint="reference-info-base64 must be the base64 of the UVM endorsement COSE_Sign1",
-            code="security_context_invalid",
+            code=Code.SECURITY_CONTEXT_INVALID,
         )

@@ -42,10 +42,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from skr.errors import VerificationError
+from skr.errors import Code, VerificationError
 from skr.snp.certs import read_certificates
 
-ERROR_CODE: Final = "uvm_endorsement_invalid"
+ERROR_CODE: Final = Code.UVM_ENDORSEMENT_INVALID
 
 COSE_SIGN1_TAG: Final = 18
 HEADER_ALG: Final = 1

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from skr.errors import ConfigError, EvidenceUnavailable
+from skr.errors import Code, ConfigError, EvidenceUnavailable
 from skr.evidence.base import Evidence
 from skr.evidence.certtable import assemble_evidence, check_report_data
 from skr.evidence.context import SecurityContext
@@ -163,13 +163,13 @@ def parse_report_response(response: bytes, *, device: str) -> bytes:
         raise EvidenceUnavailable(
             f"the SEV-SNP firmware answered MSG_REPORT_RSP status {status:#x} ({name}) via {device}",
             hint=hint,
-            code="firmware_error",
+            code=Code.FIRMWARE_ERROR,
         )
     if size != REPORT_SIZE:
         raise EvidenceUnavailable(
             f"the SEV-SNP firmware returned a {size}-byte report via {device}, expected {REPORT_SIZE}",
             hint="this firmware's report format is not supported",
-            code="firmware_error",
+            code=Code.FIRMWARE_ERROR,
         )
     return bytes(response[REPORT_OFFSET : REPORT_OFFSET + REPORT_SIZE])
 
@@ -224,13 +224,13 @@ class _DeviceProvider(abc.ABC):
             raise EvidenceUnavailable(
                 f"{self.device} does not exist",
                 hint="this is not an SEV-SNP guest, or the device is not passed into the container",
-                code="device_missing",
+                code=Code.DEVICE_MISSING,
             ) from None
         except PermissionError:
             raise EvidenceUnavailable(
                 f"no permission to open {self.device}",
                 hint="run with access to the device (device cgroup / file mode)",
-                code="device_forbidden",
+                code=Code.DEVICE_FORBIDDEN,
             ) from None
         except OSError as exc:
             raise EvidenceUnavailable(f"cannot open {self.device}: {exc.strerror or exc}") from None
@@ -254,7 +254,7 @@ class _DeviceProvider(abc.ABC):
         return EvidenceUnavailable(
             f"{what} on {self.device} failed with {name} ({exc.strerror or exc}); {detail}",
             hint=hint,
-            code="device_error",
+            code=Code.DEVICE_ERROR,
         )
 
 
@@ -339,7 +339,7 @@ class SevGuestProvider(_DeviceProvider):
         raise EvidenceUnavailable(
             f"SNP_GET_EXT_REPORT on {self.device} stayed busy after {self._busy_retries} retries",
             hint="the hypervisor is throttling guest requests; retry later",
-            code="device_busy",
+            code=Code.DEVICE_BUSY,
         )
 
     def _plain(self, report_data: bytes) -> bytes:
@@ -393,7 +393,7 @@ class LegacySevProvider(_DeviceProvider):
             raise EvidenceUnavailable(
                 f"SEV_SNP_GUEST_MSG_REPORT on {self.device} reported {detail}",
                 hint="see the AMD SEV-SNP firmware ABI status codes",
-                code="firmware_error",
+                code=Code.FIRMWARE_ERROR,
             )
         return parse_report_response(response.raw, device=str(self.device)), None
 

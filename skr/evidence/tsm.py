@@ -20,7 +20,7 @@ import secrets
 from pathlib import Path
 from typing import Final, Protocol
 
-from skr.errors import ConfigError, EvidenceUnavailable
+from skr.errors import Code, ConfigError, EvidenceUnavailable
 from skr.evidence.base import Evidence
 from skr.evidence.certtable import assemble_evidence, check_report_data
 from skr.evidence.context import SecurityContext
@@ -118,7 +118,7 @@ class TsmProvider:
             f"configfs-tsm report generation kept changing during {self._attempts} attempts under "
             f"{self.root}",
             hint="another process writes to our report entries; make sure nothing else touches skr-* entries",
-            code="tsm_conflict",
+            code=Code.TSM_CONFLICT,
         )
 
     def _one_report(self, entry: Path, report_data: bytes) -> tuple[bytes, bytes | None] | None:
@@ -127,7 +127,7 @@ class TsmProvider:
             raise EvidenceUnavailable(
                 f"configfs-tsm provider is {provider!r}, expected {SEV_GUEST_PROVIDER!r}",
                 hint="this TEE is not AMD SEV-SNP; skr only handles SEV-SNP reports",
-                code="tsm_wrong_provider",
+                code=Code.TSM_WRONG_PROVIDER,
             )
         if self.privlevel is not None:
             self._write(
@@ -150,17 +150,17 @@ class TsmProvider:
             raise EvidenceUnavailable(
                 f"{self.root} does not exist",
                 hint="configfs-tsm needs Linux 6.7+ with configfs mounted at /sys/kernel/config",
-                code="device_missing",
+                code=Code.DEVICE_MISSING,
             ) from None
         except PermissionError:
             raise EvidenceUnavailable(
                 f"no permission to create a report entry under {self.root}",
                 hint="the container needs write access to /sys/kernel/config/tsm/report",
-                code="device_forbidden",
+                code=Code.DEVICE_FORBIDDEN,
             ) from None
         except OSError as exc:
             raise EvidenceUnavailable(
-                f"cannot create {entry}: {exc.strerror or exc}", code="device_error"
+                f"cannot create {entry}: {exc.strerror or exc}", code=Code.DEVICE_ERROR
             ) from None
 
     def _rmdir(self, entry: Path) -> None:
@@ -178,7 +178,7 @@ class TsmProvider:
             raise EvidenceUnavailable(
                 f"reading {path} failed: {exc.strerror or exc}",
                 hint="the sev-guest driver could not produce a report; see the kernel log (dmesg)",
-                code="device_error",
+                code=Code.DEVICE_ERROR,
             ) from None
 
     def _read_optional(self, path: Path) -> bytes | None:
@@ -188,7 +188,7 @@ class TsmProvider:
             return None
         except OSError as exc:
             raise EvidenceUnavailable(
-                f"reading {path} failed: {exc.strerror or exc}", code="device_error"
+                f"reading {path} failed: {exc.strerror or exc}", code=Code.DEVICE_ERROR
             ) from None
 
     def _write(self, path: Path, data: bytes, *, floor_hint: Path | None = None) -> None:
@@ -204,7 +204,7 @@ class TsmProvider:
             raise EvidenceUnavailable(
                 f"writing {path.name} under {path.parent} failed: {exc.strerror or exc}",
                 hint=hint,
-                code="device_error",
+                code=Code.DEVICE_ERROR,
             ) from None
 
     def _generation(self, entry: Path) -> int:
@@ -213,5 +213,5 @@ class TsmProvider:
             return int(text)
         except ValueError:
             raise EvidenceUnavailable(
-                f"configfs-tsm generation is {text[:20]!r}, expected a number", code="device_error"
+                f"configfs-tsm generation is {text[:20]!r}, expected a number", code=Code.DEVICE_ERROR
             ) from None

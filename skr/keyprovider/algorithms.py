@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap
 
 from skr.akv.jwk import jose_kty, jwk_to_private_key
 from skr.akv.keywrap import b64url_decode
-from skr.errors import BadRequest, KeyWrapError, UnwrapFailed
+from skr.errors import BadRequest, Code, KeyWrapError, UnwrapFailed
 
 _AES_KW_BYTES = {"A128KW": 16, "A192KW": 24, "A256KW": 32}
 _RSA_OAEP_HASHES: Mapping[str, Callable[[], hashes.HashAlgorithm]] = {
@@ -36,7 +36,7 @@ def check_algorithm(alg: str) -> str:
     if alg not in SUPPORTED_ALGORITHMS:
         raise BadRequest(
             f"alg {alg[:32]!r} is not supported; use one of {', '.join(SUPPORTED_ALGORITHMS)}",
-            code="unsupported_alg",
+            code=Code.UNSUPPORTED_ALG,
         )
     return alg
 
@@ -49,7 +49,7 @@ def _failed(alg: str) -> UnwrapFailed:
 
 
 def _mismatch(alg: str, kty: str) -> BadRequest:
-    return BadRequest(f"alg {alg} does not apply to the released {kty} key", code="key_type_mismatch")
+    return BadRequest(f"alg {alg} does not apply to the released {kty} key", code=Code.KEY_TYPE_MISMATCH)
 
 
 def decrypt(alg: str, jwk_json: str, wrapped: bytes) -> bytes:
@@ -79,7 +79,7 @@ def decrypt(alg: str, jwk_json: str, wrapped: bytes) -> bytes:
         raise BadRequest(
             f"alg {alg} needs a {_AES_KW_BYTES[alg] * 8}-bit key; "
             f"the released key has {len(secret) * 8} bits",
-            code="key_type_mismatch",
+            code=Code.KEY_TYPE_MISMATCH,
         )
     try:
         return aes_key_unwrap(secret, wrapped)

@@ -37,7 +37,21 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from skr.errors import BadRequest, ConfigError, RemoteClientRefused, SkrError, Unauthenticated
+from skr.errors import (
+    BadRequest,
+    Code,
+    ConfigError,
+    EvidenceUnavailable,
+    Forbidden,
+    NotFound,
+    RemoteClientRefused,
+    SkrError,
+    Unauthenticated,
+    UpstreamError,
+    UpstreamTimeout,
+    VerificationError,
+    by_class,
+)
 from skr.keyprovider.protos import key_provider_pb2, keyprovider_pb2
 from skr.keyprovider.provider import KeyProvider
 from skr.logs import request_id_var
@@ -52,21 +66,33 @@ SERVICE_NAMES: tuple[str, ...] = ("key_provider.KeyProviderService", "keyprovide
 _PACKAGES: tuple[ModuleType, ...] = (key_provider_pb2, keyprovider_pb2)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
-#: HTTP-style status of an :class:`SkrError` → gRPC status code.
-STATUS_CODES: dict[int, grpc.StatusCode] = {
-    400: grpc.StatusCode.INVALID_ARGUMENT,
-    401: grpc.StatusCode.UNAUTHENTICATED,
-    403: grpc.StatusCode.PERMISSION_DENIED,
-    404: grpc.StatusCode.NOT_FOUND,
-    413: grpc.StatusCode.INVALID_ARGUMENT,
-    502: grpc.StatusCode.UNAVAILABLE,
-    503: grpc.StatusCode.UNAVAILABLE,
-    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+#: The gRPC status of each domain error class, most specific class first by MRO (see
+#: :func:`skr.errors.by_class`); anything else is INTERNAL. The same classes as the HTTP table in
+#: ``skr/server.py``: a 413 is INVALID_ARGUMENT, 502 and 503 are UNAVAILABLE.
+STATUS_CODES: dict[type[SkrError], grpc.StatusCode] = {
+    BadRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    Forbidden: grpc.StatusCode.PERMISSION_DENIED,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    VerificationError: grpc.StatusCode.UNAVAILABLE,
+    UpstreamError: grpc.StatusCode.UNAVAILABLE,
+    EvidenceUnavailable: grpc.StatusCode.UNAVAILABLE,
+    UpstreamTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
+
+#: The statuses that blame the caller: logged as warnings, everything else as errors.
+CALLER_FAULTS = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.NOT_FOUND,
+    }
+)
 
 
 def status_code(exc: SkrError) -> grpc.StatusCode:
-    return STATUS_CODES.get(exc.status, grpc.StatusCode.INTERNAL)
+    return by_class(STATUS_CODES, exc, grpc.StatusCode.INTERNAL)
 
 
 def _is_loopback_peer(peer: str) -> bool:
@@ -96,7 +122,7 @@ def decode_b64_runtime_data(value: str) -> bytes:
     except (binascii.Error, ValueError):
         raise BadRequest(
             "b64_runtime_data_string is not standard base64 (RFC 4648 §4 alphabet with '=' padding)",
-            code="invalid_base64",
+            code=Code.INVALID_BASE64,
         ) from None
 
 
@@ -188,7 +214,7 @@ class KeyProviderServicer:
             return result
         except SkrError as exc:
             code = status_code(exc)
-            level = logging.WARNING if exc.status < 500 else logging.ERROR
+            level = logging.WARNING if code in CALLER_FAULTS else logging.ERROR
             log.log(
                 level, "grpc call failed", extra={"method": method, "status": code.name, "code": exc.code}
             )

@@ -19,7 +19,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from skr.errors import BadRequest, NotFound
+from skr.errors import BadRequest, Code, NotFound
 from skr.files import write_atomically
 from skr.keyprovider.ocicrypt import WRAP_TYPE, AnnotationPacket, encode_annotation, oaep_wrap
 
@@ -41,9 +41,11 @@ def _read(path: Path, what: str) -> bytes:
     try:
         return path.read_bytes()
     except FileNotFoundError:
-        raise NotFound(f"the {what} {path} does not exist", code="key_info_not_found") from None
+        raise NotFound(f"the {what} {path} does not exist", code=Code.KEY_INFO_NOT_FOUND) from None
     except OSError as exc:
-        raise BadRequest(f"cannot read the {what} {path}: {exc.strerror}", code="invalid_key_info") from None
+        raise BadRequest(
+            f"cannot read the {what} {path}: {exc.strerror}", code=Code.INVALID_KEY_INFO
+        ) from None
 
 
 def read_key_info(keypath: str | Path) -> tuple[KeyInfo, rsa.RSAPublicKey]:
@@ -52,27 +54,29 @@ def read_key_info(keypath: str | Path) -> tuple[KeyInfo, rsa.RSAPublicKey]:
     try:
         doc = json.loads(_read(path, "key info file"))
     except (ValueError, UnicodeDecodeError):
-        raise BadRequest(f"the key info file {path} is not JSON", code="invalid_key_info") from None
+        raise BadRequest(f"the key info file {path} is not JSON", code=Code.INVALID_KEY_INFO) from None
     if not isinstance(doc, dict) or not all(
         isinstance(doc.get(k, ""), str) for k in ("public_key_path", "kms_endpoint", "attester_endpoint")
     ):
         raise BadRequest(
             f"the key info file {path} must be an object of strings "
             "public_key_path, kms_endpoint and attester_endpoint",
-            code="invalid_key_info",
+            code=Code.INVALID_KEY_INFO,
         )
     info = KeyInfo(
         doc.get("public_key_path", ""), doc.get("kms_endpoint", ""), doc.get("attester_endpoint", "")
     )
     if not info.public_key_path:
-        raise BadRequest(f"the key info file {path} names no public_key_path", code="invalid_key_info")
+        raise BadRequest(f"the key info file {path} names no public_key_path", code=Code.INVALID_KEY_INFO)
     pem = _read(Path(info.public_key_path), "public key file")
     try:
         key = serialization.load_pem_public_key(pem)
     except (ValueError, TypeError, UnsupportedAlgorithm):
-        raise BadRequest(f"{info.public_key_path} is not a PEM public key", code="invalid_key_info") from None
+        raise BadRequest(
+            f"{info.public_key_path} is not a PEM public key", code=Code.INVALID_KEY_INFO
+        ) from None
     if not isinstance(key, rsa.RSAPublicKey):
-        raise BadRequest(f"{info.public_key_path} is not an RSA public key", code="invalid_key_info")
+        raise BadRequest(f"{info.public_key_path} is not an RSA public key", code=Code.INVALID_KEY_INFO)
     return info, key
 
 

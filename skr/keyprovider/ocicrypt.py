@@ -25,7 +25,7 @@ from typing import Any
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from skr.errors import BadRequest
+from skr.errors import BadRequest, Code
 
 #: The decrypt/encrypt parameter name the Go sidecar reads (and CoCo's attestation agent uses).
 PARAMETER = "attestation-agent"
@@ -39,7 +39,7 @@ KEYWRAP = "keywrap"
 KEYUNWRAP = "keyunwrap"
 
 
-def _refuse(message: str, code: str = "invalid_keyprovider_request") -> BadRequest:
+def _refuse(message: str, code: Code = Code.INVALID_KEYPROVIDER_REQUEST) -> BadRequest:
     return BadRequest(message, code=code)
 
 
@@ -142,7 +142,7 @@ def _first(params: Parameters | None, where: str) -> bytes:
         raise _refuse(
             f"{where} has no {PARAMETER!r} parameter: this layer is not for skr "
             f"(decrypt with the key provider:{PARAMETER}:{AUTHORIZING_VALUE})",
-            code="provider_parameter_mismatch",
+            code=Code.PROVIDER_PARAMETER_MISMATCH,
         )
     return values[0]
 
@@ -157,7 +157,7 @@ def authorize_unwrap(request: KeyProviderRequest) -> None:
     if value.decode("utf-8", "replace").lower() != AUTHORIZING_VALUE:
         raise _refuse(
             f"the decrypt parameter {PARAMETER!r} does not name skr: this request is for another provider",
-            code="provider_parameter_mismatch",
+            code=Code.PROVIDER_PARAMETER_MISMATCH,
         )
 
 
@@ -167,12 +167,13 @@ def wrap_keypath(request: KeyProviderRequest) -> str:
     tokens = value.split(":")
     if len(tokens) < 2 or not tokens[1]:
         raise _refuse(
-            f"the encrypt parameter {PARAMETER!r} must be skr:<keypath>", code="provider_parameter_mismatch"
+            f"the encrypt parameter {PARAMETER!r} must be skr:<keypath>",
+            code=Code.PROVIDER_PARAMETER_MISMATCH,
         )
     if tokens[0].lower() != AUTHORIZING_VALUE:
         raise _refuse(
             f"the encrypt parameter {PARAMETER!r} does not name skr: this request is for another provider",
-            code="provider_parameter_mismatch",
+            code=Code.PROVIDER_PARAMETER_MISMATCH,
         )
     return tokens[1]
 
@@ -262,7 +263,7 @@ def _text(doc: Mapping[str, Any], name: str) -> str:
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise _refuse(f"the annotation packet's {name!r} must be a string", code="invalid_annotation")
+        raise _refuse(f"the annotation packet's {name!r} must be a string", code=Code.INVALID_ANNOTATION)
     return value
 
 
@@ -273,22 +274,22 @@ def parse_annotation(raw: bytes) -> AnnotationPacket:
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise _refuse(
             "the annotation is not the JSON packet skr wrap (or the Go sidecar) writes",
-            code="invalid_annotation",
+            code=Code.INVALID_ANNOTATION,
         ) from None
     if not isinstance(doc, dict):
-        raise _refuse("the annotation packet must be a JSON object", code="invalid_annotation")
+        raise _refuse("the annotation packet must be a JSON object", code=Code.INVALID_ANNOTATION)
     kid = _text(doc, "kid")
     if not kid:
-        raise _refuse("the annotation packet has no kid", code="invalid_annotation")
+        raise _refuse("the annotation packet has no kid", code=Code.INVALID_ANNOTATION)
     wrapped = doc.get("wrapped_data")
     if not isinstance(wrapped, str) or not wrapped:
-        raise _refuse("the annotation packet has no wrapped_data", code="invalid_annotation")
+        raise _refuse("the annotation packet has no wrapped_data", code=Code.INVALID_ANNOTATION)
     try:
         wrapped_data = base64.b64decode(wrapped, validate=True)
         iv = base64.b64decode(_text(doc, "iv"), validate=True)
     except (binascii.Error, ValueError):
         raise _refuse(
-            "the annotation packet's wrapped_data or iv is not standard base64", code="invalid_annotation"
+            "the annotation packet's wrapped_data or iv is not standard base64", code=Code.INVALID_ANNOTATION
         ) from None
     return AnnotationPacket(
         kid=kid,
@@ -321,6 +322,6 @@ def oaep_wrap(public_key: rsa.RSAPublicKey, plaintext: bytes) -> bytes:
             f"the plaintext is {len(plaintext)} bytes, but RSA-OAEP-SHA256 with an RSA-{public_key.key_size} "
             f"key takes at most {limit} bytes",
             hint="wrap a short secret such as an image layer's key options or an AES key, not a file",
-            code="plaintext_too_long",
+            code=Code.PLAINTEXT_TOO_LONG,
         )
     return public_key.encrypt(plaintext, oaep_sha256())

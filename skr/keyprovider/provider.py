@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 
-from skr.errors import BadRequest
+from skr.errors import BadRequest, Code
 from skr.keyprovider.algorithms import decrypt
 from skr.keyprovider.keyinfo import wrap_for_keypath
 from skr.keyprovider.ocicrypt import (
@@ -40,7 +40,7 @@ def unwrap_packet(raw: bytes) -> AnnotationPacket:
     request = _expect(parse_request(raw), KEYUNWRAP)
     authorize_unwrap(request)
     if not request.annotation:
-        raise BadRequest("the unwrap request carries no annotation", code="invalid_keyprovider_request")
+        raise BadRequest("the unwrap request carries no annotation", code=Code.INVALID_KEYPROVIDER_REQUEST)
     return parse_annotation(request.annotation)
 
 
@@ -48,7 +48,7 @@ def _expect(request: KeyProviderRequest, op: str) -> KeyProviderRequest:
     if request.op != op:
         raise BadRequest(
             f'this call takes "op": "{op}", the request says "{request.op}"',
-            code="invalid_keyprovider_request",
+            code=Code.INVALID_KEYPROVIDER_REQUEST,
         )
     return request
 
@@ -83,5 +83,5 @@ def wrap_key_locally(raw: bytes) -> bytes:
     request = _expect(parse_request(raw), KEYWRAP)
     keypath = wrap_keypath(request)
     if request.optsdata is None:
-        raise BadRequest("the wrap request carries no optsdata", code="invalid_keyprovider_request")
+        raise BadRequest("the wrap request carries no optsdata", code=Code.INVALID_KEYPROVIDER_REQUEST)
     return wrap_answer(wrap_for_keypath(keypath, request.optsdata))

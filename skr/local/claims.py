@@ -255,7 +255,7 @@ def attested_claims(
         )
     except SkrError as exc:
         raise AttestationRefused(
-            "InvalidReport" if exc.status == 400 else "EvidenceVerificationFailed",
+            "InvalidReport" if isinstance(exc, BadRequest) else "EvidenceVerificationFailed",
             f"the SEV-SNP evidence failed verification: {exc.message}",
         ) from None
     check_binding(verified.report, request)

@@ -33,7 +33,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from skr.errors import ConfigError, Unauthenticated
+from skr.errors import Code, ConfigError, Unauthenticated
 from skr.files import ensure_directory, load_or_create_rsa_key, read_regular_file, write_private_file
 from skr.local.kit import Faults, Route, local_app
 
@@ -52,7 +52,7 @@ _OID_NAMESPACE = uuid.UUID("5f0c2d4e-8a4b-4c53-9d0e-7a3b4f6c1e21")
 class InvalidAccessToken(Unauthenticated):
     """A bearer token that the local identity service did not issue for the resource asked."""
 
-    default_code = "access_token_invalid"
+    default_code = Code.ACCESS_TOKEN_INVALID
 
 
 def key_thumbprint(public_key: rsa.RSAPublicKey) -> str:

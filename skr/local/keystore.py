@@ -30,7 +30,7 @@ from skr.akv.jwk import CURVES, jwk_to_private_key, private_key_to_jwk
 from skr.akv.keywrap import b64url_decode, b64url_encode
 from skr.akv.policy import parse_policy
 from skr.endpoints import is_key_name
-from skr.errors import BadRequest, ConfigError, KeyWrapError, PolicyError
+from skr.errors import BadRequest, Code, ConfigError, KeyWrapError, PolicyError
 from skr.files import ensure_directory, read_regular_file, write_private_file
 from skr.local.kit import ServiceError
 
@@ -162,7 +162,7 @@ class KeyRejected(BadRequest):
     """The programmatic API (:meth:`LocalKeyService.create_key` / ``import_key``) refused a key the way the
     HTTP API answers 400 — the message carries Azure's code and text."""
 
-    default_code = "local_key_rejected"
+    default_code = Code.LOCAL_KEY_REJECTED
 
 
 @contextmanager

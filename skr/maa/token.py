@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from skr.endpoints import Allowlist, Endpoint, parse_endpoint
-from skr.errors import BadRequest, TokenError, UpstreamError
+from skr.errors import BadRequest, Code, TokenError, UpstreamError
 from skr.http import (
     DEFAULT_MAX_UPSTREAM_BODY,
     DEFAULT_RETRY,
@@ -319,13 +319,13 @@ class TokenVerifier:
             raise TokenError(
                 f"the attestation token expired at {_iso(exp)} (checked at {_iso(now)})",
                 hint="get a fresh token; MAA tokens live 8 hours",
-                code="token_expired",
+                code=Code.TOKEN_EXPIRED,
             )
         if nbf is not None and now < nbf - self.leeway:
             raise TokenError(
                 f"the attestation token is not valid before {_iso(nbf)} (checked at {_iso(now)})",
                 hint="check the clocks of this host and the attestation service",
-                code="token_not_yet_valid",
+                code=Code.TOKEN_NOT_YET_VALID,
             )
 
     async def _key(self, issuer: str, kid: str, deadline: Deadline | None) -> rsa.RSAPublicKey:

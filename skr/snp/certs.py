@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import NameOID, SignatureAlgorithmOID
 
-from skr.errors import CertificateError
+from skr.errors import CertificateError, Code
 from skr.snp.report import Product
 
 # SHA-256 over the DER of each AMD Root Key certificate (CN=ARK-<product>), as published by AMD KDS
@@ -107,7 +107,7 @@ def load_certificates(data: bytes) -> list[x509.Certificate]:
         raise CertificateError(
             f"cannot read a certificate ({exc})",
             hint="expected DER or PEM X.509 certificates",
-            code="certificate_unreadable",
+            code=Code.CERTIFICATE_UNREADABLE,
         ) from None
 
 
@@ -280,7 +280,7 @@ def check_validity(cert: x509.Certificate, at: datetime) -> None:
             f"certificate {_describe(cert)} is not valid at {moment.isoformat()} "
             f"(valid {start.isoformat()} to {end.isoformat()})",
             hint="check the system clock, or fetch a current certificate",
-            code="certificate_expired",
+            code=Code.CERTIFICATE_EXPIRED,
         )
 
 
@@ -341,7 +341,7 @@ def verify_vek_chain(
         raise CertificateError(
             f"the chain has no certificate for the VCEK/VLEK issuer {common_name(vek.issuer)!r}",
             hint="supply the ASK/ASVK and ARK (KDS cert_chain, THIM certificateChain)",
-            code="certificate_chain_incomplete",
+            code=Code.CERTIFICATE_CHAIN_INCOMPLETE,
         )
     intermediate = _first_signer(vek, intermediates)
     anchors = {sha256_fingerprint(c) for c in trusted_arks}
@@ -354,7 +354,7 @@ def verify_vek_chain(
             f"the root {_describe(ark)} (sha256 {fingerprint}) is not a pinned AMD ARK "
             "and not a trusted anchor",
             hint="the chain does not lead to AMD; pass the ARK as a trusted anchor only if you mean it",
-            code="untrusted_root",
+            code=Code.UNTRUSTED_ROOT,
         )
     check_amd_signature(ark, ark)
     for cert in (ark, intermediate, vek):
@@ -373,7 +373,7 @@ def _first_signer(
         raise CertificateError(
             f"no certificate named {common_name(cert.issuer)!r} to verify {_describe(cert)}",
             hint=missing_hint,
-            code="certificate_chain_incomplete",
+            code=Code.CERTIFICATE_CHAIN_INCOMPLETE,
         )
     errors: list[CertificateError] = []
     for candidate in candidates:

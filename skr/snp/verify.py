@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from skr.errors import CertificateError, ReportVerificationError, ValidationError
+from skr.errors import CertificateError, Code, ReportVerificationError, ValidationError
 from skr.snp.certs import (
     VekInfo,
     common_name,
@@ -247,7 +247,9 @@ def validate_report(report: AttestationReport, options: ValidationOptions) -> No
     problems += _version_problems(report, options)
     if problems:
         raise ValidationError(
-            "; ".join(problems), hint="the report is genuine but not the one expected", code="report_rejected"
+            "; ".join(problems),
+            hint="the report is genuine but not the one expected",
+            code=Code.REPORT_REJECTED,
         )
 
 
