@@ -21,7 +21,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
-from skr.akv.keywrap import b64url_decode, b64url_encode
+from skr.akv.keywrap import b64url_decode
+from skr.b64 import b64url_encode
 from skr.errors import KeyWrapError
 
 __all__ = [
