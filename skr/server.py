@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-import ipaddress
 import json
 import logging
 import re
@@ -34,7 +33,7 @@ from skr.errors import (
     SkrError,
     Unauthenticated,
 )
-from skr.hostcheck import check_host_and_origin
+from skr.hostcheck import check_host_and_origin, is_loopback_host
 from skr.logs import request_id_var
 from skr.metrics import Metrics
 from skr.service import ReleaseService, RequestContext
@@ -242,15 +241,8 @@ def decode_runtime_data(value: str) -> bytes:
 
 
 def _is_loopback(remote: str | None) -> bool:
-    if remote is None:
-        return True  # a Unix socket or an in-process test transport
-    try:
-        address = ipaddress.ip_address(remote.split("%")[0])
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped  # ::ffff:127.0.0.1 on a dual-stack socket
-    return address.is_loopback
+    # None: a Unix socket or an in-process test transport; ::ffff:127.0.0.1 (dual-stack) is loopback too
+    return remote is None or is_loopback_host(remote.split("%")[0])
 
 
 CLIENT_TOKEN_ID_KEY: web.RequestKey[str] = web.RequestKey("client_token_id", str)

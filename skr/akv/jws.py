@@ -36,8 +36,8 @@ from skr.akv.jwk import jose_kty, jwk_to_json, plaintext_to_jwk
 from skr.akv.keywrap import Enc, b64url_decode, parse_key_hsm, select_enc, unwrap
 from skr.akv.trust import TRUST_HINT, TrustStore
 from skr.b64 import b64url_encode
-from skr.endpoints import Endpoint
-from skr.errors import ConfigError, JwsError, KeyWrapError
+from skr.endpoints import Endpoint, split_url
+from skr.errors import BadRequest, ConfigError, JwsError, KeyWrapError
 from skr.snp.certs import read_certificates
 
 __all__ = [
@@ -325,11 +325,10 @@ def check_released_key_id(key_id: str, *, host: Endpoint, name: str, version: st
     request named one — the ``version``. Names and versions compare case-insensitively, as Key Vault's do.
     """
     try:
-        parts = urlsplit(key_id)
-        kid_host = (parts.hostname or "").rstrip(".").lower()
-    except ValueError:
-        parts, kid_host = None, ""
-    segments = [s for s in parts.path.split("/") if s] if parts is not None else []
+        kid_vault, parts = split_url(key_id, what="the released key's kid")
+        kid_host, segments = kid_vault.host, [s for s in parts.path.split("/") if s]
+    except (BadRequest, ValueError):
+        kid_host, segments = "", []
     wanted = host.host
     found_name = segments[1] if len(segments) in (2, 3) and segments[0] == "keys" else None
     found_version = segments[2] if len(segments) == 3 else None

@@ -23,7 +23,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-import ipaddress
 import logging
 import re
 import uuid
@@ -38,6 +37,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from skr.errors import BadRequest, ConfigError, RemoteClientRefused, SkrError, Unauthenticated
+from skr.hostcheck import is_loopback_host
 from skr.keyprovider.protos import key_provider_pb2, keyprovider_pb2
 from skr.keyprovider.provider import KeyProvider
 from skr.logs import request_id_var
@@ -71,17 +71,8 @@ def status_code(exc: SkrError) -> grpc.StatusCode:
 
 def _is_loopback_peer(peer: str) -> bool:
     """``ipv4:127.0.0.1:5000`` / ``ipv6:[::1]:5000`` / ``unix:…`` → on this machine's loopback?"""
-    kind, _, rest = peer.partition(":")
-    if kind == "unix":
-        return True
-    host = rest.rsplit(":", 1)[0].strip("[]") if kind in ("ipv4", "ipv6") else ""
-    try:
-        address = ipaddress.ip_address(host.split("%")[0])
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.is_loopback
+    host = _peer_host(peer)
+    return peer.startswith("unix:") or (host is not None and is_loopback_host(host.split("%")[0]))
 
 
 def _peer_host(peer: str) -> str | None:

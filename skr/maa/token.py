@@ -32,7 +32,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from skr.endpoints import Allowlist, Endpoint, parse_endpoint
+from skr.endpoints import Allowlist, Endpoint, split_url
 from skr.errors import BadRequest, TokenError, UpstreamError
 from skr.http import (
     DEFAULT_MAX_UPSTREAM_BODY,
@@ -426,9 +426,9 @@ class TokenVerifier:
 
 
 def _endpoint_of(url: str) -> Endpoint | None:
-    """The origin of ``url`` as an :class:`Endpoint` (scheme and path ignored), or None when it has none."""
+    """The endpoint of the https URL ``url``, or None when it has none."""
     try:
-        return parse_endpoint(f"https://{urlsplit(url).netloc}")
+        return split_url(url)[0]
     except (BadRequest, ValueError):
         return None
 
