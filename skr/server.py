@@ -46,7 +46,6 @@ METRICS_KEY: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 AUDIT_HEAD_KEY: web.AppKey[Checkpointer] = web.AppKey("audit_head", Checkpointer)
 OPEN_PATHS = frozenset({"/status", "/healthz", "/readyz"})
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-JSON_CT = "application/json; charset=utf-8"
 
 
 def _dumps(obj: Any) -> str:

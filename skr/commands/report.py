@@ -122,11 +122,6 @@ def _parse_hex(text: str, what: str) -> bytes:
         raise BadRequest(f"{what} is not hex: {text[:40]!r}") from None
 
 
-def read_report(path: Path) -> AttestationReport:
-    """A report from a file holding either the raw 1184 bytes or their hex text."""
-    return read_report_file(path)[0]
-
-
 def read_report_file(path: Path) -> tuple[AttestationReport, HclReport | None]:
     """The SNP report in a file, and the HCL report around it when the file is one (raw or hex)."""
     data = _read(path, "report")
