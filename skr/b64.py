@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import re
 
-__all__ = ["b64url_decode", "b64url_encode"]
+__all__ = ["b64url_decode", "b64url_encode", "b64url_uint"]
 
 _B64URL_RE = re.compile(r"[A-Za-z0-9_-]*")
 
@@ -17,6 +17,11 @@ _B64URL_RE = re.compile(r"[A-Za-z0-9_-]*")
 def b64url_encode(data: bytes) -> str:
     """base64url without padding."""
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64url_uint(value: int) -> str:
+    """Base64urlUInt (RFC 7518 §2): big-endian in the fewest octets (one for zero), without padding."""
+    return b64url_encode(value.to_bytes(max(1, (value.bit_length() + 7) // 8), "big"))
 
 
 def b64url_decode(text: str, *, padding: bool = True) -> bytes:

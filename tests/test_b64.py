@@ -6,7 +6,7 @@ import base64
 
 import pytest
 
-from skr.b64 import b64url_decode, b64url_encode
+from skr.b64 import b64url_decode, b64url_encode, b64url_uint
 
 pytestmark = pytest.mark.unit
 
@@ -34,3 +34,11 @@ def test_decode_refuses_other_alphabets_whitespace_and_impossible_lengths(text):
 def test_decode_without_padding_refuses_padding(text):
     with pytest.raises(ValueError):
         b64url_decode(text, padding=False)
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [(0, "AA"), (1, "AQ"), (65537, "AQAB"), (255, "_w"), (256, "AQA"), (2**64 - 1, "__________8")],
+)
+def test_base64url_uint_is_big_endian_in_the_fewest_octets(value, text):
+    assert b64url_uint(value) == text

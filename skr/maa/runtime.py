@@ -20,7 +20,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from skr.b64 import b64url_encode
+from skr.b64 import b64url_encode, b64url_uint
 from skr.errors import BadRequest
 
 AUDIT_CLAIM = "skr-audit"
@@ -39,11 +39,6 @@ class AuditHead:
     instance: str
 
 
-def _uint_bytes(value: int) -> bytes:
-    """The minimal big-endian encoding of a positive integer (JWA §6.3.1 ``n``/``e``)."""
-    return value.to_bytes((value.bit_length() + 7) // 8 or 1, "big")
-
-
 def _canonical_json(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
 
@@ -51,11 +46,7 @@ def _canonical_json(value: Any) -> bytes:
 def rsa_public_members(public_key: rsa.RSAPublicKey) -> dict[str, str]:
     """The required RSA JWK members ``{"e", "kty", "n"}`` of a public key."""
     numbers = public_key.public_numbers()
-    return {
-        "e": b64url_encode(_uint_bytes(numbers.e)),
-        "kty": "RSA",
-        "n": b64url_encode(_uint_bytes(numbers.n)),
-    }
+    return {"e": b64url_uint(numbers.e), "kty": "RSA", "n": b64url_uint(numbers.n)}
 
 
 def jwk_thumbprint(public_key: rsa.RSAPublicKey) -> str:
