@@ -25,6 +25,7 @@ from typing import Any
 from aiohttp import http_exceptions, web, web_protocol
 
 from skr.audit.checkpoint import Checkpointer
+from skr.b64 import go_std_b64decode
 from skr.errors import (
     BadRequest,
     NotFound,
@@ -225,9 +226,8 @@ def _require_json(runtime_data: bytes) -> None:
 
 def decode_runtime_data(value: str) -> bytes:
     """Strict standard base64 with padding, ignoring CR/LF — exactly Go's ``base64.StdEncoding``."""
-    cleaned = value.replace("\r", "").replace("\n", "")
     try:
-        return base64.b64decode(cleaned, validate=True)
+        return go_std_b64decode(value)
     except (binascii.Error, ValueError):
         raise BadRequest(
             "runtime_data is not standard base64 (RFC 4648 §4 alphabet with '=' padding)",
@@ -446,7 +446,7 @@ async def audit_head(request: web.Request) -> web.Response:
 def decode_std_base64(value: str, name: str) -> bytes:
     """A standard-base64 field other than ``runtime_data`` (same rules: Go's ``base64.StdEncoding``)."""
     try:
-        return base64.b64decode(value.replace("\r", "").replace("\n", ""), validate=True)
+        return go_std_b64decode(value)
     except (binascii.Error, ValueError):
         raise BadRequest(
             f"{name} is not standard base64 (RFC 4648 §4 alphabet with '=' padding)",

@@ -6,7 +6,7 @@ import base64
 
 import pytest
 
-from skr.b64 import b64url_decode, b64url_encode, b64url_uint
+from skr.b64 import b64url_decode, b64url_encode, b64url_uint, go_std_b64decode
 
 pytestmark = pytest.mark.unit
 
@@ -42,3 +42,10 @@ def test_decode_without_padding_refuses_padding(text):
 )
 def test_base64url_uint_is_big_endian_in_the_fewest_octets(value, text):
     assert b64url_uint(value) == text
+
+
+def test_go_std_base64_ignores_cr_lf_and_nothing_else():
+    assert go_std_b64decode("QUJD\r\nREVG\n") == b"ABCDEF"
+    for text in ("-_8=", "QQ", "QU JD", "QUJD\t"):
+        with pytest.raises(ValueError):
+            go_std_b64decode(text)

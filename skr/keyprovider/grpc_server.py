@@ -20,7 +20,6 @@ with the HTTP API). Never logs a request body, an annotation or a plaintext.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import hmac
 import logging
@@ -36,6 +35,7 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from skr.b64 import go_std_b64decode
 from skr.errors import BadRequest, ConfigError, RemoteClientRefused, SkrError, Unauthenticated
 from skr.hostcheck import is_loopback_host
 from skr.keyprovider.protos import key_provider_pb2, keyprovider_pb2
@@ -83,7 +83,7 @@ def _peer_host(peer: str) -> str | None:
 def decode_b64_runtime_data(value: str) -> bytes:
     """Standard base64 with padding, CR/LF ignored (Go's ``base64.StdEncoding``), as ``/attest/*`` reads."""
     try:
-        return base64.b64decode(value.replace("\r", "").replace("\n", ""), validate=True)
+        return go_std_b64decode(value)
     except (binascii.Error, ValueError):
         raise BadRequest(
             "b64_runtime_data_string is not standard base64 (RFC 4648 §4 alphabet with '=' padding)",
