@@ -333,7 +333,7 @@ async def _collect(
     from skr.evidence import create_provider
     from skr.evidence.context import load_security_context
 
-    context = None if kind == "virtual" and policy is not None else load_security_context()
+    context = None if kind == EvidenceKind.VIRTUAL and policy is not None else load_security_context()
     provider = create_provider(kind, context=context, state_dir=state_dir, security_policy=policy)
     try:
         return await provider.collect(report_data)
