@@ -42,8 +42,6 @@ class ConnectionGuard:
         self.max_connections = max_connections
         self.held: dict[GuardedHandler, None] = {}  # insertion order = age
         self.refused = 0
-        self.evicted = 0
-        self.timed_out = 0
 
     def admit(self, handler: GuardedHandler) -> bool:
         """Hold ``handler``'s connection, making room by closing an interruptible one; False: refuse it."""
@@ -57,7 +55,6 @@ class ConnectionGuard:
                         extra={"max_connections": self.max_connections, "refused": self.refused},
                     )
                 return False
-            self.evicted += 1
             self.held.pop(victim, None)
             victim.drop()
         self.held[handler] = None
@@ -157,7 +154,6 @@ class GuardedHandler(_JsonErrorHandler):
         self._skr_timer = None
         if self.transport is None or not self.interruptible():
             return
-        self._skr_guard.timed_out += 1
         log.info(
             "closed a connection whose request did not arrive within the client timeout",
             extra={"client_timeout": self._skr_guard.client_timeout},

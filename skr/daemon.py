@@ -18,7 +18,6 @@ import sys
 import threading
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -391,7 +390,3 @@ def announce_grpc(settings: Settings, port: int) -> None:
     )
     if settings.server_type == "grpc":
         announce(settings, port)
-
-
-def state_path(settings: Settings, *parts: str) -> Path:
-    return settings.state_dir.joinpath(*parts)

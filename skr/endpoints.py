@@ -1,9 +1,9 @@
 """Upstream endpoints and keys named by requests and configuration, and the allowlist that guards them.
 
-Owns the one host parser (:func:`parse_endpoint`), the one "is this a Microsoft cloud host?" rule
-(:func:`is_azure_host`, with the sovereign clouds), the Managed HSM host rule, and the one key name /
-version rule with its parser (:class:`KeyRef`, :func:`parse_kid`). Values are parsed here once, at the
-edge, and passed on typed.
+Owns the one host parser (:func:`parse_endpoint`; :func:`split_url` for URLs with a path), the one "is
+this a Microsoft cloud host?" rule (:func:`is_azure_host`, with the sovereign clouds), the Managed HSM host
+rule, and the one key name / version rule with its parser (:class:`KeyRef`, :func:`parse_kid`). Values
+are parsed here once, at the edge, and passed on typed.
 
 A request may name the attestation and key vault endpoints it wants. The sidecar sends the pod's
 identity token to the vault and hardware evidence to the attestation service, so an endpoint outside
@@ -18,7 +18,7 @@ import ipaddress
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from skr.errors import BadRequest, EndpointNotAllowed
 
@@ -135,6 +135,16 @@ def parse_endpoint(value: str, *, what: str = "endpoint") -> Endpoint:
     return Endpoint(host, port or 443)
 
 
+def split_url(url: str, *, what: str = "URL") -> tuple[Endpoint, SplitResult]:
+    """The endpoint of an ``https://host[:port]/...`` URL by the one host rule of :func:`parse_endpoint`, and
+    the URL's parts (its path, query and fragment are the caller's to check).
+
+    :class:`ValueError` when the URL does not split at all, :class:`BadRequest` when its origin is refused.
+    """
+    parts = urlsplit(url.strip())
+    return parse_endpoint(f"{parts.scheme}://{parts.netloc}", what=what), parts
+
+
 def host_of(value: Endpoint | str) -> str:
     """The lower-case host of an endpoint given as ``host``, ``host:port`` or ``https://host[:port][/]``."""
     return value.host if isinstance(value, Endpoint) else parse_endpoint(value).host
@@ -243,10 +253,9 @@ def parse_kid(kid: str) -> tuple[Endpoint | None, str, str | None]:
         raise BadRequest("kid is empty", hint="name the key to release")
     if "://" in text:
         try:
-            parts = urlsplit(text)
+            vault, parts = split_url(text, what="the vault endpoint")
         except ValueError:
             raise BadRequest(f"kid {kid[:200]!r} is not a valid URL") from None
-        vault = parse_endpoint(f"{parts.scheme}://{parts.netloc}", what="the vault endpoint")
         if parts.query or parts.fragment:
             raise BadRequest(
                 f"kid {kid[:200]!r} has a query or fragment; expected .../keys/<name>[/<version>]"

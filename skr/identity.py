@@ -22,8 +22,6 @@ Never logs, formats or stores a token anywhere but in the credential objects the
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import os
 import ssl
@@ -38,6 +36,7 @@ from azure.core.credentials import AccessToken, AccessTokenInfo, TokenRequestOpt
 from azure.core.credentials_async import AsyncTokenCredential
 from azure.core.pipeline.transport import AioHttpTransport
 
+from skr.b64 import b64url_decode
 from skr.endpoints import cloud_suffix, host_of, is_azure_host, is_managed_hsm
 from skr.errors import BadRequest, Code, ConfigError, UpstreamError
 from skr.http import DEFAULT_MAX_UPSTREAM_BODY, read_capped, redirect_error
@@ -78,18 +77,14 @@ def scope_for(vault: str, *, managed_hsm_hosts: Collection[str] = ()) -> str:
     return VAULT_SCOPE
 
 
-def _b64url_decode(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
 def _jwt_expiry(token: str) -> int | None:
     """The ``exp`` claim of a JWT (not verified; only used to know when to stop presenting it)."""
     parts = token.split(".")
     if len(parts) != 3:
         return None
     try:
-        payload = json.loads(_b64url_decode(parts[1]))
-    except (ValueError, binascii.Error, UnicodeDecodeError):
+        payload = json.loads(b64url_decode(parts[1]))
+    except ValueError:  # not base64url, not UTF-8 or not JSON
         return None
     exp = payload.get("exp") if isinstance(payload, dict) else None
     if isinstance(exp, int | float) and not isinstance(exp, bool):

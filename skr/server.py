@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-import ipaddress
 import json
 import logging
 import re
@@ -26,6 +25,7 @@ from typing import Any
 from aiohttp import http_exceptions, web, web_protocol
 
 from skr.audit.checkpoint import AuditRateLimited, Checkpointer
+from skr.b64 import go_std_b64decode
 from skr.errors import (
     BadRequest,
     Code,
@@ -41,7 +41,7 @@ from skr.errors import (
     VerificationError,
     by_class,
 )
-from skr.hostcheck import check_host_and_origin
+from skr.hostcheck import check_host_and_origin, is_loopback_host
 from skr.logs import request_id_var
 from skr.metrics import Metrics
 from skr.service import ReleaseService, RequestContext
@@ -54,7 +54,6 @@ METRICS_KEY: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 AUDIT_HEAD_KEY: web.AppKey[Checkpointer] = web.AppKey("audit_head", Checkpointer)
 OPEN_PATHS = frozenset({"/status", "/healthz", "/readyz"})
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-JSON_CT = "application/json; charset=utf-8"
 
 
 def _dumps(obj: Any) -> str:
@@ -258,9 +257,8 @@ def _require_json(runtime_data: bytes) -> None:
 
 def decode_runtime_data(value: str) -> bytes:
     """Strict standard base64 with padding, ignoring CR/LF — exactly Go's ``base64.StdEncoding``."""
-    cleaned = value.replace("\r", "").replace("\n", "")
     try:
-        return base64.b64decode(cleaned, validate=True)
+        return go_std_b64decode(value)
     except (binascii.Error, ValueError):
         raise BadRequest(
             "runtime_data is not standard base64 (RFC 4648 §4 alphabet with '=' padding)",
@@ -273,15 +271,8 @@ def decode_runtime_data(value: str) -> bytes:
 
 
 def _is_loopback(remote: str | None) -> bool:
-    if remote is None:
-        return True  # a Unix socket or an in-process test transport
-    try:
-        address = ipaddress.ip_address(remote.split("%")[0])
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped  # ::ffff:127.0.0.1 on a dual-stack socket
-    return address.is_loopback
+    # None: a Unix socket or an in-process test transport; ::ffff:127.0.0.1 (dual-stack) is loopback too
+    return remote is None or is_loopback_host(remote.split("%")[0])
 
 
 CLIENT_TOKEN_ID_KEY: web.RequestKey[str] = web.RequestKey("client_token_id", str)
@@ -487,7 +478,7 @@ async def audit_head(request: web.Request) -> web.Response:
 def decode_std_base64(value: str, name: str) -> bytes:
     """A standard-base64 field other than ``runtime_data`` (same rules: Go's ``base64.StdEncoding``)."""
     try:
-        return base64.b64decode(value.replace("\r", "").replace("\n", ""), validate=True)
+        return go_std_b64decode(value)
     except (binascii.Error, ValueError):
         raise BadRequest(
             f"{name} is not standard base64 (RFC 4648 §4 alphabet with '=' padding)",

@@ -25,6 +25,7 @@ SKR = Path(__file__).resolve().parents[1] / "skr"
 LAYERS: dict[str, int] = {
     "skr": 0,  # the package itself: __version__
     "skr.errors": 0,
+    "skr.b64": 0,  # base64url, pure
     "skr.endpoints": 1,
     "skr.files": 1,
     "skr.http": 1,

@@ -270,6 +270,8 @@ def test_blob_urls_are_https_and_allowlisted() -> None:
         ("https://acct.blob.core.windows.net/onlycontainer", "container and a blob"),
         ("https://127.0.0.1:10000/devstoreaccount1/c/b", "allowlist"),
         ("https://evil.example.com/c/b", "allowlist"),
+        ("https://[acct.blob.core.windows.net/c/b", "not a valid URL"),
+        ("https://user@acct.blob.core.windows.net/c/b", "user information"),
     ):
         with pytest.raises(EncfsConfigError, match=message):
             parse_blob_url(bad, allowlist=default)

@@ -581,6 +581,20 @@ async def test_jwks_uri_on_another_origin_gets_no_connection(ca):
     assert seen == ["GET /.well-known/openid-configuration"] and elsewhere.connections == 0
 
 
+@pytest.mark.parametrize(
+    "jwks_uri", ["https://[::1/certs", "https://bad_host.example/certs", "http://127.0.0.1/c"]
+)
+async def test_a_jwks_uri_that_is_no_https_url_is_refused_cleanly(ca, jwks_uri):
+    async def metadata(req: web.Request) -> web.Response:
+        return web.json_response({"issuer": f"https://{req.host}", "jwks_uri": jwks_uri})
+
+    async with hostile(metadata, ca) as (url, seen), aiohttp.ClientSession() as session:
+        verifier = TokenVerifier(session, ssl_context=ca.client_ssl_context(), retry=ONE)
+        with pytest.raises(TokenError, match="jwks_uri"):
+            await verifier.verify(_maa_like_token(url), issuer=url)
+    assert seen == ["GET /.well-known/openid-configuration"]
+
+
 async def test_jwks_uri_on_an_allow_listed_host_is_fetched(ca):
     async def jwks(req: web.Request) -> web.Response:
         return web.json_response({"keys": []})

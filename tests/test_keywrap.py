@@ -28,7 +28,7 @@ from skr.akv.keywrap import (
 )
 from skr.errors import KeyWrapError
 
-# The OAEP/MGF1 hash of each enc, written down independently of skr (AZURE_WIRE.md §4).
+# The OAEP/MGF1 hash of each enc, written down independently of skr (docs/wire-formats.md §4).
 OAEP_HASH: dict[str, Callable[[], hashes.HashAlgorithm]] = {
     "CKM_RSA_AES_KEY_WRAP": hashes.SHA1,
     "RSA_AES_KEY_WRAP_256": hashes.SHA256,

@@ -57,7 +57,7 @@ def unb64url(text: str) -> bytes:
 
 
 def envelope(report: bytes, chain_pem: bytes) -> str:
-    """The ``report`` string built here by hand (AZURE_WIRE.md §1.3)."""
+    """The ``report`` string built here by hand (docs/wire-formats.md §1.3)."""
     return b64url(json.dumps({"SnpReport": b64url(report), "VcekCertChain": b64url(chain_pem)}).encode())
 
 
@@ -277,7 +277,7 @@ async def test_verified_uvm_endorsement_yields_compliance_and_the_endorsement_cl
     token = await endorsing_stack.maa().attest(parse_endpoint(endorsing_stack.host), evidence, runtime)
     claims = await endorsing_stack.verifier().verify(token, issuer=endorsing_stack.host)
     assert claims["x-ms-compliance-status"] == "azure-compliant-uvm"
-    # string values, as genuine ACI tokens carry them (AZURE_WIRE.md §1.5), read from the report here
+    # string values, as genuine ACI tokens carry them (docs/wire-formats.md §1.5), read from the report here
     assert claims["x-ms-sevsnpvm-uvm-endorsement"] == {
         "x-ms-sevsnpvm-guestsvn": str(u32(evidence.report, 0x04)),
         "x-ms-sevsnpvm-launchmeasurement": evidence.report[0x90:0xC0].hex(),

@@ -129,7 +129,7 @@ def test_product_from_cpuid(family, model, product):
     assert product_from_cpuid(family, model) is product
 
 
-# --- an independent construction of the layout (AZURE_WIRE §7.1) ------------------------------------
+# --- an independent construction of the layout (docs/wire-formats.md §7) ------------------------
 
 
 def handmade_report(version: int = 5) -> bytes:

@@ -21,7 +21,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
-from skr.akv.keywrap import b64url_decode, b64url_encode
+from skr.akv.keywrap import b64url_decode
+from skr.b64 import b64url_encode, b64url_uint
 from skr.errors import KeyWrapError
 
 __all__ = [
@@ -70,11 +71,6 @@ def jose_kty(kty: str) -> str:
         ) from None
 
 
-def _uint(value: int) -> str:
-    """Base64urlUInt (RFC 7518 §2): big-endian, the minimum number of octets."""
-    return b64url_encode(value.to_bytes(max(1, (value.bit_length() + 7) // 8), "big"))
-
-
 def _fixed(value: int, size: int) -> str:
     return b64url_encode(value.to_bytes(size, "big"))
 
@@ -94,14 +90,14 @@ def private_key_to_jwk(key: PrivateKey, *, key_ops: Sequence[str] | None = None)
         public = numbers.public_numbers
         jwk: dict[str, Any] = {
             "kty": "RSA",
-            "n": _uint(public.n),
-            "e": _uint(public.e),
-            "d": _uint(numbers.d),
-            "p": _uint(numbers.p),
-            "q": _uint(numbers.q),
-            "dp": _uint(numbers.dmp1),
-            "dq": _uint(numbers.dmq1),
-            "qi": _uint(numbers.iqmp),
+            "n": b64url_uint(public.n),
+            "e": b64url_uint(public.e),
+            "d": b64url_uint(numbers.d),
+            "p": b64url_uint(numbers.p),
+            "q": b64url_uint(numbers.q),
+            "dp": b64url_uint(numbers.dmp1),
+            "dq": b64url_uint(numbers.dmq1),
+            "qi": b64url_uint(numbers.iqmp),
         }
     elif isinstance(key, ec.EllipticCurvePrivateKey):
         crv = _CURVE_NAMES.get(key.curve.name)

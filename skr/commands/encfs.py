@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from skr.commands import vault_client_arguments
 from skr.config import add_arguments, load_settings
 from skr.errors import BadRequest
 from skr.logs import setup_logging
@@ -42,14 +43,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     key.add_argument("--vault", help="generate the key and import it into this vault / managed HSM")
     create.add_argument("--kid", help="with --vault: the key name to import as")
     create.add_argument("--policy", type=Path, metavar="FILE", help="with --vault: the release policy JSON")
-    create.add_argument("--client-id", help="user-assigned managed identity client id")
-    create.add_argument("--access-token-file", type=Path, metavar="FILE", help="an AAD token for the vault")
-    create.add_argument("--ca-bundle", type=Path, help="extra trust anchors PEM (default: env SKR_CA_BUNDLE)")
-    create.add_argument(
-        "--allow-insecure-challenge",
-        action="store_true",
-        help="accept an auth challenge for another domain (local emulators only)",
-    )
+    vault_client_arguments(create)
     create.set_defaults(func=_create)
 
     inspect = actions.add_parser("inspect", help="LUKS2 header summary, and whether a key opens it")

@@ -22,6 +22,7 @@ from azure.keyvault.keys.aio import KeyClient
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from skr.akv.policy import build_confidential_containers_policy, encode_policy_for_wire
+from skr.commands import vault_client_arguments
 from skr.commands.keys import RSA_SIZES, _with_client
 from skr.endpoints import parse_endpoint
 from skr.errors import BadRequest, UpstreamError
@@ -50,14 +51,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     create.add_argument("--size", type=int, default=3072, choices=RSA_SIZES, help="RSA key size (3072)")
     create.add_argument("--immutable", action="store_true", help="make the release policy immutable")
     create.add_argument("--api-version", help="Key Vault API version (default: the SDK's)")
-    create.add_argument("--client-id", help="user-assigned managed identity client id")
-    create.add_argument("--access-token-file", type=Path, metavar="FILE", help="an AAD token for the vault")
-    create.add_argument("--ca-bundle", type=Path, help="extra trust anchors PEM (default: env SKR_CA_BUNDLE)")
-    create.add_argument(
-        "--allow-insecure-challenge",
-        action="store_true",
-        help="accept an auth challenge for another domain (local emulators only; never for Azure domains)",
-    )
+    vault_client_arguments(create)
     create.set_defaults(func=_create)
 
 

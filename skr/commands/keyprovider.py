@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import ipaddress
 import json
 import os
 import sys
@@ -27,6 +26,7 @@ from urllib.parse import urlsplit
 
 from skr.config import Settings, add_arguments, load_settings
 from skr.errors import BadRequest, Code, ConfigError, ReleaseDenied, SkrError, UpstreamError
+from skr.hostcheck import is_loopback_host
 from skr.logs import setup_logging
 
 #: ocicrypt's requests are a few hundred bytes; anything near this is not one.
@@ -83,17 +83,12 @@ def sidecar_url(value: str | None) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"--sidecar must be an http(s) URL, got {url!r}")
-    if parts.scheme == "http" and parts.hostname != "localhost":
-        try:
-            loopback = ipaddress.ip_address(parts.hostname).is_loopback
-        except ValueError:
-            loopback = False
-        if not loopback:
-            raise ConfigError(
-                f"--sidecar {url} is plain http off the loopback interface: "
-                "the plaintext would cross the network",
-                hint="run the sidecar in the same group and call it on 127.0.0.1",
-            )
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
+        raise ConfigError(
+            f"--sidecar {url} is plain http off the loopback interface: "
+            "the plaintext would cross the network",
+            hint="run the sidecar in the same group and call it on 127.0.0.1",
+        )
     return url
 
 

@@ -41,6 +41,7 @@ from skr.akv.jwk import CURVES, jwk_to_private_key
 from skr.akv.keywrap import b64url_decode
 from skr.akv.policy import encode_policy_for_wire
 from skr.akv.release import vault_error
+from skr.commands import vault_client_arguments
 from skr.endpoints import parse_endpoint
 from skr.errors import (
     BadRequest,
@@ -133,14 +134,7 @@ def _vault_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vault", required=True, help="vault or managed HSM: host, host:port or https URL")
     parser.add_argument("--name", required=True, help="key name")
     parser.add_argument("--api-version", help="Key Vault API version (default: the SDK's)")
-    parser.add_argument("--client-id", help="user-assigned managed identity client id")
-    parser.add_argument("--access-token-file", type=Path, metavar="FILE", help="an AAD token for the vault")
-    parser.add_argument("--ca-bundle", type=Path, help="extra trust anchors PEM (default: env SKR_CA_BUNDLE)")
-    parser.add_argument(
-        "--allow-insecure-challenge",
-        action="store_true",
-        help="accept an auth challenge for another domain (local emulators only; never for Azure domains)",
-    )
+    vault_client_arguments(parser)
 
 
 # --- inputs ---------------------------------------------------------------------------------------

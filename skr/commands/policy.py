@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import binascii
 import json
 import re
 import sys
@@ -26,6 +24,7 @@ from skr.akv.policy import (
     evaluate,
     parse_policy,
 )
+from skr.b64 import b64url_decode
 from skr.errors import BadRequest, ConfigError, PolicyError, TokenError
 from skr.snp.hostdata import host_data_of_policy, strip_policy, trailing_whitespace
 
@@ -190,11 +189,6 @@ def _inspect(args: argparse.Namespace) -> int:
 # --- check ------------------------------------------------------------------------------------------------
 
 
-def _b64url(value: str) -> bytes:
-    stripped = value.rstrip("=")
-    return base64.urlsafe_b64decode(stripped + "=" * (-len(stripped) % 4))
-
-
 def _read_policy(path: Path) -> ReleasePolicy:
     """A policy file: the policy JSON, or Key Vault's wire form ``{"data": base64url(policy), ...}``."""
     data = path.read_bytes()
@@ -204,8 +198,8 @@ def _read_policy(path: Path) -> ReleasePolicy:
         return parse_policy(data)  # raises PolicyError naming the JSON problem
     if isinstance(document, dict) and "data" in document and "anyOf" not in document:
         try:
-            return parse_policy(_b64url(str(document["data"])))
-        except (binascii.Error, ValueError):
+            return parse_policy(b64url_decode(str(document["data"]).rstrip("=")))
+        except ValueError:
             raise PolicyError(f"{path}: 'data' is not base64url of a release policy") from None
     return parse_policy(data)
 
@@ -229,8 +223,8 @@ def _token_text(value: str) -> str:
 
 def _unverified_claims(token: str) -> dict[str, Any]:
     try:
-        claims = json.loads(_b64url(token.split(".")[1]))
-    except (binascii.Error, ValueError):
+        claims = json.loads(b64url_decode(token.split(".")[1].rstrip("=")))
+    except ValueError:
         raise BadRequest("the token payload is not base64url JSON") from None
     if not isinstance(claims, dict):
         raise BadRequest("the token payload is not a JSON object of claims")

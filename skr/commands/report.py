@@ -122,11 +122,6 @@ def _parse_hex(text: str, what: str) -> bytes:
         raise BadRequest(f"{what} is not hex: {text[:40]!r}") from None
 
 
-def read_report(path: Path) -> AttestationReport:
-    """A report from a file holding either the raw 1184 bytes or their hex text."""
-    return read_report_file(path)[0]
-
-
 def read_report_file(path: Path) -> tuple[AttestationReport, HclReport | None]:
     """The SNP report in a file, and the HCL report around it when the file is one (raw or hex)."""
     data = _read(path, "report")
@@ -338,7 +333,7 @@ async def _collect(
     from skr.evidence import create_provider
     from skr.evidence.context import load_security_context
 
-    context = None if kind == "virtual" and policy is not None else load_security_context()
+    context = None if kind == EvidenceKind.VIRTUAL and policy is not None else load_security_context()
     provider = create_provider(kind, context=context, state_dir=state_dir, security_policy=policy)
     try:
         return await provider.collect(report_data)

@@ -17,10 +17,9 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 from skr.encfs.errors import BlobError, BlobLeased, EncfsConfigError
-from skr.endpoints import DEFAULT_BLOB_ALLOWED, Allowlist, Endpoint, parse_endpoint
+from skr.endpoints import DEFAULT_BLOB_ALLOWED, Allowlist, Endpoint, split_url
 from skr.errors import BadRequest, Code
 
 PAGE = 512
@@ -70,11 +69,12 @@ def parse_blob_url(value: str, *, allowlist: Allowlist, what: str = "azure_url")
     text = value.strip()
     if not text.lower().startswith("https://"):
         raise EncfsConfigError(f"{what} must be an https:// blob URL", hint="blob access is HTTPS only")
-    parts = urlsplit(text)
     try:
-        endpoint = parse_endpoint(f"https://{parts.netloc}", what=what)
+        endpoint, parts = split_url(text, what=what)
     except BadRequest as exc:
         raise EncfsConfigError(exc.message) from None
+    except ValueError:
+        raise EncfsConfigError(f"{what} is not a valid URL") from None
     segments = [s for s in parts.path.split("/") if s]
     if len(segments) < 2 or parts.fragment:
         raise EncfsConfigError(

@@ -85,10 +85,8 @@ class BlockFile:
         self.read_ahead = max(0, min(read_ahead, cache_blocks - 1))
         self._pending: dict[int, Future[bytes]] = {}
         self._last_miss = -2
-        self.prefetches = 0
         self._lock = threading.RLock()
         self.fetches = 0
-        self.stores = 0
 
     @property
     def writable(self) -> bool:
@@ -131,7 +129,6 @@ class BlockFile:
             if ahead not in self._cache and ahead not in self._pending:
                 start, length = self._span(ahead)
                 self._pending[ahead] = self._prefetch(self.data_offset + start, length)
-                self.prefetches += 1
 
     def _write_back(self, index: int) -> None:
         if index not in self._dirty:
@@ -140,7 +137,6 @@ class BlockFile:
         start, _ = self._span(index)
         self._store(self.data_offset + start, self.cipher.encrypt(start, bytes(self._cache[index])))
         self._dirty.discard(index)
-        self.stores += 1
 
     def read(self, offset: int, size: int) -> bytes:
         with self._lock:

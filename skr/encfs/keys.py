@@ -12,33 +12,28 @@ a message.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import logging
-import re
 from typing import Any
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from skr.b64 import b64url_decode
 from skr.encfs.args import KeyDerivation
 from skr.encfs.errors import EncfsKeyError
 
 log = logging.getLogger("skr.encfs")
 
 KEY_BYTES = 32
-_B64URL = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def _b64url(value: Any, what: str) -> bytes:
     if not isinstance(value, str) or not value:
         raise EncfsKeyError(f"the released key has no {what}")
-    if not _B64URL.fullmatch(value):
-        raise EncfsKeyError(f"the released key's {what} is not base64url")
     try:
-        return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
-    except (binascii.Error, ValueError):
+        return b64url_decode(value, padding=False)
+    except ValueError:
         raise EncfsKeyError(f"the released key's {what} is not base64url") from None
 
 

@@ -25,7 +25,6 @@ with code ``uvm_endorsement_invalid``.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import itertools
 import json
@@ -42,6 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from skr.b64 import b64url_encode
 from skr.errors import Code, VerificationError
 from skr.snp.certs import read_certificates
 
@@ -271,9 +271,7 @@ def verify_uvm_endorsement_signature(endorsement: UvmEndorsement) -> None:
 def did_x509(ca: x509.Certificate, eku: x509.ObjectIdentifier = UVM_SIGNING_EKU) -> str:
     """``did:x509:0:sha256:<base64url SHA-256 of the CA's DER>::eku:<OID>`` (the genuine ``iss`` form)."""
     fingerprint = hashlib.sha256(ca.public_bytes(serialization.Encoding.DER)).digest()
-    return (
-        f"{_DID_PREFIX}{base64.urlsafe_b64encode(fingerprint).rstrip(b'=').decode()}::eku:{eku.dotted_string}"
-    )
+    return f"{_DID_PREFIX}{b64url_encode(fingerprint)}::eku:{eku.dotted_string}"
 
 
 def _check_chain(

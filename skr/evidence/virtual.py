@@ -376,7 +376,6 @@ class VirtualTee:
         self._state_dir = state_dir
         self._launch = launch
         self._ark = ark
-        self._ask = ask
         self._vcek = vcek
         self._chain_pem = _pem(vcek.cert) + _pem(ask) + _pem(ark)
         self._uvm_endorsement = uvm_endorsement

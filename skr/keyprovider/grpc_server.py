@@ -20,10 +20,8 @@ with the HTTP API). Never logs a request body, an annotation or a plaintext.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import hmac
-import ipaddress
 import logging
 import re
 import uuid
@@ -37,6 +35,7 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from skr.b64 import go_std_b64decode
 from skr.errors import (
     BadRequest,
     Code,
@@ -52,6 +51,7 @@ from skr.errors import (
     VerificationError,
     by_class,
 )
+from skr.hostcheck import is_loopback_host
 from skr.keyprovider.protos import key_provider_pb2, keyprovider_pb2
 from skr.keyprovider.provider import KeyProvider
 from skr.logs import request_id_var
@@ -97,17 +97,8 @@ def status_code(exc: SkrError) -> grpc.StatusCode:
 
 def _is_loopback_peer(peer: str) -> bool:
     """``ipv4:127.0.0.1:5000`` / ``ipv6:[::1]:5000`` / ``unix:…`` → on this machine's loopback?"""
-    kind, _, rest = peer.partition(":")
-    if kind == "unix":
-        return True
-    host = rest.rsplit(":", 1)[0].strip("[]") if kind in ("ipv4", "ipv6") else ""
-    try:
-        address = ipaddress.ip_address(host.split("%")[0])
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.is_loopback
+    host = _peer_host(peer)
+    return peer.startswith("unix:") or (host is not None and is_loopback_host(host.split("%")[0]))
 
 
 def _peer_host(peer: str) -> str | None:
@@ -118,7 +109,7 @@ def _peer_host(peer: str) -> str | None:
 def decode_b64_runtime_data(value: str) -> bytes:
     """Standard base64 with padding, CR/LF ignored (Go's ``base64.StdEncoding``), as ``/attest/*`` reads."""
     try:
-        return base64.b64decode(value.replace("\r", "").replace("\n", ""), validate=True)
+        return go_std_b64decode(value)
     except (binascii.Error, ValueError):
         raise BadRequest(
             "b64_runtime_data_string is not standard base64 (RFC 4648 §4 alphabet with '=' padding)",

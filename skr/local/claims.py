@@ -31,6 +31,7 @@ from typing import Any
 
 from cryptography import x509
 
+from skr.b64 import b64url_encode
 from skr.errors import BadRequest, SkrError
 from skr.evidence.endorsement import (
     CLAIM_UVM_ENDORSEMENT,
@@ -43,7 +44,6 @@ from skr.maa.client import (
     DATA_TYPE_JSON,
     ReportEnvelope,
     b64url_decode,
-    b64url_encode,
     decode_report,
 )
 from skr.snp.report import AttestationReport, Product

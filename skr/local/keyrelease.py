@@ -22,8 +22,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from skr.akv.jwk import private_key_to_plaintext
 from skr.akv.jws import ALLOWED_ALGORITHMS, sign_release_jws
-from skr.akv.keywrap import Enc, b64url_encode, encode_key_hsm, wrap
+from skr.akv.keywrap import Enc, encode_key_hsm, wrap
 from skr.akv.policy import ReleasePolicy, evaluate, normalize_authority, parse_policy
+from skr.b64 import b64url_encode
 from skr.errors import SkrError
 from skr.local.keystore import RSA_SIZES, KeyVersion, StoredPolicy, bad, decode_b64url
 from skr.local.kit import ServiceError

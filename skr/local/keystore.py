@@ -27,8 +27,9 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from skr.akv.jwk import CURVES, jwk_to_private_key, private_key_to_jwk
-from skr.akv.keywrap import b64url_decode, b64url_encode
+from skr.akv.keywrap import b64url_decode
 from skr.akv.policy import parse_policy
+from skr.b64 import b64url_encode
 from skr.endpoints import is_key_name
 from skr.errors import BadRequest, Code, ConfigError, KeyWrapError, PolicyError
 from skr.files import ensure_directory, read_regular_file, write_private_file

@@ -23,8 +23,6 @@ Never logs or returns the token in a message; error bodies are summarized, never
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import re
 import secrets
@@ -36,7 +34,8 @@ from urllib.parse import quote
 
 import aiohttp
 
-from skr import __version__
+from skr import __version__, b64
+from skr.b64 import b64url_encode
 from skr.endpoints import Endpoint, parse_endpoint
 from skr.errors import AttestationFailed, BadRequest
 from skr.evidence.base import Evidence
@@ -63,25 +62,17 @@ _TEE_PATH = re.compile(r"^[A-Za-z0-9]+$")
 # --- base64url ------------------------------------------------------------------------------------
 
 
-def b64url_encode(data: bytes) -> str:
-    """base64url without padding (RFC 7515 §2)."""
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
 def b64url_decode(text: str, *, what: str = "value") -> bytes:
     """Decode base64url with or without ``=`` padding; :class:`BadRequest` naming ``what`` otherwise."""
     if not isinstance(text, str):
         raise BadRequest(f"{what} must be a base64url string, found {type(text).__name__}")
-    stripped = text.strip().rstrip("=")
-    if len(stripped) % 4 == 1 or not re.fullmatch(r"[A-Za-z0-9_-]*", stripped):
+    try:
+        return b64.b64url_decode(text.strip().rstrip("="))
+    except ValueError:
         raise BadRequest(
             f"{what} is not base64url",
             hint="base64url uses A-Z a-z 0-9 - _ with optional '=' padding; '+' and '/' are not accepted",
-        )
-    try:
-        return base64.urlsafe_b64decode(stripped + "=" * (-len(stripped) % 4))
-    except (binascii.Error, ValueError) as exc:  # pragma: no cover - the regex above already rules these out
-        raise BadRequest(f"{what} is not base64url") from exc
+        ) from None
 
 
 # --- endpoints ------------------------------------------------------------------------------------

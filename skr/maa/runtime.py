@@ -13,7 +13,6 @@ Never reveals the private key: not in ``repr``, not in the JWK, not in logs.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from skr.b64 import b64url_encode, b64url_uint
 from skr.errors import BadRequest
 
 AUDIT_CLAIM = "skr-audit"
@@ -39,15 +39,6 @@ class AuditHead:
     instance: str
 
 
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def _uint_bytes(value: int) -> bytes:
-    """The minimal big-endian encoding of a positive integer (JWA §6.3.1 ``n``/``e``)."""
-    return value.to_bytes((value.bit_length() + 7) // 8 or 1, "big")
-
-
 def _canonical_json(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
 
@@ -55,12 +46,12 @@ def _canonical_json(value: Any) -> bytes:
 def rsa_public_members(public_key: rsa.RSAPublicKey) -> dict[str, str]:
     """The required RSA JWK members ``{"e", "kty", "n"}`` of a public key."""
     numbers = public_key.public_numbers()
-    return {"e": _b64url(_uint_bytes(numbers.e)), "kty": "RSA", "n": _b64url(_uint_bytes(numbers.n))}
+    return {"e": b64url_uint(numbers.e), "kty": "RSA", "n": b64url_uint(numbers.n)}
 
 
 def jwk_thumbprint(public_key: rsa.RSAPublicKey) -> str:
     """RFC 7638 JWK thumbprint (SHA-256, base64url without padding) of an RSA public key."""
-    return _b64url(hashlib.sha256(_canonical_json(rsa_public_members(public_key))).digest())
+    return b64url_encode(hashlib.sha256(_canonical_json(rsa_public_members(public_key))).digest())
 
 
 class WrappingKey:

@@ -32,7 +32,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from skr.endpoints import Allowlist, Endpoint, parse_endpoint
+from skr.endpoints import Allowlist, Endpoint, split_url
 from skr.errors import BadRequest, Code, TokenError, UpstreamError
 from skr.http import (
     DEFAULT_MAX_UPSTREAM_BODY,
@@ -413,7 +413,7 @@ class TokenVerifier:
                 f"the OpenID metadata at {metadata_url} names issuer {named!r}, expected {issuer!r}"
             )
         jwks_uri = metadata.get("jwks_uri")
-        if not isinstance(jwks_uri, str) or urlsplit(jwks_uri).scheme != "https":
+        if not isinstance(jwks_uri, str) or _endpoint_of(jwks_uri) is None:
             raise TokenError(
                 f"the OpenID metadata at {metadata_url} has no https 'jwks_uri' (found {jwks_uri!r})",
                 hint="check that the endpoint is an attestation instance",
@@ -426,9 +426,9 @@ class TokenVerifier:
 
 
 def _endpoint_of(url: str) -> Endpoint | None:
-    """The origin of ``url`` as an :class:`Endpoint` (scheme and path ignored), or None when it has none."""
+    """The endpoint of the https URL ``url``, or None when it is not one."""
     try:
-        return parse_endpoint(f"https://{urlsplit(url).netloc}")
+        return split_url(url)[0]
     except (BadRequest, ValueError):
         return None
 
