@@ -95,10 +95,10 @@ async def real_release(stack: LocalStack, state_dir: Path) -> tuple[str, rsa.RSA
     JWS, the wrapping key and the vault host (for the crypto floor)."""
     from skr.evidence.base import report_data_for
     from skr.evidence.virtual import VirtualTee
-    from skr.http import client_ssl_context
     from skr.local.demo import DEMO_SECURITY_POLICY
     from skr.maa.client import MaaClient
     from skr.maa.runtime import WrappingKey
+    from skr.upstream import client_ssl_context
 
     info = stack.info
     tee = await asyncio.to_thread(

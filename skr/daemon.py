@@ -34,7 +34,6 @@ from skr.connections import ConnectionGuard, GuardedRunner
 from skr.errors import ConfigError
 from skr.evidence.base import EvidenceProvider
 from skr.files import check_state_tree
-from skr.http import client_ssl_context
 from skr.identity import CredentialFactory
 from skr.maa.client import MaaClient
 from skr.maa.runtime import WrappingKey
@@ -42,6 +41,7 @@ from skr.maa.token import TokenVerifier
 from skr.metrics import Metrics
 from skr.server import AUDIT_HEAD_KEY, create_app
 from skr.service import ReleaseService
+from skr.upstream import client_ssl_context
 
 if TYPE_CHECKING:
     from skr.keyprovider.grpc_server import GrpcServer

@@ -39,7 +39,7 @@ from azure.core.pipeline.transport import AioHttpTransport
 from skr.b64 import b64url_decode
 from skr.endpoints import cloud_suffix, host_of, is_azure_host, is_managed_hsm
 from skr.errors import BadRequest, Code, ConfigError, UpstreamError
-from skr.http import DEFAULT_MAX_UPSTREAM_BODY, read_capped, redirect_error
+from skr.upstream import DEFAULT_MAX_UPSTREAM_BODY, read_capped, redirect_error
 
 VAULT_SCOPE = "https://vault.azure.net/.default"
 MANAGED_HSM_SCOPE = "https://managedhsm.azure.net/.default"

@@ -21,8 +21,8 @@ from skr.akv.release import ReleaseResult
 from skr.endpoints import Endpoint, KeyRef
 from skr.evidence.base import Evidence
 from skr.evidence.base import EvidenceProvider as EvidenceSource
-from skr.http import Deadline
 from skr.maa.runtime import WrappingKey
+from skr.upstream import Deadline
 
 
 class Attester(Protocol):

@@ -50,7 +50,6 @@ from skr.errors import (
     UpstreamTimeout,
 )
 from skr.evidence.base import Evidence, report_data_for
-from skr.http import Deadline
 from skr.maa.runtime import DEFAULT_BITS, AuditHead, WrappingKey
 from skr.maa.token import TokenVerifier, unverified_claims
 from skr.metrics import Metrics
@@ -66,6 +65,7 @@ from skr.ports import (
     Releaser,
     SystemClock,
 )
+from skr.upstream import Deadline
 
 log = logging.getLogger("skr.service")
 

@@ -36,11 +36,11 @@ from skr.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from skr.http import Deadline, RetryPolicy
 from skr.identity import CredentialFactory
 from skr.local.faults import FaultRule
 from skr.maa.runtime import WrappingKey
 from skr.server import http_status
+from skr.upstream import Deadline, RetryPolicy
 from tests.kvstack import (
     OTHER_HOST_DATA,
     Stack,

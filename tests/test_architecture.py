@@ -28,7 +28,7 @@ LAYERS: dict[str, int] = {
     "skr.b64": 0,  # base64url, pure
     "skr.endpoints": 1,
     "skr.files": 1,
-    "skr.http": 1,
+    "skr.upstream": 1,
     "skr.logs": 1,
     "skr.metrics": 1,
     "skr.identity": 1,

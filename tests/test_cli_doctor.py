@@ -19,7 +19,7 @@ from skr.commands.doctor import Check, _unique
 from skr.config import Settings, allowlist_pattern_problem, allowlist_problems, check_startup
 from skr.endpoints import Allowlist, parse_endpoint
 from skr.errors import ConfigError, UpstreamError
-from skr.http import RetryPolicy
+from skr.upstream import RetryPolicy
 from tests.procs import SKR, clean_env
 
 
@@ -275,7 +275,7 @@ def test_release_and_doctor_help_show_only_the_flags_they_use(command, absent, c
 
 async def test_a_skip_network_session_refuses_every_request_before_connecting(listener):
     from skr.commands.doctor import NetworkDisabled, _session
-    from skr.http import request
+    from skr.upstream import request
 
     async with _session(skip_network=True) as session:
         with pytest.raises(NetworkDisabled, match="--skip-network"):

@@ -20,11 +20,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from skr.errors import CollateralError, ConfigError, UpstreamError
-from skr.http import RetryPolicy
 from skr.snp.collateral import CollateralClient, CollateralSource
 from skr.snp.kds import ThimCertificates, azcache_url, kds_cert_chain_url, kds_vcek_url, parse_thim_json
 from skr.snp.report import AttestationReport, Product
 from skr.snp.verify import verify_evidence_chain
+from skr.upstream import RetryPolicy
 
 ACI = "snp/aci-confidential-sidecar"
 FAST_RETRY = RetryPolicy(attempts=3, initial_backoff=0.01, max_backoff=0.02)

@@ -1,12 +1,12 @@
 """Faults in the upstreams, through the whole local stack and the real sidecar (issue 7, "Fault injection").
 
 The local attestation, key and identity services misbehave per a seeded fault plan; the sidecar talks to
-them with exactly the clients it uses for Azure (skr.http for MAA, the Azure Key Vault SDK wrapped in
-skr.http's retry policy, azure-identity for tokens). What the app sees is checked, and what the audit log
+them with exactly the clients it uses for Azure (skr.upstream for MAA, the Azure Key Vault SDK wrapped in
+skr.upstream's retry policy, azure-identity for tokens). What the app sees is checked, and what the audit log
 says about each request (matched by the X-Request-Id the test chooses).
 
 Retry budgets these tests rely on, as the code has them:
-- MAA (skr.http.RetryPolicy): 5 attempts, transient = connection errors, timeouts, 408, 429, 5xx;
+- MAA (skr.upstream.RetryPolicy): 5 attempts, transient = connection errors, timeouts, 408, 429, 5xx;
   Retry-After honoured (capped by the deadline).
 - Key Vault (skr.akv.release.SdkSettings): the SDK's own retry loop is off; the same policy wraps each
   release call (5 attempts; 408, 429, 5xx and connection errors; Retry-After honoured).

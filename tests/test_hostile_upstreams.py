@@ -31,12 +31,12 @@ from skr.akv.release import KeyVaultReleaser, SdkSettings, VaultError
 from skr.config import Settings, load_settings
 from skr.endpoints import Allowlist, KeyRef, parse_endpoint
 from skr.errors import ConfigError, JwsError, ReleaseDenied, TokenError, UpstreamError, UpstreamTimeout
-from skr.http import RetryPolicy, request
 from skr.identity import CredentialFactory, VaultScopedCredential
 from skr.local.ca import LocalCA
 from skr.maa.token import TokenVerifier
 from skr.server import http_status
 from skr.snp.collateral import CollateralClient, CollateralSource
+from skr.upstream import RetryPolicy, request
 from tests.e2e import post, serve_local, stack_session
 from tests.kvstack import point_imds_at, serve
 from tests.sidecars import audit_records, extra_sidecar
@@ -404,7 +404,7 @@ async def main(mode: str, url: str, ca: str) -> None:
     from skr.akv.release import KeyVaultReleaser, SdkSettings
     from skr.endpoints import KeyRef
     from skr.errors import SkrError
-    from skr.http import RetryPolicy, request
+    from skr.upstream import RetryPolicy, request
     from skr.identity import CredentialFactory
 
     one = RetryPolicy(attempts=1)

@@ -8,8 +8,8 @@ import pytest
 from aiohttp import web
 
 from skr.errors import ConfigError, UpstreamError, UpstreamTimeout
-from skr.http import Deadline, RetryPolicy, parse_retry_after, request, summarize_body
 from skr.local.faults import FaultPlan, FaultRule
+from skr.upstream import Deadline, RetryPolicy, parse_retry_after, request, summarize_body
 
 FAST = RetryPolicy(attempts=4, initial_backoff=0.01, max_backoff=0.05)
 

@@ -43,7 +43,7 @@ def _imports(module: str, seen: set[str]) -> set[str]:
 
 def test_kds_and_what_it_imports_use_no_network_or_event_loop_module() -> None:
     found = {name.split(".")[0] for name in _imports("skr.snp.kds", set())} | _imports("skr.snp.kds", set())
-    assert not found & {"aiohttp", "asyncio", "socket", "ssl", "skr.http", "skr.snp.collateral"}
+    assert not found & {"aiohttp", "asyncio", "socket", "ssl", "skr.upstream", "skr.snp.collateral"}
 
 
 def test_tcbm_of_the_aci_report_is_the_tcbm_thim_sent_with_it(vectors: Path) -> None:

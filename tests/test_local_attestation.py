@@ -34,13 +34,13 @@ from skr.endpoints import parse_endpoint
 from skr.errors import AttestationFailed, TokenError
 from skr.evidence.base import Evidence, report_data_for
 from skr.evidence.virtual import VirtualTee
-from skr.http import RetryPolicy
 from skr.local.attestation import DEFAULT_POLICY, LocalAttestationService
 from skr.local.ca import LocalCA
 from skr.local.claims import AttestationRefused, attested_claims, parse_attest_request
 from skr.maa.client import MaaClient, encode_report
 from skr.maa.runtime import WrappingKey
 from skr.maa.token import TokenVerifier, unverified_header
+from skr.upstream import RetryPolicy
 from tests.e2e import serve_local as serve
 
 POLICY = b'package policy\n\napi_version := "0.10.0"\nframework_version := "0.2.3"\n'

@@ -18,7 +18,6 @@ from skr import __version__
 from skr.endpoints import parse_endpoint
 from skr.errors import AttestationFailed, BadRequest, UpstreamError, UpstreamTimeout
 from skr.evidence.base import Evidence
-from skr.http import Deadline, RetryPolicy
 from skr.local.ca import LocalCA
 from skr.maa.client import (
     MaaClient,
@@ -28,6 +27,7 @@ from skr.maa.client import (
     encode_report,
     normalize_endpoint,
 )
+from skr.upstream import Deadline, RetryPolicy
 from tests.e2e import serve_local as serve
 
 FAST_RETRY = RetryPolicy(attempts=3, initial_backoff=0.01, max_backoff=0.02)

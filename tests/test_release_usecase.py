@@ -26,11 +26,11 @@ from skr.config import Settings
 from skr.endpoints import Endpoint, KeyRef, parse_endpoint
 from skr.errors import BadRequest, ReleaseDenied, UpstreamTimeout
 from skr.evidence.base import Evidence
-from skr.http import Deadline
 from skr.maa.runtime import WrappingKey
 from skr.metrics import Metrics
 from skr.ports import ReleasedKeyResult
 from skr.service import ReleaseService, RequestContext
+from skr.upstream import Deadline
 
 pytestmark = pytest.mark.unit
 

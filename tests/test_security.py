@@ -36,11 +36,11 @@ from skr.errors import ConfigError, EvidenceUnavailable
 from skr.evidence import create_provider
 from skr.evidence.sevguest import LEGACY_SEV_DEVICE, SEV_GUEST_DEVICE
 from skr.evidence.tsm import TSM_REPORT_ROOT
-from skr.http import client_ssl_context
 from skr.local.ca import LocalCA
 from skr.local.demo import DEMO_SECURITY_POLICY
 from skr.local.faults import FaultRule
 from skr.logs import setup_logging
+from skr.upstream import client_ssl_context
 from tests.e2e import b64, bound_policy, stack_session
 from tests.procs import Processes, clean_env, http_status, listening_address, wait_until
 from tests.sidecars import audit_records, extra_sidecar, non_loopback_address

@@ -51,7 +51,8 @@ from skr.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from skr.http import (
+from skr.identity import CredentialFactory, StaticTokenCredential, verifying_transport
+from skr.upstream import (
     CA_BUNDLE_ENV,
     DEFAULT_MAX_UPSTREAM_BODY,
     Deadline,
@@ -64,7 +65,6 @@ from skr.http import (
     redirect_error,
     transient_retrying,
 )
-from skr.identity import CredentialFactory, StaticTokenCredential, verifying_transport
 
 if TYPE_CHECKING:  # the SDK is imported on first use: it costs start-up time and memory (see _key_client)
     from azure.keyvault.keys import ReleaseKeyResult
@@ -109,7 +109,7 @@ class SdkSettings:
     """Per-attempt timeouts of the SDK's transport and the retry policy around each release.
 
     The SDK's own retry loop is off: transient failures (408, 429, 5xx, connection errors) are retried by
-    :func:`skr.http.transient_retrying`, the policy every upstream call uses, which honours Retry-After
+    :func:`skr.upstream.transient_retrying`, the policy every upstream call uses, which honours Retry-After
     and never sleeps past the request deadline.
     """
 

@@ -153,7 +153,7 @@ class TrustStore:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> TrustStore:
         """System roots plus the PEM bundle named by ``SKR_CA_BUNDLE`` (when set)."""
-        from skr.http import ca_bundle_from_env  # keeps aiohttp out of the import of this module
+        from skr.upstream import ca_bundle_from_env  # keeps aiohttp out of the import of this module
 
         bundle = ca_bundle_from_env(env)
         return cls([bundle] if bundle is not None else [])

@@ -42,7 +42,7 @@ from skr.config import (
 )
 from skr.endpoints import DEFAULT_ALLOWED, Endpoint
 from skr.errors import ConfigError, SkrError
-from skr.http import client_ssl_context
+from skr.upstream import client_ssl_context
 
 
 @dataclass

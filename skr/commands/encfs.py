@@ -185,8 +185,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _upload(args: argparse.Namespace) -> int:
     from skr.encfs.blob import blob_allowlist, blob_transport_kwargs, parse_blob_url, upload_image
-    from skr.http import ca_bundle_from_env
     from skr.identity import CredentialFactory
+    from skr.upstream import ca_bundle_from_env
 
     if not args.image.is_file():
         raise BadRequest(f"{args.image} is not a file")

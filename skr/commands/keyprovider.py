@@ -134,9 +134,9 @@ async def _unwrap_direct(raw: bytes, settings: Settings) -> bytes:
 async def _unwrap_via_sidecar(raw: bytes, base: str, token: str | None, deadline_seconds: float) -> bytes:
     import aiohttp
 
-    from skr.http import Deadline, RetryPolicy, request
     from skr.keyprovider.ocicrypt import unwrap_answer
     from skr.keyprovider.provider import PACKET_ALG, unwrap_packet
+    from skr.upstream import Deadline, RetryPolicy, request
 
     packet = unwrap_packet(raw)  # refuse a request for another provider before any call
     body = {

@@ -54,8 +54,8 @@ from skr.errors import (
     SkrError,
     UpstreamError,
 )
-from skr.http import ca_bundle_from_env
 from skr.identity import CredentialFactory
+from skr.upstream import ca_bundle_from_env
 
 KTY_CHOICES = ("oct-HSM", "RSA-HSM", "EC-HSM")
 OCT_SIZES = (128, 192, 256)

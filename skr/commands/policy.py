@@ -241,7 +241,7 @@ async def _verified_claims(token: str, issuer: str) -> dict[str, Any]:
         ) from None
     import aiohttp
 
-    from skr.http import client_ssl_context
+    from skr.upstream import client_ssl_context
 
     async with aiohttp.ClientSession() as session:
         verifier = TokenVerifier(session, ssl_context=client_ssl_context())

@@ -15,7 +15,7 @@ Owns the wire format of ``POST https://{instance}/attest/SevSnpVm?api-version=â€
 
 Takes the endpoint parsed (:class:`skr.endpoints.Endpoint`); :func:`normalize_endpoint` gives an issuer's
 origin as text for comparisons. TLS is always
-verified (system roots plus ``SKR_CA_BUNDLE``). Every call goes through :func:`skr.http.request`
+verified (system roots plus ``SKR_CA_BUNDLE``). Every call goes through :func:`skr.upstream.request`
 (timeouts, retries of transient failures only, deadline).
 
 Never logs or returns the token in a message; error bodies are summarized, never echoed whole.
@@ -39,7 +39,7 @@ from skr.b64 import b64url_encode
 from skr.endpoints import Endpoint, parse_endpoint
 from skr.errors import AttestationFailed, BadRequest
 from skr.evidence.base import Evidence
-from skr.http import (
+from skr.upstream import (
     DEFAULT_MAX_UPSTREAM_BODY,
     DEFAULT_RETRY,
     Deadline,

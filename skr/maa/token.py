@@ -34,7 +34,9 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from skr.endpoints import Allowlist, Endpoint, split_url
 from skr.errors import BadRequest, Code, TokenError, UpstreamError
-from skr.http import (
+from skr.maa.client import b64url_decode, normalize_endpoint
+from skr.snp.certs import read_certificates
+from skr.upstream import (
     DEFAULT_MAX_UPSTREAM_BODY,
     DEFAULT_RETRY,
     Deadline,
@@ -43,8 +45,6 @@ from skr.http import (
     request,
     summarize_body,
 )
-from skr.maa.client import b64url_decode, normalize_endpoint
-from skr.snp.certs import read_certificates
 
 ALLOWED_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
 MAX_TOKEN_LENGTH = 64 * 1024

@@ -7,7 +7,7 @@ good chain when the upstream fails (stale-on-error, always logged). The URLs and
 
 Never decides trust: a chain fetched here is only a candidate that :mod:`skr.snp.verify` checks against the
 pinned AMD roots. Never sends anything but the chip id and TCB upstream. All HTTP goes through
-:func:`skr.http.request` (timeouts, retries of transient failures, ``Retry-After``).
+:func:`skr.upstream.request` (timeouts, retries of transient failures, ``Retry-After``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ import aiohttp
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from skr.errors import CollateralError, ConfigError, UpstreamError, UpstreamTimeout
-from skr.http import (
+from skr.snp import kds
+from skr.snp.report import AttestationReport, Product
+from skr.upstream import (
     DEFAULT_MAX_UPSTREAM_BODY,
     DEFAULT_RETRY,
     Deadline,
@@ -35,8 +37,6 @@ from skr.http import (
     request,
     summarize_body,
 )
-from skr.snp import kds
-from skr.snp.report import AttestationReport, Product
 
 log = logging.getLogger(__name__)
 

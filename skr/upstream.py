@@ -1,4 +1,5 @@
-"""Outbound HTTP for every upstream skr talks to (MAA, Key Vault metadata, THIM, AMD KDS, identity).
+"""The upstream client layer: outbound HTTP for every upstream skr talks to (MAA, Key Vault, THIM, AMD KDS,
+identity).
 
 Owns: TLS trust (system roots plus ``SKR_CA_BUNDLE``; verification cannot be turned off), per-request
 deadlines, per-attempt timeouts, and the one retry policy: retry only transient failures (connection
@@ -39,7 +40,7 @@ from tenacity import (
 
 from skr.errors import Code, UpstreamError, UpstreamTimeout
 
-log = logging.getLogger("skr.http")
+log = logging.getLogger("skr.upstream")
 
 CA_BUNDLE_ENV = "SKR_CA_BUNDLE"
 TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
