@@ -1,15 +1,17 @@
 """Process-wide hardening for the commands that hold keys or tokens in memory.
 
-Owns two things done once at start: no core dump of this process can be written (``RLIMIT_CORE`` 0 and,
+Owns three things done once at start: no core dump of this process can be written (``RLIMIT_CORE`` 0 and,
 on Linux, ``prctl(PR_SET_DUMPABLE, 0)``, as ssh-agent does: a crash must not leave released keys or
-tokens on disk, and other processes of the same user cannot ptrace or read this one's memory), and the
-soft open-file limit raised to the hard limit (a sidecar holds one descriptor per client connection).
+tokens on disk, and other processes of the same user cannot ptrace or read this one's memory), the
+soft open-file limit raised to the hard limit (a sidecar holds one descriptor per client connection), and
+asyncio's per-connection TLS read buffer cut from 256 KiB to :data:`TLS_READ_BUFFER` (memory).
 
 Never fails a start: a platform without ``prctl`` or a limit the kernel refuses is logged and skipped.
 """
 
 from __future__ import annotations
 
+import asyncio.sslproto
 import ctypes
 import logging
 import resource
@@ -19,6 +21,11 @@ log = logging.getLogger("skr.process")
 
 PR_SET_DUMPABLE = 4  # <linux/prctl.h>
 PR_GET_DUMPABLE = 3
+TLS_READ_BUFFER = 64 * 1024
+"""Bytes asyncio reads from a TLS socket at once, per connection. asyncio's own default is 256 KiB, allocated
+and zero-filled when each connection opens: with 16 pooled connections to a vault that alone is 4 MiB of
+resident memory. A TLS record holds at most 16 KiB of plaintext, so 64 KiB still takes several records per
+read (RSS after the 64-way burst ~3 MiB lower, latency unchanged)."""
 
 
 def disable_core_dumps() -> None:
@@ -69,7 +76,23 @@ def _nr_open() -> int | None:
         return None
 
 
+def limit_tls_read_buffer(size: int = TLS_READ_BUFFER) -> int | None:
+    """Make asyncio read at most ``size`` bytes per TLS socket read, and allocate only that much per new
+    connection (``asyncio.sslproto.SSLProtocol.max_size``, a class attribute since Python 3.11). Only ever
+    lowers it. Returns the size now in force; None (and nothing changed) when this Python has no such
+    attribute."""
+    protocol = getattr(asyncio.sslproto, "SSLProtocol", None)
+    current = getattr(protocol, "max_size", None)
+    if protocol is None or not isinstance(current, int):  # pragma: no cover - every Python >= 3.11 has it
+        log.warning("could not limit the TLS read buffer", extra={"reason": "no SSLProtocol.max_size"})
+        return None
+    if size < current:
+        protocol.max_size = size
+    return int(protocol.max_size)
+
+
 def harden() -> None:
     """Everything above, for ``serve``, ``local``, ``release`` and every command that handles secrets."""
     disable_core_dumps()
     raise_open_file_limit()
+    limit_tls_read_buffer()

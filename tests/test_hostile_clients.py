@@ -30,6 +30,7 @@ from typing import Any
 import aiohttp
 import pytest
 import pytest_asyncio
+from aiohttp import web
 
 from skr.config import Settings, load_settings
 from skr.errors import ConfigError
@@ -397,6 +398,54 @@ async def test_harden_makes_the_process_not_dumpable():
     )
     assert done.stdout.strip() == "False (0, 0)", done.stderr
     assert {"serve", "local", "release", "keys", "keyprovider", "encfs"} <= HARDENED_COMMANDS
+
+
+async def test_harden_cuts_the_tls_read_buffer():
+    code = (
+        "import asyncio.sslproto; from skr.process import harden; "
+        "before = asyncio.sslproto.SSLProtocol.max_size; harden(); "
+        "print(before, asyncio.sslproto.SSLProtocol.max_size)"
+    )
+    done = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert done.stdout.split() == [str(256 * 1024), str(64 * 1024)], done.stderr
+
+
+async def test_tls_connections_allocate_the_smaller_buffer_and_still_read_large_bodies(ca, monkeypatch):
+    """Each TLS connection's read buffer is 64 KiB after the limit, and a 1 MiB answer (many buffers, many
+    16 KiB records) still arrives byte for byte."""
+    import asyncio.sslproto
+
+    from skr.process import TLS_READ_BUFFER, limit_tls_read_buffer
+
+    monkeypatch.setattr(asyncio.sslproto.SSLProtocol, "max_size", asyncio.sslproto.SSLProtocol.max_size)
+    assert limit_tls_read_buffer() == TLS_READ_BUFFER == 64 * 1024
+    assert limit_tls_read_buffer(1 << 20) == TLS_READ_BUFFER  # only ever lowers it
+    body = os.urandom(1 << 20)
+
+    async def big(_: web.Request) -> web.Response:
+        return web.Response(body=body)
+
+    app = web.Application()
+    app.router.add_get("/big", big)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ca.server_ssl_context(["127.0.0.1"]))
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        url = f"https://127.0.0.1:{port}/big"
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(url, ssl=ca.client_ssl_context()) as resp,
+        ):
+            assert resp.connection is not None and resp.connection.transport is not None
+            protocol = resp.connection.transport._ssl_protocol  # type: ignore[attr-defined]
+            assert len(protocol._ssl_buffer) == 64 * 1024
+            assert await resp.read() == body
+    finally:
+        await runner.cleanup()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and core_pattern are Linux")
