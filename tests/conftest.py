@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_asyncio
 from hypothesis import settings
 from hypothesis.configuration import set_hypothesis_home_dir
 
@@ -42,6 +43,18 @@ def vectors() -> Path:
 def expected(vectors: Path) -> dict[str, Any]:
     data: dict[str, Any] = json.loads((vectors / "EXPECTED.json").read_text())
     return data
+
+
+# --- one local stack with its sidecar per test module (tests/e2e.py), for the modules that use `env` ------
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def env(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Any]:
+    """``(stack, client)``: the whole local stack and an HTTP client of its sidecar, shared by a module."""
+    from tests.e2e import stack_session
+
+    async for stack, client in stack_session(tmp_path_factory.mktemp("stack")):
+        yield stack, client
 
 
 # --- the local key-vault stack (tests/kvstack.py), shared by the Key Vault, identity and CLI tests ------

@@ -10,7 +10,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-import pytest_asyncio
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from skr.audit.proof import ProofOptions, prove_checkpoint
@@ -19,13 +18,6 @@ from tests.e2e import post, stack_session
 from tests.sidecars import audit_records
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
-
-
-@pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def env(tmp_path_factory):
-    state = tmp_path_factory.mktemp("audit-e2e")
-    async for stack, client in stack_session(state):
-        yield stack, client
 
 
 def _ark(stack: Any, directory: Path) -> Path:

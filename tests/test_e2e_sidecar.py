@@ -14,7 +14,6 @@ import re
 
 import jwt
 import pytest
-import pytest_asyncio
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from skr.audit import verify_chain
@@ -23,13 +22,6 @@ from skr.snp.hostdata import host_data_of_policy
 from tests.e2e import b64, bound_policy, expected_ec_jwk, expected_rsa_jwk, post, stack_session
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
-
-
-@pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def env(tmp_path_factory):
-    state = tmp_path_factory.mktemp("stack")
-    async for stack, client in stack_session(state):
-        yield stack, client
 
 
 # --- compatible success bodies ------------------------------------------------------------------------

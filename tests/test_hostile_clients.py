@@ -35,20 +35,12 @@ from aiohttp import web
 from skr.config import Settings, load_settings
 from skr.errors import ConfigError
 from skr.local.faults import FaultRule
-from tests.e2e import stack_session
 from tests.procs import Processes, clean_env, sidecar_env, start_serve
 from tests.sidecars import audit_records, extra_sidecar, non_loopback_address
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 RELEASE = b'{"kid":"demo-oct"}'
-
-
-@pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def env(tmp_path_factory):
-    state = tmp_path_factory.mktemp("hostile")
-    async for stack, client in stack_session(state):
-        yield stack, client
 
 
 async def _request(

@@ -11,12 +11,11 @@ import base64
 import json
 
 import pytest
-import pytest_asyncio
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from skr.cli import main
 from skr.keyprovider.keyinfo import write_key_info
-from tests.e2e import bound_policy, stack_session
+from tests.e2e import bound_policy
 from tests.kvstack import OTHER_HOST_DATA
 from tests.procs import SKR, clean_env
 from tests.sidecars import audit_records
@@ -26,13 +25,6 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 OPTSDATA = (
     b'{"symkey":"AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=","digest":"sha256:12","cipheroptions":{}}'
 )
-
-
-@pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def env(tmp_path_factory):
-    state = tmp_path_factory.mktemp("stack")
-    async for stack, client in stack_session(state):
-        yield stack, client
 
 
 @pytest.fixture(scope="module")

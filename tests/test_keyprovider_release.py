@@ -10,7 +10,6 @@ import base64
 import json
 
 import pytest
-import pytest_asyncio
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from skr.cli import main
@@ -19,7 +18,7 @@ from skr.keyprovider.keyinfo import write_key_info
 from skr.keyprovider.ocicrypt import parse_answer, unwrap_request
 from skr.keyprovider.provider import KeyProvider
 from skr.service import KEPT_KEY_NOTE, RequestContext
-from tests.e2e import bound_policy, stack_session
+from tests.e2e import bound_policy
 from tests.kvstack import OTHER_HOST_DATA
 from tests.sidecars import audit_records
 
@@ -28,13 +27,6 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 OPTSDATA = (
     b'{"symkey":"AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=","digest":"sha256:ab","cipheroptions":{}}'
 )
-
-
-@pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def env(tmp_path_factory):
-    state = tmp_path_factory.mktemp("stack")
-    async for stack, client in stack_session(state):
-        yield stack, client
 
 
 @pytest.fixture(scope="module")

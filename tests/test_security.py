@@ -41,20 +41,13 @@ from skr.local.demo import DEMO_SECURITY_POLICY
 from skr.local.faults import FaultRule
 from skr.logs import setup_logging
 from skr.upstream import client_ssl_context
-from tests.e2e import b64, bound_policy, stack_session
+from tests.e2e import b64, bound_policy
 from tests.procs import Processes, clean_env, http_status, listening_address, wait_until
 from tests.sidecars import audit_records, extra_sidecar, non_loopback_address
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 CLIENT_TOKEN = "ct-" + "7f3a9c2e" * 5  # what SKR_CLIENT_TOKEN_FILE would hold
-
-
-@pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def env(tmp_path_factory):
-    state = tmp_path_factory.mktemp("security")
-    async for stack, client in stack_session(state):
-        yield stack, client
 
 
 async def _post(client: aiohttp.ClientSession, url: str, body: Any, **kw: Any) -> tuple[int, bytes]:

@@ -10,14 +10,13 @@ import os
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.keywrap import aes_key_wrap
 
 from skr.keyprovider.algorithms import SUPPORTED_ALGORITHMS
 from skr.service import KEPT_KEY_NOTE
-from tests.e2e import b64, bound_policy, post, stack_session
+from tests.e2e import b64, bound_policy, post
 from tests.kvstack import OTHER_HOST_DATA
 from tests.sidecars import audit_records
 
@@ -29,13 +28,6 @@ OAEP = {
     "RSA-OAEP-256": padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None),
     "RSA-OAEP": padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(), label=None),
 }
-
-
-@pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def env(tmp_path_factory):
-    state = tmp_path_factory.mktemp("stack")
-    async for stack, client in stack_session(state):
-        yield stack, client
 
 
 @pytest.fixture(scope="module")
