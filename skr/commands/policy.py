@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,6 @@ from skr.b64 import b64url_decode
 from skr.errors import BadRequest, ConfigError, PolicyError, TokenError
 from skr.snp.hostdata import host_data_of_policy, strip_policy, trailing_whitespace
 
-_JWT_RE = re.compile(r"[A-Za-z0-9_-]+=*\.[A-Za-z0-9_-]+=*\.[A-Za-z0-9_-]*=*")
 _EXIT_ALLOWED = 0
 _EXIT_DENIED = 1
 
@@ -205,20 +203,15 @@ def _read_policy(path: Path) -> ReleasePolicy:
 
 
 def _token_text(value: str) -> str:
-    """The JWT itself from ``--token``: the token, a file with it, or a file with ``{"token": ...}``."""
+    """The JWT itself from ``--token``: the token, or a file holding it (``skr token``'s reader)."""
+    from skr.commands.token import JWT_RE, read_token
+
     candidate = value.strip()
-    if not _JWT_RE.fullmatch(candidate):
-        text = Path(value).read_text(encoding="utf-8").strip()
-        try:
-            document = json.loads(text)
-        except ValueError:
-            document = None
-        if isinstance(document, dict) and isinstance(document.get("token"), str):
-            text = document["token"].strip()
-        candidate = text
-    if not _JWT_RE.fullmatch(candidate):
+    if JWT_RE.fullmatch(candidate):
+        return candidate
+    if not Path(value).is_file():
         raise BadRequest("--token is not a JWT (header.payload.signature) nor a file holding one")
-    return candidate
+    return read_token(Path(value))
 
 
 def _unverified_claims(token: str) -> dict[str, Any]:

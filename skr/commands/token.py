@@ -25,7 +25,7 @@ from skr.errors import BadRequest, TokenError
 
 _EXIT_VALID = 0
 _EXIT_INVALID = 1
-_JWT_RE = re.compile(r"[A-Za-z0-9_-]+=*\.[A-Za-z0-9_-]+=*\.[A-Za-z0-9_-]*=*")
+JWT_RE = re.compile(r"[A-Za-z0-9_-]+=*\.[A-Za-z0-9_-]+=*\.[A-Za-z0-9_-]*=*")
 _COMMENT_RE = re.compile(r"^\s*//.*$", re.MULTILINE)
 
 
@@ -80,7 +80,7 @@ def read_token(path: Path) -> str:
             document = None
         if isinstance(document, dict) and isinstance(document.get("token"), str):
             text = document["token"].strip()
-    if not _JWT_RE.fullmatch(text):
+    if not JWT_RE.fullmatch(text):
         raise BadRequest(f"{path} does not hold a JWT (header.payload.signature)")
     return text
 
