@@ -125,11 +125,19 @@ class SkrError(Exception):
 
     default_code: ClassVar[Code] = Code.INTERNAL_ERROR
 
-    def __init__(self, message: str, *, hint: str | None = None, code: Code | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        hint: str | None = None,
+        code: Code | None = None,
+        upstream_status: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.hint = hint
         self.code = code or self.default_code
+        self.upstream_status = upstream_status  # the HTTP status an upstream answered, when one did
 
     def diagnostics(self) -> str:
         """The message followed by the hint, for humans (CLI, logs)."""

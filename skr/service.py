@@ -22,7 +22,6 @@ import dataclasses
 import functools
 import logging
 import os
-import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -643,17 +642,10 @@ class _Draft:
         return dataclasses.replace(self.record, **changes)
 
 
-_UPSTREAM_STATUS = re.compile(r"\bHTTP ([1-5][0-9]{2})\b")
-
-
 def _why(exc: SkrError) -> dict[str, Any]:
     """``reason`` (the error's message: the failing claim and values as Key Vault or the policy check said
     them; error messages never hold tokens) and ``upstream_status`` when an upstream answered."""
-    status = getattr(exc, "upstream_status", None)
-    if not isinstance(status, int):
-        found = _UPSTREAM_STATUS.search(exc.message)
-        status = int(found[1]) if found else None
-    return {"reason": trim_reason(exc.message), "upstream_status": status}
+    return {"reason": trim_reason(exc.message), "upstream_status": exc.upstream_status}
 
 
 def _token_fields(token: str, claims: dict[str, Any]) -> dict[str, Any]:

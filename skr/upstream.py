@@ -141,7 +141,8 @@ class HttpResult:
             return json.loads(self.body)
         except (ValueError, UnicodeDecodeError) as exc:
             raise UpstreamError(
-                f"the upstream answered HTTP {self.status} with a body that is not JSON"
+                f"the upstream answered HTTP {self.status} with a body that is not JSON",
+                upstream_status=self.status,
             ) from exc
 
 
@@ -176,6 +177,7 @@ def redirect_error(service: str, url: str, status: int, location: str | None) ->
         f"{service} ({host_of_url(url)}) answered HTTP {status}, {where}; skr does not follow redirects",
         hint="configure the endpoint's final address; a redirect from an upstream is never followed",
         code=Code.UPSTREAM_REDIRECT,
+        upstream_status=status,
     )
 
 
@@ -388,6 +390,7 @@ async def request(
             f"{service} kept failing with HTTP {exc.status} after {attempts} attempts at {host}"
             + (f": {exc.summary}" if exc.summary else ""),
             hint="the service is overloaded or down; retry later",
+            upstream_status=exc.status,
         ) from None
     except TimeoutError:
         raise UpstreamTimeout(

@@ -314,7 +314,7 @@ async def test_400_is_not_retried_and_the_maa_error_is_summarized(tls, session, 
                 parse_endpoint(host), aci_evidence, RUNTIME
             )
     assert len(fake.requests) == 1
-    assert "HTTP 400" in info.value.message
+    assert "HTTP 400" in info.value.message and info.value.upstream_status == 400
     assert "InvalidParameter" in info.value.message
     assert "Report data mismatch" not in info.value.diagnostics()  # the upstream's text is not echoed
     assert info.value.hint is not None

@@ -115,7 +115,10 @@ class FakeVault:
     ) -> ReleaseResult:
         self.seen.append(target_token)
         if self.refuse_all or target_token in self.refused:
-            raise ReleaseDenied(f"Key Vault {ref.vault.url} refused to release {ref.kid}: HTTP 403 Forbidden")
+            raise ReleaseDenied(
+                f"Key Vault {ref.vault.url} refused to release {ref.kid}: HTTP 403 Forbidden",
+                upstream_status=403,  # as the real releaser reports the vault's answer
+            )
         return ReleaseResult(jws=f"jws:{target_token}", vault_url=ref.vault.url, name=ref.name, version=None)
 
 

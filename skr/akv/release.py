@@ -409,23 +409,30 @@ class KeyVaultReleaser:
                     else f"the access token was rejected; check its tenant and audience and the '{role}' role"
                 ),
                 code=Code.ACCESS_TOKEN_REJECTED if error.status == 401 else None,
+                upstream_status=error.status,
             )
         if error.status == 404:
             return KeyNotFound(
                 f"{service} {vault_url} has no key {what}: {detail}",
                 hint="check kid (name and version) and the vault endpoint",
+                upstream_status=error.status,
             )
         if error.status == 400:
             return BadRequest(
                 f"{service} {vault_url} rejected the release of {what}: {detail}",
                 hint="check the key is exportable with a release policy, the enc and the api-version",
+                upstream_status=error.status,
             )
         if error.status == 429 or error.status >= 500:
             return UpstreamError(
                 f"{service} {vault_url} kept failing the release of {what}: {detail}",
                 hint="the service is throttling or unavailable; retry later",
+                upstream_status=error.status,
             )
-        return UpstreamError(f"{service} {vault_url} answered the release of {what} with {detail}")
+        return UpstreamError(
+            f"{service} {vault_url} answered the release of {what} with {detail}",
+            upstream_status=error.status,
+        )
 
     async def aclose(self) -> None:
         """Close every cached SDK client (the credentials belong to the factory)."""

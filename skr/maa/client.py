@@ -314,4 +314,4 @@ def _refusal(origin: str, status: int, body: bytes) -> AttestationFailed:
         hint = "check the endpoint, the TEE path (SevSnpVm) and the api-version"
     else:
         hint = "check the endpoint and the api-version"
-    return AttestationFailed(message, hint=hint)
+    return AttestationFailed(message, hint=hint, upstream_status=status)

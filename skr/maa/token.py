@@ -379,6 +379,7 @@ class TokenVerifier:
             raise UpstreamError(
                 f"{service} at {url} answered HTTP {result.status}" + (f": {code}" if code else ""),
                 hint="check the attestation endpoint",
+                upstream_status=result.status,
             )
         try:
             return result.json()

@@ -273,6 +273,7 @@ class CollateralClient:
                     f"{summarize_body(result.body)}".rstrip(),
                     hint="check the product and that the chip id is not masked; or use the THIM / AzCache "
                     "source",
+                    upstream_status=result.status,
                 )
             vcek = kds.load_der_certificate(result.body, what="AMD KDS VCEK")
             ask_ark = await self._kds_cert_chain(candidate, deadline)
@@ -333,6 +334,7 @@ class CollateralClient:
             raise CollateralError(
                 f"{service} {what}: HTTP {result.status} {summarize_body(result.body)}".rstrip(),
                 hint=f"check the certificate source configuration ({self.source.value}) and its endpoint",
+                upstream_status=result.status,
             )
         return result
 
