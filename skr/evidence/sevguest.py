@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, ClassVar, Final, TypedDict, Unpack
 
 from skr.errors import Code, ConfigError, EvidenceUnavailable
 from skr.evidence.base import Evidence
@@ -177,29 +177,38 @@ def parse_report_response(response: bytes, *, device: str) -> bytes:
 # --- providers ---------------------------------------------------------------------------------------
 
 
+class DeviceOptions(TypedDict, total=False):
+    """What both device providers take; ``device`` defaults to the provider's own device file."""
+
+    device: Path
+    vmpl: int
+    context: SecurityContext | None
+    collateral: CollateralClient | None
+    ioctl: IoctlFunction
+
+
 class _DeviceProvider(abc.ABC):
     """What both device providers share: open-per-call, to_thread, and the evidence checks."""
 
     name: str = ""
+    default_device: ClassVar[Path]
 
     def __init__(
         self,
         *,
-        device: Path,
+        device: Path | None = None,
         vmpl: int = 0,
         context: SecurityContext | None = None,
         collateral: CollateralClient | None = None,
         ioctl: IoctlFunction = fcntl.ioctl,
-        busy_retries: int = 5,
     ) -> None:
         if not 0 <= vmpl <= 3:
             raise ConfigError(f"VMPL must be 0..3, found {vmpl}")
-        self.device = device
+        self.device = device if device is not None else self.default_device
         self.vmpl = vmpl
         self.context = context
         self.collateral = collateral
         self._ioctl = ioctl
-        self._busy_retries = busy_retries
 
     async def collect(self, report_data: bytes) -> Evidence:
         """A fresh report for ``report_data`` plus its VCEK chain; see :class:`EvidenceProvider`."""
@@ -268,26 +277,13 @@ class SevGuestProvider(_DeviceProvider):
     """
 
     name = "sevguest"
+    default_device = SEV_GUEST_DEVICE
 
     def __init__(
-        self,
-        *,
-        device: Path = SEV_GUEST_DEVICE,
-        vmpl: int = 0,
-        context: SecurityContext | None = None,
-        collateral: CollateralClient | None = None,
-        ioctl: IoctlFunction = fcntl.ioctl,
-        busy_retries: int = 5,
-        certs_len: int = DEFAULT_CERTS_LEN,
+        self, *, busy_retries: int = 5, certs_len: int = DEFAULT_CERTS_LEN, **options: Unpack[DeviceOptions]
     ) -> None:
-        super().__init__(
-            device=device,
-            vmpl=vmpl,
-            context=context,
-            collateral=collateral,
-            ioctl=ioctl,
-            busy_retries=busy_retries,
-        )
+        super().__init__(**options)
+        self._busy_retries = busy_retries
         self._certs_len = _page_align(certs_len)
 
     def _fetch(self, report_data: bytes) -> tuple[bytes, bytes | None]:
@@ -366,17 +362,7 @@ class LegacySevProvider(_DeviceProvider):
     """``/dev/sev`` on the 5.x Microsoft/AMD guest kernels (ioctl 0xC0285301, 40-byte request)."""
 
     name = "sev"
-
-    def __init__(
-        self,
-        *,
-        device: Path = LEGACY_SEV_DEVICE,
-        vmpl: int = 0,
-        context: SecurityContext | None = None,
-        collateral: CollateralClient | None = None,
-        ioctl: IoctlFunction = fcntl.ioctl,
-    ) -> None:
-        super().__init__(device=device, vmpl=vmpl, context=context, collateral=collateral, ioctl=ioctl)
+    default_device = LEGACY_SEV_DEVICE
 
     def _fetch(self, report_data: bytes) -> tuple[bytes, bytes | None]:
         request = ctypes.create_string_buffer(pack_report_request(report_data, self.vmpl), REPORT_REQ.size)
