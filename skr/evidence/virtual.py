@@ -388,14 +388,28 @@ class VirtualTee:
         is 2, 3 or 5 (v3 and later carry CPUID). Raises :class:`ConfigError` for unusable settings.
         """
         product = Product(product)
-        tcb = _checked_settings(
-            product,
-            measurement=measurement,
-            vmpl=vmpl,
-            guest_policy=guest_policy,
-            reported_tcb=reported_tcb,
-            report_version=report_version,
+        if measurement is not None and len(measurement) != MEASUREMENT_SIZE:
+            raise ConfigError(
+                f"the virtual TEE measurement must be {MEASUREMENT_SIZE} bytes, found {len(measurement)}"
+            )
+        if not 0 <= vmpl <= 3:
+            raise ConfigError(f"VMPL must be 0-3, found {vmpl}")
+        if not 0 <= guest_policy < 1 << 64:
+            raise ConfigError(f"the guest policy is a 64-bit value, found {guest_policy:#x}")
+        if report_version not in (2, 3, 5):
+            raise ConfigError(f"the virtual TEE writes report versions 2, 3 or 5, not {report_version}")
+        if not 0 <= reported_tcb < 1 << 64:
+            raise ConfigError(f"the reported TCB is a 64-bit value, found {reported_tcb:#x}")
+        tcb = TcbVersion.from_raw(reported_tcb, product)
+        recomposed = TcbVersion.from_parts(
+            product, bl=tcb.bl, tee=tcb.tee, snp=tcb.snp, ucode=tcb.ucode, fmc=tcb.fmc
         )
+        if recomposed.raw != reported_tcb:
+            raise ConfigError(
+                f"reported TCB 0x{reported_tcb:016x} sets reserved bytes of the {product} TCB layout",
+                hint="Turin TCBs are [fmc, bl, tee, snp, 0, 0, 0, ucode]; "
+                "Milan/Genoa [bl, tee, 0, 0, 0, 0, snp, ucode]",
+            )
         host_data = host_data_of_policy(security_policy)
         state_dir = Path(state_dir)
         _prepare_dir(state_dir)
@@ -565,38 +579,3 @@ class VirtualTee:
 
     async def aclose(self) -> None:
         """Nothing to release."""
-
-
-def _checked_settings(
-    product: Product,
-    *,
-    measurement: bytes | None,
-    vmpl: int,
-    guest_policy: int,
-    reported_tcb: int,
-    report_version: int,
-) -> TcbVersion:
-    """Validate the launch settings; return the reported TCB decoded for ``product``."""
-    if measurement is not None and len(measurement) != MEASUREMENT_SIZE:
-        raise ConfigError(
-            f"the virtual TEE measurement must be {MEASUREMENT_SIZE} bytes, found {len(measurement)}"
-        )
-    if not 0 <= vmpl <= 3:
-        raise ConfigError(f"VMPL must be 0-3, found {vmpl}")
-    if not 0 <= guest_policy < 1 << 64:
-        raise ConfigError(f"the guest policy is a 64-bit value, found {guest_policy:#x}")
-    if report_version not in (2, 3, 5):
-        raise ConfigError(f"the virtual TEE writes report versions 2, 3 or 5, not {report_version}")
-    if not 0 <= reported_tcb < 1 << 64:
-        raise ConfigError(f"the reported TCB is a 64-bit value, found {reported_tcb:#x}")
-    tcb = TcbVersion.from_raw(reported_tcb, product)
-    recomposed = TcbVersion.from_parts(
-        product, bl=tcb.bl, tee=tcb.tee, snp=tcb.snp, ucode=tcb.ucode, fmc=tcb.fmc
-    )
-    if recomposed.raw != reported_tcb:
-        raise ConfigError(
-            f"reported TCB 0x{reported_tcb:016x} sets reserved bytes of the {product} TCB layout",
-            hint="Turin TCBs are [fmc, bl, tee, snp, 0, 0, 0, ucode]; "
-            "Milan/Genoa [bl, tee, 0, 0, 0, 0, snp, ucode]",
-        )
-    return tcb
