@@ -67,10 +67,7 @@ class CertTable:
 
     def get(self, guid: uuid.UUID) -> bytes | None:
         """The bytes of the first entry with ``guid``, or None."""
-        for entry in self.entries:
-            if entry.guid == guid:
-                return entry.data
-        return None
+        return next((entry.data for entry in self.entries if entry.guid == guid), None)
 
     def chain_pem(self) -> bytes | None:
         """VCEK (or VLEK), then ASK/ASVK, then ARK as one PEM text; None when the VEK or ASK is missing.
@@ -78,17 +75,14 @@ class CertTable:
         A table with only some of the certificates is legal (the GHCB spec lets the host choose), so a
         partial table is "no chain here", not an error. The ARK is optional: verifiers pin it anyway.
         """
-        vek = self.get(VCEK_GUID) or self.get(VLEK_GUID)
-        ask = self.get(ASK_GUID)
-        if vek is None or ask is None:
+        parts = {"VEK": self.get(VCEK_GUID) or self.get(VLEK_GUID), "ASK": self.get(ASK_GUID)}
+        if parts["VEK"] is None or parts["ASK"] is None:
             return None
-        parts = [vek, ask]
-        ark = self.get(ARK_GUID)
-        if ark is not None:
-            parts.append(ark)
+        parts["ARK"] = self.get(ARK_GUID)
         return b"".join(
-            der_or_pem_to_pem(part, what=name)
-            for part, name in zip(parts, ("VEK", "ASK", "ARK"), strict=False)
+            load_one_certificate(part, what=name).public_bytes(Encoding.PEM)
+            for name, part in parts.items()
+            if part is not None
         )
 
 
@@ -126,11 +120,6 @@ def parse_cert_table(blob: bytes) -> CertTable:
             )
         parsed.append(CertTableEntry(guid, bytes(blob[cert_offset : cert_offset + length])))
     return CertTable(tuple(parsed))
-
-
-def der_or_pem_to_pem(data: bytes, *, what: str = "certificate") -> bytes:
-    """One certificate given as DER or PEM, re-encoded as PEM. EvidenceUnavailable if it is neither."""
-    return load_one_certificate(data, what=what).public_bytes(Encoding.PEM)
 
 
 def load_one_certificate(data: bytes, *, what: str = "certificate") -> x509.Certificate:
