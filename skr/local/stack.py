@@ -34,12 +34,8 @@ from skr.akv.policy import build_confidential_containers_policy, encode_policy_f
 from skr.config import Settings
 from skr.daemon import Runtime, build_runtime, start_site
 from skr.endpoints import Allowlist, Endpoint
-from skr.files import (
-    check_state_tree,
-    ensure_directory,
-    read_regular_file,
-    write_private_file,
-)
+from skr.errors import ConfigError
+from skr.files import check_state_tree, ensure_directory, read_regular_file, write_private_file
 from skr.local.attestation import LocalAttestationService
 from skr.local.ca import LocalCA
 from skr.local.demo import DEMO_KEYS, DEMO_SECURITY_POLICY, OTHER_SECURITY_POLICY
@@ -80,8 +76,6 @@ def _bind(port: int) -> socket.socket:
         sock.bind((LOOPBACK, port))
     except OSError as exc:
         sock.close()
-        from skr.errors import ConfigError
-
         raise ConfigError(f"cannot listen on {LOOPBACK}:{port}: {exc.strerror}") from None
     sock.listen(128)
     sock.setblocking(False)
@@ -225,7 +219,7 @@ class LocalStack:
         }
         if opts.with_sidecar:
             await self._start_sidecar(tee, ca.ca_pem_path, maa_ep, hsm_ep, client_env)
-        _write_manifest(state / MANIFEST, self.info)
+        write_private_file(state / MANIFEST, json.dumps(self.info, indent=2, sort_keys=True) + "\n")
 
     async def _demo_keys(
         self, hsm: LocalKeyService, authority: str, host_data: str
@@ -302,7 +296,3 @@ class LocalStack:
         name = key or (self.info["keys"]["granted"] or ["demo-oct"])[0]
         base = self.info.get("sidecar", "http://127.0.0.1:8080")
         return f'curl -s {base}/key/release -d \'{{"kid": "{name}"}}\''
-
-
-def _write_manifest(path: Path, info: dict[str, Any]) -> None:
-    write_private_file(path, json.dumps(info, indent=2, sort_keys=True) + "\n")
