@@ -287,10 +287,7 @@ class SevGuestProvider(_DeviceProvider):
         self._certs_len = _page_align(certs_len)
 
     def _fetch(self, report_data: bytes) -> tuple[bytes, bytes | None]:
-        extended = self._extended(report_data)
-        if extended is not None:
-            return extended
-        return self._plain(report_data), None
+        return self._extended(report_data) or (self._plain(report_data), None)
 
     def _extended(self, report_data: bytes) -> tuple[bytes, bytes] | None:
         certs_len = self._certs_len

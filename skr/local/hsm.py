@@ -22,7 +22,7 @@ import asyncio
 import json
 import re
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -43,7 +43,7 @@ from skr.local.keystore import (
     normalize_kty,
     parse_stored_policy,
 )
-from skr.local.kit import Faults, Route, ServiceError, azure_error, local_app, mutations_of
+from skr.local.kit import Faults, Handler, Route, ServiceError, azure_error, local_app, mutations_of
 
 MANAGED_HSM_RESOURCE = "https://managedhsm.azure.net"
 DEFAULT_AUTHORITY_HOST = "https://login.microsoftonline.com"
@@ -125,7 +125,7 @@ class LocalKeyService(KeyStore):
             return self._challenge(request, f"AKV10032: Invalid bearer token: {exc.message}")
         return None
 
-    def _wrap(self, handler: Any) -> Any:
+    def _wrap(self, handler: Callable[[web.Request, str], Awaitable[web.StreamResponse]]) -> Handler:
         async def wrapped(request: web.Request) -> web.StreamResponse:
             challenge = self._authenticate(request)
             if challenge is not None:
@@ -135,8 +135,7 @@ class LocalKeyService(KeyStore):
                 raise bad("The 'api-version' query parameter is missing.")
             if not _API_VERSION_RE.match(api_version):
                 raise bad(f"The specified api-version '{api_version[:32]}' is not supported.")
-            response: web.StreamResponse = await handler(request, api_version)
-            return response
+            return await handler(request, api_version)
 
         return wrapped
 

@@ -142,11 +142,8 @@ class LocalStack:
         else:
             await asyncio.to_thread(tee.withdraw_uvm_endorsement)
         tenant = _tenant(state)
-        maa_sock, hsm_sock, id_sock = (
-            _bind(opts.attestation_port),
-            _bind(opts.key_service_port),
-            _bind(opts.identity_port),
-        )
+        ports = (opts.attestation_port, opts.key_service_port, opts.identity_port)
+        maa_sock, hsm_sock, id_sock = map(_bind, ports)
         maa_ep = Endpoint(LOOPBACK, maa_sock.getsockname()[1])
         hsm_ep = Endpoint(LOOPBACK, hsm_sock.getsockname()[1])
         id_port = id_sock.getsockname()[1]
