@@ -14,6 +14,8 @@ Never trusts the table: offsets and lengths are checked against the buffer, and 
 
 from __future__ import annotations
 
+import abc
+import asyncio
 import logging
 import struct
 import uuid
@@ -208,6 +210,29 @@ def check_report_data(report_data: bytes) -> bytes:
         size = len(report_data) if isinstance(report_data, bytes | bytearray | memoryview) else "not bytes"
         raise BadRequest(f"REPORT_DATA must be exactly {REPORT_DATA_SIZE} bytes, found {size}")
     return bytes(report_data)
+
+
+class HardwareProvider(abc.ABC):
+    """A provider that reads a report (and a certificate table) from the guest kernel, off the event loop."""
+
+    name: str = ""
+    context: SecurityContext | None
+    collateral: CollateralClient | None
+
+    async def collect(self, report_data: bytes) -> Evidence:
+        """A fresh report for ``report_data`` plus its VCEK chain; see :class:`EvidenceProvider`."""
+        report_data = check_report_data(report_data)
+        raw, table = await asyncio.to_thread(self._fetch, report_data)
+        return await assemble_evidence(
+            self.name, raw, table, report_data=report_data, context=self.context, collateral=self.collateral
+        )
+
+    async def aclose(self) -> None:  # noqa: B027 - a deliberate no-op, not an abstract hook
+        """Nothing is held open between calls."""
+
+    @abc.abstractmethod
+    def _fetch(self, report_data: bytes) -> tuple[bytes, bytes | None]:
+        """The raw report and the GHCB certificate table (if the interface returns one); blocking."""
 
 
 async def assemble_evidence(

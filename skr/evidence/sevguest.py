@@ -18,8 +18,6 @@ exercised against a simulated kernel that reads the request structures and write
 
 from __future__ import annotations
 
-import abc
-import asyncio
 import ctypes
 import errno
 import fcntl
@@ -33,8 +31,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Final, TypedDict, Unpack
 
 from skr.errors import Code, ConfigError, EvidenceUnavailable
-from skr.evidence.base import Evidence
-from skr.evidence.certtable import assemble_evidence, check_report_data
+from skr.evidence.certtable import HardwareProvider
 from skr.evidence.context import SecurityContext
 from skr.snp.collateral import CollateralClient
 from skr.snp.report import REPORT_SIZE
@@ -187,10 +184,9 @@ class DeviceOptions(TypedDict, total=False):
     ioctl: IoctlFunction
 
 
-class _DeviceProvider(abc.ABC):
-    """What both device providers share: open-per-call, to_thread, and the evidence checks."""
+class _DeviceProvider(HardwareProvider):
+    """What both device providers share: open-per-call ioctls on their device."""
 
-    name: str = ""
     default_device: ClassVar[Path]
 
     def __init__(
@@ -209,21 +205,6 @@ class _DeviceProvider(abc.ABC):
         self.context = context
         self.collateral = collateral
         self._ioctl = ioctl
-
-    async def collect(self, report_data: bytes) -> Evidence:
-        """A fresh report for ``report_data`` plus its VCEK chain; see :class:`EvidenceProvider`."""
-        report_data = check_report_data(report_data)
-        raw, table = await asyncio.to_thread(self._fetch, report_data)
-        return await assemble_evidence(
-            self.name, raw, table, report_data=report_data, context=self.context, collateral=self.collateral
-        )
-
-    async def aclose(self) -> None:  # noqa: B027 - a deliberate no-op, not an abstract hook
-        """Nothing is held open between calls."""
-
-    @abc.abstractmethod
-    def _fetch(self, report_data: bytes) -> tuple[bytes, bytes | None]:
-        """The raw report and the GHCB certificate table (if the interface returns one); blocking."""
 
     def _call(self, request: int, argument: ctypes.Array[ctypes.c_char], what: str) -> OSError | None:
         """Open the device, issue one ioctl, close it. Returns the ioctl's OSError (open errors raise)."""
