@@ -122,8 +122,7 @@ class LocalIdentityService:
         Synchronous (RSA key generation on first start); call through ``asyncio.to_thread`` from async code.
         """
         ensure_directory(state_dir)
-        key_path = state_dir / SIGNING_KEY_FILE
-        key = load_or_create_rsa_key(key_path)
+        key = load_or_create_rsa_key(state_dir / SIGNING_KEY_FILE)
         if identity_header is None:
             header_path = state_dir / IDENTITY_HEADER_FILE
             if os.path.lexists(header_path):
@@ -144,10 +143,6 @@ class LocalIdentityService:
     def identity_header(self) -> str:
         """The App Service secret clients must send as ``X-IDENTITY-HEADER``."""
         return self._identity_header
-
-    def public_key(self) -> rsa.RSAPublicKey:
-        """The key that verifies issued tokens."""
-        return self._public_key
 
     # --- tokens ---------------------------------------------------------------------------------------
 

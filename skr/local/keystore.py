@@ -177,10 +177,7 @@ def ci_member(doc: Mapping[str, Any], name: str) -> Any:
     if name in doc:
         return doc[name]
     lowered = name.lower()
-    for key, value in doc.items():
-        if isinstance(key, str) and key.lower() == lowered:
-            return value
-    return None
+    return next((v for k, v in doc.items() if isinstance(k, str) and k.lower() == lowered), None)
 
 
 def normalize_kty(value: object) -> str:
