@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -28,17 +28,9 @@ from skr.b64 import b64url_encode
 from skr.errors import SkrError
 from skr.local.keystore import RSA_SIZES, KeyVersion, StoredPolicy, bad, decode_b64url
 from skr.local.kit import ServiceError
-from skr.maa.token import unverified_claims
+from skr.maa.token import TokenVerifier, unverified_claims
 
 CANNOT_VERIFY = "Target environment attestation statement cannot be verified."
-
-
-class AttestationTokenVerifier(Protocol):
-    """Verifies MAA tokens through their issuer's OpenID metadata (``skr.maa.token.TokenVerifier``)."""
-
-    async def verify(self, token: str, *, issuer: str) -> dict[str, Any]:
-        """The verified claims of ``token`` issued by ``issuer``."""
-        ...
 
 
 def denied(message: str) -> ServiceError:
@@ -96,7 +88,7 @@ class KeyReleaser:
 
     def __init__(
         self,
-        verifier: AttestationTokenVerifier,
+        verifier: TokenVerifier,
         signing_key: rsa.RSAPrivateKey,
         chain: Sequence[x509.Certificate],
     ) -> None:
