@@ -264,11 +264,9 @@ class LocalAttestationService:
         return web.json_response({"keys": [jwk]})
 
     def _certificate_for(self, issuer: str) -> x509.Certificate:
-        cert = self._certificates.get(issuer[:64])
-        if cert is None:
-            cert = self_signed_certificate(self._signing_key, issuer)
-            self._certificates[issuer[:64]] = cert
-        return cert
+        if issuer[:64] not in self._certificates:
+            self._certificates[issuer[:64]] = self_signed_certificate(self._signing_key, issuer)
+        return self._certificates[issuer[:64]]
 
     # -- verification and issuance (runs in a worker thread) --
 

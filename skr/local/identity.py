@@ -70,6 +70,10 @@ def _error(status: int, error: str, description: str) -> web.Response:
     return web.json_response({"error": error, "error_description": description}, status=status)
 
 
+def _app_service_error(status: int, message: str) -> web.Response:
+    return web.json_response({"statusCode": status, "message": message}, status=status)
+
+
 class LocalIdentityService:
     """IMDS- and App-Service-compatible token endpoint issuing RS256 access tokens.
 
@@ -228,20 +232,12 @@ class LocalIdentityService:
     async def _app_service_token(self, request: web.Request) -> web.StreamResponse:
         presented = request.headers.get("X-IDENTITY-HEADER", "")
         if not hmac.compare_digest(presented.encode(), self._identity_header.encode()):
-            return web.json_response(
-                {
-                    "statusCode": 401,
-                    "message": "Unauthorized: the X-IDENTITY-HEADER header is missing or wrong",
-                },
-                status=401,
-            )
+            return _app_service_error(401, "Unauthorized: the X-IDENTITY-HEADER header is missing or wrong")
         if request.query.get("api-version") != APP_SERVICE_API_VERSION:
-            return web.json_response(
-                {"statusCode": 400, "message": f"api-version must be {APP_SERVICE_API_VERSION}"}, status=400
-            )
+            return _app_service_error(400, f"api-version must be {APP_SERVICE_API_VERSION}")
         problem = self._check_query(request.query, minimum_api_version=APP_SERVICE_API_VERSION)
         if problem:
-            return web.json_response({"statusCode": 400, "message": problem}, status=400)
+            return _app_service_error(400, problem)
         issued = self.issue_token(request.query["resource"], client_id=request.query.get("client_id") or None)
         return _token_response(issued)
 

@@ -12,6 +12,7 @@ Refusals are :class:`skr.local.kit.ServiceError` answers (403 ``Forbidden`` / ``
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -188,9 +189,7 @@ def _expired_copy(key: rsa.RSAPrivateKey, like: x509.Certificate) -> x509.Certif
         .not_valid_before(start)
         .not_valid_after(end)
     )
-    try:
+    with contextlib.suppress(x509.ExtensionNotFound):
         san = like.extensions.get_extension_for_class(x509.SubjectAlternativeName)
         builder = builder.add_extension(san.value, critical=san.critical)
-    except x509.ExtensionNotFound:
-        pass
     return builder.sign(key, hashes.SHA256())

@@ -150,51 +150,48 @@ class LocalStack:
         hosts = [LOOPBACK, "localhost"]
 
         # identity (plain HTTP on loopback, like App Service's and IMDS's real endpoints)
-        identity = await asyncio.to_thread(
+        self.identity = await asyncio.to_thread(
             LocalIdentityService.create,
             state / "identity",
             tenant_id=tenant,
             faults=self.faults.scoped("identity"),
         )
-        self.identity = identity
-        self._runners.append(await _serve(identity.app, id_sock, None))
+        self._runners.append(await _serve(self.identity.app, id_sock, None))
 
         # attestation (HTTPS)
-        attestation = await LocalAttestationService.create(
+        self.attestation = await LocalAttestationService.create(
             state / "attestation",
             issuer=maa_ep.url,
             trusted_arks=[tee.ark_certificate],
             uvm_signing_roots=[ca.ca_certificate],
             faults=self.faults.scoped("maa"),
         )
-        self.attestation = attestation
-        self._runners.append(await _serve(attestation.app, maa_sock, ca.server_ssl_context(hosts)))
+        self._runners.append(await _serve(self.attestation.app, maa_sock, ca.server_ssl_context(hosts)))
 
         # key service (HTTPS); it verifies target tokens through the attestation service's metadata
         self._session = aiohttp.ClientSession()
         verifier = TokenVerifier(self._session, ssl_context=ca.client_ssl_context())
         issued = await asyncio.to_thread(ca.issue, hosts)
-        key_service = LocalKeyService(
+        self.key_service = LocalKeyService(
             state / "hsm",
             host=hsm_ep.authority,
             tenant_id=tenant,
-            identity=identity,
+            identity=self.identity,
             signing_key=issued.private_key,
             chain=issued.chain,
             token_verifier=verifier,
             faults=self.faults.scoped("hsm"),
         )
-        self.key_service = key_service
-        self._runners.append(await _serve(key_service.app, hsm_sock, ca.tls_context(issued)))
+        self._runners.append(await _serve(self.key_service.app, hsm_sock, ca.tls_context(issued)))
 
-        granted, denied = await self._demo_keys(key_service, maa_ep.url, tee.host_data.hex())
+        granted, denied = await self._demo_keys(self.key_service, maa_ep.url, tee.host_data.hex())
         if tee.uvm_endorsement is None:  # every demo policy requires azure-compliant-uvm
             granted, denied = [], granted + denied
 
         identity_endpoint = f"http://{LOOPBACK}:{id_port}/msi/token"
         client_env = {
             "IDENTITY_ENDPOINT": identity_endpoint,
-            "IDENTITY_HEADER": identity.identity_header,
+            "IDENTITY_HEADER": self.identity.identity_header,
             "SKR_CA_BUNDLE": str(ca.ca_pem_path),
             "SKR_MAA_ENDPOINT": maa_ep.authority,
             "SKR_AKV_ENDPOINT": hsm_ep.authority,
