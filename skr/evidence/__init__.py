@@ -25,7 +25,7 @@ from pathlib import Path
 
 from skr.config import EVIDENCE_KINDS, EvidenceKind
 from skr.errors import Code, ConfigError, EvidenceUnavailable
-from skr.evidence.base import Evidence, EvidenceProvider, report_data_for
+from skr.evidence.base import EvidenceProvider
 from skr.evidence.context import SecurityContext
 from skr.evidence.sevguest import LEGACY_SEV_DEVICE, SEV_GUEST_DEVICE, LegacySevProvider, SevGuestProvider
 from skr.evidence.tsm import TSM_REPORT_ROOT, TsmProvider
@@ -52,7 +52,9 @@ def create_provider(
     """
     choice = kind.strip().lower()
     if choice == EvidenceKind.VIRTUAL:
-        return _virtual(state_dir, security_policy if security_policy is not None else _policy_of(context))
+        if security_policy is None and context is not None:
+            security_policy = context.security_policy
+        return _virtual(state_dir, security_policy)
     sev_guest = _under(root, SEV_GUEST_DEVICE)
     tsm_root = _under(root, TSM_REPORT_ROOT)
     legacy = _under(root, LEGACY_SEV_DEVICE)
@@ -96,23 +98,8 @@ def _virtual(state_dir: Path | None, security_policy: bytes | None) -> EvidenceP
         "never use this outside local testing",
         state_dir,
     )
-    provider: EvidenceProvider = VirtualTee.load_or_create(state_dir, security_policy=security_policy)
-    return provider
-
-
-def _policy_of(context: SecurityContext | None) -> bytes | None:
-    return context.security_policy if context is not None else None
+    return VirtualTee.load_or_create(state_dir, security_policy=security_policy)
 
 
 def _under(root: Path, absolute: Path) -> Path:
     return root / absolute.relative_to("/")
-
-
-__all__ = [
-    "Evidence",
-    "EvidenceKind",
-    "EvidenceProvider",
-    "SecurityContext",
-    "create_provider",
-    "report_data_for",
-]

@@ -14,6 +14,8 @@ Never trusts the table: offsets and lengths are checked against the buffer, and 
 
 from __future__ import annotations
 
+import abc
+import asyncio
 import logging
 import struct
 import uuid
@@ -67,10 +69,7 @@ class CertTable:
 
     def get(self, guid: uuid.UUID) -> bytes | None:
         """The bytes of the first entry with ``guid``, or None."""
-        for entry in self.entries:
-            if entry.guid == guid:
-                return entry.data
-        return None
+        return next((entry.data for entry in self.entries if entry.guid == guid), None)
 
     def chain_pem(self) -> bytes | None:
         """VCEK (or VLEK), then ASK/ASVK, then ARK as one PEM text; None when the VEK or ASK is missing.
@@ -78,17 +77,14 @@ class CertTable:
         A table with only some of the certificates is legal (the GHCB spec lets the host choose), so a
         partial table is "no chain here", not an error. The ARK is optional: verifiers pin it anyway.
         """
-        vek = self.get(VCEK_GUID) or self.get(VLEK_GUID)
-        ask = self.get(ASK_GUID)
-        if vek is None or ask is None:
+        parts = {"VEK": self.get(VCEK_GUID) or self.get(VLEK_GUID), "ASK": self.get(ASK_GUID)}
+        if parts["VEK"] is None or parts["ASK"] is None:
             return None
-        parts = [vek, ask]
-        ark = self.get(ARK_GUID)
-        if ark is not None:
-            parts.append(ark)
+        parts["ARK"] = self.get(ARK_GUID)
         return b"".join(
-            der_or_pem_to_pem(part, what=name)
-            for part, name in zip(parts, ("VEK", "ASK", "ARK"), strict=False)
+            load_one_certificate(part, what=name).public_bytes(Encoding.PEM)
+            for name, part in parts.items()
+            if part is not None
         )
 
 
@@ -126,11 +122,6 @@ def parse_cert_table(blob: bytes) -> CertTable:
             )
         parsed.append(CertTableEntry(guid, bytes(blob[cert_offset : cert_offset + length])))
     return CertTable(tuple(parsed))
-
-
-def der_or_pem_to_pem(data: bytes, *, what: str = "certificate") -> bytes:
-    """One certificate given as DER or PEM, re-encoded as PEM. EvidenceUnavailable if it is neither."""
-    return load_one_certificate(data, what=what).public_bytes(Encoding.PEM)
 
 
 def load_one_certificate(data: bytes, *, what: str = "certificate") -> x509.Certificate:
@@ -219,6 +210,29 @@ def check_report_data(report_data: bytes) -> bytes:
         size = len(report_data) if isinstance(report_data, bytes | bytearray | memoryview) else "not bytes"
         raise BadRequest(f"REPORT_DATA must be exactly {REPORT_DATA_SIZE} bytes, found {size}")
     return bytes(report_data)
+
+
+class HardwareProvider(abc.ABC):
+    """A provider that reads a report (and a certificate table) from the guest kernel, off the event loop."""
+
+    name: str = ""
+    context: SecurityContext | None
+    collateral: CollateralClient | None
+
+    async def collect(self, report_data: bytes) -> Evidence:
+        """A fresh report for ``report_data`` plus its VCEK chain; see :class:`EvidenceProvider`."""
+        report_data = check_report_data(report_data)
+        raw, table = await asyncio.to_thread(self._fetch, report_data)
+        return await assemble_evidence(
+            self.name, raw, table, report_data=report_data, context=self.context, collateral=self.collateral
+        )
+
+    async def aclose(self) -> None:  # noqa: B027 - a deliberate no-op, not an abstract hook
+        """Nothing is held open between calls."""
+
+    @abc.abstractmethod
+    def _fetch(self, report_data: bytes) -> tuple[bytes, bytes | None]:
+        """The raw report and the GHCB certificate table (if the interface returns one); blocking."""
 
 
 async def assemble_evidence(

@@ -67,17 +67,14 @@ CLAIM_UVM_ENDORSEMENT: Final = "x-ms-sevsnpvm-uvm-endorsement"
 MEASUREMENT_SIZE: Final = 48
 
 _COSE_SHA256: Final = -16
-_PSS: Final[dict[int, hashes.HashAlgorithm]] = {
-    -37: hashes.SHA256(),
-    -38: hashes.SHA384(),
-    -39: hashes.SHA512(),
+_ALGORITHMS: Final[dict[int, tuple[str, hashes.HashAlgorithm]]] = {  # RSASSA-PSS (PS*) and ECDSA (ES*)
+    -37: ("PS256", hashes.SHA256()),
+    -38: ("PS384", hashes.SHA384()),
+    -39: ("PS512", hashes.SHA512()),
+    -7: ("ES256", hashes.SHA256()),
+    -35: ("ES384", hashes.SHA384()),
+    -36: ("ES512", hashes.SHA512()),
 }
-_ECDSA: Final[dict[int, hashes.HashAlgorithm]] = {
-    -7: hashes.SHA256(),
-    -35: hashes.SHA384(),
-    -36: hashes.SHA512(),
-}
-_ALG_NAMES: Final = {-37: "PS256", -38: "PS384", -39: "PS512", -7: "ES256", -35: "ES384", -36: "ES512"}
 _DID_PREFIX: Final = "did:x509:0:sha256:"
 _MAX_DEPTH: Final = 8  # COSE_Sign1 nests three deep; anything deeper is hostile
 
@@ -110,7 +107,7 @@ class UvmEndorsement:
     @property
     def algorithm_name(self) -> str:
         """``PS384`` and so on."""
-        return _ALG_NAMES.get(self.algorithm, str(self.algorithm))
+        return _ALGORITHMS[self.algorithm][0] if self.algorithm in _ALGORITHMS else str(self.algorithm)
 
     def to_be_signed(self) -> bytes:
         """The RFC 9052 §4.4 ``Sig_structure``: ``["Signature1", protected, external_aad = h'', payload]``."""
@@ -155,7 +152,7 @@ def parse_uvm_endorsement(data: bytes) -> UvmEndorsement:
     if not isinstance(headers, Mapping):
         raise _fail("the protected header must be a map")
     algorithm = headers.get(HEADER_ALG)
-    if type(algorithm) is not int or algorithm not in _ALG_NAMES:
+    if type(algorithm) is not int or algorithm not in _ALGORITHMS:
         raise _fail(
             f"algorithm {algorithm!r} is not supported", hint="expected PS256/384/512 or ES256/384/512"
         )
@@ -243,12 +240,11 @@ def verify_uvm_endorsement_signature(endorsement: UvmEndorsement) -> None:
     """Check the COSE signature with the public key of the ``x5chain`` leaf (no trust decision)."""
     key = endorsement.x5chain[0].public_key()
     message = endorsement.to_be_signed()
-    alg = endorsement.algorithm
+    name, digest = _ALGORITHMS[endorsement.algorithm]
     try:
-        if alg in _PSS:
+        if name.startswith("PS"):
             if not isinstance(key, rsa.RSAPublicKey):
-                raise _fail(f"{endorsement.algorithm_name} needs an RSA leaf certificate")
-            digest = _PSS[alg]
+                raise _fail(f"{name} needs an RSA leaf certificate")
             key.verify(
                 endorsement.signature,
                 message,
@@ -257,13 +253,13 @@ def verify_uvm_endorsement_signature(endorsement: UvmEndorsement) -> None:
             )
         else:
             if not isinstance(key, ec.EllipticCurvePublicKey):
-                raise _fail(f"{endorsement.algorithm_name} needs an EC leaf certificate")
+                raise _fail(f"{name} needs an EC leaf certificate")
             size = (key.curve.key_size + 7) // 8
             if len(endorsement.signature) != 2 * size:
-                raise _fail(f"an {endorsement.algorithm_name} signature is {2 * size} bytes")
+                raise _fail(f"an {name} signature is {2 * size} bytes")
             r = int.from_bytes(endorsement.signature[:size], "big")
             s = int.from_bytes(endorsement.signature[size:], "big")
-            key.verify(encode_dss_signature(r, s), message, ec.ECDSA(_ECDSA[alg]))
+            key.verify(encode_dss_signature(r, s), message, ec.ECDSA(digest))
     except InvalidSignature:
         raise _fail("the COSE signature does not verify with the x5chain leaf") from None
 
@@ -284,9 +280,8 @@ def _check_chain(
     for child, parent in itertools.pairwise(chain):
         _signed(child, parent)
     last = chain[-1]
-    for root in roots:
-        if last == root:
-            return root
+    if last in roots:
+        return last
     for root in roots:
         if last.issuer == root.subject:
             _signed(last, root)

@@ -18,8 +18,6 @@ exercised against a simulated kernel that reads the request structures and write
 
 from __future__ import annotations
 
-import abc
-import asyncio
 import ctypes
 import errno
 import fcntl
@@ -30,11 +28,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, ClassVar, Final, TypedDict, Unpack
 
 from skr.errors import Code, ConfigError, EvidenceUnavailable
-from skr.evidence.base import Evidence
-from skr.evidence.certtable import assemble_evidence, check_report_data
+from skr.evidence.certtable import HardwareProvider
 from skr.evidence.context import SecurityContext
 from skr.snp.collateral import CollateralClient
 from skr.snp.report import REPORT_SIZE
@@ -177,44 +174,37 @@ def parse_report_response(response: bytes, *, device: str) -> bytes:
 # --- providers ---------------------------------------------------------------------------------------
 
 
-class _DeviceProvider(abc.ABC):
-    """What both device providers share: open-per-call, to_thread, and the evidence checks."""
+class DeviceOptions(TypedDict, total=False):
+    """What both device providers take; ``device`` defaults to the provider's own device file."""
 
-    name: str = ""
+    device: Path
+    vmpl: int
+    context: SecurityContext | None
+    collateral: CollateralClient | None
+    ioctl: IoctlFunction
+
+
+class _DeviceProvider(HardwareProvider):
+    """What both device providers share: open-per-call ioctls on their device."""
+
+    default_device: ClassVar[Path]
 
     def __init__(
         self,
         *,
-        device: Path,
+        device: Path | None = None,
         vmpl: int = 0,
         context: SecurityContext | None = None,
         collateral: CollateralClient | None = None,
         ioctl: IoctlFunction = fcntl.ioctl,
-        busy_retries: int = 5,
     ) -> None:
         if not 0 <= vmpl <= 3:
             raise ConfigError(f"VMPL must be 0..3, found {vmpl}")
-        self.device = device
+        self.device = device if device is not None else self.default_device
         self.vmpl = vmpl
         self.context = context
         self.collateral = collateral
         self._ioctl = ioctl
-        self._busy_retries = busy_retries
-
-    async def collect(self, report_data: bytes) -> Evidence:
-        """A fresh report for ``report_data`` plus its VCEK chain; see :class:`EvidenceProvider`."""
-        report_data = check_report_data(report_data)
-        raw, table = await asyncio.to_thread(self._fetch, report_data)
-        return await assemble_evidence(
-            self.name, raw, table, report_data=report_data, context=self.context, collateral=self.collateral
-        )
-
-    async def aclose(self) -> None:  # noqa: B027 - a deliberate no-op, not an abstract hook
-        """Nothing is held open between calls."""
-
-    @abc.abstractmethod
-    def _fetch(self, report_data: bytes) -> tuple[bytes, bytes | None]:
-        """The raw report and the GHCB certificate table (if the interface returns one); blocking."""
 
     def _call(self, request: int, argument: ctypes.Array[ctypes.c_char], what: str) -> OSError | None:
         """Open the device, issue one ioctl, close it. Returns the ioctl's OSError (open errors raise)."""
@@ -268,33 +258,17 @@ class SevGuestProvider(_DeviceProvider):
     """
 
     name = "sevguest"
+    default_device = SEV_GUEST_DEVICE
 
     def __init__(
-        self,
-        *,
-        device: Path = SEV_GUEST_DEVICE,
-        vmpl: int = 0,
-        context: SecurityContext | None = None,
-        collateral: CollateralClient | None = None,
-        ioctl: IoctlFunction = fcntl.ioctl,
-        busy_retries: int = 5,
-        certs_len: int = DEFAULT_CERTS_LEN,
+        self, *, busy_retries: int = 5, certs_len: int = DEFAULT_CERTS_LEN, **options: Unpack[DeviceOptions]
     ) -> None:
-        super().__init__(
-            device=device,
-            vmpl=vmpl,
-            context=context,
-            collateral=collateral,
-            ioctl=ioctl,
-            busy_retries=busy_retries,
-        )
+        super().__init__(**options)
+        self._busy_retries = busy_retries
         self._certs_len = _page_align(certs_len)
 
     def _fetch(self, report_data: bytes) -> tuple[bytes, bytes | None]:
-        extended = self._extended(report_data)
-        if extended is not None:
-            return extended
-        return self._plain(report_data), None
+        return self._extended(report_data) or (self._plain(report_data), None)
 
     def _extended(self, report_data: bytes) -> tuple[bytes, bytes] | None:
         certs_len = self._certs_len
@@ -366,17 +340,7 @@ class LegacySevProvider(_DeviceProvider):
     """``/dev/sev`` on the 5.x Microsoft/AMD guest kernels (ioctl 0xC0285301, 40-byte request)."""
 
     name = "sev"
-
-    def __init__(
-        self,
-        *,
-        device: Path = LEGACY_SEV_DEVICE,
-        vmpl: int = 0,
-        context: SecurityContext | None = None,
-        collateral: CollateralClient | None = None,
-        ioctl: IoctlFunction = fcntl.ioctl,
-    ) -> None:
-        super().__init__(device=device, vmpl=vmpl, context=context, collateral=collateral, ioctl=ioctl)
+    default_device = LEGACY_SEV_DEVICE
 
     def _fetch(self, report_data: bytes) -> tuple[bytes, bytes | None]:
         request = ctypes.create_string_buffer(pack_report_request(report_data, self.vmpl), REPORT_REQ.size)

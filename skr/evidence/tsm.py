@@ -13,7 +13,6 @@ protocol can be tested against a simulated kernel in a temporary directory.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import secrets
@@ -21,8 +20,7 @@ from pathlib import Path
 from typing import Final, Protocol
 
 from skr.errors import Code, ConfigError, EvidenceUnavailable
-from skr.evidence.base import Evidence
-from skr.evidence.certtable import assemble_evidence, check_report_data
+from skr.evidence.certtable import HardwareProvider
 from skr.evidence.context import SecurityContext
 from skr.snp.collateral import CollateralClient
 
@@ -64,7 +62,7 @@ class LinuxConfigfs:
             raise OSError(f"short write to {path}: {written} of {len(data)} bytes")
 
 
-class TsmProvider:
+class TsmProvider(HardwareProvider):
     """Evidence from configfs-tsm. ``privlevel`` (0..3, the VMPL) is written only when given."""
 
     name = "tsm"
@@ -89,17 +87,6 @@ class TsmProvider:
         self.collateral = collateral
         self._fs: ConfigfsOps = fs if fs is not None else LinuxConfigfs()
         self._attempts = attempts
-
-    async def collect(self, report_data: bytes) -> Evidence:
-        """A fresh report for ``report_data`` plus its VCEK chain; see :class:`EvidenceProvider`."""
-        report_data = check_report_data(report_data)
-        raw, aux = await asyncio.to_thread(self._fetch, report_data)
-        return await assemble_evidence(
-            self.name, raw, aux, report_data=report_data, context=self.context, collateral=self.collateral
-        )
-
-    async def aclose(self) -> None:
-        """Nothing is held open between calls."""
 
     def _fetch(self, report_data: bytes) -> tuple[bytes, bytes | None]:
         for attempt in range(1, self._attempts + 1):

@@ -31,11 +31,12 @@ import stat
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Generic, TypeGuard, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
@@ -72,11 +73,9 @@ _BACKDATE = timedelta(days=1)
 
 def _read_private(path: Path) -> bytes | None:
     """The file's bytes, or ``None`` when it does not exist."""
-    try:
-        data = read_regular_file(path)
-    except FileNotFoundError:
-        return None
-    return data
+    with contextlib.suppress(FileNotFoundError):
+        return read_regular_file(path)
+    return None
 
 
 @contextlib.contextmanager
@@ -223,7 +222,8 @@ class _State:
         except ValueError:
             return None
 
-    def _key(self, stem: str, cert: x509.Certificate) -> object | None:
+    def key(self, stem: str, cert: x509.Certificate) -> PrivateKeyTypes | None:
+        """The private key of ``cert`` if ``stem.key`` holds it."""
         data = _read_private(self.dir / f"{stem}.key")
         if data is None:
             return None
@@ -232,15 +232,8 @@ class _State:
         except ValueError:
             return None
         spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-        return key if key.public_key().public_bytes(*spki) == cert.public_key().public_bytes(*spki) else None
-
-    def rsa_key(self, stem: str, cert: x509.Certificate) -> rsa.RSAPrivateKey | None:
-        key = self._key(stem, cert)
-        return key if isinstance(key, rsa.RSAPrivateKey) else None
-
-    def ec_key(self, stem: str, cert: x509.Certificate) -> ec.EllipticCurvePrivateKey | None:
-        key = self._key(stem, cert)
-        return key if isinstance(key, ec.EllipticCurvePrivateKey) else None
+        same = key.public_key().public_bytes(*spki) == cert.public_key().public_bytes(*spki)
+        return key if same else None
 
     def save(self, stem: str, pair: _Pair[_K]) -> _Pair[_K]:
         write_private_file(self.dir / f"{stem}.key", _key_pem(pair.key))
@@ -248,7 +241,8 @@ class _State:
         return pair
 
 
-def _signed_by(cert: x509.Certificate | None, issuer: x509.Certificate | None) -> bool:
+def _signed_by(cert: x509.Certificate | None, issuer: x509.Certificate | None) -> TypeGuard[x509.Certificate]:
+    """``cert`` is there, signed by ``issuer`` and valid now."""
     if cert is None or issuer is None:
         return False
     try:
@@ -259,25 +253,21 @@ def _signed_by(cert: x509.Certificate | None, issuer: x509.Certificate | None) -
     return True
 
 
-def _new_ark(state: _State, product: Product) -> _Pair[rsa.RSAPrivateKey]:
+def _new_authority(
+    state: _State, stem: str, common: str, issuer: _Pair[rsa.RSAPrivateKey] | None
+) -> _Pair[rsa.RSAPrivateKey]:
+    """A fresh RSA-4096 ARK (self-signed: no ``issuer``) or ASK (signed by ``issuer``), saved as ``stem``."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=4096)
-    name = _name(f"ARK-{product}")
-    cert = _issue(name, name, key.public_key(), key, lifetime=_ROOT_LIFETIME, ca=True)
-    return state.save("ark", _Pair(key, cert))
-
-
-def _new_ask(state: _State, product: Product, ark: _Pair[rsa.RSAPrivateKey]) -> _Pair[rsa.RSAPrivateKey]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=4096)
-    name = _name(f"SEV-{product}")
-    cert = _issue(name, ark.cert.subject, key.public_key(), ark.key, lifetime=_ROOT_LIFETIME, ca=True)
-    return state.save("ask", _Pair(key, cert))
+    name = _name(common)
+    issuer_name, signer = (issuer.cert.subject, issuer.key) if issuer is not None else (name, key)
+    cert = _issue(name, issuer_name, key.public_key(), signer, lifetime=_ROOT_LIFETIME, ca=True)
+    return state.save(stem, _Pair(key, cert))
 
 
 def _new_vcek(
     state: _State, ask: _Pair[rsa.RSAPrivateKey], product: Product, tcb: TcbVersion, hwid: bytes
 ) -> _Pair[ec.EllipticCurvePrivateKey]:
     key = ec.generate_private_key(ec.SECP384R1())
-    extensions = _vcek_extensions(product, tcb, hwid)
     cert = _issue(
         _name("SEV-VCEK"),
         ask.cert.subject,
@@ -285,7 +275,7 @@ def _new_vcek(
         ask.key,
         lifetime=_VCEK_LIFETIME,
         ca=False,
-        extensions=extensions,
+        extensions=_vcek_extensions(product, tcb, hwid),
     )
     return state.save("vcek", _Pair(key, cert))
 
@@ -306,16 +296,18 @@ def _vcek_matches(vcek: x509.Certificate, product: Product, tcb: TcbVersion, hwi
 def _ask_signer(state: _State, product: Product) -> tuple[x509.Certificate, _Pair[rsa.RSAPrivateKey]]:
     """The ARK certificate and the ASK with its key, re-creating whatever is missing or broken."""
     ark_cert, ask_cert = state.certificate("ark"), state.certificate("ask")
-    ark_ok = ark_cert is not None and _signed_by(ark_cert, ark_cert)
-    if ark_cert is not None and ark_ok and ask_cert is not None and _signed_by(ask_cert, ark_cert):
-        ask_key = state.rsa_key("ask", ask_cert)
-        if ask_key is not None:
+    ark_key = None
+    if _signed_by(ark_cert, ark_cert):
+        if _signed_by(ask_cert, ark_cert) and isinstance(
+            ask_key := state.key("ask", ask_cert), rsa.RSAPrivateKey
+        ):
             return ark_cert, _Pair(ask_key, ask_cert)
-    ark_key = state.rsa_key("ark", ark_cert) if ark_cert is not None and ark_ok else None
-    ark = (
-        _Pair(ark_key, ark_cert) if ark_key is not None and ark_cert is not None else _new_ark(state, product)
-    )
-    return ark.cert, _new_ask(state, product, ark)
+        ark_key = state.key("ark", ark_cert)
+    if isinstance(ark_key, rsa.RSAPrivateKey) and ark_cert is not None:
+        ark = _Pair(ark_key, ark_cert)
+    else:
+        ark = _new_authority(state, "ark", f"ARK-{product}", None)
+    return ark.cert, _new_authority(state, "ask", f"SEV-{product}", ark)
 
 
 def _ensure_chain(
@@ -324,17 +316,13 @@ def _ensure_chain(
     """ARK, ASK and the VCEK (with its key) for ``product``/``tcb``/``hwid``; only what is stale is redone."""
     ark, ask, vcek = state.certificate("ark"), state.certificate("ask"), state.certificate("vcek")
     if (
-        ark is not None
-        and ask is not None
-        and vcek is not None
-        and _signed_by(ark, ark)
+        _signed_by(ark, ark)
         and _signed_by(ask, ark)
         and _signed_by(vcek, ask)
         and _vcek_matches(vcek, product, tcb, hwid)
+        and isinstance(key := state.key("vcek", vcek), ec.EllipticCurvePrivateKey)
     ):
-        key = state.ec_key("vcek", vcek)
-        if key is not None:
-            return ark, ask, _Pair(key, vcek)
+        return ark, ask, _Pair(key, vcek)
     ark, signer = _ask_signer(state, product)
     return ark, signer.cert, _new_vcek(state, signer, product, tcb, hwid)
 
@@ -400,14 +388,28 @@ class VirtualTee:
         is 2, 3 or 5 (v3 and later carry CPUID). Raises :class:`ConfigError` for unusable settings.
         """
         product = Product(product)
-        tcb = _checked_settings(
-            product,
-            measurement=measurement,
-            vmpl=vmpl,
-            guest_policy=guest_policy,
-            reported_tcb=reported_tcb,
-            report_version=report_version,
+        if measurement is not None and len(measurement) != MEASUREMENT_SIZE:
+            raise ConfigError(
+                f"the virtual TEE measurement must be {MEASUREMENT_SIZE} bytes, found {len(measurement)}"
+            )
+        if not 0 <= vmpl <= 3:
+            raise ConfigError(f"VMPL must be 0-3, found {vmpl}")
+        if not 0 <= guest_policy < 1 << 64:
+            raise ConfigError(f"the guest policy is a 64-bit value, found {guest_policy:#x}")
+        if report_version not in (2, 3, 5):
+            raise ConfigError(f"the virtual TEE writes report versions 2, 3 or 5, not {report_version}")
+        if not 0 <= reported_tcb < 1 << 64:
+            raise ConfigError(f"the reported TCB is a 64-bit value, found {reported_tcb:#x}")
+        tcb = TcbVersion.from_raw(reported_tcb, product)
+        recomposed = TcbVersion.from_parts(
+            product, bl=tcb.bl, tee=tcb.tee, snp=tcb.snp, ucode=tcb.ucode, fmc=tcb.fmc
         )
+        if recomposed.raw != reported_tcb:
+            raise ConfigError(
+                f"reported TCB 0x{reported_tcb:016x} sets reserved bytes of the {product} TCB layout",
+                hint="Turin TCBs are [fmc, bl, tee, snp, 0, 0, 0, ucode]; "
+                "Milan/Genoa [bl, tee, 0, 0, 0, 0, snp, ucode]",
+            )
         host_data = host_data_of_policy(security_policy)
         state_dir = Path(state_dir)
         _prepare_dir(state_dir)
@@ -469,16 +471,6 @@ class VirtualTee:
         return self._launch.chip_id
 
     @property
-    def product(self) -> Product:
-        """The product line this TEE pretends to be."""
-        return self._launch.product
-
-    @property
-    def reported_tcb(self) -> int:
-        """REPORTED_TCB (and the TCB the VCEK is issued for)."""
-        return self._launch.reported_tcb
-
-    @property
     def state_dir(self) -> Path:
         """Where the keys live."""
         return self._state_dir
@@ -489,7 +481,7 @@ class VirtualTee:
         return self._uvm_endorsement
 
     def __repr__(self) -> str:
-        return f"VirtualTee(product={self.product!s}, state_dir={str(self._state_dir)!r})"
+        return f"VirtualTee(product={self._launch.product!s}, state_dir={str(self._state_dir)!r})"
 
     # -- the UVM endorsement --
 
@@ -587,38 +579,3 @@ class VirtualTee:
 
     async def aclose(self) -> None:
         """Nothing to release."""
-
-
-def _checked_settings(
-    product: Product,
-    *,
-    measurement: bytes | None,
-    vmpl: int,
-    guest_policy: int,
-    reported_tcb: int,
-    report_version: int,
-) -> TcbVersion:
-    """Validate the launch settings; return the reported TCB decoded for ``product``."""
-    if measurement is not None and len(measurement) != MEASUREMENT_SIZE:
-        raise ConfigError(
-            f"the virtual TEE measurement must be {MEASUREMENT_SIZE} bytes, found {len(measurement)}"
-        )
-    if not 0 <= vmpl <= 3:
-        raise ConfigError(f"VMPL must be 0-3, found {vmpl}")
-    if not 0 <= guest_policy < 1 << 64:
-        raise ConfigError(f"the guest policy is a 64-bit value, found {guest_policy:#x}")
-    if report_version not in (2, 3, 5):
-        raise ConfigError(f"the virtual TEE writes report versions 2, 3 or 5, not {report_version}")
-    if not 0 <= reported_tcb < 1 << 64:
-        raise ConfigError(f"the reported TCB is a 64-bit value, found {reported_tcb:#x}")
-    tcb = TcbVersion.from_raw(reported_tcb, product)
-    recomposed = TcbVersion.from_parts(
-        product, bl=tcb.bl, tee=tcb.tee, snp=tcb.snp, ucode=tcb.ucode, fmc=tcb.fmc
-    )
-    if recomposed.raw != reported_tcb:
-        raise ConfigError(
-            f"reported TCB 0x{reported_tcb:016x} sets reserved bytes of the {product} TCB layout",
-            hint="Turin TCBs are [fmc, bl, tee, snp, 0, 0, 0, ucode]; "
-            "Milan/Genoa [bl, tee, 0, 0, 0, 0, snp, ucode]",
-        )
-    return tcb

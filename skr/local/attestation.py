@@ -167,11 +167,16 @@ class LocalAttestationService:
         self.issuer = issuer
         self._trusted_arks = tuple(trusted_arks)
         self._uvm_signing_roots = tuple(uvm_signing_roots)
-        self._faults = faults
         self._policy_hash = policy_hash(policy_text)
         self._clock = clock
         self._kid = signing_kid(signing_key.public_key())
-        self._app: web.Application | None = None
+        routes: list[Route] = [
+            ("POST", "/attest/SevSnpVm", ROUTE_ATTEST, self._attest),
+            ("POST", "/attest/SevSnpVM", ROUTE_ATTEST, self._attest),
+            ("GET", "/.well-known/openid-configuration", ROUTE_OPENID, self._openid),
+            ("GET", "/certs", ROUTE_CERTS, self._certs),
+        ]
+        self.app = local_app(routes, faults=faults, client_max_size=MAX_BODY, middlewares=[_maa_errors])
 
     # -- construction helpers --
 
@@ -204,22 +209,6 @@ class LocalAttestationService:
     def kid(self) -> str:
         """The ``kid`` of the signing key in headers and ``/certs``."""
         return self._kid
-
-    @property
-    def app(self) -> web.Application:
-        """The aiohttp application (created once)."""
-        if self._app is None:
-            self._app = self._build_app()
-        return self._app
-
-    def _build_app(self) -> web.Application:
-        routes: list[Route] = [
-            ("POST", "/attest/SevSnpVm", ROUTE_ATTEST, self._attest),
-            ("POST", "/attest/SevSnpVM", ROUTE_ATTEST, self._attest),
-            ("GET", "/.well-known/openid-configuration", ROUTE_OPENID, self._openid),
-            ("GET", "/certs", ROUTE_CERTS, self._certs),
-        ]
-        return local_app(routes, faults=self._faults, client_max_size=MAX_BODY, middlewares=[_maa_errors])
 
     # -- handlers --
     def _issuer_for(self, request: web.Request) -> str:
@@ -268,20 +257,16 @@ class LocalAttestationService:
         jwk: dict[str, Any] = {
             "alg": "RS256",
             "kid": self._kid,
-            "kty": "RSA",
+            **rsa_public_members(self._signing_key.public_key()),
             "use": "sig",
             "x5c": [base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode("ascii")],
         }
-        members = rsa_public_members(self._signing_key.public_key())
-        jwk["n"], jwk["e"] = members["n"], members["e"]
         return web.json_response({"keys": [jwk]})
 
     def _certificate_for(self, issuer: str) -> x509.Certificate:
-        cert = self._certificates.get(issuer[:64])
-        if cert is None:
-            cert = self_signed_certificate(self._signing_key, issuer)
-            self._certificates[issuer[:64]] = cert
-        return cert
+        if issuer[:64] not in self._certificates:
+            self._certificates[issuer[:64]] = self_signed_certificate(self._signing_key, issuer)
+        return self._certificates[issuer[:64]]
 
     # -- verification and issuance (runs in a worker thread) --
 

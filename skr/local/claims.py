@@ -156,17 +156,13 @@ def _parse_data(body: dict[str, Any], name: str) -> ClaimData | None:
         raise AttestationRefused(
             "InvalidParameter", f"{name}.dataType must be 'JSON' or 'Binary', found {data_type!r}"
         )
+    data = value.get("data")
+    if not isinstance(data, str) or not data:
+        raise AttestationRefused("InvalidParameter", f"{name}.data must be a non-empty base64url string")
     try:
-        raw = _decode_b64url(value.get("data"), f"{name}.data")
+        return ClaimData(raw=b64url_decode(data, what=f"{name}.data"), data_type=data_type)
     except BadRequest as exc:
         raise AttestationRefused("InvalidParameter", exc.message) from None
-    return ClaimData(raw=raw, data_type=data_type)
-
-
-def _decode_b64url(value: Any, what: str) -> bytes:
-    if not isinstance(value, str) or not value:
-        raise BadRequest(f"{what} must be a non-empty base64url string")
-    return b64url_decode(value, what=what)
 
 
 def parse_attest_request(body: Any) -> AttestRequest:
@@ -193,8 +189,9 @@ def parse_attest_request(body: Any) -> AttestRequest:
     )
 
 
-def _json_claim(data: ClaimData, name: str) -> Any:
-    if data.data_type != DATA_TYPE_JSON:
+def _json_claim(data: ClaimData | None, name: str) -> Any:
+    """The JSON object a ``dataType: JSON`` runtimeData/initTimeData carries, else None."""
+    if data is None or data.data_type != DATA_TYPE_JSON:
         return None
     try:
         doc = json.loads(data.raw)
@@ -326,14 +323,12 @@ def token_claims(
     if endorsement is not None:
         claims["x-ms-compliance-status"] = COMPLIANT_UVM
         claims[CLAIM_UVM_ENDORSEMENT] = endorsement.claims()
-    if request.runtime_data is not None:
-        runtime = _json_claim(request.runtime_data, "runtimeData")
-        if runtime is not None:
-            claims["x-ms-runtime"] = runtime
-    if request.init_time_data is not None:
-        init = _json_claim(request.init_time_data, "initTimeData")
-        if init is not None:
-            claims["x-ms-inittime"] = init
+    runtime = _json_claim(request.runtime_data, "runtimeData")
+    init = _json_claim(request.init_time_data, "initTimeData")
+    if runtime is not None:
+        claims["x-ms-runtime"] = runtime
+    if init is not None:
+        claims["x-ms-inittime"] = init
     if request.nonce is not None:
         claims["nonce"] = request.nonce
     return dict(sorted(claims.items()))

@@ -76,9 +76,6 @@ class FaultRule:
         if self.seconds < 0 or (self.times is not None and self.times < 0):
             raise ConfigError("fault seconds and times must not be negative")
 
-    def matches(self, route: str) -> bool:
-        return fnmatch.fnmatchcase(route, self.route)
-
 
 class FaultPlan:
     """Decides, per request, which faults apply; counts requests per route. Thread-safe."""
@@ -144,7 +141,7 @@ class FaultPlan:
         with self._lock:
             self.requests[route] += 1
             for rule in self.rules:
-                if not rule.matches(route):
+                if not fnmatch.fnmatchcase(route, rule.route):
                     continue
                 if terminal is not None and rule.action not in ("delay", "mutate"):
                     continue  # one answer per request: later answer rules keep their turn (a sequence)

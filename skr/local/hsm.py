@@ -22,16 +22,16 @@ import asyncio
 import json
 import re
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from skr.local.identity import InvalidAccessToken
-from skr.local.keyrelease import AttestationTokenVerifier, KeyReleaser, parse_enc
+from skr.local.identity import InvalidAccessToken, LocalIdentityService
+from skr.local.keyrelease import KeyReleaser, parse_enc
 from skr.local.keystore import (
     KeyStore,
     KeyVersion,
@@ -43,20 +43,13 @@ from skr.local.keystore import (
     normalize_kty,
     parse_stored_policy,
 )
-from skr.local.kit import Faults, Route, ServiceError, azure_error, local_app, mutations_of
+from skr.local.kit import Faults, Handler, Route, ServiceError, azure_error, local_app, mutations_of
+from skr.maa.token import TokenVerifier
 
 MANAGED_HSM_RESOURCE = "https://managedhsm.azure.net"
 DEFAULT_AUTHORITY_HOST = "https://login.microsoftonline.com"
 MAX_BODY = 256 * 1024
 _API_VERSION_RE = re.compile(r"^(7\.[3-9](-preview(\.\d+)?)?|20\d\d-\d\d-\d\d(-preview)?)$")
-
-
-class AccessTokenVerifier(Protocol):
-    """Checks bearer tokens (the local identity service)."""
-
-    def verify_access_token(self, token: str, resource: str) -> dict[str, Any]:
-        """The token's claims, or :class:`skr.local.identity.InvalidAccessToken`."""
-        ...
 
 
 class LocalKeyService(KeyStore):
@@ -74,10 +67,10 @@ class LocalKeyService(KeyStore):
         *,
         host: str,
         tenant_id: str,
-        identity: AccessTokenVerifier,
+        identity: LocalIdentityService,
         signing_key: rsa.RSAPrivateKey,
         chain: Sequence[x509.Certificate],
-        token_verifier: AttestationTokenVerifier,
+        token_verifier: TokenVerifier,
         resource: str = MANAGED_HSM_RESOURCE,
         authority_host: str = DEFAULT_AUTHORITY_HOST,
         faults: Faults | None = None,
@@ -125,7 +118,7 @@ class LocalKeyService(KeyStore):
             return self._challenge(request, f"AKV10032: Invalid bearer token: {exc.message}")
         return None
 
-    def _wrap(self, handler: Any) -> Any:
+    def _wrap(self, handler: Callable[[web.Request, str], Awaitable[web.StreamResponse]]) -> Handler:
         async def wrapped(request: web.Request) -> web.StreamResponse:
             challenge = self._authenticate(request)
             if challenge is not None:
@@ -135,8 +128,7 @@ class LocalKeyService(KeyStore):
                 raise bad("The 'api-version' query parameter is missing.")
             if not _API_VERSION_RE.match(api_version):
                 raise bad(f"The specified api-version '{api_version[:32]}' is not supported.")
-            response: web.StreamResponse = await handler(request, api_version)
-            return response
+            return await handler(request, api_version)
 
         return wrapped
 

@@ -17,6 +17,7 @@ refuses (missing ``Metadata`` header, proxied requests, missing parameters).
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import os
@@ -30,7 +31,7 @@ from typing import Any
 
 import jwt
 from aiohttp import web
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from skr.errors import Code, ConfigError, Unauthenticated
@@ -58,9 +59,7 @@ class InvalidAccessToken(Unauthenticated):
 def key_thumbprint(public_key: rsa.RSAPublicKey) -> str:
     """A stable key id: the first 32 hex digits of SHA-256 over the SubjectPublicKeyInfo DER."""
     der = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    digest = hashes.Hash(hashes.SHA256())
-    digest.update(der)
-    return digest.finalize().hex()[:32]
+    return hashlib.sha256(der).hexdigest()[:32]
 
 
 def _normalize_resource(resource: str) -> str:
@@ -69,6 +68,10 @@ def _normalize_resource(resource: str) -> str:
 
 def _error(status: int, error: str, description: str) -> web.Response:
     return web.json_response({"error": error, "error_description": description}, status=status)
+
+
+def _app_service_error(status: int, message: str) -> web.Response:
+    return web.json_response({"statusCode": status, "message": message}, status=status)
 
 
 class LocalIdentityService:
@@ -100,9 +103,12 @@ class LocalIdentityService:
         self._identity_header = identity_header
         self.client_id = client_id or str(uuid.uuid5(_OID_NAMESPACE, f"system:{tenant_id}"))
         self._lifetime = token_lifetime
-        self._faults = faults
         self.issued = 0
-        self.app = self._build_app()
+        routes: list[Route] = [
+            ("GET", IMDS_TOKEN_PATH, "imds", self._imds_token),
+            ("GET", APP_SERVICE_TOKEN_PATH, "app_service", self._app_service_token),
+        ]
+        self.app = local_app(routes, faults=faults, client_max_size=16 * 1024)
 
     @classmethod
     def create(
@@ -120,8 +126,7 @@ class LocalIdentityService:
         Synchronous (RSA key generation on first start); call through ``asyncio.to_thread`` from async code.
         """
         ensure_directory(state_dir)
-        key_path = state_dir / SIGNING_KEY_FILE
-        key = load_or_create_rsa_key(key_path)
+        key = load_or_create_rsa_key(state_dir / SIGNING_KEY_FILE)
         if identity_header is None:
             header_path = state_dir / IDENTITY_HEADER_FILE
             if os.path.lexists(header_path):
@@ -142,10 +147,6 @@ class LocalIdentityService:
     def identity_header(self) -> str:
         """The App Service secret clients must send as ``X-IDENTITY-HEADER``."""
         return self._identity_header
-
-    def public_key(self) -> rsa.RSAPublicKey:
-        """The key that verifies issued tokens."""
-        return self._public_key
 
     # --- tokens ---------------------------------------------------------------------------------------
 
@@ -214,13 +215,6 @@ class LocalIdentityService:
 
     # --- HTTP -----------------------------------------------------------------------------------------
 
-    def _build_app(self) -> web.Application:
-        routes: list[Route] = [
-            ("GET", IMDS_TOKEN_PATH, "imds", self._imds_token),
-            ("GET", APP_SERVICE_TOKEN_PATH, "app_service", self._app_service_token),
-        ]
-        return local_app(routes, faults=self._faults, client_max_size=16 * 1024)
-
     async def _imds_token(self, request: web.Request) -> web.StreamResponse:
         if request.headers.get("Metadata", "").strip().lower() != "true":
             return _error(400, "invalid_request", "Required metadata header not specified")
@@ -231,44 +225,21 @@ class LocalIdentityService:
             return _error(400, "invalid_request", problem)
         issued = self.issue_token(request.query["resource"], client_id=request.query.get("client_id") or None)
         lifetime = str(issued["exp"] - issued["iat"])
-        body = {
-            "access_token": issued["access_token"],
-            "client_id": issued["appid"],
-            "expires_in": lifetime,
-            "expires_on": str(issued["exp"]),
-            "ext_expires_in": lifetime,
-            "not_before": str(issued["nbf"]),
-            "resource": request.query["resource"],
-            "token_type": "Bearer",
-        }
-        return _token_response(body)
+        return _token_response(
+            issued, expires_in=lifetime, ext_expires_in=lifetime, not_before=str(issued["nbf"])
+        )
 
     async def _app_service_token(self, request: web.Request) -> web.StreamResponse:
         presented = request.headers.get("X-IDENTITY-HEADER", "")
         if not hmac.compare_digest(presented.encode(), self._identity_header.encode()):
-            return web.json_response(
-                {
-                    "statusCode": 401,
-                    "message": "Unauthorized: the X-IDENTITY-HEADER header is missing or wrong",
-                },
-                status=401,
-            )
+            return _app_service_error(401, "Unauthorized: the X-IDENTITY-HEADER header is missing or wrong")
         if request.query.get("api-version") != APP_SERVICE_API_VERSION:
-            return web.json_response(
-                {"statusCode": 400, "message": f"api-version must be {APP_SERVICE_API_VERSION}"}, status=400
-            )
+            return _app_service_error(400, f"api-version must be {APP_SERVICE_API_VERSION}")
         problem = self._check_query(request.query, minimum_api_version=APP_SERVICE_API_VERSION)
         if problem:
-            return web.json_response({"statusCode": 400, "message": problem}, status=400)
+            return _app_service_error(400, problem)
         issued = self.issue_token(request.query["resource"], client_id=request.query.get("client_id") or None)
-        body = {
-            "access_token": issued["access_token"],
-            "client_id": issued["appid"],
-            "expires_on": str(issued["exp"]),
-            "resource": request.query["resource"],
-            "token_type": "Bearer",
-        }
-        return _token_response(body)
+        return _token_response(issued)
 
     @staticmethod
     def _check_query(query: Mapping[str, str], *, minimum_api_version: str) -> str | None:
@@ -288,9 +259,18 @@ class LocalIdentityService:
         return f"LocalIdentityService(issuer={self.issuer!r}, tenant_id={self.tenant_id!r})"
 
 
-def _token_response(body: Mapping[str, str]) -> web.Response:
+def _token_response(issued: Mapping[str, Any], **extra: str) -> web.Response:
+    """The token answer both protocols share (members sorted by name), plus ``extra`` members."""
+    body = {
+        "access_token": issued["access_token"],
+        "client_id": issued["appid"],
+        "expires_on": str(issued["exp"]),
+        "resource": issued["aud"],
+        "token_type": "Bearer",
+        **extra,
+    }
     return web.Response(
-        text=json.dumps(body),
+        text=json.dumps(body, sort_keys=True),
         content_type="application/json",
         headers={"Cache-Control": "no-store", "Pragma": "no-cache"},
     )

@@ -12,9 +12,10 @@ Refusals are :class:`skr.local.kit.ServiceError` answers (403 ``Forbidden`` / ``
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -23,22 +24,14 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from skr.akv.jwk import private_key_to_plaintext
 from skr.akv.jws import ALLOWED_ALGORITHMS, sign_release_jws
 from skr.akv.keywrap import Enc, encode_key_hsm, wrap
-from skr.akv.policy import ReleasePolicy, evaluate, normalize_authority, parse_policy
+from skr.akv.policy import evaluate, normalize_authority, parse_policy
 from skr.b64 import b64url_encode
 from skr.errors import SkrError
 from skr.local.keystore import RSA_SIZES, KeyVersion, StoredPolicy, bad, decode_b64url
 from skr.local.kit import ServiceError
-from skr.maa.token import unverified_claims
+from skr.maa.token import TokenVerifier, unverified_claims
 
 CANNOT_VERIFY = "Target environment attestation statement cannot be verified."
-
-
-class AttestationTokenVerifier(Protocol):
-    """Verifies MAA tokens through their issuer's OpenID metadata (``skr.maa.token.TokenVerifier``)."""
-
-    async def verify(self, token: str, *, issuer: str) -> dict[str, Any]:
-        """The verified claims of ``token`` issued by ``issuer``."""
-        ...
 
 
 def denied(message: str) -> ServiceError:
@@ -90,17 +83,13 @@ def select_wrapping_key(claims: Mapping[str, Any]) -> tuple[str, rsa.RSAPublicKe
     )
 
 
-def _policy_authorities(policy: ReleasePolicy) -> set[str]:
-    return {normalize_authority(a) for a in policy.authorities}
-
-
 class KeyReleaser:
     """Releases stored keys to verified targets, signing with ``signing_key`` and ``chain`` (``chain[0]``
     a certificate for the key service's host)."""
 
     def __init__(
         self,
-        verifier: AttestationTokenVerifier,
+        verifier: TokenVerifier,
         signing_key: rsa.RSAPrivateKey,
         chain: Sequence[x509.Certificate],
     ) -> None:
@@ -126,15 +115,24 @@ class KeyReleaser:
             raise bad(f"The key {key.name} is not exportable.")
         claims = await self.check_target(target, key.release_policy)
         kid, wrapping_key = select_wrapping_key(claims)
-        payload = self._payload(
-            base_url,
-            key,
-            api_version=api_version,
-            enc=enc,
-            wrapping_kid=kid,
-            wrapping_key=wrapping_key,
-            requested_version=requested_version,
+        requested = f"{base_url}/keys/{key.name}" + (f"/{requested_version}" if requested_version else "")
+        plaintext = private_key_to_plaintext(
+            decode_b64url(key.material["k"]) if key.kty == "oct-HSM" else dict(key.material)
         )
+        key_hsm = encode_key_hsm(kid, enc, wrap(plaintext, wrapping_key, enc))
+        payload = {
+            "request": {"api-version": api_version, "enc": enc.value, "kid": requested},
+            "response": {
+                "key": {
+                    "key": {**key.public_jwk(base_url), "key_hsm": key_hsm},
+                    "attributes": key.attributes(),
+                    "release_policy": {
+                        "contentType": key.release_policy.content_type,
+                        "data": b64url_encode(key.release_policy.data),
+                    },
+                }
+            },
+        }
         return self._sign(payload, mutations)
 
     def _sign(self, payload: Mapping[str, Any], mutations: frozenset[str]) -> str:
@@ -161,7 +159,8 @@ class KeyReleaser:
             issuer = unverified_claims(token).get("iss")
         except SkrError:
             raise denied(CANNOT_VERIFY) from None
-        if not isinstance(issuer, str) or normalize_authority(issuer) not in _policy_authorities(policy):
+        authorities = {normalize_authority(a) for a in policy.authorities}
+        if not isinstance(issuer, str) or normalize_authority(issuer) not in authorities:
             decision = evaluate(policy, {"iss": issuer})
             raise denied(f"{CANNOT_VERIFY} {decision.reason}")
         try:
@@ -175,38 +174,6 @@ class KeyReleaser:
                 f"{decision.reason.removeprefix('release policy not satisfied: ')}"
             )
         return claims
-
-    def _payload(
-        self,
-        base: str,
-        key: KeyVersion,
-        *,
-        api_version: str,
-        enc: Enc,
-        wrapping_kid: str,
-        wrapping_key: rsa.RSAPublicKey,
-        requested_version: str | None,
-    ) -> dict[str, Any]:
-        requested = f"{base}/keys/{key.name}" + (f"/{requested_version}" if requested_version else "")
-        plaintext = private_key_to_plaintext(
-            decode_b64url(key.material["k"]) if key.kty == "oct-HSM" else dict(key.material)
-        )
-        key_hsm = encode_key_hsm(wrapping_kid, enc, wrap(plaintext, wrapping_key, enc))
-        released = {**key.public_jwk(base), "key_hsm": key_hsm}
-        assert key.release_policy is not None
-        return {
-            "request": {"api-version": api_version, "enc": enc.value, "kid": requested},
-            "response": {
-                "key": {
-                    "key": released,
-                    "attributes": key.attributes(),
-                    "release_policy": {
-                        "contentType": key.release_policy.content_type,
-                        "data": b64url_encode(key.release_policy.data),
-                    },
-                }
-            },
-        }
 
 
 def _expired_copy(key: rsa.RSAPrivateKey, like: x509.Certificate) -> x509.Certificate:
@@ -222,9 +189,7 @@ def _expired_copy(key: rsa.RSAPrivateKey, like: x509.Certificate) -> x509.Certif
         .not_valid_before(start)
         .not_valid_after(end)
     )
-    try:
+    with contextlib.suppress(x509.ExtensionNotFound):
         san = like.extensions.get_extension_for_class(x509.SubjectAlternativeName)
         builder = builder.add_extension(san.value, critical=san.critical)
-    except x509.ExtensionNotFound:
-        pass
     return builder.sign(key, hashes.SHA256())

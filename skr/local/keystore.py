@@ -20,7 +20,7 @@ import secrets
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,13 +48,9 @@ DEFAULT_KEY_OPS: Mapping[str, tuple[str, ...]] = {
     "RSA-HSM": ("encrypt", "decrypt", "sign", "verify", "wrapKey", "unwrapKey"),
     "EC-HSM": ("sign", "verify"),
 }
+# "oct", "oct-hsm", "rsa", ... (any case): a Managed HSM keeps every key in the HSM
 _KTY_ALIASES: Mapping[str, str] = {
-    "oct": "oct-HSM",
-    "oct-hsm": "oct-HSM",
-    "rsa": "RSA-HSM",
-    "rsa-hsm": "RSA-HSM",
-    "ec": "EC-HSM",
-    "ec-hsm": "EC-HSM",
+    alias.lower(): kty for kty in KEY_TYPES for alias in (kty, kty.removesuffix("-HSM"))
 }
 
 ERR_1004 = "AKV.SKR.1004: Exportable keys must have release policy."
@@ -120,19 +116,8 @@ class KeyVersion:
 
     def to_json(self) -> dict[str, Any]:
         """The persisted form (holds the private key: write only to 0600 files)."""
-        return {
-            "name": self.name,
-            "version": self.version,
-            "kty": self.kty,
-            "key_ops": list(self.key_ops),
-            "material": dict(self.material),
-            "created": self.created,
-            "updated": self.updated,
-            "exportable": self.exportable,
-            "enabled": self.enabled,
-            "release_policy": None if self.release_policy is None else self.release_policy.to_wire(),
-            "tags": dict(self.tags),
-        }
+        policy = self.release_policy
+        return {**asdict(self), "release_policy": None if policy is None else policy.to_wire()}
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> KeyVersion:
@@ -192,10 +177,7 @@ def ci_member(doc: Mapping[str, Any], name: str) -> Any:
     if name in doc:
         return doc[name]
     lowered = name.lower()
-    for key, value in doc.items():
-        if isinstance(key, str) and key.lower() == lowered:
-            return value
-    return None
+    return next((v for k, v in doc.items() if isinstance(k, str) and k.lower() == lowered), None)
 
 
 def normalize_kty(value: object) -> str:
@@ -275,11 +257,13 @@ def _checked_policy(data: bytes, content_type: str, immutable: bool) -> StoredPo
     return StoredPolicy(data=data, content_type=content_type, immutable=immutable)
 
 
-def _policy_changed(old: StoredPolicy, new: StoredPolicy | None) -> bool:
-    if new is None:
+def _keeps_immutable(old: StoredPolicy | None, new: StoredPolicy | None) -> bool:
+    """Whether ``old`` is immutable; then ``new`` may only repeat it (``AKV.SKR.1020`` otherwise)."""
+    if old is None or not old.immutable:
         return False
-    same = json.loads(old.data) == json.loads(new.data) and old.immutable == new.immutable
-    return not same
+    if new is not None and (json.loads(old.data) != json.loads(new.data) or not new.immutable):
+        raise bad(ERR_1020)
+    return True
 
 
 class KeyStore:
@@ -426,11 +410,7 @@ class KeyStore:
                 name = latest.name
                 if latest.exportable != exportable:
                     raise bad(ERR_1003)
-                if latest.release_policy is not None and latest.release_policy.immutable:
-                    if _policy_changed(latest.release_policy, policy):
-                        raise bad(ERR_1020)
-                    policy = latest.release_policy
-                elif policy is None and exportable:
+                if _keeps_immutable(latest.release_policy, policy) or (policy is None and exportable):
                     policy = latest.release_policy
             if exportable and policy is None:
                 raise bad(ERR_1004)
@@ -467,9 +447,7 @@ class KeyStore:
             key = self._version(name, version)
             if exportable is not None and bool(exportable) != key.exportable:
                 raise bad(ERR_1003)
-            if key.release_policy is not None and key.release_policy.immutable:
-                if _policy_changed(key.release_policy, policy):
-                    raise bad(ERR_1020)
+            if _keeps_immutable(key.release_policy, policy):
                 policy = None
             if policy is not None and not key.exportable:
                 raise bad(ERR_1005)

@@ -65,10 +65,6 @@ class ServiceError(Exception):
         self.message = message
         self.inner_code = inner_code
 
-    def response(self) -> web.Response:
-        """The JSON error response."""
-        return azure_error(self.status, self.code, self.message, inner_code=self.inner_code)
-
 
 def mutations_of(request: web.Request) -> frozenset[str]:
     """The answer corruptions the fault hook chose for ``request`` (none without a hook)."""
@@ -98,7 +94,7 @@ async def _service_errors(request: web.Request, handler: Handler) -> web.StreamR
     try:
         return await handler(request)
     except ServiceError as exc:
-        return exc.response()
+        return azure_error(exc.status, exc.code, exc.message, inner_code=exc.inner_code)
 
 
 def _hooked(faults: Faults | None, route: str, handler: Handler) -> Handler:

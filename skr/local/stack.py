@@ -34,12 +34,8 @@ from skr.akv.policy import build_confidential_containers_policy, encode_policy_f
 from skr.config import Settings
 from skr.daemon import Runtime, build_runtime, start_site
 from skr.endpoints import Allowlist, Endpoint
-from skr.files import (
-    check_state_tree,
-    ensure_directory,
-    read_regular_file,
-    write_private_file,
-)
+from skr.errors import ConfigError
+from skr.files import check_state_tree, ensure_directory, read_regular_file, write_private_file
 from skr.local.attestation import LocalAttestationService
 from skr.local.ca import LocalCA
 from skr.local.demo import DEMO_KEYS, DEMO_SECURITY_POLICY, OTHER_SECURITY_POLICY
@@ -80,8 +76,6 @@ def _bind(port: int) -> socket.socket:
         sock.bind((LOOPBACK, port))
     except OSError as exc:
         sock.close()
-        from skr.errors import ConfigError
-
         raise ConfigError(f"cannot listen on {LOOPBACK}:{port}: {exc.strerror}") from None
     sock.listen(128)
     sock.setblocking(False)
@@ -148,62 +142,56 @@ class LocalStack:
         else:
             await asyncio.to_thread(tee.withdraw_uvm_endorsement)
         tenant = _tenant(state)
-        maa_sock, hsm_sock, id_sock = (
-            _bind(opts.attestation_port),
-            _bind(opts.key_service_port),
-            _bind(opts.identity_port),
-        )
+        ports = (opts.attestation_port, opts.key_service_port, opts.identity_port)
+        maa_sock, hsm_sock, id_sock = map(_bind, ports)
         maa_ep = Endpoint(LOOPBACK, maa_sock.getsockname()[1])
         hsm_ep = Endpoint(LOOPBACK, hsm_sock.getsockname()[1])
         id_port = id_sock.getsockname()[1]
         hosts = [LOOPBACK, "localhost"]
 
         # identity (plain HTTP on loopback, like App Service's and IMDS's real endpoints)
-        identity = await asyncio.to_thread(
+        self.identity = await asyncio.to_thread(
             LocalIdentityService.create,
             state / "identity",
             tenant_id=tenant,
             faults=self.faults.scoped("identity"),
         )
-        self.identity = identity
-        self._runners.append(await _serve(identity.app, id_sock, None))
+        self._runners.append(await _serve(self.identity.app, id_sock, None))
 
         # attestation (HTTPS)
-        attestation = await LocalAttestationService.create(
+        self.attestation = await LocalAttestationService.create(
             state / "attestation",
             issuer=maa_ep.url,
             trusted_arks=[tee.ark_certificate],
             uvm_signing_roots=[ca.ca_certificate],
             faults=self.faults.scoped("maa"),
         )
-        self.attestation = attestation
-        self._runners.append(await _serve(attestation.app, maa_sock, ca.server_ssl_context(hosts)))
+        self._runners.append(await _serve(self.attestation.app, maa_sock, ca.server_ssl_context(hosts)))
 
         # key service (HTTPS); it verifies target tokens through the attestation service's metadata
         self._session = aiohttp.ClientSession()
         verifier = TokenVerifier(self._session, ssl_context=ca.client_ssl_context())
         issued = await asyncio.to_thread(ca.issue, hosts)
-        key_service = LocalKeyService(
+        self.key_service = LocalKeyService(
             state / "hsm",
             host=hsm_ep.authority,
             tenant_id=tenant,
-            identity=identity,
+            identity=self.identity,
             signing_key=issued.private_key,
             chain=issued.chain,
             token_verifier=verifier,
             faults=self.faults.scoped("hsm"),
         )
-        self.key_service = key_service
-        self._runners.append(await _serve(key_service.app, hsm_sock, ca.tls_context(issued)))
+        self._runners.append(await _serve(self.key_service.app, hsm_sock, ca.tls_context(issued)))
 
-        granted, denied = await self._demo_keys(key_service, maa_ep.url, tee.host_data.hex())
+        granted, denied = await self._demo_keys(self.key_service, maa_ep.url, tee.host_data.hex())
         if tee.uvm_endorsement is None:  # every demo policy requires azure-compliant-uvm
             granted, denied = [], granted + denied
 
         identity_endpoint = f"http://{LOOPBACK}:{id_port}/msi/token"
         client_env = {
             "IDENTITY_ENDPOINT": identity_endpoint,
-            "IDENTITY_HEADER": identity.identity_header,
+            "IDENTITY_HEADER": self.identity.identity_header,
             "SKR_CA_BUNDLE": str(ca.ca_pem_path),
             "SKR_MAA_ENDPOINT": maa_ep.authority,
             "SKR_AKV_ENDPOINT": hsm_ep.authority,
@@ -225,7 +213,7 @@ class LocalStack:
         }
         if opts.with_sidecar:
             await self._start_sidecar(tee, ca.ca_pem_path, maa_ep, hsm_ep, client_env)
-        _write_manifest(state / MANIFEST, self.info)
+        write_private_file(state / MANIFEST, json.dumps(self.info, indent=2, sort_keys=True) + "\n")
 
     async def _demo_keys(
         self, hsm: LocalKeyService, authority: str, host_data: str
@@ -302,7 +290,3 @@ class LocalStack:
         name = key or (self.info["keys"]["granted"] or ["demo-oct"])[0]
         base = self.info.get("sidecar", "http://127.0.0.1:8080")
         return f'curl -s {base}/key/release -d \'{{"kid": "{name}"}}\''
-
-
-def _write_manifest(path: Path, info: dict[str, Any]) -> None:
-    write_private_file(path, json.dumps(info, indent=2, sort_keys=True) + "\n")
