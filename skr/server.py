@@ -115,10 +115,9 @@ _PROTOCOL_ERRORS: tuple[tuple[type[http_exceptions.BadHttpMessage], str], ...] =
 
 def _protocol_error_message(exc: BaseException | None) -> str:
     """A fixed sentence per parser error: the parser's own text quotes request bytes (maybe a token)."""
-    for kind, message in _PROTOCOL_ERRORS:
-        if isinstance(exc, kind):
-            return message
-    return "the request is not valid HTTP/1.1"
+    return next(
+        (m for kind, m in _PROTOCOL_ERRORS if isinstance(exc, kind)), "the request is not valid HTTP/1.1"
+    )
 
 
 class _JsonErrorHandler(web_protocol.RequestHandler):
@@ -195,12 +194,10 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
 
 
 def required_str(doc: dict[str, Any], name: str) -> str:
-    value = doc.get(name)
-    if value is None or value == "":
+    value = optional_str(doc, name)
+    if value is None:
         raise BadRequest(f"{name} is required", code=Code.MISSING_FIELD)
-    if not isinstance(value, str):
-        raise BadRequest(f"{name} must be a string", code=Code.INVALID_FIELD)
-    return _unicode(name, value)
+    return value
 
 
 def optional_str(doc: dict[str, Any], name: str) -> str | None:
@@ -209,12 +206,7 @@ def optional_str(doc: dict[str, Any], name: str) -> str | None:
         return None
     if not isinstance(value, str):
         raise BadRequest(f"{name} must be a string", code=Code.INVALID_FIELD)
-    return _unicode(name, value)
-
-
-def _unicode(name: str, value: str) -> str:
-    """JSON lets ``\\ud800`` escapes through; such a string has no UTF-8 form (audit, logs, upstreams)."""
-    try:
+    try:  # JSON lets ``\ud800`` escapes through; such a string has no UTF-8 form (audit, logs, upstreams)
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise BadRequest(
@@ -255,16 +247,20 @@ def _require_json(runtime_data: bytes) -> None:
         )
 
 
-def decode_runtime_data(value: str) -> bytes:
+def decode_std_base64(value: str, name: str) -> bytes:
     """Strict standard base64 with padding, ignoring CR/LF — exactly Go's ``base64.StdEncoding``."""
     try:
         return go_std_b64decode(value)
     except (binascii.Error, ValueError):
         raise BadRequest(
-            "runtime_data is not standard base64 (RFC 4648 §4 alphabet with '=' padding)",
+            f"{name} is not standard base64 (RFC 4648 §4 alphabet with '=' padding)",
             hint="URL-safe base64 ('-' and '_') is not accepted",
             code=Code.INVALID_BASE64,
         ) from None
+
+
+def decode_runtime_data(value: str) -> bytes:
+    return decode_std_base64(value, "runtime_data")
 
 
 # --- middleware --------------------------------------------------------------------------------------
@@ -280,11 +276,8 @@ CLIENT_TOKEN_ID_KEY: web.RequestKey[str] = web.RequestKey("client_token_id", str
 
 def _client_token_id(presented: str, tokens: tuple[tuple[str, str], ...]) -> str | None:
     """The name of the client token presented, or None. Compares with every token (constant time each)."""
-    found = None
-    for name, token in tokens:
-        if hmac.compare_digest(presented.encode(), token.encode()) and found is None:
-            found = name
-    return found
+    matches = [name for name, token in tokens if hmac.compare_digest(presented.encode(), token.encode())]
+    return matches[0] if matches else None
 
 
 def _route_label(request: web.Request) -> str:
@@ -473,18 +466,6 @@ async def audit_head(request: web.Request) -> web.Response:
             "this sidecar keeps no audit log", hint="start it with --audit-log", code=Code.AUDIT_DISABLED
         )
     return json_response(await checkpointer.head_statement())
-
-
-def decode_std_base64(value: str, name: str) -> bytes:
-    """A standard-base64 field other than ``runtime_data`` (same rules: Go's ``base64.StdEncoding``)."""
-    try:
-        return go_std_b64decode(value)
-    except (binascii.Error, ValueError):
-        raise BadRequest(
-            f"{name} is not standard base64 (RFC 4648 §4 alphabet with '=' padding)",
-            hint="URL-safe base64 ('-' and '_') is not accepted",
-            code=Code.INVALID_BASE64,
-        ) from None
 
 
 async def key_unwrap(request: web.Request) -> web.Response:
