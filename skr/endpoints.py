@@ -260,23 +260,21 @@ def parse_kid(kid: str) -> tuple[Endpoint | None, str, str | None]:
             raise BadRequest(
                 f"kid {kid[:200]!r} has a query or fragment; expected .../keys/<name>[/<version>]"
             )
-        segments = parts.path.strip("/").split("/")
-        if len(segments) not in (2, 3) or segments[0] != "keys":
+        keys, *segments = parts.path.strip("/").split("/")
+        if len(segments) not in (1, 2) or keys != "keys":
             raise BadRequest(
                 f"kid {kid[:200]!r} is not a key URL; expected https://<vault>/keys/<name>[/<version>]"
             )
-        name = _check_name(segments[1], kid)
-        version = _check_version(segments[2], kid) if len(segments) == 3 else None
-        return vault, name, version
-    segments = text.split("/")
-    if len(segments) > 2:
-        raise BadRequest(
-            f"kid {kid[:200]!r} has too many '/' parts; expected name or name/version",
-            hint="or give the full key URL https://<vault>/keys/<name>/<version>",
-        )
+    else:
+        vault, segments = None, text.split("/")
+        if len(segments) > 2:
+            raise BadRequest(
+                f"kid {kid[:200]!r} has too many '/' parts; expected name or name/version",
+                hint="or give the full key URL https://<vault>/keys/<name>/<version>",
+            )
     name = _check_name(segments[0], kid)
     version = _check_version(segments[1], kid) if len(segments) == 2 else None
-    return None, name, version
+    return vault, name, version
 
 
 @dataclass(frozen=True)

@@ -59,13 +59,7 @@ def _errors(*codes: int) -> dict[str, Any]:
         503: "Evidence unavailable.",
         504: "Deadline exceeded.",
     }
-    return {
-        str(c): {
-            "description": text[c],
-            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
-        }
-        for c in codes
-    }
+    return {str(c): _json({"$ref": "#/components/schemas/Error"}, text[c]) for c in codes}
 
 
 def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
