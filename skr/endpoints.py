@@ -224,26 +224,6 @@ def is_key_name(text: str) -> bool:
     return _KEY_NAME.match(text) is not None
 
 
-def _check_name(name: str, kid: str) -> str:
-    if not _KEY_NAME.match(name):
-        raise BadRequest(
-            f"the key name in kid {kid[:200]!r} is not valid; expected 1-127 letters, digits or '-'",
-            hint=_KID_HINT,
-        )
-    return name
-
-
-def _check_version(version: str, kid: str) -> str | None:
-    if not version:
-        return None
-    if not _KEY_VERSION.match(version):
-        raise BadRequest(
-            f"the key version in kid {kid[:200]!r} is not valid; expected letters and digits (32 hex)",
-            hint=_KID_HINT,
-        )
-    return version
-
-
 def parse_kid(kid: str) -> tuple[Endpoint | None, str, str | None]:
     """``(vault | None, name, version | None)`` for ``name``, ``name/version`` or a key URL
     ``https://host[:port]/keys/name[/version]``. Names and versions are checked for their character set
@@ -272,9 +252,18 @@ def parse_kid(kid: str) -> tuple[Endpoint | None, str, str | None]:
                 f"kid {kid[:200]!r} has too many '/' parts; expected name or name/version",
                 hint="or give the full key URL https://<vault>/keys/<name>/<version>",
             )
-    name = _check_name(segments[0], kid)
-    version = _check_version(segments[1], kid) if len(segments) == 2 else None
-    return vault, name, version
+    name, version = segments[0], segments[1] if len(segments) == 2 else ""
+    if not _KEY_NAME.match(name):
+        raise BadRequest(
+            f"the key name in kid {kid[:200]!r} is not valid; expected 1-127 letters, digits or '-'",
+            hint=_KID_HINT,
+        )
+    if version and not _KEY_VERSION.match(version):
+        raise BadRequest(
+            f"the key version in kid {kid[:200]!r} is not valid; expected letters and digits (32 hex)",
+            hint=_KID_HINT,
+        )
+    return vault, name, version or None
 
 
 @dataclass(frozen=True)

@@ -280,11 +280,6 @@ def _client_token_id(presented: str, tokens: tuple[tuple[str, str], ...]) -> str
     return matches[0] if matches else None
 
 
-def _route_label(request: web.Request) -> str:
-    info = request.match_info.route.resource
-    return info.canonical if info is not None else "unmatched"
-
-
 @web.middleware
 async def _frame(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request id, access control, error mapping, metrics — in that order."""
@@ -360,7 +355,8 @@ async def _frame(request: web.Request, handler: Handler) -> web.StreamResponse:
     finally:
         request_id_var.reset(token)
     response.headers["X-Request-Id"] = request_id
-    route = _route_label(request)
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
     metrics.http_requests.inc(route=route, status=str(response.status))
     metrics.http_duration.observe(time.monotonic() - started, route=route)
     return response

@@ -72,8 +72,7 @@ T = TypeVar("T")
 
 #: The audit note of an unwrap that used a key kept in memory from an earlier release (no Key Vault call).
 KEPT_KEY_NOTE = "key kept in memory from an earlier unwrap"
-WRAPPING_KEY_BITS = DEFAULT_BITS  # 2048; `skr serve` makes its first key with this default too
-_NEW_WRAPPING_KEY = functools.partial(WrappingKey.generate, WRAPPING_KEY_BITS)
+_NEW_WRAPPING_KEY = functools.partial(WrappingKey.generate, DEFAULT_BITS)  # 2048, as `skr serve`'s first key
 
 
 @dataclass
