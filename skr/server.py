@@ -56,15 +56,11 @@ OPEN_PATHS = frozenset({"/status", "/healthz", "/readyz"})
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
-def _dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"))
-
-
 def json_response(
     body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None
 ) -> web.Response:
     """Compact JSON without a trailing newline, as Go's ``c.JSON`` writes it."""
-    resp = web.Response(text=_dumps(body), status=status, headers=headers)
+    resp = web.Response(text=json.dumps(body, separators=(",", ":")), status=status, headers=headers)
     resp.content_type = "application/json"
     resp.charset = "utf-8"
     return resp
