@@ -163,11 +163,7 @@ def is_azure_host(value: Endpoint | str) -> bool:
 def cloud_suffix(value: Endpoint | str) -> str | None:
     """``managedhsm.<cloud>`` or ``vault.<cloud>`` for a vault host in a Microsoft cloud, else None."""
     host = host_of(value)
-    for pair in CLOUD_VAULT_SUFFIXES:
-        for suffix in reversed(pair):
-            if _within(host, suffix):
-                return suffix
-    return None
+    return next((s for pair in CLOUD_VAULT_SUFFIXES for s in reversed(pair) if _within(host, s)), None)
 
 
 def is_managed_hsm(value: Endpoint | str, *, managed_hsm_hosts: Iterable[str] = ()) -> bool:

@@ -75,13 +75,9 @@ class AuditSink(Protocol):
 
 
 class Clock(Protocol):
-    def time(self) -> float:
-        """Wall-clock seconds since the epoch (token expiry)."""
-        ...
+    def time(self) -> float: ...  # wall-clock seconds since the epoch (token expiry)
 
-    def monotonic(self) -> float:
-        """Seconds on a clock that never goes back (durations)."""
-        ...
+    def monotonic(self) -> float: ...  # seconds on a clock that never goes back (durations)
 
 
 class SystemClock:

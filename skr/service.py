@@ -252,12 +252,9 @@ class ReleaseService:
             raise BadRequest(
                 f"kid is not a key name, name/version or key URL: {exc.message}", code=Code.INVALID_KID
             ) from None
-        vault = kid_vault
-        if value:
-            named = parse_endpoint(value, what="akv_endpoint")
-            if vault is not None and vault != named:
-                raise BadRequest("kid names a different vault than akv_endpoint", code=Code.INVALID_KID)
-            vault = named
+        vault = parse_endpoint(value, what="akv_endpoint") if value else kid_vault
+        if kid_vault is not None and vault != kid_vault:
+            raise BadRequest("kid names a different vault than akv_endpoint", code=Code.INVALID_KID)
         if vault is None:
             if self.settings.akv_endpoint is None:
                 raise BadRequest(
