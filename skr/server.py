@@ -412,8 +412,7 @@ async def openapi(_: web.Request) -> web.Response:
 async def attest_raw(request: web.Request) -> web.Response:
     doc = await read_json_object(request)
     runtime_data = decode_runtime_data(required_str(doc, "runtime_data"))
-    ctx = _ctx(request)
-    report = await request.app[SERVICE_KEY].raw_report(runtime_data, ctx)
+    report = await request.app[SERVICE_KEY].raw_report(runtime_data, _ctx(request))
     return json_response({"report": report.hex()})
 
 

@@ -40,7 +40,6 @@ from skr.endpoints import Endpoint, KeyRef, parse_endpoint, parse_kid
 from skr.errors import (
     BadRequest,
     Code,
-    EvidenceUnavailable,
     Forbidden,
     NotFound,
     ReleaseDenied,
@@ -628,6 +627,3 @@ def _report_fields(report: bytes) -> dict[str, Any]:
     if len(report) < 0xE0:
         return {}
     return {"host_data": report[0xC0:0xE0].hex(), "measurement": report[0x90:0xC0].hex()}
-
-
-__all__ = ["EvidenceUnavailable", "ReleaseService", "ReleasedKeyResult", "RequestContext"]
