@@ -101,9 +101,8 @@ class Settings:
     max_connections: int = 256
     max_upstream_body: int = 4 * 1024 * 1024
     server_type: str = "http"
-    grpc_port: int = (
-        50000  # with server_type "both"; "grpc" alone listens on ``port``, as the Go sidecar does
-    )
+    # with server_type "both"; "grpc" alone listens on ``port``, as the Go sidecar does
+    grpc_port: int = 50000
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes)

@@ -110,13 +110,10 @@ class GuardedHandler(_JsonErrorHandler):
         if not request.content.is_eof():
             self._arm(deadline)  # the body is still owed, by the same deadline as the headers
         try:
-            result: tuple[web.StreamResponse, bool] = await super()._handle_request(
-                request, start_time, request_handler
-            )
+            return await super()._handle_request(request, start_time, request_handler)
         finally:
             self._disarm()
             self._skr_deadline = None
-        return result
 
     # --- the deadline -----------------------------------------------------------------------------
 

@@ -346,8 +346,7 @@ async def serve_forever(
             await grpc_server.mark_ready()
         await stop.wait()
         log.info(
-            "shutting down: finishing in-flight requests",
-            extra={"grace_seconds": runtime.settings.grace_period},
+            "shutting down: finishing in-flight requests", extra={"grace_seconds": settings.grace_period}
         )
     finally:
         if grpc_server is not None:

@@ -83,7 +83,6 @@ HTTP_STATUS: dict[type[SkrError], int] = {
 
 
 def http_status(exc: SkrError) -> int:
-    """The HTTP status that answers ``exc``: the entry of its most specific class in :data:`HTTP_STATUS`."""
     return by_class(HTTP_STATUS, exc, 500)
 
 
@@ -419,8 +418,7 @@ async def attest_raw(request: web.Request) -> web.Response:
 async def attest_combined(request: web.Request) -> web.Response:
     doc = await read_json_object(request)
     runtime_data = decode_runtime_data(required_str(doc, "runtime_data"))
-    body = await request.app[SERVICE_KEY].combined(runtime_data, _ctx(request))
-    return json_response(body)
+    return json_response(await request.app[SERVICE_KEY].combined(runtime_data, _ctx(request)))
 
 
 async def attest_maa(request: web.Request) -> web.Response:
@@ -478,8 +476,7 @@ async def key_unwrap(request: web.Request) -> web.Response:
         ctx=ctx,
         decrypt=lambda jwk_json: decrypt(alg, jwk_json, wrapped),
     )
-    body = {"plaintext": base64.b64encode(plaintext).decode()}
-    return json_response(body, headers=_timing(ctx, started))
+    return json_response({"plaintext": base64.b64encode(plaintext).decode()}, headers=_timing(ctx, started))
 
 
 ROUTES: tuple[tuple[str, str, Handler], ...] = (

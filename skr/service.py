@@ -590,11 +590,11 @@ class ReleaseService:
         return dataclasses.replace(opened, expires_at=attestation.expires_at)
 
 
+@dataclass
 class _Draft:
     """The audit record of one request as it grows: each step replaces the frozen record."""
 
-    def __init__(self, record: AuditRecord) -> None:
-        self.record = record
+    record: AuditRecord
 
     def note(self, **changes: Any) -> None:
         self.record = dataclasses.replace(self.record, **changes)
