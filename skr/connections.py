@@ -100,10 +100,7 @@ class GuardedHandler(_JsonErrorHandler):
         super().data_received(data)
 
     async def _handle_request(
-        self,
-        request: web.BaseRequest,
-        start_time: float | None,
-        request_handler: Any,
+        self, request: web.BaseRequest, start_time: float | None, request_handler: Any
     ) -> tuple[web.StreamResponse, bool]:
         deadline = self._skr_deadline
         self._disarm()  # the headers are complete

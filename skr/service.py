@@ -519,12 +519,7 @@ class ReleaseService:
                         keep.pop(slot, None)
                         draft.note(note=ABSENT)
                 released = await self._release(
-                    maa=maa,
-                    ref=ref,
-                    access_token=access_token,
-                    deadline=deadline,
-                    ctx=ctx,
-                    draft=draft,
+                    maa=maa, ref=ref, access_token=access_token, deadline=deadline, ctx=ctx, draft=draft
                 )
                 draft.note(key_version=released.version)
                 if keep is not None:

@@ -31,12 +31,7 @@ from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception,
-    stop_after_attempt,
-)
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
 from skr.errors import Code, UpstreamError, UpstreamTimeout
 
