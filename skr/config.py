@@ -101,9 +101,8 @@ class Settings:
     max_connections: int = 256
     max_upstream_body: int = 4 * 1024 * 1024
     server_type: str = "http"
-    grpc_port: int = (
-        50000  # with server_type "both"; "grpc" alone listens on ``port``, as the Go sidecar does
-    )
+    # with server_type "both"; "grpc" alone listens on ``port``, as the Go sidecar does
+    grpc_port: int = 50000
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes)
@@ -352,16 +351,6 @@ def load_settings(
     return replace(s, **changes)
 
 
-def read_client_token(path: Path) -> str:
-    try:
-        token = path.read_text().strip()
-    except OSError as exc:
-        raise ConfigError(f"cannot read the client token file {path}: {exc.strerror}") from None
-    if len(token) < 16:
-        raise ConfigError(f"the client token in {path} is shorter than 16 characters")
-    return token
-
-
 _TOKEN_LINE = re.compile(r"^([A-Za-z0-9._-]{1,64}):(\S{16,})$")
 DEFAULT_TOKEN_NAME = "default"  # noqa: S105 - a name for a token, not a token
 
@@ -378,7 +367,9 @@ def read_client_tokens(path: Path) -> tuple[tuple[str, str], ...]:
     except OSError as exc:
         raise ConfigError(f"cannot read the client token file {path}: {exc.strerror}") from None
     if len(lines) == 1:
-        token = read_client_token(path)
+        token = lines[0]
+        if len(token) < 16:
+            raise ConfigError(f"the client token in {path} is shorter than 16 characters")
         named = _TOKEN_LINE.match(token)
         return (
             ((named[1], named[2]), (DEFAULT_TOKEN_NAME, token)) if named else ((DEFAULT_TOKEN_NAME, token),)
@@ -468,12 +459,8 @@ _ALLOWLIST_HINT = "write host, *.domain, host:port or [v6]:port, comma-separated
 
 def allowlist_value_problems(value: str) -> list[str]:
     """One line per pattern of an ``SKR_ALLOWED_ENDPOINTS`` value that does not parse."""
-    problems = []
-    for pattern in (p.strip() for p in value.split(",")):
-        reason = allowlist_pattern_problem(pattern) if pattern else None
-        if reason is not None:
-            problems.append(f"SKR_ALLOWED_ENDPOINTS pattern {pattern!r} {reason}")
-    return problems
+    reasons = ((p, allowlist_pattern_problem(p)) for p in (p.strip() for p in value.split(",")) if p)
+    return [f"SKR_ALLOWED_ENDPOINTS pattern {p!r} {reason}" for p, reason in reasons if reason is not None]
 
 
 def allowlist_problems(settings: Settings) -> list[str]:
@@ -484,21 +471,13 @@ def allowlist_problems(settings: Settings) -> list[str]:
 def default_endpoint_problems(settings: Settings) -> list[tuple[str, Endpoint, str]]:
     """``(setting, endpoint, one line naming both settings)`` for each default endpoint the allowlist
     refuses: every request without its own endpoint would be refused."""
-    problems = []
     patterns = ", ".join(settings.allowlist.patterns) or "(empty)"
-    for name, endpoint in (
-        ("SKR_MAA_ENDPOINT", settings.maa_endpoint),
-        ("SKR_AKV_ENDPOINT", settings.akv_endpoint),
-    ):
-        if endpoint is not None and not settings.allowlist.allows(endpoint):
-            problems.append(
-                (
-                    name,
-                    endpoint,
-                    f"{name} {endpoint} is not in the endpoint allowlist SKR_ALLOWED_ENDPOINTS ({patterns})",
-                )
-            )
-    return problems
+    defaults = (("SKR_MAA_ENDPOINT", settings.maa_endpoint), ("SKR_AKV_ENDPOINT", settings.akv_endpoint))
+    return [
+        (name, ep, f"{name} {ep} is not in the endpoint allowlist SKR_ALLOWED_ENDPOINTS ({patterns})")
+        for name, ep in defaults
+        if ep is not None and not settings.allowlist.allows(ep)
+    ]
 
 
 def check_startup(settings: Settings) -> None:

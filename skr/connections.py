@@ -100,23 +100,17 @@ class GuardedHandler(_JsonErrorHandler):
         super().data_received(data)
 
     async def _handle_request(
-        self,
-        request: web.BaseRequest,
-        start_time: float | None,
-        request_handler: Any,
+        self, request: web.BaseRequest, start_time: float | None, request_handler: Any
     ) -> tuple[web.StreamResponse, bool]:
         deadline = self._skr_deadline
         self._disarm()  # the headers are complete
         if not request.content.is_eof():
             self._arm(deadline)  # the body is still owed, by the same deadline as the headers
         try:
-            result: tuple[web.StreamResponse, bool] = await super()._handle_request(
-                request, start_time, request_handler
-            )
+            return await super()._handle_request(request, start_time, request_handler)
         finally:
             self._disarm()
             self._skr_deadline = None
-        return result
 
     # --- the deadline -----------------------------------------------------------------------------
 

@@ -86,13 +86,8 @@ class Runtime:
             await self.audit.aclose()
 
 
-def _audit_echo(line: str) -> None:
-    sys.stdout.write(line)
-    sys.stdout.flush()
-
-
-def _checkpoint_echo(line: str) -> None:
-    """Checkpoint copies go to stdout even without --audit-stdout: the platform's log pipeline keeps them."""
+def _echo(line: str) -> None:
+    """To stdout: audit records with --audit-stdout, checkpoint copies always (log pipelines keep them)."""
     sys.stdout.write(line)
     sys.stdout.flush()
 
@@ -114,7 +109,7 @@ def open_audit(settings: Settings) -> AsyncAuditLog | None:
         return None
     if settings.audit_log is None:
         raise ConfigError("--audit-stdout needs --audit-log (the chain must be persisted to be verifiable)")
-    echo = _audit_echo if settings.audit_stdout else None
+    echo = _echo if settings.audit_stdout else None
     return AsyncAuditLog(AuditLog(settings.audit_log, max_bytes=settings.audit_max_bytes, echo=echo))
 
 
@@ -252,7 +247,7 @@ async def build_runtime(
             provider.collect,
             interval=settings.audit_checkpoint_interval,
             every_records=settings.audit_checkpoint_records,
-            emit=_checkpoint_echo,
+            emit=_echo,
         )
         app[AUDIT_HEAD_KEY] = checkpointer
     return Runtime(
@@ -299,11 +294,8 @@ async def start_site(runtime: Runtime) -> tuple[web.AppRunner, int]:
     except OSError as exc:
         await runner.cleanup()
         raise ConfigError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}") from None
-    port = settings.port
-    for address in runner.addresses:  # the bound address, useful with port 0
-        port = int(address[1])
-        break
-    return runner, port
+    # the bound address, useful with port 0
+    return runner, next((int(address[1]) for address in runner.addresses), settings.port)
 
 
 def announce(settings: Settings, port: int) -> None:
@@ -354,8 +346,7 @@ async def serve_forever(
             await grpc_server.mark_ready()
         await stop.wait()
         log.info(
-            "shutting down: finishing in-flight requests",
-            extra={"grace_seconds": runtime.settings.grace_period},
+            "shutting down: finishing in-flight requests", extra={"grace_seconds": settings.grace_period}
         )
     finally:
         if grpc_server is not None:

@@ -163,11 +163,7 @@ def is_azure_host(value: Endpoint | str) -> bool:
 def cloud_suffix(value: Endpoint | str) -> str | None:
     """``managedhsm.<cloud>`` or ``vault.<cloud>`` for a vault host in a Microsoft cloud, else None."""
     host = host_of(value)
-    for pair in CLOUD_VAULT_SUFFIXES:
-        for suffix in reversed(pair):
-            if _within(host, suffix):
-                return suffix
-    return None
+    return next((s for pair in CLOUD_VAULT_SUFFIXES for s in reversed(pair) if _within(host, s)), None)
 
 
 def is_managed_hsm(value: Endpoint | str, *, managed_hsm_hosts: Iterable[str] = ()) -> bool:
@@ -224,26 +220,6 @@ def is_key_name(text: str) -> bool:
     return _KEY_NAME.match(text) is not None
 
 
-def _check_name(name: str, kid: str) -> str:
-    if not _KEY_NAME.match(name):
-        raise BadRequest(
-            f"the key name in kid {kid[:200]!r} is not valid; expected 1-127 letters, digits or '-'",
-            hint=_KID_HINT,
-        )
-    return name
-
-
-def _check_version(version: str, kid: str) -> str | None:
-    if not version:
-        return None
-    if not _KEY_VERSION.match(version):
-        raise BadRequest(
-            f"the key version in kid {kid[:200]!r} is not valid; expected letters and digits (32 hex)",
-            hint=_KID_HINT,
-        )
-    return version
-
-
 def parse_kid(kid: str) -> tuple[Endpoint | None, str, str | None]:
     """``(vault | None, name, version | None)`` for ``name``, ``name/version`` or a key URL
     ``https://host[:port]/keys/name[/version]``. Names and versions are checked for their character set
@@ -260,23 +236,30 @@ def parse_kid(kid: str) -> tuple[Endpoint | None, str, str | None]:
             raise BadRequest(
                 f"kid {kid[:200]!r} has a query or fragment; expected .../keys/<name>[/<version>]"
             )
-        segments = parts.path.strip("/").split("/")
-        if len(segments) not in (2, 3) or segments[0] != "keys":
+        keys, *segments = parts.path.strip("/").split("/")
+        if len(segments) not in (1, 2) or keys != "keys":
             raise BadRequest(
                 f"kid {kid[:200]!r} is not a key URL; expected https://<vault>/keys/<name>[/<version>]"
             )
-        name = _check_name(segments[1], kid)
-        version = _check_version(segments[2], kid) if len(segments) == 3 else None
-        return vault, name, version
-    segments = text.split("/")
-    if len(segments) > 2:
+    else:
+        vault, segments = None, text.split("/")
+        if len(segments) > 2:
+            raise BadRequest(
+                f"kid {kid[:200]!r} has too many '/' parts; expected name or name/version",
+                hint="or give the full key URL https://<vault>/keys/<name>/<version>",
+            )
+    name, version = segments[0], segments[1] if len(segments) == 2 else ""
+    if not _KEY_NAME.match(name):
         raise BadRequest(
-            f"kid {kid[:200]!r} has too many '/' parts; expected name or name/version",
-            hint="or give the full key URL https://<vault>/keys/<name>/<version>",
+            f"the key name in kid {kid[:200]!r} is not valid; expected 1-127 letters, digits or '-'",
+            hint=_KID_HINT,
         )
-    name = _check_name(segments[0], kid)
-    version = _check_version(segments[1], kid) if len(segments) == 2 else None
-    return None, name, version
+    if version and not _KEY_VERSION.match(version):
+        raise BadRequest(
+            f"the key version in kid {kid[:200]!r} is not valid; expected letters and digits (32 hex)",
+            hint=_KID_HINT,
+        )
+    return vault, name, version or None
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import errno
 import os
 import secrets
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -40,6 +41,14 @@ def _not_a(path: Path | str, what: str) -> ConfigError:
     return ConfigError(f"{path} is not a {what}", hint="move it away or choose another path")
 
 
+def _require(path: Path | str, mode: int, is_kind: Callable[[int], bool], what: str) -> None:
+    """``mode`` (from ``lstat``) is not a link and ``is_kind``: else ConfigError naming ``path``."""
+    if stat.S_ISLNK(mode):
+        raise _is_a_link(path)
+    if not is_kind(mode):
+        raise _not_a(path, what)
+
+
 def check_directory(path: Path, *, missing_ok: bool = False) -> None:
     """``path`` is a real directory: not a symbolic link, not a file. Raises ConfigError otherwise."""
     try:
@@ -48,10 +57,7 @@ def check_directory(path: Path, *, missing_ok: bool = False) -> None:
         if missing_ok:
             return
         raise ConfigError(f"{path} does not exist") from None
-    if stat.S_ISLNK(info.st_mode):
-        raise _is_a_link(path)
-    if not stat.S_ISDIR(info.st_mode):
-        raise _not_a(path, "directory")
+    _require(path, info.st_mode, stat.S_ISDIR, "directory")
 
 
 def ensure_directory(path: Path, mode: int = 0o700) -> None:
@@ -80,10 +86,7 @@ def check_state_tree(root: Path) -> None:
                 mode = os.lstat(entry).st_mode
             except FileNotFoundError:  # removed meanwhile
                 continue
-            if stat.S_ISLNK(mode):
-                raise _is_a_link(entry)
-            if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
-                raise _not_a(entry, "regular file or directory")
+            _require(entry, mode, lambda m: stat.S_ISDIR(m) or stat.S_ISREG(m), "regular file or directory")
 
 
 def check_output_file(path: Path) -> None:
@@ -93,10 +96,7 @@ def check_output_file(path: Path) -> None:
     except FileNotFoundError:
         pass
     else:
-        if stat.S_ISLNK(mode):
-            raise _is_a_link(path)
-        if not stat.S_ISREG(mode):
-            raise _not_a(path, "regular file")
+        _require(path, mode, stat.S_ISREG, "regular file")
     check_directory(path.parent, missing_ok=True)
 
 
@@ -139,11 +139,9 @@ def write_atomically(path: Path, data: bytes | str, mode: int = 0o600) -> None:
         try:
             existing = os.stat(path.name, dir_fd=directory, follow_symlinks=False).st_mode
         except FileNotFoundError:
-            existing = None
-        if existing is not None and stat.S_ISLNK(existing):
-            raise _is_a_link(path)
-        if existing is not None and not stat.S_ISREG(existing):
-            raise _not_a(path, "regular file")
+            pass
+        else:
+            _require(path, existing, stat.S_ISREG, "regular file")
         tmp = f".{path.name}.{secrets.token_hex(6)}.tmp"
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW | O_CLOEXEC
         fd = os.open(tmp, flags, mode, dir_fd=directory)

@@ -55,9 +55,7 @@ def split_host(value: str) -> tuple[str, int | None] | None:
         port = int(digits)
         if port > 65535:
             return None
-    host = host.lower()
-    if host.endswith("."):
-        host = host[:-1]
+    host = host.lower().removesuffix(".")
     if not host or any(c.isspace() or c in "/?#@[]" for c in host):
         return None
     return host, port

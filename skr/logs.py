@@ -41,8 +41,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        rid = request_id_var.get()
-        if rid:
+        if rid := request_id_var.get():
             doc["request_id"] = rid
         for key, value in record.__dict__.items():
             if key in _STANDARD or key.startswith("_"):

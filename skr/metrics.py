@@ -33,6 +33,8 @@ def _fmt(value: float) -> str:
 
 
 class Counter:
+    kind = "counter"
+
     def __init__(self, name: str, help_text: str, labelnames: Sequence[str] = ()) -> None:
         self.name, self.help, self.labelnames = name, help_text, tuple(labelnames)
         self._values: dict[Labels, float] = {}
@@ -48,22 +50,18 @@ class Counter:
 
     def render(self) -> Iterable[str]:
         yield f"# HELP {self.name} {self.help}"
-        yield f"# TYPE {self.name} counter"
+        yield f"# TYPE {self.name} {self.kind}"
         for key, value in sorted(self._values.items()):
             yield f"{self.name}{_fmt_labels(key)} {_fmt(value)}"
 
 
 class Gauge(Counter):
+    kind = "gauge"
+
     def set(self, value: float, **labels: str) -> None:
         key = tuple((n, str(labels[n])) for n in self.labelnames)
         with self._lock:
             self._values[key] = value
-
-    def render(self) -> Iterable[str]:
-        yield f"# HELP {self.name} {self.help}"
-        yield f"# TYPE {self.name} gauge"
-        for key, value in sorted(self._values.items()):
-            yield f"{self.name}{_fmt_labels(key)} {_fmt(value)}"
 
 
 class Histogram:
@@ -134,16 +132,5 @@ class Metrics:
         )
 
     def render(self) -> str:
-        parts = (
-            self.build_info,
-            self.http_requests,
-            self.http_duration,
-            self.releases,
-            self.attestations,
-            self.token_cache,
-            self.upstream_calls,
-            self.upstream_wait,
-            self.evidence,
-            self.grpc_requests,
-        )
-        return "\n".join(line for metric in parts for line in metric.render()) + "\n"
+        """Every metric above, in the order defined."""
+        return "\n".join(line for metric in vars(self).values() for line in metric.render()) + "\n"

@@ -6,21 +6,25 @@ responses of a real run validate against these schemas.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from skr import __version__
 from skr.endpoints import KEY_NAME_PATTERN, KEY_VERSION_PATTERN
 
-_ERROR = {
-    "type": "object",
-    "required": ["error", "code", "request_id"],
-    "properties": {
-        "error": {"type": "string", "description": "One clear sentence."},
-        "code": {"type": "string", "pattern": "^[a-z][a-z0-9_]*$", "description": "Stable snake_case code."},
-        "request_id": {"type": "string"},
-        "hint": {"type": "string", "description": "What to check."},
-    },
-}
+
+def _object(required: Sequence[str] = (), /, **properties: Any) -> dict[str, Any]:
+    """A JSON object schema with these required names (if any) and properties."""
+    return {"type": "object", **({"required": list(required)} if required else {}), "properties": properties}
+
+
+_ERROR = _object(
+    ["error", "code", "request_id"],
+    error={"type": "string", "description": "One clear sentence."},
+    code={"type": "string", "pattern": "^[a-z][a-z0-9_]*$", "description": "Stable snake_case code."},
+    request_id={"type": "string"},
+    hint={"type": "string", "description": "What to check."},
+)
 _B64 = {"type": "string", "description": "Standard base64 (RFC 4648 §4) with padding."}
 # What the server accepts, so that the document stays true (tests/test_schemathesis.py): standard base64
 # with padding, CR/LF ignored anywhere (Go's base64.StdEncoding); a DNS name or IPv4 address with an
@@ -33,11 +37,7 @@ _B64_NONEMPTY_PATTERN = (
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOSTPORT = rf"{_LABEL}(?:\.{_LABEL})*(?::[1-9][0-9]{{0,3}})?"
 _KID_PATTERN = rf"^(?:https://{_HOSTPORT}/keys/)?{KEY_NAME_PATTERN}(?:/{KEY_VERSION_PATTERN})?$"
-_RUNTIME = {
-    "type": "object",
-    "required": ["runtime_data"],
-    "properties": {"runtime_data": {**_B64, "minLength": 1, "pattern": _B64_PATTERN}},
-}
+_RUNTIME = _object(["runtime_data"], runtime_data={**_B64, "minLength": 1, "pattern": _B64_PATTERN})
 _HOST = {
     "type": ["string", "null"],
     "pattern": rf"^(?:(?:https://)?{_HOSTPORT}/?)?$",
@@ -59,13 +59,7 @@ def _errors(*codes: int) -> dict[str, Any]:
         503: "Evidence unavailable.",
         504: "Deadline exceeded.",
     }
-    return {
-        str(c): {
-            "description": text[c],
-            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
-        }
-        for c in codes
-    }
+    return {str(c): _json({"$ref": "#/components/schemas/Error"}, text[c]) for c in codes}
 
 
 def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
@@ -98,21 +92,14 @@ def document() -> dict[str, Any]:
                 "get": {
                     "summary": "Go-compatible liveness.",
                     "responses": {
-                        "200": _json(
-                            {
-                                **obj,
-                                "required": ["message"],
-                                "properties": {"message": {"const": "Status OK"}},
-                            },
-                            "Alive.",
-                        )
+                        "200": _json(_object(["message"], message={"const": "Status OK"}), "Alive.")
                     },
                 }
             },
             "/healthz": {
                 "get": {
                     "summary": "The process is alive.",
-                    "responses": {"200": _json({**obj, "properties": {"status": {"const": "ok"}}}, "Alive.")},
+                    "responses": {"200": _json(_object(status={"const": "ok"}), "Alive.")},
                 }
             },
             "/readyz": {
@@ -120,15 +107,12 @@ def document() -> dict[str, Any]:
                     "summary": "Evidence source usable, policy-hash self-check passed, wrapping key ready.",
                     "responses": {
                         code: _json(
-                            {
-                                **obj,
-                                "required": ["ready", "checks"],
-                                "properties": {
-                                    "ready": {"type": "boolean"},
-                                    "checks": obj,
-                                    "warnings": {"type": "array", "items": {"type": "string"}},
-                                },
-                            },
+                            _object(
+                                ["ready", "checks"],
+                                ready={"type": "boolean"},
+                                checks=obj,
+                                warnings={"type": "array", "items": {"type": "string"}},
+                            ),
                             text,
                         )
                         for code, text in (("200", "Ready."), ("503", "Not ready; checks say why."))
@@ -156,27 +140,20 @@ def document() -> dict[str, Any]:
             "/attest/raw": _post(
                 "A raw SEV-SNP report with REPORT_DATA = SHA-256(runtime_data) ‖ 32 zero bytes.",
                 _RUNTIME,
-                {
-                    **obj,
-                    "required": ["report"],
-                    "properties": {"report": {"type": "string", "pattern": "^[0-9a-f]+$"}},
-                },
+                _object(["report"], report={"type": "string", "pattern": "^[0-9a-f]+$"}),
                 503,
                 504,
             ),
             "/attest/combined": _post(
                 "The report with its collateral (VCEK chain, endorsed TCB, UVM endorsement).",
                 _RUNTIME,
-                {
-                    **obj,
-                    "required": ["endorsed_tcb", "endorsements", "evidence", "uvm_endorsements"],
-                    "properties": {
-                        "endorsed_tcb": {"type": "string"},
-                        "endorsements": _B64,
-                        "evidence": _B64,
-                        "uvm_endorsements": {"type": "string"},
-                    },
-                },
+                _object(
+                    ["endorsed_tcb", "endorsements", "evidence", "uvm_endorsements"],
+                    endorsed_tcb={"type": "string"},
+                    endorsements=_B64,
+                    evidence=_B64,
+                    uvm_endorsements={"type": "string"},
+                ),
                 503,
                 504,
             ),
@@ -198,40 +175,33 @@ def document() -> dict[str, Any]:
                         "maa_endpoint": _HOST,
                     },
                 },
-                {**obj, "required": ["token"], "properties": {"token": {"type": "string"}}},
+                _object(["token"], token={"type": "string"}),
                 502,
                 503,
                 504,
             ),
             "/key/release": _post(
                 "Release a key from Azure Key Vault / Managed HSM; the JWK comes back as a JSON string.",
-                {
-                    **obj,
-                    "required": ["kid"],
-                    "properties": {
-                        "kid": {
-                            "type": "string",
-                            "minLength": 1,
-                            "pattern": _KID_PATTERN,
-                            "description": "name, name/version, or a key URL https://<vault>/keys/<name>[/<version>]"
-                            " (whose vault must be akv_endpoint's when both are given)",
-                        },
-                        "maa_endpoint": _HOST,
-                        "akv_endpoint": _HOST,
-                        "access_token": {
-                            "type": ["string", "null"],
-                            "pattern": r"^(?:[A-Za-z0-9._~+/-]+=*)?$",
-                            "description": "Optional AAD token for the vault.",
-                        },
+                _object(
+                    ["kid"],
+                    kid={
+                        "type": "string",
+                        "minLength": 1,
+                        "pattern": _KID_PATTERN,
+                        "description": "name, name/version, or a key URL https://<vault>/keys/<name>[/<version>]"
+                        " (whose vault must be akv_endpoint's when both are given)",
                     },
-                },
-                {
-                    **obj,
-                    "required": ["key"],
-                    "properties": {
-                        "key": {"type": "string", "description": "The JWK, serialized with sorted keys."}
+                    maa_endpoint=_HOST,
+                    akv_endpoint=_HOST,
+                    access_token={
+                        "type": ["string", "null"],
+                        "pattern": r"^(?:[A-Za-z0-9._~+/-]+=*)?$",
+                        "description": "Optional AAD token for the vault.",
                     },
-                },
+                ),
+                _object(
+                    ["key"], key={"type": "string", "description": "The JWK, serialized with sorted keys."}
+                ),
                 404,
                 500,
                 502,
@@ -245,26 +215,20 @@ def document() -> dict[str, Any]:
                     '{"covers_seq","head","instance","time"}.',
                     "responses": {
                         "200": _json(
-                            {
-                                **obj,
-                                "required": ["covers_seq", "head", "instance", "time", "evidence"],
-                                "properties": {
-                                    "covers_seq": {"type": "integer", "minimum": 0},
-                                    "head": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
-                                    "instance": {"type": "string"},
-                                    "time": {"type": "string"},
-                                    "evidence": {
-                                        **obj,
-                                        "required": ["provider", "report", "vcek_chain"],
-                                        "properties": {
-                                            "provider": {"type": "string"},
-                                            "report": _B64,
-                                            "vcek_chain": {"type": "string"},
-                                            "uvm_endorsement_sha256": {"type": "string"},
-                                        },
-                                    },
-                                },
-                            },
+                            _object(
+                                ["covers_seq", "head", "instance", "time", "evidence"],
+                                covers_seq={"type": "integer", "minimum": 0},
+                                head={"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                                instance={"type": "string"},
+                                time={"type": "string"},
+                                evidence=_object(
+                                    ["provider", "report", "vcek_chain"],
+                                    provider={"type": "string"},
+                                    report=_B64,
+                                    vcek_chain={"type": "string"},
+                                    uvm_endorsement_sha256={"type": "string"},
+                                ),
+                            ),
                             "The statement and its SEV-SNP evidence.",
                         ),
                         **_errors(401, 403, 404, 429, 503),
@@ -297,11 +261,7 @@ def _unwrap_path(release: dict[str, Any]) -> dict[str, Any]:
                 },
             },
         },
-        {
-            "type": "object",
-            "required": ["plaintext"],
-            "properties": {"plaintext": {**_B64, "description": "The decrypted bytes, standard base64."}},
-        },
+        _object(["plaintext"], plaintext={**_B64, "description": "The decrypted bytes, standard base64."}),
         404,
         502,
         503,

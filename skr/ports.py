@@ -19,10 +19,11 @@ from typing import Any, Protocol
 from skr.akv.keywrap import Enc
 from skr.akv.release import ReleaseResult
 from skr.endpoints import Endpoint, KeyRef
-from skr.evidence.base import Evidence
-from skr.evidence.base import EvidenceProvider as EvidenceSource
+from skr.evidence.base import Evidence, EvidenceProvider
 from skr.maa.runtime import WrappingKey
 from skr.upstream import Deadline
+
+EvidenceSource = EvidenceProvider  # where reports come from: the hardware, a virtual TEE, a fake
 
 
 class Attester(Protocol):
@@ -75,13 +76,9 @@ class AuditSink(Protocol):
 
 
 class Clock(Protocol):
-    def time(self) -> float:
-        """Wall-clock seconds since the epoch (token expiry)."""
-        ...
+    def time(self) -> float: ...  # wall-clock seconds since the epoch (token expiry)
 
-    def monotonic(self) -> float:
-        """Seconds on a clock that never goes back (durations)."""
-        ...
+    def monotonic(self) -> float: ...  # seconds on a clock that never goes back (durations)
 
 
 class SystemClock:
@@ -135,17 +132,3 @@ class AuditRecord:
             if f.name != "extra" and value is not ABSENT:
                 out[f.name] = value
         return out
-
-
-__all__ = [
-    "ABSENT",
-    "Attester",
-    "AuditRecord",
-    "AuditSink",
-    "Clock",
-    "EvidenceSource",
-    "ReleaseOpener",
-    "ReleasedKeyResult",
-    "Releaser",
-    "SystemClock",
-]

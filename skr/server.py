@@ -56,15 +56,11 @@ OPEN_PATHS = frozenset({"/status", "/healthz", "/readyz"})
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
-def _dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"))
-
-
 def json_response(
     body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None
 ) -> web.Response:
     """Compact JSON without a trailing newline, as Go's ``c.JSON`` writes it."""
-    resp = web.Response(text=_dumps(body), status=status, headers=headers)
+    resp = web.Response(text=json.dumps(body, separators=(",", ":")), status=status, headers=headers)
     resp.content_type = "application/json"
     resp.charset = "utf-8"
     return resp
@@ -87,7 +83,6 @@ HTTP_STATUS: dict[type[SkrError], int] = {
 
 
 def http_status(exc: SkrError) -> int:
-    """The HTTP status that answers ``exc``: the entry of its most specific class in :data:`HTTP_STATUS`."""
     return by_class(HTTP_STATUS, exc, 500)
 
 
@@ -115,10 +110,9 @@ _PROTOCOL_ERRORS: tuple[tuple[type[http_exceptions.BadHttpMessage], str], ...] =
 
 def _protocol_error_message(exc: BaseException | None) -> str:
     """A fixed sentence per parser error: the parser's own text quotes request bytes (maybe a token)."""
-    for kind, message in _PROTOCOL_ERRORS:
-        if isinstance(exc, kind):
-            return message
-    return "the request is not valid HTTP/1.1"
+    return next(
+        (m for kind, m in _PROTOCOL_ERRORS if isinstance(exc, kind)), "the request is not valid HTTP/1.1"
+    )
 
 
 class _JsonErrorHandler(web_protocol.RequestHandler):
@@ -195,12 +189,10 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
 
 
 def required_str(doc: dict[str, Any], name: str) -> str:
-    value = doc.get(name)
-    if value is None or value == "":
+    value = optional_str(doc, name)
+    if value is None:
         raise BadRequest(f"{name} is required", code=Code.MISSING_FIELD)
-    if not isinstance(value, str):
-        raise BadRequest(f"{name} must be a string", code=Code.INVALID_FIELD)
-    return _unicode(name, value)
+    return value
 
 
 def optional_str(doc: dict[str, Any], name: str) -> str | None:
@@ -209,12 +201,7 @@ def optional_str(doc: dict[str, Any], name: str) -> str | None:
         return None
     if not isinstance(value, str):
         raise BadRequest(f"{name} must be a string", code=Code.INVALID_FIELD)
-    return _unicode(name, value)
-
-
-def _unicode(name: str, value: str) -> str:
-    """JSON lets ``\\ud800`` escapes through; such a string has no UTF-8 form (audit, logs, upstreams)."""
-    try:
+    try:  # JSON lets ``\ud800`` escapes through; such a string has no UTF-8 form (audit, logs, upstreams)
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise BadRequest(
@@ -255,16 +242,20 @@ def _require_json(runtime_data: bytes) -> None:
         )
 
 
-def decode_runtime_data(value: str) -> bytes:
+def decode_std_base64(value: str, name: str) -> bytes:
     """Strict standard base64 with padding, ignoring CR/LF — exactly Go's ``base64.StdEncoding``."""
     try:
         return go_std_b64decode(value)
     except (binascii.Error, ValueError):
         raise BadRequest(
-            "runtime_data is not standard base64 (RFC 4648 §4 alphabet with '=' padding)",
+            f"{name} is not standard base64 (RFC 4648 §4 alphabet with '=' padding)",
             hint="URL-safe base64 ('-' and '_') is not accepted",
             code=Code.INVALID_BASE64,
         ) from None
+
+
+def decode_runtime_data(value: str) -> bytes:
+    return decode_std_base64(value, "runtime_data")
 
 
 # --- middleware --------------------------------------------------------------------------------------
@@ -280,16 +271,8 @@ CLIENT_TOKEN_ID_KEY: web.RequestKey[str] = web.RequestKey("client_token_id", str
 
 def _client_token_id(presented: str, tokens: tuple[tuple[str, str], ...]) -> str | None:
     """The name of the client token presented, or None. Compares with every token (constant time each)."""
-    found = None
-    for name, token in tokens:
-        if hmac.compare_digest(presented.encode(), token.encode()) and found is None:
-            found = name
-    return found
-
-
-def _route_label(request: web.Request) -> str:
-    info = request.match_info.route.resource
-    return info.canonical if info is not None else "unmatched"
+    matches = [name for name, token in tokens if hmac.compare_digest(presented.encode(), token.encode())]
+    return matches[0] if matches else None
 
 
 @web.middleware
@@ -367,7 +350,8 @@ async def _frame(request: web.Request, handler: Handler) -> web.StreamResponse:
     finally:
         request_id_var.reset(token)
     response.headers["X-Request-Id"] = request_id
-    route = _route_label(request)
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
     metrics.http_requests.inc(route=route, status=str(response.status))
     metrics.http_duration.observe(time.monotonic() - started, route=route)
     return response
@@ -427,16 +411,14 @@ async def openapi(_: web.Request) -> web.Response:
 async def attest_raw(request: web.Request) -> web.Response:
     doc = await read_json_object(request)
     runtime_data = decode_runtime_data(required_str(doc, "runtime_data"))
-    ctx = _ctx(request)
-    report = await request.app[SERVICE_KEY].raw_report(runtime_data, ctx)
+    report = await request.app[SERVICE_KEY].raw_report(runtime_data, _ctx(request))
     return json_response({"report": report.hex()})
 
 
 async def attest_combined(request: web.Request) -> web.Response:
     doc = await read_json_object(request)
     runtime_data = decode_runtime_data(required_str(doc, "runtime_data"))
-    body = await request.app[SERVICE_KEY].combined(runtime_data, _ctx(request))
-    return json_response(body)
+    return json_response(await request.app[SERVICE_KEY].combined(runtime_data, _ctx(request)))
 
 
 async def attest_maa(request: web.Request) -> web.Response:
@@ -475,18 +457,6 @@ async def audit_head(request: web.Request) -> web.Response:
     return json_response(await checkpointer.head_statement())
 
 
-def decode_std_base64(value: str, name: str) -> bytes:
-    """A standard-base64 field other than ``runtime_data`` (same rules: Go's ``base64.StdEncoding``)."""
-    try:
-        return go_std_b64decode(value)
-    except (binascii.Error, ValueError):
-        raise BadRequest(
-            f"{name} is not standard base64 (RFC 4648 §4 alphabet with '=' padding)",
-            hint="URL-safe base64 ('-' and '_') is not accepted",
-            code=Code.INVALID_BASE64,
-        ) from None
-
-
 async def key_unwrap(request: web.Request) -> web.Response:
     """``/key/unwrap``: the sidecar releases the key (kept in memory for its token's lifetime), decrypts
     ``wrapped_data`` with it and answers only the plaintext; the app never holds the key."""
@@ -506,8 +476,7 @@ async def key_unwrap(request: web.Request) -> web.Response:
         ctx=ctx,
         decrypt=lambda jwk_json: decrypt(alg, jwk_json, wrapped),
     )
-    body = {"plaintext": base64.b64encode(plaintext).decode()}
-    return json_response(body, headers=_timing(ctx, started))
+    return json_response({"plaintext": base64.b64encode(plaintext).decode()}, headers=_timing(ctx, started))
 
 
 ROUTES: tuple[tuple[str, str, Handler], ...] = (

@@ -40,7 +40,6 @@ from skr.endpoints import Endpoint, KeyRef, parse_endpoint, parse_kid
 from skr.errors import (
     BadRequest,
     Code,
-    EvidenceUnavailable,
     Forbidden,
     NotFound,
     ReleaseDenied,
@@ -72,8 +71,7 @@ T = TypeVar("T")
 
 #: The audit note of an unwrap that used a key kept in memory from an earlier release (no Key Vault call).
 KEPT_KEY_NOTE = "key kept in memory from an earlier unwrap"
-WRAPPING_KEY_BITS = DEFAULT_BITS  # 2048; `skr serve` makes its first key with this default too
-_NEW_WRAPPING_KEY = functools.partial(WrappingKey.generate, WRAPPING_KEY_BITS)
+_NEW_WRAPPING_KEY = functools.partial(WrappingKey.generate, DEFAULT_BITS)  # 2048, as `skr serve`'s first key
 
 
 @dataclass
@@ -180,6 +178,8 @@ class ReleaseService:
 
     async def self_check(self) -> dict[str, Any]:
         """Fetch one report, verify its chain, and check HOST_DATA against the security policy."""
+        from skr.evidence.context import missing_uvm_endorsement_warning
+        from skr.snp.hostdata import host_data_of_policy
         from skr.snp.verify import verify_evidence_chain
 
         result: dict[str, Any] = {}
@@ -194,21 +194,15 @@ class ReleaseService:
             result["evidence"] = f"ok ({evidence.provider})"
             host_data = verified.report.host_data
             result["host_data"] = host_data.hex()
-            if self.security_policy is not None:
-                from skr.snp.hostdata import host_data_of_policy
-
-                expected = host_data_of_policy(self.security_policy)
-                if expected != host_data:
-                    result["policy_hash"] = (
-                        f"mismatch: SHA-256 of the security policy is {expected.hex()} "
-                        f"but the report's HOST_DATA is {host_data.hex()}"
-                    )
-                else:
-                    result["policy_hash"] = "ok"
-            else:
+            if self.security_policy is None:
                 result["policy_hash"] = "ok (no security policy in the context to compare)"
-            from skr.evidence.context import missing_uvm_endorsement_warning
-
+            elif (expected := host_data_of_policy(self.security_policy)) != host_data:
+                result["policy_hash"] = (
+                    f"mismatch: SHA-256 of the security policy is {expected.hex()} "
+                    f"but the report's HOST_DATA is {host_data.hex()}"
+                )
+            else:
+                result["policy_hash"] = "ok"
             warning = missing_uvm_endorsement_warning(self.security_policy, evidence.uvm_endorsements)
             if warning is not None:
                 log.warning("%s", warning)
@@ -257,12 +251,9 @@ class ReleaseService:
             raise BadRequest(
                 f"kid is not a key name, name/version or key URL: {exc.message}", code=Code.INVALID_KID
             ) from None
-        vault = kid_vault
-        if value:
-            named = parse_endpoint(value, what="akv_endpoint")
-            if vault is not None and vault != named:
-                raise BadRequest("kid names a different vault than akv_endpoint", code=Code.INVALID_KID)
-            vault = named
+        vault = parse_endpoint(value, what="akv_endpoint") if value else kid_vault
+        if kid_vault is not None and vault != kid_vault:
+            raise BadRequest("kid names a different vault than akv_endpoint", code=Code.INVALID_KID)
         if vault is None:
             if self.settings.akv_endpoint is None:
                 raise BadRequest(
@@ -294,15 +285,19 @@ class ReleaseService:
         self.metrics.evidence.inc(outcome="ok")
         return evidence
 
+    async def _attest(
+        self, maa: Endpoint, runtime_data: bytes, deadline: Deadline, ctx: RequestContext
+    ) -> str:
+        """A token from ``maa`` for fresh evidence binding ``runtime_data``."""
+        evidence = await self._evidence(report_data_for(runtime_data), ctx)
+        return await self._timed("maa", ctx, self.maa.attest(maa, evidence, runtime_data, deadline=deadline))
+
     async def _mint(self, maa: Endpoint, key: WrappingKey, deadline: Deadline, ctx: RequestContext) -> str:
         """An attestation token from ``maa`` for fresh evidence binding ``key``'s runtime data."""
         # the token names the audit head at attestation time (a cached token keeps naming that moment)
         runtime_data = key.runtime_data(self._audit_head())
         try:
-            evidence = await self._evidence(report_data_for(runtime_data), ctx)
-            token = await self._timed(
-                "maa", ctx, self.maa.attest(maa, evidence, runtime_data, deadline=deadline)
-            )
+            token = await self._attest(maa, runtime_data, deadline, ctx)
         except SkrError:
             self.metrics.attestations.inc(outcome="error")
             raise
@@ -342,12 +337,14 @@ class ReleaseService:
         kind = self.ambient_identity() if self.ambient_identity is not None else "managed_identity"
         return "workload" if kind == "workload_identity" else "managed"
 
-    def _elapsed_ms(self, started: float) -> float:
-        return round((self.clock.monotonic() - started) * 1000, 3)
-
     async def _record(self, record: AuditRecord) -> None:
         if self.audit is not None:
             await self.audit.append(record.as_fields())
+
+    async def _finish(self, draft: _Draft, started: float, **changes: Any) -> None:
+        """Write the request's audit record, with its duration since ``started``."""
+        duration_ms = round((self.clock.monotonic() - started) * 1000, 3)
+        await self._record(draft.final(**changes, duration_ms=duration_ms))
 
     # --- use cases -------------------------------------------------------------------------------------
 
@@ -355,30 +352,15 @@ class ReleaseService:
         """A report binding ``runtime_data`` within the deadline, with its audit record."""
         started = self.clock.monotonic()
         deadline = Deadline.after(self.settings.request_deadline)
-        record = AuditRecord(event=event, request_id=ctx.request_id, client=ctx.client)
+        draft = _Draft(AuditRecord(event=event, request_id=ctx.request_id, client=ctx.client))
         try:
             evidence = await self._within(
                 deadline, "fetching the report", lambda: self._evidence(report_data_for(runtime_data), ctx)
             )
         except SkrError as exc:
-            await self._record(
-                dataclasses.replace(
-                    record,
-                    outcome="error",
-                    error_code=exc.code,
-                    **_why(exc),
-                    duration_ms=self._elapsed_ms(started),
-                )
-            )
+            await self._finish(draft, started, outcome="error", **_error_fields(exc))
             raise
-        await self._record(
-            dataclasses.replace(
-                record,
-                outcome="granted",
-                **_report_fields(evidence.report),
-                duration_ms=self._elapsed_ms(started),
-            )
-        )
+        await self._finish(draft, started, outcome="granted", **_report_fields(evidence.report))
         return evidence
 
     async def raw_report(self, runtime_data: bytes, ctx: RequestContext) -> bytes:
@@ -406,10 +388,7 @@ class ReleaseService:
             deadline = Deadline.after(self.settings.request_deadline)
 
             async def work() -> str:
-                evidence = await self._evidence(report_data_for(runtime_data), ctx)
-                token = await self._timed(
-                    "maa", ctx, self.maa.attest(maa, evidence, runtime_data, deadline=deadline)
-                )
+                token = await self._attest(maa, runtime_data, deadline, ctx)
                 if self.token_verifier is not None:
                     # the app gets the token as proof: it must really be the endpoint's (issuer, signature)
                     await self._timed(
@@ -421,18 +400,11 @@ class ReleaseService:
         except SkrError as exc:
             self.metrics.attestations.inc(outcome="error")
             outcome = "denied" if isinstance(exc, Forbidden) else "error"
-            await self._record(
-                draft.final(
-                    outcome=outcome, error_code=exc.code, **_why(exc), duration_ms=self._elapsed_ms(started)
-                )
-            )
+            await self._finish(draft, started, outcome=outcome, **_error_fields(exc))
             raise
         self.metrics.attestations.inc(outcome="ok")
-        claims = unverified_claims(token)
-        await self._record(
-            draft.final(
-                outcome="granted", **_token_fields(token, claims), duration_ms=self._elapsed_ms(started)
-            )
+        await self._finish(
+            draft, started, outcome="granted", **_token_fields(token, unverified_claims(token))
         )
         return token
 
@@ -547,12 +519,7 @@ class ReleaseService:
                         keep.pop(slot, None)
                         draft.note(note=ABSENT)
                 released = await self._release(
-                    maa=maa,
-                    ref=ref,
-                    access_token=access_token,
-                    deadline=deadline,
-                    ctx=ctx,
-                    draft=draft,
+                    maa=maa, ref=ref, access_token=access_token, deadline=deadline, ctx=ctx, draft=draft
                 )
                 draft.note(key_version=released.version)
                 if keep is not None:
@@ -566,29 +533,18 @@ class ReleaseService:
         except asyncio.CancelledError:
             # The client went away or shutdown cut the request off: the attempt still gets its record.
             self.metrics.releases.inc(outcome="error")
-            record = draft.final(
-                outcome="error", error_code=Code.CANCELLED, duration_ms=self._elapsed_ms(started)
-            )
             with contextlib.suppress(Exception):
-                await asyncio.shield(self._record(record))
+                await asyncio.shield(self._finish(draft, started, outcome="error", error_code=Code.CANCELLED))
             raise
         except SkrError as exc:
             self.metrics.releases.inc(outcome="denied" if isinstance(exc, Forbidden) else "error")
             outcome = "denied" if isinstance(exc, Forbidden | NotFound) else "error"
-            await self._record(
-                draft.final(
-                    outcome=outcome,
-                    error_code=exc.code,
-                    **_why(exc),
-                    attestation=ctx.attestation,
-                    duration_ms=self._elapsed_ms(started),
-                )
+            await self._finish(
+                draft, started, outcome=outcome, **_error_fields(exc), attestation=ctx.attestation
             )
             raise
         self.metrics.releases.inc(outcome="granted")
-        await self._record(
-            draft.final(outcome="granted", attestation=ctx.attestation, duration_ms=self._elapsed_ms(started))
-        )
+        await self._finish(draft, started, outcome="granted", attestation=ctx.attestation)
         return result
 
     async def _release(
@@ -629,11 +585,11 @@ class ReleaseService:
         return dataclasses.replace(opened, expires_at=attestation.expires_at)
 
 
+@dataclass
 class _Draft:
     """The audit record of one request as it grows: each step replaces the frozen record."""
 
-    def __init__(self, record: AuditRecord) -> None:
-        self.record = record
+    record: AuditRecord
 
     def note(self, **changes: Any) -> None:
         self.record = dataclasses.replace(self.record, **changes)
@@ -642,10 +598,15 @@ class _Draft:
         return dataclasses.replace(self.record, **changes)
 
 
-def _why(exc: SkrError) -> dict[str, Any]:
-    """``reason`` (the error's message: the failing claim and values as Key Vault or the policy check said
-    them; error messages never hold tokens) and ``upstream_status`` when an upstream answered."""
-    return {"reason": trim_reason(exc.message), "upstream_status": exc.upstream_status}
+def _error_fields(exc: SkrError) -> dict[str, Any]:
+    """``error_code``, ``reason`` (the error's message: the failing claim and values as Key Vault or the
+    policy check said them; error messages never hold tokens) and ``upstream_status`` when an upstream
+    answered."""
+    return {
+        "error_code": exc.code,
+        "reason": trim_reason(exc.message),
+        "upstream_status": exc.upstream_status,
+    }
 
 
 def _token_fields(token: str, claims: dict[str, Any]) -> dict[str, Any]:
@@ -661,6 +622,3 @@ def _report_fields(report: bytes) -> dict[str, Any]:
     if len(report) < 0xE0:
         return {}
     return {"host_data": report[0xC0:0xE0].hex(), "measurement": report[0x90:0xC0].hex()}
-
-
-__all__ = ["EvidenceUnavailable", "ReleaseService", "ReleasedKeyResult", "RequestContext"]

@@ -31,12 +31,7 @@ from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception,
-    stop_after_attempt,
-)
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
 from skr.errors import Code, UpstreamError, UpstreamTimeout
 
@@ -240,18 +235,13 @@ def _transient_retry_after(exc: BaseException | None) -> float | None:
     return exc.retry_after if isinstance(exc, TransientHTTPError) else None
 
 
+@dataclass
 class _Wait:
     """tenacity wait: Retry-After when the upstream sent one, else exponential backoff with full jitter."""
 
-    def __init__(
-        self,
-        policy: RetryPolicy,
-        deadline: Deadline,
-        retry_after: Callable[[BaseException | None], float | None] = _transient_retry_after,
-    ) -> None:
-        self.policy = policy
-        self.deadline = deadline
-        self.retry_after = retry_after
+    policy: RetryPolicy
+    deadline: Deadline
+    retry_after: Callable[[BaseException | None], float | None] = _transient_retry_after
 
     def __call__(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
@@ -269,11 +259,8 @@ class _Wait:
 def _stop_at_deadline(deadline: Deadline, policy: RetryPolicy) -> Any:
     after_attempts = stop_after_attempt(policy.attempts)
 
-    def stop(state: RetryCallState) -> bool:
-        if after_attempts(state):
-            return True
-        # the next attempt would start with (almost) no time left
-        return deadline.remaining() - (state.upcoming_sleep or 0.0) <= 0.05
+    def stop(state: RetryCallState) -> bool:  # after the attempts, or when the next would have no time left
+        return after_attempts(state) or deadline.remaining() - (state.upcoming_sleep or 0.0) <= 0.05
 
     return stop
 
@@ -340,12 +327,15 @@ async def request(
     attempts = 0
     host = host_of_url(url)
 
+    def timed_out() -> UpstreamTimeout:
+        return UpstreamTimeout(f"{service} did not answer before the request deadline ({host}: timeout)")
+
     async def attempt() -> HttpResult:
         nonlocal attempts
         attempts += 1
         remaining = deadline.remaining()
         if remaining <= 0:
-            raise UpstreamTimeout(f"{service} did not answer before the request deadline ({host}: timeout)")
+            raise timed_out()
         per_try = aiohttp.ClientTimeout(total=min(timeout, remaining))
         async with session.request(
             method,
@@ -393,9 +383,7 @@ async def request(
             upstream_status=exc.status,
         ) from None
     except TimeoutError:
-        raise UpstreamTimeout(
-            f"{service} did not answer before the request deadline ({host}: timeout)"
-        ) from None
+        raise timed_out() from None
     except aiohttp.ClientConnectorCertificateError as exc:
         raise UpstreamError(
             f"{service} presented a TLS certificate that is not trusted ({host}): {exc.certificate_error}",
@@ -404,9 +392,7 @@ async def request(
         ) from None
     except aiohttp.ClientConnectionError as exc:
         if deadline.expired():
-            raise UpstreamTimeout(
-                f"{service} did not answer before the request deadline ({host}: timeout)"
-            ) from None
+            raise timed_out() from None
         raise UpstreamError(
             f"{service} could not be reached at {host} after {attempts} attempts: {connection_cause(exc)}",
             hint="check the endpoint name, DNS and network egress",
