@@ -197,6 +197,7 @@ async def build_runtime(
             client_id=settings.identity_client_id,
             ca_bundle=settings.ca_bundle,
             max_body=settings.max_upstream_body,
+            ssl_context=ssl_ctx,
         )
         local_vaults = [
             ep.authority

@@ -4,14 +4,19 @@ Owns the choice, in the order the Go sidecar uses (request token, then workload 
 
 1. an ``access_token`` given in the request → :class:`StaticTokenCredential` (the token as-is);
 2. workload identity when ``AZURE_CLIENT_ID``, ``AZURE_TENANT_ID`` and ``AZURE_FEDERATED_TOKEN_FILE`` are
-   all set → ``azure.identity.aio.WorkloadIdentityCredential``;
-3. otherwise managed identity → ``azure.identity.aio.ManagedIdentityCredential`` (IMDS, or App Service when
-   ``IDENTITY_ENDPOINT``/``IDENTITY_HEADER`` are set), optionally user-assigned by ``client_id``.
+   all set → :class:`WorkloadIdentityCredential` (the federated assertion, re-read for every token, posted to
+   ``AZURE_AUTHORITY_HOST``, default Entra ID);
+3. otherwise managed identity → :class:`ManagedIdentityCredential`: the App Service protocol when
+   ``IDENTITY_ENDPOINT``/``IDENTITY_HEADER`` are set, else IMDS (at ``AZURE_POD_IDENTITY_AUTHORITY_HOST``
+   when set), optionally user-assigned by ``client_id``.
 
-The ambient credential (2 or 3) is created once and reused, so the SDK's token cache works. TLS to identity
-endpoints is always verified; a configured CA bundle *adds* trust anchors to the system roots. Every SDK
-pipeline skr builds (identity and vault) uses :class:`UpstreamTransport`: no redirect is followed and no
-answer is buffered past the upstream body cap.
+Both ambient credentials are skr's own (docs/wire-formats.md, "Identity"): one token per scope, cached until
+five minutes before it expires, fetched once for concurrent callers, over skr's upstream client (its retry
+policy, no redirects, capped bodies); a refusal is azure-core's ``ClientAuthenticationError``, as the Azure
+SDKs expect of a credential. The ambient credential is created once and reused. TLS to identity endpoints is
+always verified; a configured CA bundle *adds* trust anchors to the system roots. Every SDK pipeline skr
+builds (vault, blob) uses :class:`UpstreamTransport`: no redirect is followed and no answer is buffered past
+the upstream body cap.
 
 The scope of a vault token is skr's choice, never the vault's: :class:`VaultScopedCredential` asks the
 credential only for the data-plane scope of the vault's kind and refuses, before any token is requested,
@@ -22,6 +27,7 @@ Never logs, formats or stores a token anywhere but in the credential objects the
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import ssl
@@ -30,16 +36,25 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
+from urllib.parse import urlencode
 
 import aiohttp
 from azure.core.credentials import AccessToken, AccessTokenInfo, TokenRequestOptions
 from azure.core.credentials_async import AsyncTokenCredential
+from azure.core.exceptions import ClientAuthenticationError
 from azure.core.pipeline.transport import AioHttpTransport
 
 from skr.b64 import b64url_decode
 from skr.endpoints import cloud_suffix, host_of, is_azure_host, is_managed_hsm
 from skr.errors import BadRequest, Code, ConfigError, UpstreamError
-from skr.upstream import DEFAULT_MAX_UPSTREAM_BODY, read_capped, redirect_error
+from skr.upstream import (
+    DEFAULT_MAX_UPSTREAM_BODY,
+    HttpResult,
+    read_capped,
+    redirect_error,
+    request,
+    summarize_body,
+)
 
 VAULT_SCOPE = "https://vault.azure.net/.default"
 MANAGED_HSM_SCOPE = "https://managedhsm.azure.net/.default"
@@ -47,8 +62,13 @@ MANAGED_HSM_SCOPE = "https://managedhsm.azure.net/.default"
 WORKLOAD_IDENTITY_ENV = ("AZURE_CLIENT_ID", "AZURE_TENANT_ID", "AZURE_FEDERATED_TOKEN_FILE")
 STATIC_TOKEN_DEFAULT_LIFETIME = 3600
 
-# Identity endpoints: short timeouts; the SDK retries transient failures itself.
-_CREDENTIAL_TRANSPORT_SETTINGS: dict[str, Any] = {"connection_timeout": 5, "read_timeout": 10}
+IMDS_URL = "http://169.254.169.254"
+IMDS_API_VERSION = "2018-02-01"
+APP_SERVICE_API_VERSION = "2019-08-01"
+ENTRA_AUTHORITY = "https://login.microsoftonline.com"
+ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+IDENTITY_TIMEOUT = 10.0  # seconds per attempt; the caller's deadline bounds the whole
+REFRESH_BEFORE = 300  # seconds before expiry a cached token is refreshed (as azure-identity does)
 
 
 def scope_for(vault: str, *, managed_hsm_hosts: Collection[str] = ()) -> str:
@@ -156,6 +176,191 @@ class StaticTokenCredential(_AsyncCredential):
     __str__ = __repr__
 
 
+class _AmbientCredential(_AsyncCredential):
+    """A token source at an identity endpoint: one token per scope, cached until ``REFRESH_BEFORE`` seconds
+    before it expires (a still-valid token is kept when a refresh fails), one fetch for concurrent callers."""
+
+    service = "identity endpoint"
+
+    def __init__(self, ssl_context: ssl.SSLContext, *, max_body: int = DEFAULT_MAX_UPSTREAM_BODY) -> None:
+        self._ssl_context = ssl_context
+        self._max_body = max_body
+        self._session: aiohttp.ClientSession | None = None
+        self._tokens: dict[str, AccessTokenInfo] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def get_token(
+        self,
+        *scopes: str,
+        claims: str | None = None,
+        tenant_id: str | None = None,
+        enable_cae: bool = False,
+        **kwargs: Any,
+    ) -> AccessToken:
+        """A token for the one scope asked for (cached)."""
+        info = await self.get_token_info(*scopes)
+        return AccessToken(info.token, info.expires_on)
+
+    async def get_token_info(
+        self, *scopes: str, options: TokenRequestOptions | None = None
+    ) -> AccessTokenInfo:
+        """A token with its expiry for the one scope asked for (cached)."""
+        if len(scopes) != 1:
+            raise ValueError(f"{type(self).__name__} issues a token for exactly one scope")
+        scope = scopes[0]
+        async with self._locks.setdefault(scope, asyncio.Lock()):
+            cached = self._tokens.get(scope)
+            now = time.time()
+            if cached is not None and cached.expires_on - now > REFRESH_BEFORE:
+                return cached
+            try:
+                self._tokens[scope] = await self._fetch(scope)
+            except Exception:
+                if cached is not None and cached.expires_on > now:
+                    return cached
+                raise
+            return self._tokens[scope]
+
+    async def _fetch(self, scope: str) -> AccessTokenInfo:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self._ssl_context))
+        method, url, headers, body = await self._request(scope)
+        result = await request(
+            self._session,
+            method,
+            url,
+            service=self.service,
+            headers=headers,
+            data=body,
+            ssl_context=self._ssl_context,
+            timeout=IDENTITY_TIMEOUT,
+            max_body=self._max_body,
+        )
+        return _token_info(result, self.service, scope)
+
+    async def _request(self, scope: str) -> tuple[str, str, dict[str, str], bytes | None]:
+        """Method, URL, headers and body of a token request for ``scope``."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Close the connections to the identity endpoint."""
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(scopes={sorted(self._tokens)!r})"
+
+
+class ManagedIdentityCredential(_AmbientCredential):
+    """Managed identity: the App Service protocol when ``IDENTITY_ENDPOINT`` and ``IDENTITY_HEADER`` are set,
+    else IMDS (at ``AZURE_POD_IDENTITY_AUTHORITY_HOST`` when set). The resource is the scope without
+    ``/.default``; ``client_id`` selects a user-assigned identity."""
+
+    def __init__(
+        self, ssl_context: ssl.SSLContext, env: Mapping[str, str], *, client_id: str | None = None, **kw: Any
+    ) -> None:
+        super().__init__(ssl_context, **kw)
+        self._client_id = client_id
+        endpoint, secret = env.get("IDENTITY_ENDPOINT", "").strip(), env.get("IDENTITY_HEADER", "").strip()
+        if endpoint and secret:
+            self._url, self._headers = endpoint, {"X-IDENTITY-HEADER": secret}
+            self._api_version, self.service = APP_SERVICE_API_VERSION, "managed identity endpoint"
+        else:
+            host = env.get("AZURE_POD_IDENTITY_AUTHORITY_HOST", "").strip() or IMDS_URL
+            self._url, self._headers = (
+                host.rstrip("/") + "/metadata/identity/oauth2/token",
+                {"Metadata": "true"},
+            )
+            self._api_version, self.service = IMDS_API_VERSION, "IMDS"
+
+    async def _request(self, scope: str) -> tuple[str, str, dict[str, str], bytes | None]:
+        query = {"api-version": self._api_version, "resource": scope.removesuffix("/.default")}
+        if self._client_id:
+            query["client_id"] = self._client_id
+        return "GET", f"{self._url}?{urlencode(query)}", self._headers, None
+
+
+class WorkloadIdentityCredential(_AmbientCredential):
+    """Workload identity: the federated assertion in ``token_file`` (re-read for every token, the kubelet
+    rotates it) exchanged at ``{authority}/{tenant}/oauth2/v2.0/token`` (client-credentials grant)."""
+
+    service = "Entra ID token endpoint"
+
+    def __init__(
+        self,
+        ssl_context: ssl.SSLContext,
+        *,
+        tenant_id: str,
+        client_id: str,
+        token_file: str,
+        authority: str,
+        **kw: Any,
+    ) -> None:
+        super().__init__(ssl_context, **kw)
+        authority = authority if "://" in authority else f"https://{authority}"
+        self._url = f"{authority.rstrip('/')}/{tenant_id}/oauth2/v2.0/token"
+        self._client_id, self._token_file = client_id, Path(token_file)
+
+    async def _request(self, scope: str) -> tuple[str, str, dict[str, str], bytes | None]:
+        if not self._url.lower().startswith("https://"):
+            raise ClientAuthenticationError(
+                message=f"AZURE_AUTHORITY_HOST must be an https URL, not {self._url}"
+            )
+        try:
+            assertion = (await asyncio.to_thread(self._token_file.read_text)).strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ClientAuthenticationError(
+                message=f"AZURE_FEDERATED_TOKEN_FILE {self._token_file} cannot be read ({type(exc).__name__})"
+            ) from None
+        form = {
+            "client_assertion": assertion,
+            "client_assertion_type": ASSERTION_TYPE,
+            "client_id": self._client_id,
+            "grant_type": "client_credentials",
+            "scope": scope,
+        }
+        headers = {"Content-Type": "application/x-www-form-urlencoded"}
+        return "POST", self._url, headers, urlencode(form).encode()
+
+
+def _token_info(result: HttpResult, service: str, scope: str) -> AccessTokenInfo:
+    """The token in an identity endpoint's answer: ``access_token`` with ``expires_on`` (epoch seconds, a
+    number or a string) or ``expires_in``. A refusal names the status, the error code and the first line of
+    ``error_description`` (never a body that could hold a token)."""
+    if result.status != 200:
+        code = summarize_body(result.body)
+        try:
+            described = json.loads(result.body).get("error_description")
+        except (ValueError, UnicodeDecodeError, AttributeError, RecursionError):
+            described = None
+        detail = (
+            described.strip().splitlines()[0][:300]
+            if isinstance(described, str) and described.strip()
+            else ""
+        )
+        raise ClientAuthenticationError(
+            message=f"the {service} refused a token for {scope} (HTTP {result.status}"
+            + (f" {code}" if code else "")
+            + ")"
+            + (f": {detail}" if detail else "")
+        )
+    doc = result.json()
+    token = doc.get("access_token") if isinstance(doc, dict) else None
+    try:
+        if isinstance(doc, dict) and doc.get("expires_on") not in (None, ""):
+            expires_on = int(float(doc["expires_on"]))
+        else:
+            expires_on = int(time.time()) + int(float(doc["expires_in"]))
+    except (KeyError, TypeError, ValueError):
+        expires_on = 0
+    if not isinstance(token, str) or not token or expires_on <= 0:
+        raise ClientAuthenticationError(
+            message=f"the {service} answered without an access_token and its expiry for {scope}"
+        )
+    return AccessTokenInfo(token, expires_on)
+
+
 def capped_response_class(limit: int, service: str) -> type[aiohttp.ClientResponse]:
     """An aiohttp response class whose ``read()`` refuses (``upstream_too_large``) a body over ``limit``
     bytes before buffering it: how the SDK transports, which read whole bodies, get skr's cap."""
@@ -238,8 +443,7 @@ class VaultScopedCredential(_AsyncCredential):
 
     A challenge naming any other resource (Azure Resource Manager, Microsoft Graph, ...) is refused with
     ``vault_challenge_mismatch`` before any token is requested. The scope passed on is skr's own string,
-    not the challenge's. The tenant in the challenge is passed on as azure-identity expects (it only
-    accepts its configured tenant unless told otherwise).
+    not the challenge's. The tenant in the challenge is passed on (skr's own credentials ignore it).
     """
 
     def __init__(self, credential: AsyncTokenCredential, vault_url: str, scopes: tuple[str, ...]) -> None:
@@ -314,9 +518,9 @@ class CredentialFactory:
     ``ca_bundle`` adds trust anchors for identity endpoints (local services, tests);
     ``managed_hsm_hosts`` names non-Azure hosts that serve the Managed HSM data plane (for :meth:`scope_for`).
 
-    ``ManagedIdentityCredential`` itself reads ``IDENTITY_ENDPOINT``/``IDENTITY_HEADER``/
-    ``AZURE_POD_IDENTITY_AUTHORITY_HOST`` from the process environment; azure-identity offers no way to
-    inject them.
+    ``ssl_context`` is the caller's verifying context when it has one (one parse of the system roots).
+    The managed identity endpoint (``IDENTITY_ENDPOINT``/``IDENTITY_HEADER``, or
+    ``AZURE_POD_IDENTITY_AUTHORITY_HOST``) is read from the process environment when the credential is made.
     """
 
     def __init__(
@@ -327,6 +531,7 @@ class CredentialFactory:
         ca_bundle: Path | None = None,
         managed_hsm_hosts: Collection[str] = (),
         max_body: int = DEFAULT_MAX_UPSTREAM_BODY,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._env: Mapping[str, str] = dict(env if env is not None else os.environ)
         self._max_body = max_body
@@ -334,7 +539,7 @@ class CredentialFactory:
         self._ca_bundle = ca_bundle
         self._managed_hsm_hosts = tuple(managed_hsm_hosts)
         self._ambient: AsyncTokenCredential | None = None
-        self._ssl_context: ssl.SSLContext | None = None
+        self._ssl_context = ssl_context
         if ca_bundle is not None and not ca_bundle.is_file():
             raise ConfigError(
                 f"the CA bundle {ca_bundle} does not exist",
@@ -391,23 +596,19 @@ class CredentialFactory:
         return self._ambient
 
     def _create_ambient(self) -> AsyncTokenCredential:
-        # azure-identity (with msal, requests, urllib3) is imported on first use, not at start-up: it is
-        # the heaviest import of the sidecar (~0.1 s and ~8 MiB).
-        from azure.identity.aio import ManagedIdentityCredential, WorkloadIdentityCredential
-
-        settings = self.transport_kwargs(service="identity endpoint", **_CREDENTIAL_TRANSPORT_SETTINGS)
+        settings: dict[str, Any] = {"max_body": self._max_body}
         if self._workload_identity_configured():
-            authority = self._env.get("AZURE_AUTHORITY_HOST", "").strip() or None
             return WorkloadIdentityCredential(
+                self.ssl_context(),
                 tenant_id=self._env["AZURE_TENANT_ID"].strip(),
                 client_id=self._env["AZURE_CLIENT_ID"].strip(),
-                token_file_path=self._env["AZURE_FEDERATED_TOKEN_FILE"].strip(),
-                **({"authority": authority} if authority else {}),
+                token_file=self._env["AZURE_FEDERATED_TOKEN_FILE"].strip(),
+                authority=self._env.get("AZURE_AUTHORITY_HOST", "").strip() or ENTRA_AUTHORITY,
                 **settings,
             )
-        if self._client_id:
-            return ManagedIdentityCredential(client_id=self._client_id, **settings)
-        return ManagedIdentityCredential(**settings)
+        return ManagedIdentityCredential(
+            self.ssl_context(), os.environ, client_id=self._client_id, **settings
+        )
 
     def scope_for(self, vault: str) -> str:
         """The AAD scope for ``vault``; see :func:`scope_for`."""

@@ -21,7 +21,7 @@ log = logging.getLogger("skr.process")
 
 PR_SET_DUMPABLE = 4  # <linux/prctl.h>
 PR_GET_DUMPABLE = 3
-TLS_READ_BUFFER = 64 * 1024
+TLS_READ_BUFFER = 16 * 1024  # one TLS record's plaintext at most: no read needs more
 """Bytes asyncio reads from a TLS socket at once, per connection. asyncio's own default is 256 KiB, allocated
 and zero-filled when each connection opens: with 16 pooled connections to a vault that alone is 4 MiB of
 resident memory. A TLS record holds at most 16 KiB of plaintext, so 64 KiB still takes several records per

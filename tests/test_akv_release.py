@@ -18,7 +18,6 @@ import skr.akv.release as release_module
 from skr.akv.jws import open_release
 from skr.akv.keywrap import Enc
 from skr.akv.release import (
-    IDENTITY_MODULES,
     MANAGED_HSM_RELEASE_ROLE,
     SDK_MODULES,
     VAULT_RELEASE_ROLE,
@@ -408,8 +407,7 @@ async def test_release_loads_the_sdks_off_the_loop_first(
     await releaser.release(
         KeyRef.parse("k", vault=stack.hsm_host), token, access_token=stack.bearer() if with_token else None
     )
-    expected = SDK_MODULES if with_token else SDK_MODULES + IDENTITY_MODULES
-    assert asked == [expected]
+    assert asked == [SDK_MODULES]  # no identity SDK to load: skr's credentials are its own
 
 
 @pytest.mark.parametrize("cap", [2, 0], ids=["cap-2", "no-cap"])

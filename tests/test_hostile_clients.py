@@ -401,18 +401,18 @@ async def test_harden_cuts_the_tls_read_buffer():
     done = await asyncio.to_thread(
         subprocess.run, [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=False
     )
-    assert done.stdout.split() == [str(256 * 1024), str(64 * 1024)], done.stderr
+    assert done.stdout.split() == [str(256 * 1024), str(16 * 1024)], done.stderr
 
 
 async def test_tls_connections_allocate_the_smaller_buffer_and_still_read_large_bodies(ca, monkeypatch):
-    """Each TLS connection's read buffer is 64 KiB after the limit, and a 1 MiB answer (many buffers, many
+    """Each TLS connection's read buffer is 16 KiB after the limit, and a 1 MiB answer (many buffers, many
     16 KiB records) still arrives byte for byte."""
     import asyncio.sslproto
 
     from skr.process import TLS_READ_BUFFER, limit_tls_read_buffer
 
     monkeypatch.setattr(asyncio.sslproto.SSLProtocol, "max_size", asyncio.sslproto.SSLProtocol.max_size)
-    assert limit_tls_read_buffer() == TLS_READ_BUFFER == 64 * 1024
+    assert limit_tls_read_buffer() == TLS_READ_BUFFER == 16 * 1024  # one TLS record's plaintext
     assert limit_tls_read_buffer(1 << 20) == TLS_READ_BUFFER  # only ever lowers it
     body = os.urandom(1 << 20)
 
@@ -434,7 +434,7 @@ async def test_tls_connections_allocate_the_smaller_buffer_and_still_read_large_
         ):
             assert resp.connection is not None and resp.connection.transport is not None
             protocol = resp.connection.transport._ssl_protocol  # type: ignore[attr-defined]
-            assert len(protocol._ssl_buffer) == 64 * 1024
+            assert len(protocol._ssl_buffer) == 16 * 1024
             assert await resp.read() == body
     finally:
         await runner.cleanup()

@@ -1,5 +1,7 @@
-"""Which credential the sidecar uses, for which scope — and that the real azure-identity credentials it
-builds get tokens from local HTTPS endpoints trusted through the CA bundle."""
+"""Which credential the sidecar uses, for which scope — and that skr's managed and workload identity
+credentials speak the identity endpoints' wire (docs/wire-formats.md, "Identity"), checked request by request
+against stand-ins written here and against the local identity service (itself checked against the real
+azure-identity in tests/test_local_identity.py), over HTTPS trusted through the CA bundle."""
 
 from __future__ import annotations
 
@@ -11,17 +13,18 @@ import jwt
 import pytest
 from aiohttp import web
 from azure.core.credentials_async import AsyncTokenCredential
-from azure.identity import CredentialUnavailableError
-from azure.identity.aio import ManagedIdentityCredential, WorkloadIdentityCredential
+from azure.core.exceptions import ClientAuthenticationError
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from skr.endpoints import is_azure_host, is_managed_hsm
-from skr.errors import BadRequest, ConfigError
+from skr.errors import BadRequest, ConfigError, UpstreamError
 from skr.identity import (
     MANAGED_HSM_SCOPE,
     VAULT_SCOPE,
     CredentialFactory,
+    ManagedIdentityCredential,
     StaticTokenCredential,
+    WorkloadIdentityCredential,
     scope_for,
 )
 from skr.local.ca import LocalCA
@@ -182,22 +185,18 @@ async def test_factory_managed_identity_without_the_ca_bundle_does_not_trust_the
     for name in MI_ENV:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AZURE_POD_IDENTITY_AUTHORITY_HOST", url)
-    # a TLS failure is final here: no need to sit through azure-identity's retry backoff to see it
-    monkeypatch.setattr(
-        "skr.identity._CREDENTIAL_TRANSPORT_SETTINGS",
-        {"connection_timeout": 5, "read_timeout": 10, "retry_total": 0},
-    )
     factory = CredentialFactory({})
     try:
-        with pytest.raises(CredentialUnavailableError):
+        with pytest.raises(UpstreamError) as info:
             await factory.for_request().get_token(VAULT_SCOPE)
     finally:
         await factory.aclose()
+    assert info.value.code == "upstream_tls_untrusted"
     assert service.issued == 0  # the TLS handshake failed before any token request
 
 
 async def test_factory_workload_identity_posts_the_federated_assertion(tmp_path, ca, monkeypatch):
-    """A local Entra token endpoint over HTTPS: the real WorkloadIdentityCredential sends the assertion
+    """A local Entra token endpoint over HTTPS: the workload identity credential sends the assertion
     from AZURE_FEDERATED_TOKEN_FILE and the factory's CA bundle makes TLS verify."""
     for name in MI_ENV:
         monkeypatch.delenv(name, raising=False)
@@ -229,3 +228,176 @@ async def test_factory_workload_identity_posts_the_federated_assertion(tmp_path,
             "path": f"/{TENANT}/oauth2/v2.0/token",
         }
     ]
+
+
+# --- the managed identity wire, request by request ------------------------------------------------------
+
+
+class TokenEndpoint:
+    """A stand-in identity endpoint recording each request and answering from a list (last one repeats)."""
+
+    def __init__(self, *answers: tuple[int, dict[str, object]]) -> None:
+        self.answers = list(answers)
+        self.requests: list[tuple[str, str, dict[str, str], dict[str, str]]] = []
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.requests.append((request.method, request.path, dict(request.query), dict(request.headers)))
+        status, body = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        return web.json_response(body, status=status)
+
+
+@pytest.fixture
+async def endpoint() -> AsyncIterator[tuple[TokenEndpoint, str]]:
+    stand_in = TokenEndpoint((200, {}))
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", stand_in.handle)
+    runner, url = await serve(app, None)
+    yield stand_in, url
+    await runner.cleanup()
+
+
+def _managed(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], client_id: str | None = None
+) -> CredentialFactory:
+    for name in MI_ENV:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return CredentialFactory({}, client_id=client_id)
+
+
+async def test_imds_request_and_answer_with_string_values(endpoint, monkeypatch):
+    """IMDS: GET /metadata/identity/oauth2/token?api-version=2018-02-01&resource=…&client_id=…, header
+    Metadata: true; the real IMDS sends every value as a string."""
+    stand_in, url = endpoint
+    expires = int(time.time()) + 86400
+    stand_in.answers = [
+        (
+            200,
+            {
+                "access_token": "imds-token",
+                "expires_in": "86399",
+                "expires_on": str(expires),
+                "ext_expires_in": "86399",
+                "not_before": str(expires - 86400),
+                "resource": "https://managedhsm.azure.net",
+                "token_type": "Bearer",
+            },
+        )
+    ]
+    factory = _managed(monkeypatch, {"AZURE_POD_IDENTITY_AUTHORITY_HOST": url}, client_id="uami")
+    try:
+        got = await factory.for_request().get_token_info(MANAGED_HSM_SCOPE)
+    finally:
+        await factory.aclose()
+    assert (got.token, got.expires_on) == ("imds-token", expires)
+    method, path, query, headers = stand_in.requests[0]
+    assert (method, path) == ("GET", "/metadata/identity/oauth2/token")
+    assert query == {
+        "api-version": "2018-02-01",
+        "resource": "https://managedhsm.azure.net",
+        "client_id": "uami",
+    }
+    assert headers["Metadata"] == "true" and "Authorization" not in headers
+
+
+async def test_app_service_request_and_answer(endpoint, monkeypatch):
+    """App Service: GET {IDENTITY_ENDPOINT}?api-version=2019-08-01&resource=…, header X-IDENTITY-HEADER;
+    expires_on in epoch seconds as a number."""
+    stand_in, url = endpoint
+    expires = int(time.time()) + 3600
+    stand_in.answers = [(200, {"access_token": "msi-token", "expires_on": expires, "token_type": "Bearer"})]
+    env = {"IDENTITY_ENDPOINT": f"{url}/msi/token", "IDENTITY_HEADER": "secret-header"}
+    factory = _managed(monkeypatch, env)
+    try:
+        got = await factory.for_request().get_token(VAULT_SCOPE)
+    finally:
+        await factory.aclose()
+    assert (got.token, got.expires_on) == ("msi-token", expires)
+    method, path, query, headers = stand_in.requests[0]
+    assert (method, path) == ("GET", "/msi/token")
+    assert query == {"api-version": "2019-08-01", "resource": "https://vault.azure.net"}
+    assert headers["X-IDENTITY-HEADER"] == "secret-header"
+
+
+async def test_a_token_is_fetched_once_for_concurrent_callers(endpoint, monkeypatch):
+    import asyncio
+
+    stand_in, url = endpoint
+    stand_in.answers = [(200, {"access_token": "only", "expires_on": str(int(time.time()) + 3600)})]
+    factory = _managed(monkeypatch, {"AZURE_POD_IDENTITY_AUTHORITY_HOST": url})
+    credential = factory.for_request()
+    try:
+        tokens = await asyncio.gather(*(credential.get_token(VAULT_SCOPE) for _ in range(20)))
+        tokens.append(await factory.for_request().get_token(VAULT_SCOPE))
+    finally:
+        await factory.aclose()
+    assert {t.token for t in tokens} == {"only"} and len(stand_in.requests) == 1
+
+
+async def test_a_token_is_refreshed_within_five_minutes_of_its_expiry(endpoint, monkeypatch):
+    stand_in, url = endpoint
+    stand_in.answers = [
+        (200, {"access_token": "first", "expires_on": str(int(time.time()) + 200)}),
+        (200, {"access_token": "second", "expires_on": str(int(time.time()) + 3600)}),
+    ]
+    factory = _managed(monkeypatch, {"AZURE_POD_IDENTITY_AUTHORITY_HOST": url})
+    credential = factory.for_request()
+    try:
+        tokens = [(await credential.get_token(VAULT_SCOPE)).token for _ in range(3)]
+    finally:
+        await factory.aclose()
+    assert tokens == ["first", "second", "second"] and len(stand_in.requests) == 2
+
+
+async def test_a_refusal_names_the_status_code_and_description_and_a_valid_token_survives_it(
+    endpoint, monkeypatch
+):
+    stand_in, url = endpoint
+    soon = int(time.time()) + 200
+    refusal = (400, {"error": "invalid_request", "error_description": "Identity not found\nTrace ID: x"})
+    stand_in.answers = [(200, {"access_token": "still-valid", "expires_on": str(soon)}), refusal]
+    factory = _managed(monkeypatch, {"AZURE_POD_IDENTITY_AUTHORITY_HOST": url})
+    credential = factory.for_request()
+    try:
+        assert (await credential.get_token(VAULT_SCOPE)).token == "still-valid"
+        assert (await credential.get_token(VAULT_SCOPE)).token == "still-valid"  # refresh refused, kept
+        with pytest.raises(ClientAuthenticationError) as info:
+            await credential.get_token(MANAGED_HSM_SCOPE)  # nothing cached for this scope
+    finally:
+        await factory.aclose()
+    assert info.value.message == (
+        f"the IMDS refused a token for {MANAGED_HSM_SCOPE} (HTTP 400 invalid_request): Identity not found"
+    )
+    assert len(stand_in.requests) == 3
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {},
+        {"access_token": "", "expires_on": "1"},
+        {"access_token": "t"},
+        {"access_token": "t", "expires_on": "x"},
+    ],
+)
+async def test_an_answer_without_a_token_and_expiry_is_refused(endpoint, monkeypatch, answer):
+    stand_in, url = endpoint
+    stand_in.answers = [(200, answer)]
+    factory = _managed(monkeypatch, {"AZURE_POD_IDENTITY_AUTHORITY_HOST": url})
+    try:
+        with pytest.raises(ClientAuthenticationError, match="without an access_token"):
+            await factory.for_request().get_token(VAULT_SCOPE)
+    finally:
+        await factory.aclose()
+
+
+async def test_workload_identity_refuses_an_http_authority_before_sending_the_assertion(tmp_path, endpoint):
+    stand_in, url = endpoint
+    factory = CredentialFactory(_workload_env(tmp_path) | {"AZURE_AUTHORITY_HOST": url})
+    try:
+        with pytest.raises(ClientAuthenticationError, match="https"):
+            await factory.for_request().get_token(VAULT_SCOPE)
+    finally:
+        await factory.aclose()
+    assert stand_in.requests == []

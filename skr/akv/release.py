@@ -301,7 +301,7 @@ class KeyVaultReleaser:
             raise BadRequest(
                 f"enc {str(enc)[:40]!r} is not one of {', '.join(e.value for e in Enc)}"
             ) from None
-        await import_off_loop(*(SDK_MODULES if access_token else SDK_MODULES + IDENTITY_MODULES))
+        await import_off_loop(*SDK_MODULES)
         credential = self._credentials.for_request(access_token)
         ephemeral = isinstance(credential, StaticTokenCredential)
         client = (
@@ -442,7 +442,6 @@ class KeyVaultReleaser:
 
 
 SDK_MODULES = ("azure.keyvault.keys.aio",)
-IDENTITY_MODULES = ("azure.identity.aio",)
 
 
 async def import_off_loop(*modules: str) -> None:
