@@ -68,7 +68,7 @@ APP_SERVICE_API_VERSION = "2019-08-01"
 ENTRA_AUTHORITY = "https://login.microsoftonline.com"
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 IDENTITY_TIMEOUT = 10.0  # seconds per attempt; the caller's deadline bounds the whole
-REFRESH_BEFORE = 300  # seconds before expiry a cached token is refreshed (as azure-identity does)
+REFRESH_BEFORE = 300  # seconds before expiry a cached token is refreshed
 
 
 def scope_for(vault: str, *, managed_hsm_hosts: Collection[str] = ()) -> str:

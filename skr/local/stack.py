@@ -8,8 +8,8 @@ to that HOST_DATA (plus one bound to a different policy, to show a denial), a lo
 endpoint (plain HTTP on loopback, like the real App Service and IMDS endpoints), and the sidecar wired
 to all of it through exactly the clients it uses for Azure.
 
-The managed-identity credential of azure-identity reads ``IDENTITY_ENDPOINT`` and ``IDENTITY_HEADER``
-from the process environment, so the stack sets them in this process (and lists them in
+The managed-identity credential reads ``IDENTITY_ENDPOINT`` and ``IDENTITY_HEADER`` from the process
+environment, so the stack sets them in this process (and lists them in
 ``local.json`` for other clients).
 """
 
