@@ -365,9 +365,10 @@ async def request(
     retrying = transient_retrying(
         deadline=deadline,
         policy=retry,
-        is_transient=lambda exc: isinstance(
-            exc, aiohttp.ClientConnectionError | TimeoutError | TransientHTTPError
-        ),
+        is_transient=lambda exc: (
+            isinstance(exc, aiohttp.ClientConnectionError | TimeoutError | TransientHTTPError)
+            and not isinstance(exc, aiohttp.ClientConnectorCertificateError)
+        ),  # an untrusted certificate stays so
     )
     try:
         result: HttpResult = await retrying(attempt)

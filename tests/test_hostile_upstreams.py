@@ -9,8 +9,10 @@ client insists on TLS); a redirect target is a bare TCP listener that counts the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
+import ssl
 import sys
 import time
 import uuid
@@ -264,6 +266,30 @@ async def test_the_identity_endpoint_cannot_redirect(ca, monkeypatch):
             await credentials.aclose()
     assert info.value.code == "upstream_redirect" and target.authority in info.value.message
     assert identity_seen and target.connections == 0
+
+
+async def test_an_untrusted_certificate_is_not_retried(ca):
+    """A certificate the trust store does not accept is final: one connection, no backoff."""
+    connections = 0
+    tls = ca.server_ssl_context(["127.0.0.1"])
+
+    async def handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        with contextlib.suppress(OSError, ssl.SSLError):
+            await writer.start_tls(tls)
+        writer.close()
+
+    server = await asyncio.start_server(handshake, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with aiohttp.ClientSession() as session:
+            with pytest.raises(UpstreamError) as info:
+                await request(session, "GET", f"https://127.0.0.1:{port}/", service="hostile")
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert info.value.code == "upstream_tls_untrusted" and connections == 1
 
 
 # --- the token scope is skr's ------------------------------------------------------------------------------
