@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import ssl
 import time
@@ -69,6 +70,8 @@ ENTRA_AUTHORITY = "https://login.microsoftonline.com"
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 IDENTITY_TIMEOUT = 10.0  # seconds per attempt; the caller's deadline bounds the whole
 REFRESH_BEFORE = 300  # seconds before expiry a cached token is refreshed
+
+log = logging.getLogger(__name__)
 
 
 def scope_for(vault: str, *, managed_hsm_hosts: Collection[str] = ()) -> str:
@@ -236,7 +239,12 @@ class _AmbientCredential(_AsyncCredential):
             timeout=IDENTITY_TIMEOUT,
             max_body=self._max_body,
         )
-        return _token_info(result, self.service, scope)
+        info = _token_info(result, self.service, scope)
+        log.debug(
+            "identity token issued",
+            extra={"endpoint": self.service, "scope": scope, "expires_on": info.expires_on},
+        )
+        return info
 
     async def _request(self, scope: str) -> tuple[str, str, dict[str, str], bytes | None]:
         """Method, URL, headers and body of a token request for ``scope``."""
