@@ -190,12 +190,8 @@ def verify_release_jws(
 
     ``at`` is the validation time (default: now, UTC). Raises :class:`JwsError` saying what failed.
     """
-    if at is None:
-        when = datetime.now(UTC)
-    elif at.tzinfo is None:
-        when = at.replace(tzinfo=UTC)
-    else:
-        when = at.astimezone(UTC)
+    at = datetime.now(UTC) if at is None else at
+    when = at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
     jws = _split(compact)
     algorithm = _algorithm(jws.header)
     if not jws.signature:

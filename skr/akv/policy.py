@@ -20,7 +20,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from decimal import Decimal
 from enum import StrEnum
 from typing import Any
@@ -72,6 +72,8 @@ class Operator(StrEnum):
     GREATER_OR_EQUALS = "greaterOrEquals"
     EXISTS = "exists"
 
+
+_OPERATOR_NAMES = tuple(o.value for o in Operator)
 
 #: Ordering operators: (wording for reasons, test on the sign of actual - expected).
 _ORDERING: Mapping[Operator, tuple[str, Callable[[int], bool]]] = {
@@ -165,15 +167,7 @@ class TraceEntry:
 
     def to_dict(self) -> dict[str, Any]:
         """The entry as JSON-ready data."""
-        return {
-            "path": self.path,
-            "claim": self.claim,
-            "operator": self.operator,
-            "expected": self.expected,
-            "actual": self.actual,
-            "met": self.met,
-            "note": self.note,
-        }
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -296,25 +290,19 @@ def _parse_claim(obj: Mapping[str, Any], path: str) -> ClaimCondition:
     if "condition" in obj or "value" in obj:  # legacy form
         _unknown(obj, {"claim", "condition", "value"}, path)
         name = obj.get("condition")
-        try:
-            operator = Operator(name) if isinstance(name, str) else None
-        except ValueError:
-            operator = None
-        if operator is None:
+        if not isinstance(name, str) or name not in _OPERATOR_NAMES:
             raise _fail(
-                _join(path, "condition"),
-                f"is {_render(name)}; expected one of {', '.join(o.value for o in Operator)}",
+                _join(path, "condition"), f"is {_render(name)}; expected one of {', '.join(_OPERATOR_NAMES)}"
             )
+        operator = Operator(name)
         if "value" not in obj:
             raise _fail(path, "has 'condition' but no 'value'")
         return ClaimCondition(path, claim, operator, _operand(operator, obj["value"], _join(path, "value")))
     operators = [o for o in Operator if o.value in obj]
-    _unknown(obj, {"claim"} | {o.value for o in Operator}, path)
+    _unknown(obj, {"claim", *_OPERATOR_NAMES}, path)
     if len(operators) != 1:
         found = ", ".join(o.value for o in operators) or "none"
-        raise _fail(
-            path, f"needs exactly one operator ({', '.join(o.value for o in Operator)}); found {found}"
-        )
+        raise _fail(path, f"needs exactly one operator ({', '.join(_OPERATOR_NAMES)}); found {found}")
     operator = operators[0]
     return ClaimCondition(
         path, claim, operator, _operand(operator, obj[operator.value], _join(path, operator.value))

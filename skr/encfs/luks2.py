@@ -337,12 +337,8 @@ def xts_crypt(
     out = bytearray()
     algo = algorithms.AES(key)
     for k in range(len(data) // sector_size):
-        tweak = (first_iv + k * iv_step).to_bytes(16, "little")
-        ctx = (
-            Cipher(algo, modes.XTS(tweak)).encryptor()
-            if encrypt
-            else Cipher(algo, modes.XTS(tweak)).decryptor()
-        )
+        cipher = Cipher(algo, modes.XTS((first_iv + k * iv_step).to_bytes(16, "little")))
+        ctx = cipher.encryptor() if encrypt else cipher.decryptor()
         out += ctx.update(data[k * sector_size : (k + 1) * sector_size])
         out += ctx.finalize()
     return bytes(out)
@@ -414,27 +410,17 @@ class DataCipher:
     def __repr__(self) -> str:
         return f"DataCipher(segment={self.segment.id!r}, sector_size={self.sector_size})"
 
-    def _first_iv(self, offset: int) -> int:
+    def _crypt(self, offset: int, data: bytes, *, encrypt: bool) -> bytes:
         if offset % self.sector_size:
             raise LuksError("data access is not sector-aligned")
-        return (offset // self.sector_size) * (self.sector_size // 512) + self.segment.iv_tweak
+        step = self.sector_size // 512
+        first_iv = (offset // self.sector_size) * step + self.segment.iv_tweak
+        return xts_crypt(
+            self._key, data, sector_size=self.sector_size, first_iv=first_iv, iv_step=step, encrypt=encrypt
+        )
 
     def decrypt(self, offset: int, ciphertext: bytes) -> bytes:
-        return xts_crypt(
-            self._key,
-            ciphertext,
-            sector_size=self.sector_size,
-            first_iv=self._first_iv(offset),
-            iv_step=self.sector_size // 512,
-            encrypt=False,
-        )
+        return self._crypt(offset, ciphertext, encrypt=False)
 
     def encrypt(self, offset: int, plaintext: bytes) -> bytes:
-        return xts_crypt(
-            self._key,
-            plaintext,
-            sector_size=self.sector_size,
-            first_iv=self._first_iv(offset),
-            iv_step=self.sector_size // 512,
-            encrypt=True,
-        )
+        return self._crypt(offset, plaintext, encrypt=True)

@@ -200,16 +200,12 @@ class EncfsMounter:
         self.state[spec.mount_point] = step
         try:
             return await work
-        except SkrError as exc:
+        except (SkrError, OSError, ValueError, TimeoutError) as exc:
             self.state[spec.mount_point] = f"failed at {step}"
-            raise type(exc)(
-                f"filesystem {spec.index} ({spec.mount_point}): {step}: {exc.message}",
-                hint=exc.hint,
-                code=exc.code,
-            ) from None
-        except (OSError, ValueError, TimeoutError) as exc:
-            self.state[spec.mount_point] = f"failed at {step}"
-            raise MountError(f"filesystem {spec.index} ({spec.mount_point}): {step}: {exc}") from None
+            where = f"filesystem {spec.index} ({spec.mount_point}): {step}"
+            if isinstance(exc, SkrError):
+                raise type(exc)(f"{where}: {exc.message}", hint=exc.hint, code=exc.code) from None
+            raise MountError(f"{where}: {exc}") from None
 
     async def _mount_one(self, spec: FilesystemSpec) -> None:
         m = Mounted(spec)

@@ -209,10 +209,6 @@ class MaaClient:
     ``timeout`` is per attempt; ``retry`` retries only transient failures.
     """
 
-    encode_report = staticmethod(encode_report)
-    build_request_body = staticmethod(build_request_body)
-    normalize_endpoint = staticmethod(normalize_endpoint)
-
     def __init__(
         self,
         session: aiohttp.ClientSession,

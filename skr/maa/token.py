@@ -22,7 +22,7 @@ import math
 import ssl
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -135,7 +135,6 @@ class _IssuerKeys:
     skipped: dict[str, str]
     fetched_at: float
     static: bool = False
-    sources: list[str] = field(default_factory=list)
 
     def age(self) -> float:
         return time.monotonic() - self.fetched_at
@@ -423,7 +422,7 @@ class TokenVerifier:
         jwks = await self._get_json(jwks_uri, JWKS_SERVICE, deadline)
         keys, skipped = parse_jwks(jwks)
         self.fetches += 1
-        return _IssuerKeys(keys, skipped, time.monotonic(), sources=[metadata_url, jwks_uri])
+        return _IssuerKeys(keys, skipped, time.monotonic())
 
 
 def _endpoint_of(url: str) -> Endpoint | None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from skr.errors import BadRequest
@@ -216,19 +216,7 @@ class ContainerRules:
     no_new_privileges: bool
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "image": self.image,
-            "layers": self.layers,
-            "command": self.command,
-            "env_rules": self.env_rules,
-            "mounts": self.mounts,
-            "exec_processes": self.exec_processes,
-            "working_dir": self.working_dir,
-            "allow_elevated": self.allow_elevated,
-            "allow_stdio_access": self.allow_stdio_access,
-            "no_new_privileges": self.no_new_privileges,
-        }
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -252,19 +240,9 @@ class CcePolicy:
         return bool(self.rules) and all(v == "allow-all" for v in self.rules.values())
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "host_data": self.host_data,
-            "api_version": self.api_version,
-            "framework_version": self.framework_version,
-            "allow_all": self.allow_all,
-            "rules": self.rules,
-            "settings": self.settings,
-            "fragments": self.fragments,
-            "containers": [c.to_dict() for c in self.containers],
-            "external_processes": self.external_processes,
-            "warnings": self.warnings,
-            "notes": self.notes,
-        }
+        """Every field (containers as dicts), with ``allow_all`` after the versions."""
+        items = list(asdict(self).items())
+        return dict([*items[:3], ("allow_all", self.allow_all), *items[3:]])
 
 
 def _text(value: Any) -> str:

@@ -301,6 +301,14 @@ class GuestPolicy:
 # --- the report ------------------------------------------------------------------------------------
 
 
+def _check_version(version: int) -> None:
+    if version not in SUPPORTED_VERSIONS:
+        raise ReportError(
+            f"unsupported report version {version}; expected one of 2, 3, 4, 5",
+            hint="is this an SEV-SNP ATTESTATION_REPORT?",
+        )
+
+
 @dataclass(frozen=True)
 class AttestationReport:
     """One ATTESTATION_REPORT. Integer fields hold u8/u32/u64 values, byte fields the raw bytes.
@@ -347,11 +355,7 @@ class AttestationReport:
 
     def __post_init__(self) -> None:
         self._check_types_and_ranges()
-        if self.version not in SUPPORTED_VERSIONS:
-            raise ReportError(
-                f"unsupported report version {self.version}; expected one of 2, 3, 4, 5",
-                hint="is this an SEV-SNP ATTESTATION_REPORT?",
-            )
+        _check_version(self.version)
         if self.signature_algo != SIGNATURE_ALGO_ECDSA_P384_SHA384:
             raise ReportError(
                 f"unsupported signature algorithm {self.signature_algo}; expected 1 (ECDSA P-384 SHA-384)"
@@ -391,11 +395,7 @@ class AttestationReport:
                 hint="pass the raw binary report or its hex text",
             )
         version = int.from_bytes(data[0:4], "little")
-        if version not in SUPPORTED_VERSIONS:
-            raise ReportError(
-                f"unsupported report version {version}; expected one of 2, 3, 4, 5",
-                hint="is this an SEV-SNP ATTESTATION_REPORT?",
-            )
+        _check_version(version)
         reserved = list(_RESERVED)
         if version < 3:
             reserved.append(_CPUID_RANGE)
