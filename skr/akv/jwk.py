@@ -25,17 +25,6 @@ from skr.akv.keywrap import b64url_decode
 from skr.b64 import b64url_encode, b64url_uint
 from skr.errors import KeyWrapError
 
-__all__ = [
-    "CURVES",
-    "PrivateKey",
-    "jose_kty",
-    "jwk_to_json",
-    "jwk_to_private_key",
-    "plaintext_to_jwk",
-    "private_key_to_jwk",
-    "private_key_to_plaintext",
-]
-
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
 #: AKV / JOSE curve names → cryptography curves. ``P-256K`` is Key Vault's name for secp256k1.

@@ -32,20 +32,6 @@ from skr import b64
 from skr.b64 import b64url_encode
 from skr.errors import KeyWrapError
 
-__all__ = [
-    "DEFAULT_ENC",
-    "SUPPORTED_WRAPPING_KEY_BITS",
-    "Enc",
-    "KeyHsm",
-    "b64url_decode",
-    "encode_key_hsm",
-    "parse_enc",
-    "parse_key_hsm",
-    "select_enc",
-    "unwrap",
-    "wrap",
-]
-
 
 class Enc(StrEnum):
     """The ``enc`` values of a Key Vault release (``KeyReleaseParameters.enc``)."""

@@ -28,25 +28,6 @@ from urllib.parse import urlsplit
 
 from skr.errors import PolicyError
 
-__all__ = [
-    "ABSENT",
-    "POLICY_VERSIONS",
-    "AllOf",
-    "AnyOf",
-    "AuthorityRule",
-    "ClaimCondition",
-    "Condition",
-    "Decision",
-    "Operator",
-    "ReleasePolicy",
-    "TraceEntry",
-    "build_confidential_containers_policy",
-    "encode_policy_for_wire",
-    "evaluate",
-    "normalize_authority",
-    "parse_policy",
-]
-
 #: Policy versions Key Vault and Managed HSM accept ("0.2" is still used by Microsoft's tooling).
 POLICY_VERSIONS = ("1.0.0", "0.2")
 

@@ -111,7 +111,7 @@ class _LiteralReader:
             raise _Unparsable("nested too deeply")
         char = self._peek()
         if char == "[":
-            return self._sequence("[", "]", depth)
+            return self._sequence(depth)
         if char == "{":
             return self._mapping(depth)
         if char == '"':
@@ -144,15 +144,18 @@ class _LiteralReader:
             raise _Unparsable(f"a bad string escape ({exc})") from None
         return value
 
-    def _sequence(self, opening: str, closing: str, depth: int) -> list[Any]:
+    def _separator(self, closing: str) -> None:
+        if self._peek() == ",":
+            self.pos += 1
+        elif self._peek() != closing:
+            raise _Unparsable(f"expected ',' or '{closing}' at {self.text[self.pos : self.pos + 30]!r}")
+
+    def _sequence(self, depth: int) -> list[Any]:
         self.pos += 1
         items: list[Any] = []
-        while self._peek() != closing:
+        while self._peek() != "]":
             items.append(self.value(depth + 1))
-            if self._peek() == ",":
-                self.pos += 1
-            elif self._peek() != closing:
-                raise _Unparsable(f"expected ',' or '{closing}' at {self.text[self.pos : self.pos + 30]!r}")
+            self._separator("]")
         self.pos += 1
         return items
 
@@ -167,10 +170,7 @@ class _LiteralReader:
                 raise _Unparsable(f"expected ':' after {key!r}")
             self.pos += 1
             result[key] = self.value(depth + 1)
-            if self._peek() == ",":
-                self.pos += 1
-            elif self._peek() != "}":
-                raise _Unparsable(f"expected ',' or '}}' at {self.text[self.pos : self.pos + 30]!r}")
+            self._separator("}")
         self.pos += 1
         return result
 
