@@ -500,10 +500,8 @@ def normalize_authority(value: str) -> str:
         port = parts.port
     except ValueError:
         return text.rstrip("/")
-    default = {"https": 443, "http": 80}.get(scheme)
-    netloc = host if port in (None, default) else f"{host}:{port}"
-    if ":" in host:
-        netloc = f"[{host}]" if port in (None, default) else f"[{host}]:{port}"
+    shown = f"[{host}]" if ":" in host else host
+    netloc = shown if port in (None, {"https": 443, "http": 80}.get(scheme)) else f"{shown}:{port}"
     path = parts.path.rstrip("/")
     query = f"?{parts.query}" if parts.query else ""
     return f"{scheme}://{netloc}{path}{query}"

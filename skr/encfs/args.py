@@ -125,9 +125,7 @@ def _object(doc: Mapping[str, Any], name: str, where: str) -> Mapping[str, Any]:
 
 
 def _string(doc: Mapping[str, Any], name: str, where: str, *, required: bool = False) -> str:
-    value = doc.get(name)
-    if value is None:
-        value = ""
+    value = "" if doc.get(name) is None else doc[name]
     if not isinstance(value, str):
         raise EncfsConfigError(f"{where}.{name} must be a string")
     if required and not value:

@@ -135,9 +135,7 @@ def inspect_image(read_at: ReadAt, *, image_size: int | None, key: bytes | None)
     result = summary(header, image_size)
     if key is not None:
         try:
-            opened = unlock(header, key, read_at)
-            result["key_opens"] = True
-            result["keyslot"] = opened.keyslot
+            result.update(key_opens=True, keyslot=unlock(header, key, read_at).keyslot)
         except LuksWrongKey:
             result["key_opens"] = False
     return result

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import json
@@ -161,26 +162,26 @@ def read_header(read_at: ReadAt) -> Header:
         raise LuksError("the image is too small to hold a LUKS2 header")
     if first[:6] != MAGIC_PRIMARY:
         raise LuksError("not a LUKS2 image (no LUKS header magic at offset 0)")
-    primary_error: LuksError
     try:
-        hdr_size = int.from_bytes(first[8:16], "big")
-        area = first + read_at(BINARY_HEADER_SIZE, max(hdr_size - BINARY_HEADER_SIZE, 0))
-        return parse_header(area, offset=0)
+        return _read_copy(read_at, first, offset=0)
     except LuksUnsupported:
         raise
     except LuksError as exc:
         primary_error = exc
     for offset in SECONDARY_OFFSETS:
         head = read_at(offset, BINARY_HEADER_SIZE)
-        if head[:6] != MAGIC_SECONDARY:
-            continue
-        size = int.from_bytes(head[8:16], "big")
-        try:
-            area = head + read_at(offset + BINARY_HEADER_SIZE, max(size - BINARY_HEADER_SIZE, 0))
-            return parse_header(area, offset=offset)
-        except LuksError:
-            continue
+        if head[:6] == MAGIC_SECONDARY:
+            with contextlib.suppress(LuksError):
+                return _read_copy(read_at, head, offset=offset)
     raise primary_error
+
+
+def _read_copy(read_at: ReadAt, head: bytes, *, offset: int) -> Header:
+    """The header copy at ``offset`` whose first 4096 bytes are ``head``: the rest of it read, then parsed."""
+    hdr_size = int.from_bytes(head[8:16], "big")
+    return parse_header(
+        head + read_at(offset + BINARY_HEADER_SIZE, max(hdr_size - BINARY_HEADER_SIZE, 0)), offset=offset
+    )
 
 
 def parse_header(area: bytes, *, offset: int = 0) -> Header:

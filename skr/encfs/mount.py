@@ -144,8 +144,9 @@ class EncfsMounter:
         """Remove what a crashed run left: symlinks, ext4 mounts, loop devices, FUSE mounts, dm mappings."""
         mounts = mounted_paths()
         work = self.options.work_dir
-        for path in sorted(mounts):
-            if path.startswith(str(work) + "/") and fuse_alive(Path(path)):
+        ours = [path for path in sorted(mounts) if path.startswith(f"{work}/")]
+        for path in ours:
+            if fuse_alive(Path(path)):
                 raise MountError(
                     f"{path} is served by another running skr encfs",
                     hint="give each skr encfs its own --work-dir",
@@ -179,10 +180,9 @@ class EncfsMounter:
         for device in loops_backed_by(work):
             log.info("detaching a stale loop device %s", device)
             await self._run(self.system.losetup_detach, device)
-        for path in sorted(mounts):
-            if path.startswith(str(work) + "/"):
-                log.info("unmounting a stale FUSE mount at %s", path)
-                await self._run(self.system.fuse_unmount, Path(path), lazy=True)
+        for path in ours:
+            log.info("unmounting a stale FUSE mount at %s", path)
+            await self._run(self.system.fuse_unmount, Path(path), lazy=True)
 
     async def mount_all(self) -> None:
         """Mount every filesystem in order; on the first failure tear everything down and raise it."""
