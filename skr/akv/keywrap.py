@@ -72,8 +72,7 @@ def b64url_decode(value: str, *, what: str) -> bytes:
         return b64.b64url_decode(value)
     except ValueError as exc:
         raise KeyWrapError(
-            f"{what} {exc}",
-            hint="expected the URL-safe alphabet A-Z a-z 0-9 - _ with optional '=' padding",
+            f"{what} {exc}", hint="expected the URL-safe alphabet A-Z a-z 0-9 - _ with optional '=' padding"
         ) from None
 
 

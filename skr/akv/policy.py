@@ -223,11 +223,9 @@ def _list(value: object, path: str, what: str) -> Sequence[Any]:
 
 
 def _scalar(value: object, path: str) -> Scalar:
-    if isinstance(value, bool | str | int):
-        return value
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise _fail(path, "is not a finite number")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _fail(path, "is not a finite number")
+    if isinstance(value, bool | str | int | float):
         return value
     raise _fail(path, f"is {_kind(value)}; a claim value must be a string, number or boolean")
 
@@ -382,9 +380,7 @@ def _as_string(value: object) -> str | None:
         return "true" if value else "false"
     if isinstance(value, int):
         return str(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return None
+    if isinstance(value, float) and math.isfinite(value):
         return str(int(value)) if value.is_integer() else repr(value)
     if isinstance(value, str):
         return value

@@ -47,8 +47,7 @@ class KeyDerivation:
             return bytes.fromhex(self.salt_hex)
         except ValueError:
             raise EncfsConfigError(
-                "key_derivation.salt is not a hex string",
-                hint="use the salt importkey printed, as hex",
+                "key_derivation.salt is not a hex string", hint="use the salt importkey printed, as hex"
             ) from None
 
     @property
@@ -90,8 +89,7 @@ def decode_encfs_args(value: str) -> EncfsArgs:
         raw = base64.b64decode("".join(value.split()), validate=True)
     except (binascii.Error, ValueError):
         raise EncfsConfigError(
-            "EncfsSideCarArgs is not standard base64",
-            hint="encode the JSON with `base64 -w0`",
+            "EncfsSideCarArgs is not standard base64", hint="encode the JSON with `base64 -w0`"
         ) from None
     return parse_encfs_json(raw, source="EncfsSideCarArgs")
 

@@ -156,11 +156,7 @@ def _compact_json(value: Any) -> bytes:
 
 
 def build_request_body(
-    evidence: Evidence,
-    runtime_data: bytes,
-    nonce: str | None = None,
-    *,
-    init_time_data: bytes | None = None,
+    evidence: Evidence, runtime_data: bytes, nonce: str | None = None, *, init_time_data: bytes | None = None
 ) -> dict[str, Any]:
     """The JSON body of ``AttestSevSnpVm``.
 

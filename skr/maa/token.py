@@ -306,9 +306,7 @@ class TokenVerifier:
 
     def _check_lifetime(self, claims: Mapping[str, Any], at: datetime | None) -> None:
         when = at if at is not None else datetime.now(tz=UTC)
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-        now = when.timestamp()
+        now = (when if when.tzinfo is not None else when.replace(tzinfo=UTC)).timestamp()
         exp = _numeric_claim(claims, "exp")
         nbf = _numeric_claim(claims, "nbf")
         _numeric_claim(claims, "iat")
@@ -426,7 +424,6 @@ class TokenVerifier:
 
 
 def _endpoint_of(url: str) -> Endpoint | None:
-    """The endpoint of the https URL ``url``, or None when it is not one."""
     try:
         return split_url(url)[0]
     except (BadRequest, ValueError):

@@ -68,8 +68,7 @@ def parse_thim_json(data: bytes) -> ThimCertificates:
         doc = json.loads(data)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise CollateralError(
-            f"the THIM certificate document is not JSON ({exc.__class__.__name__}: {exc})",
-            hint=_THIM_HINT,
+            f"the THIM certificate document is not JSON ({exc.__class__.__name__}: {exc})", hint=_THIM_HINT
         ) from None
     if not isinstance(doc, dict):
         raise CollateralError(
@@ -117,8 +116,7 @@ def _thim_cache_control(value: Any) -> int | None:
         if match:
             return int(match.group(1))
     raise CollateralError(
-        f"THIM cacheControl {str(value)[:40]!r} is not a number of seconds",
-        hint='expected e.g. "86400"',
+        f"THIM cacheControl {str(value)[:40]!r} is not a number of seconds", hint='expected e.g. "86400"'
     )
 
 

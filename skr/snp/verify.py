@@ -26,13 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from skr.errors import CertificateError, Code, ReportVerificationError, ValidationError
-from skr.snp.certs import (
-    VekInfo,
-    common_name,
-    load_certificates,
-    parse_vek_extensions,
-    verify_vek_chain,
-)
+from skr.snp.certs import VekInfo, common_name, load_certificates, parse_vek_extensions, verify_vek_chain
 from skr.snp.report import AttestationReport, Product, TcbVersion
 
 ASVK_CN_PREFIX = "SEV-VLEK-"
