@@ -568,16 +568,12 @@ def build_confidential_containers_policy(
     values = [host_data] if isinstance(host_data, str) else list(host_data)
     if not values:
         raise PolicyError("give at least one host data value (the SHA-256 of the CCE policy)")
-    digests: list[str] = []
-    for value in values:
-        digest = value.strip().lower().removeprefix("0x")
-        if not _HEX64_RE.fullmatch(digest):
-            raise PolicyError(
-                "host data must be 64 hex digits (the SHA-256 of the CCE policy)",
-                hint="compute it with `skr policy hash --cce-policy FILE`",
-            )
-        if digest not in digests:
-            digests.append(digest)
+    digests = dict.fromkeys(value.strip().lower().removeprefix("0x") for value in values)
+    if not all(_HEX64_RE.fullmatch(digest) for digest in digests):
+        raise PolicyError(
+            "host data must be 64 hex digits (the SHA-256 of the CCE policy)",
+            hint="compute it with `skr policy hash --cce-policy FILE`",
+        )
     if vmpl is not None and (isinstance(vmpl, bool) or not isinstance(vmpl, int) or not 0 <= vmpl <= 3):
         raise PolicyError(f"vmpl must be 0 to 3, not {vmpl!r}")
     others: list[dict[str, Any]] = []

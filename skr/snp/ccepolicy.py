@@ -331,10 +331,7 @@ def decode_policy(data: bytes) -> CcePolicy:
     literals, expressions = read_assignments(rego)
 
     def version(*names: str) -> str | None:
-        for name in names:
-            if name in literals:
-                return _text(literals[name])
-        return None
+        return next((_text(literals[name]) for name in names if name in literals), None)
 
     rules = {
         name: kind

@@ -206,13 +206,12 @@ class VekInfo:
 
 
 def _extension_values(cert: x509.Certificate) -> dict[str, bytes]:
-    values: dict[str, bytes] = {}
-    for ext in cert.extensions:
-        if ext.oid.dotted_string.startswith(_AMD_ARC + ".") and isinstance(
-            ext.value, x509.UnrecognizedExtension
-        ):
-            values[ext.oid.dotted_string] = ext.value.value
-    return values
+    return {
+        ext.oid.dotted_string: ext.value.value
+        for ext in cert.extensions
+        if ext.oid.dotted_string.startswith(_AMD_ARC + ".")
+        and isinstance(ext.value, x509.UnrecognizedExtension)
+    }
 
 
 def parse_vek_extensions(cert: x509.Certificate) -> VekInfo:
