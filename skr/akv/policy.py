@@ -555,11 +555,10 @@ def build_confidential_containers_policy(
 ) -> dict[str, Any]:
     """The release policy for a confidential container (ACI / AKS) bound to its CCE policy.
 
-    ``host_data`` is the 64-hex-digit SHA-256 of the CCE policy (``x-ms-sevsnpvm-hostdata``), or several
-    of them for a rollout: one ``anyOf`` entry per value, each with the same other conditions;
-    ``allow_debug`` drops the is-debuggable condition; ``vmpl=None`` drops the VMPL condition;
-    ``compliance=None`` drops the compliance-status condition. Values are strings, like Microsoft's
-    examples.
+    ``host_data`` is the 64-hex-digit SHA-256 of the CCE policy (``x-ms-sevsnpvm-hostdata``), or several of
+    them for a rollout: one ``anyOf`` entry per value, each with the same other conditions; ``allow_debug``
+    drops the is-debuggable condition; ``vmpl=None`` drops the VMPL condition; ``compliance=None`` drops the
+    compliance-status condition. Values are strings, like Microsoft's examples.
     """
     if not isinstance(authority, str) or not authority.strip():
         raise PolicyError("the attestation authority is empty", hint="give the MAA endpoint URL")

@@ -14,9 +14,8 @@ Owns the wire format of ``POST https://{instance}/attest/SevSnpVm?api-version=â€
   pads, and MAA accepts both. Our decoders accept both as well.
 
 Takes the endpoint parsed (:class:`skr.endpoints.Endpoint`); :func:`normalize_endpoint` gives an issuer's
-origin as text for comparisons. TLS is always
-verified (system roots plus ``SKR_CA_BUNDLE``). Every call goes through :func:`skr.upstream.request`
-(timeouts, retries of transient failures only, deadline).
+origin as text for comparisons. TLS is always verified (system roots plus ``SKR_CA_BUNDLE``). Every call goes
+through :func:`skr.upstream.request` (timeouts, retries of transient failures only, deadline).
 
 Never logs or returns the token in a message; error bodies are summarized, never echoed whole.
 """

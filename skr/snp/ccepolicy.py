@@ -22,42 +22,27 @@ from typing import Any
 from skr.errors import BadRequest
 from skr.snp.hostdata import decode_cce_policy, host_data_of_policy
 
-#: The enforcement points of the policy framework, and what allowing each of them outright gives the host.
-ENFORCEMENT_POINTS: dict[str, str] = {
-    "mount_device": "mount any device into the UVM",
-    "unmount_device": "unmount any device",
-    "mount_overlay": "assemble any container file system",
-    "unmount_overlay": "remove any container file system",
-    "create_container": "start any container, with any command and environment",
-    "exec_in_container": "run any process inside any container",
-    "exec_external": "run any process in the UVM",
-    "shutdown_container": "stop any container",
-    "signal_container_process": "send any signal to any process",
-    "plan9_mount": "share any host directory into the UVM",
-    "plan9_unmount": "remove any host share",
-    "get_properties": "read container properties and statistics",
-    "dump_stacks": "dump the stacks of guest processes",
-    "runtime_logging": "receive the guest runtime's logs",
-    "load_fragment": "load any policy fragment, from any issuer",
-    "scratch_mount": "mount scratch storage, encrypted or not",
-    "scratch_unmount": "unmount scratch storage",
+#: The enforcement points of the policy framework: whether allowing one outright lets the host see or change
+#: what runs (else it only costs availability), and what it gives the host.
+ENFORCEMENT_POINTS: dict[str, tuple[bool, str]] = {
+    "mount_device": (True, "mount any device into the UVM"),
+    "unmount_device": (False, "unmount any device"),
+    "mount_overlay": (True, "assemble any container file system"),
+    "unmount_overlay": (False, "remove any container file system"),
+    "create_container": (True, "start any container, with any command and environment"),
+    "exec_in_container": (True, "run any process inside any container"),
+    "exec_external": (True, "run any process in the UVM"),
+    "shutdown_container": (False, "stop any container"),
+    "signal_container_process": (False, "send any signal to any process"),
+    "plan9_mount": (True, "share any host directory into the UVM"),
+    "plan9_unmount": (False, "remove any host share"),
+    "get_properties": (False, "read container properties and statistics"),
+    "dump_stacks": (True, "dump the stacks of guest processes"),
+    "runtime_logging": (True, "receive the guest runtime's logs"),
+    "load_fragment": (True, "load any policy fragment, from any issuer"),
+    "scratch_mount": (True, "mount scratch storage, encrypted or not"),
+    "scratch_unmount": (False, "unmount scratch storage"),
 }
-
-#: Enforcement points whose allow-all lets the host see or change what runs (the rest: availability).
-CONFIDENTIALITY_POINTS = frozenset(
-    {
-        "mount_device",
-        "mount_overlay",
-        "create_container",
-        "exec_in_container",
-        "exec_external",
-        "plan9_mount",
-        "dump_stacks",
-        "runtime_logging",
-        "load_fragment",
-        "scratch_mount",
-    }
-)
 
 #: The policy-wide settings, and (when true) whether each weakens confidentiality and why.
 SETTINGS: dict[str, tuple[bool, str]] = {
@@ -376,9 +361,8 @@ def _judge(policy: CcePolicy) -> None:
         )
     for name, kind in policy.rules.items():
         if kind == "allow-all":
-            (warn if name in CONFIDENTIALITY_POINTS else note)(
-                f"{name} is allowed outright: the host can {ENFORCEMENT_POINTS[name]}"
-            )
+            weakens, gives = ENFORCEMENT_POINTS[name]
+            (warn if weakens else note)(f"{name} is allowed outright: the host can {gives}")
     if not policy.rules:
         note("no enforcement points are assigned: the framework's defaults apply")
     for name, value in policy.settings.items():

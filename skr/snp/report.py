@@ -7,11 +7,10 @@ layer: bytes in, fields out, and back again byte for byte.
 Must never: verify anything (see :mod:`skr.snp.verify`), do I/O, or let anything but
 :class:`skr.errors.ReportError` escape when given untrusted bytes.
 
-Strictness: the size, the version, the signature algorithm, the signing-key selector and every
-reserved byte range are checked (reserved bytes must be zero, which also makes :meth:`serialize`
-an exact inverse of :meth:`parse`). Bit fields that are kept as integers (``policy``,
-``platform_info``, ``key_info``) are preserved exactly and their unknown bits are left to
-:func:`skr.snp.verify.validate_report` to judge.
+Strictness: the size, the version, the signature algorithm, the signing-key selector and every reserved byte
+range are checked (reserved bytes must be zero, which also makes :meth:`serialize` an exact inverse of
+:meth:`parse`). Bit fields that are kept as integers (``policy``, ``platform_info``, ``key_info``) are
+preserved exactly and their unknown bits are left to :func:`skr.snp.verify.validate_report` to judge.
 """
 
 from __future__ import annotations
@@ -225,10 +224,9 @@ class TcbVersion:
 
     def is_at_least(self, minimum: TcbVersion) -> bool:
         """True when every component is at least the matching component of ``minimum``."""
-        pairs = [(self.bl, minimum.bl), (self.tee, minimum.tee), (self.snp, minimum.snp)]
-        pairs.append((self.ucode, minimum.ucode))
-        pairs.append((self.fmc or 0, minimum.fmc or 0))
-        return all(mine >= theirs for mine, theirs in pairs)
+        mine = (self.bl, self.tee, self.snp, self.ucode, self.fmc or 0)
+        theirs = (minimum.bl, minimum.tee, minimum.snp, minimum.ucode, minimum.fmc or 0)
+        return all(a >= b for a, b in zip(mine, theirs, strict=True))
 
     def to_dict(self) -> dict[str, Any]:
         """``{"raw": "0x…", "bl": …, "tee": …, "snp": …, "ucode": …}`` plus ``"fmc"`` on Turin."""
