@@ -247,12 +247,8 @@ class EncfsMounter:
         await self._step(spec, "publish", self._run(publish, link, target.name))
         m.link = link
         self.state[spec.mount_point] = "published"
-        log.info(
-            "filesystem %d published at %s (%s)",
-            spec.index,
-            link,
-            "read-write" if spec.read_write else "read-only",
-        )
+        mode = "read-write" if spec.read_write else "read-only"
+        log.info("filesystem %d published at %s (%s)", spec.index, link, mode)
 
     async def _parse_url(self, spec: FilesystemSpec) -> BlobUrl:
         return parse_blob_url(spec.azure_url, allowlist=self.options.blob_allowlist)

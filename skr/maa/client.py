@@ -253,7 +253,6 @@ class MaaClient:
         stays unreachable or the deadline runs out.
         """
         url = self.attest_url(endpoint)
-        origin = endpoint.url
         nonce = new_nonce() if nonce is None else nonce
         body = build_request_body(evidence, runtime_data, nonce, init_time_data=init_time_data)
         result = await request(
@@ -274,18 +273,18 @@ class MaaClient:
             max_body=self.max_body,
         )
         if result.status != 200:
-            raise _refusal(origin, result.status, result.body)
+            raise _refusal(endpoint.url, result.status, result.body)
         try:
             doc = json.loads(result.body)
         except (ValueError, UnicodeDecodeError):
             raise AttestationFailed(
-                f"{SERVICE} at {origin} answered HTTP 200 with a body that is not JSON",
+                f"{SERVICE} at {endpoint.url} answered HTTP 200 with a body that is not JSON",
                 hint="check that the endpoint is an attestation instance (https://<name>.<region>.attest.azure.net)",
             ) from None
         token = _token_from(doc)
         if token is None or token.count(".") != 2:
             raise AttestationFailed(
-                f"{SERVICE} at {origin} answered HTTP 200 without a JWT in 'token'",
+                f"{SERVICE} at {endpoint.url} answered HTTP 200 without a JWT in 'token'",
                 hint="check that the endpoint is an attestation instance and the api-version is supported",
             )
         return token

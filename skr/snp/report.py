@@ -405,16 +405,14 @@ class AttestationReport:
                     f"reserved bytes 0x{start:03X}-0x{end - 1:03X} are not zero in a version {version} report"
                 )
         values = list(_LAYOUT.unpack(data))
-        r_le, s_le = values[-2], values[-1]
-        values[-2:] = [int.from_bytes(r_le, "little"), int.from_bytes(s_le, "little")]
+        values[-2:] = [int.from_bytes(little_endian, "little") for little_endian in values[-2:]]  # R, S
         names = [f.name for f in fields(cls)]
         return cls(**dict(zip(names, values, strict=True)))
 
     def serialize(self) -> bytes:
         """The 1184-byte wire form; ``parse(serialize(r)) == r`` and byte-exact for parsed reports."""
         values: list[Any] = [getattr(self, f.name) for f in fields(self)]
-        values[-2] = self.signature_r.to_bytes(SIGNATURE_COMPONENT_SIZE, "little")
-        values[-1] = self.signature_s.to_bytes(SIGNATURE_COMPONENT_SIZE, "little")
+        values[-2:] = [component.to_bytes(SIGNATURE_COMPONENT_SIZE, "little") for component in values[-2:]]
         return _LAYOUT.pack(*values)
 
     def signed_bytes(self) -> bytes:
