@@ -148,7 +148,8 @@ def _uint(value: Any, what: str) -> int:
 
 
 def _public_key_of(jwk: Mapping[str, Any]) -> rsa.RSAPublicKey:
-    """The RSA key of a JWKS entry: ``x5c[0]``'s certificate key, else ``n``/``e``. ValueError if unusable."""
+    """The RSA key of a JWKS entry: ``x5c[0]``'s certificate key, else ``n``/``e``; ValueError or
+    BadRequest (bad base64url) saying why it is unusable."""
     if jwk.get("kty") != "RSA":
         raise ValueError(f"kty is {jwk.get('kty')!r}, not RSA")
     if jwk.get("use") not in (None, "sig"):
@@ -171,10 +172,7 @@ def _public_key_of(jwk: Mapping[str, Any]) -> rsa.RSAPublicKey:
             if (_uint(jwk["n"], "n"), _uint(jwk["e"], "e")) != (numbers.n, numbers.e):
                 raise ValueError("n/e do not match the x5c[0] certificate key")
     elif "n" in jwk and "e" in jwk:
-        try:
-            key = rsa.RSAPublicNumbers(_uint(jwk["e"], "e"), _uint(jwk["n"], "n")).public_key()
-        except BadRequest as exc:
-            raise ValueError(exc.message) from None
+        key = rsa.RSAPublicNumbers(_uint(jwk["e"], "e"), _uint(jwk["n"], "n")).public_key()
     else:
         raise ValueError("neither x5c nor n/e present")
     if key.key_size < MIN_KEY_BITS:

@@ -368,12 +368,10 @@ def _first_signer(
             hint=missing_hint,
             code=Code.CERTIFICATE_CHAIN_INCOMPLETE,
         )
-    errors: list[CertificateError] = []
     for candidate in candidates:
         try:
             check_amd_signature(cert, candidate)
+            return candidate
         except CertificateError as exc:
-            errors.append(exc)
-            continue
-        return candidate
-    raise errors[-1]
+            last = exc
+    raise last
