@@ -114,9 +114,7 @@ def parse_encfs_json(raw: bytes | str, *, source: str = "the encfs configuration
 
 
 def _object(doc: Mapping[str, Any], name: str, where: str) -> Mapping[str, Any]:
-    value = doc.get(name)
-    if value is None:
-        return {}
+    value = {} if doc.get(name) is None else doc[name]
     if not isinstance(value, dict):
         raise EncfsConfigError(f"{where}.{name} must be a JSON object")
     return value
@@ -132,9 +130,7 @@ def _string(doc: Mapping[str, Any], name: str, where: str, *, required: bool = F
 
 
 def _flag(doc: Mapping[str, Any], name: str, where: str) -> bool:
-    value = doc.get(name)
-    if value is None:
-        return False
+    value = False if doc.get(name) is None else doc[name]
     if not isinstance(value, bool):
         raise EncfsConfigError(f"{where}.{name} must be true or false")
     return value
