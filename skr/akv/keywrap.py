@@ -58,8 +58,6 @@ _HASHES: dict[Enc, type[hashes.HashAlgorithm]] = {
     Enc.RSA_AES_KEY_WRAP_384: hashes.SHA384,
 }
 
-# --- base64url ----------------------------------------------------------------------------------------
-
 
 def b64url_decode(value: str, *, what: str) -> bytes:
     """Decode base64url with or without ``=`` padding; anything else raises :class:`KeyWrapError`.

@@ -124,8 +124,6 @@ class EncfsMounter:
         self.ready = False
         self.state: dict[str, str] = {fs.mount_point: "pending" for fs in args.filesystems}
 
-    # --- helpers ---------------------------------------------------------------------------------------
-
     async def _run(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await asyncio.to_thread(call, *args, **kwargs)
 

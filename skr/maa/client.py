@@ -58,9 +58,6 @@ DATA_TYPE_BINARY = "Binary"
 _TEE_PATH = re.compile(r"^[A-Za-z0-9]+$")
 
 
-# --- base64url ------------------------------------------------------------------------------------
-
-
 def b64url_decode(text: str, *, what: str = "value") -> bytes:
     """Decode base64url with or without ``=`` padding; :class:`BadRequest` naming ``what`` otherwise."""
     if not isinstance(text, str):
@@ -72,9 +69,6 @@ def b64url_decode(text: str, *, what: str = "value") -> bytes:
             f"{what} is not base64url",
             hint="base64url uses A-Z a-z 0-9 - _ with optional '=' padding; '+' and '/' are not accepted",
         ) from None
-
-
-# --- endpoints ------------------------------------------------------------------------------------
 
 
 def normalize_endpoint(value: str) -> str:

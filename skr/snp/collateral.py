@@ -339,9 +339,6 @@ class CollateralClient:
         return float(match.group(1)) if match else self._default_max_age
 
 
-# --- helpers -----------------------------------------------------------------------------------------
-
-
 def _check_fetchable(report: AttestationReport, source: CollateralSource) -> None:
     if report.signing_key != "vcek":
         raise CollateralError(
