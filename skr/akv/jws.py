@@ -288,9 +288,7 @@ def _string(obj: Mapping[str, Any], path: str) -> str:
 def key_version(key_id: str) -> str | None:
     """The version segment of a key URL ``https://<vault>/keys/<name>/<version>``, if present."""
     segments = [s for s in urlsplit(key_id).path.split("/") if s]
-    if len(segments) == 3 and segments[0] == "keys":
-        return segments[2]
-    return None
+    return segments[2] if len(segments) == 3 and segments[0] == "keys" else None
 
 
 def _b64_int(value: object) -> int | None:

@@ -45,9 +45,7 @@ def parse_size(value: str) -> int:
     text = value.strip().upper().removesuffix("B").removesuffix("I")
     units = {"K": 1024, "M": MiB, "G": 1024 * MiB}
     try:
-        if text and text[-1] in units:
-            return int(text[:-1]) * units[text[-1]]
-        return int(text)
+        return int(text[:-1]) * units[text[-1]] if text and text[-1] in units else int(text)
     except ValueError:
         raise EncfsConfigError(f"size {value!r} is not a number with an optional K, M or G") from None
 

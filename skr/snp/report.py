@@ -424,9 +424,7 @@ class AttestationReport:
 
     def product_hint(self) -> Product | None:
         """The product line named by CPUID fields (version 3 and later), else ``None``."""
-        if self.version < 3:
-            return None
-        return product_from_cpuid(self.cpuid_fam_id, self.cpuid_mod_id)
+        return None if self.version < 3 else product_from_cpuid(self.cpuid_fam_id, self.cpuid_mod_id)
 
     def reported_tcb_version(self, product: Product) -> TcbVersion:
         """REPORTED_TCB (the TCB the VCEK is derived for) decoded for ``product``."""
