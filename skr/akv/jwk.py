@@ -25,17 +25,6 @@ from skr.akv.keywrap import b64url_decode
 from skr.b64 import b64url_encode, b64url_uint
 from skr.errors import KeyWrapError
 
-__all__ = [
-    "CURVES",
-    "PrivateKey",
-    "jose_kty",
-    "jwk_to_json",
-    "jwk_to_private_key",
-    "plaintext_to_jwk",
-    "private_key_to_jwk",
-    "private_key_to_plaintext",
-]
-
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
 #: AKV / JOSE curve names → cryptography curves. ``P-256K`` is Key Vault's name for secp256k1.
@@ -47,14 +36,8 @@ CURVES: Mapping[str, type[ec.EllipticCurve]] = {
 }
 _CURVE_NAMES: Mapping[str, str] = {curve().name: name for name, curve in CURVES.items()}
 
-_JOSE_KTY: Mapping[str, str] = {
-    "oct": "oct",
-    "oct-hsm": "oct",
-    "rsa": "RSA",
-    "rsa-hsm": "RSA",
-    "ec": "EC",
-    "ec-hsm": "EC",
-}
+#: JOSE ``kty`` by Key Vault ``kty`` in lower case, without its ``-HSM`` suffix.
+_JOSE_KTY: Mapping[str, str] = {"oct": "oct", "rsa": "RSA", "ec": "EC"}
 
 #: Raw symmetric key sizes accepted for ``oct`` (AES-128/192/256 up to HMAC-512 keys).
 _OCT_MIN_BYTES = 16
@@ -64,7 +47,7 @@ _OCT_MAX_BYTES = 64
 def jose_kty(kty: str) -> str:
     """The JOSE ``kty`` (``oct``, ``RSA``, ``EC``) of a Key Vault ``kty`` (``oct-HSM``, ``RSA-HSM``, ...)."""
     try:
-        return _JOSE_KTY[kty.lower()]
+        return _JOSE_KTY[kty.lower().removesuffix("-hsm")]
     except (KeyError, AttributeError):
         raise KeyWrapError(
             f"released key type {str(kty)[:32]!r} is not supported; expected oct, RSA or EC (plain or -HSM)"

@@ -190,12 +190,8 @@ def verify_release_jws(
 
     ``at`` is the validation time (default: now, UTC). Raises :class:`JwsError` saying what failed.
     """
-    if at is None:
-        when = datetime.now(UTC)
-    elif at.tzinfo is None:
-        when = at.replace(tzinfo=UTC)
-    else:
-        when = at.astimezone(UTC)
+    at = datetime.now(UTC) if at is None else at
+    when = at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
     jws = _split(compact)
     algorithm = _algorithm(jws.header)
     if not jws.signature:
@@ -292,9 +288,7 @@ def _string(obj: Mapping[str, Any], path: str) -> str:
 def key_version(key_id: str) -> str | None:
     """The version segment of a key URL ``https://<vault>/keys/<name>/<version>``, if present."""
     segments = [s for s in urlsplit(key_id).path.split("/") if s]
-    if len(segments) == 3 and segments[0] == "keys":
-        return segments[2]
-    return None
+    return segments[2] if len(segments) == 3 and segments[0] == "keys" else None
 
 
 def _b64_int(value: object) -> int | None:

@@ -32,20 +32,6 @@ from skr import b64
 from skr.b64 import b64url_encode
 from skr.errors import KeyWrapError
 
-__all__ = [
-    "DEFAULT_ENC",
-    "SUPPORTED_WRAPPING_KEY_BITS",
-    "Enc",
-    "KeyHsm",
-    "b64url_decode",
-    "encode_key_hsm",
-    "parse_enc",
-    "parse_key_hsm",
-    "select_enc",
-    "unwrap",
-    "wrap",
-]
-
 
 class Enc(StrEnum):
     """The ``enc`` values of a Key Vault release (``KeyReleaseParameters.enc``)."""
@@ -72,8 +58,6 @@ _HASHES: dict[Enc, type[hashes.HashAlgorithm]] = {
     Enc.RSA_AES_KEY_WRAP_384: hashes.SHA384,
 }
 
-# --- base64url ----------------------------------------------------------------------------------------
-
 
 def b64url_decode(value: str, *, what: str) -> bytes:
     """Decode base64url with or without ``=`` padding; anything else raises :class:`KeyWrapError`.
@@ -86,8 +70,7 @@ def b64url_decode(value: str, *, what: str) -> bytes:
         return b64.b64url_decode(value)
     except ValueError as exc:
         raise KeyWrapError(
-            f"{what} {exc}",
-            hint="expected the URL-safe alphabet A-Z a-z 0-9 - _ with optional '=' padding",
+            f"{what} {exc}", hint="expected the URL-safe alphabet A-Z a-z 0-9 - _ with optional '=' padding"
         ) from None
 
 

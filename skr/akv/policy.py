@@ -20,32 +20,13 @@ import json
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from decimal import Decimal
 from enum import StrEnum
 from typing import Any
 from urllib.parse import urlsplit
 
 from skr.errors import PolicyError
-
-__all__ = [
-    "ABSENT",
-    "POLICY_VERSIONS",
-    "AllOf",
-    "AnyOf",
-    "AuthorityRule",
-    "ClaimCondition",
-    "Condition",
-    "Decision",
-    "Operator",
-    "ReleasePolicy",
-    "TraceEntry",
-    "build_confidential_containers_policy",
-    "encode_policy_for_wire",
-    "evaluate",
-    "normalize_authority",
-    "parse_policy",
-]
 
 #: Policy versions Key Vault and Managed HSM accept ("0.2" is still used by Microsoft's tooling).
 POLICY_VERSIONS = ("1.0.0", "0.2")
@@ -72,6 +53,8 @@ class Operator(StrEnum):
     GREATER_OR_EQUALS = "greaterOrEquals"
     EXISTS = "exists"
 
+
+_OPERATOR_NAMES = tuple(o.value for o in Operator)
 
 #: Ordering operators: (wording for reasons, test on the sign of actual - expected).
 _ORDERING: Mapping[Operator, tuple[str, Callable[[int], bool]]] = {
@@ -165,15 +148,7 @@ class TraceEntry:
 
     def to_dict(self) -> dict[str, Any]:
         """The entry as JSON-ready data."""
-        return {
-            "path": self.path,
-            "claim": self.claim,
-            "operator": self.operator,
-            "expected": self.expected,
-            "actual": self.actual,
-            "met": self.met,
-            "note": self.note,
-        }
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -248,11 +223,9 @@ def _list(value: object, path: str, what: str) -> Sequence[Any]:
 
 
 def _scalar(value: object, path: str) -> Scalar:
-    if isinstance(value, bool | str | int):
-        return value
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise _fail(path, "is not a finite number")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _fail(path, "is not a finite number")
+    if isinstance(value, bool | str | int | float):
         return value
     raise _fail(path, f"is {_kind(value)}; a claim value must be a string, number or boolean")
 
@@ -296,25 +269,19 @@ def _parse_claim(obj: Mapping[str, Any], path: str) -> ClaimCondition:
     if "condition" in obj or "value" in obj:  # legacy form
         _unknown(obj, {"claim", "condition", "value"}, path)
         name = obj.get("condition")
-        try:
-            operator = Operator(name) if isinstance(name, str) else None
-        except ValueError:
-            operator = None
-        if operator is None:
+        if not isinstance(name, str) or name not in _OPERATOR_NAMES:
             raise _fail(
-                _join(path, "condition"),
-                f"is {_render(name)}; expected one of {', '.join(o.value for o in Operator)}",
+                _join(path, "condition"), f"is {_render(name)}; expected one of {', '.join(_OPERATOR_NAMES)}"
             )
+        operator = Operator(name)
         if "value" not in obj:
             raise _fail(path, "has 'condition' but no 'value'")
         return ClaimCondition(path, claim, operator, _operand(operator, obj["value"], _join(path, "value")))
     operators = [o for o in Operator if o.value in obj]
-    _unknown(obj, {"claim"} | {o.value for o in Operator}, path)
+    _unknown(obj, {"claim", *_OPERATOR_NAMES}, path)
     if len(operators) != 1:
         found = ", ".join(o.value for o in operators) or "none"
-        raise _fail(
-            path, f"needs exactly one operator ({', '.join(o.value for o in Operator)}); found {found}"
-        )
+        raise _fail(path, f"needs exactly one operator ({', '.join(_OPERATOR_NAMES)}); found {found}")
     operator = operators[0]
     return ClaimCondition(
         path, claim, operator, _operand(operator, obj[operator.value], _join(path, operator.value))
@@ -413,13 +380,9 @@ def _as_string(value: object) -> str | None:
         return "true" if value else "false"
     if isinstance(value, int):
         return str(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return None
+    if isinstance(value, float) and math.isfinite(value):
         return str(int(value)) if value.is_integer() else repr(value)
-    if isinstance(value, str):
-        return value
-    return None
+    return value if isinstance(value, str) else None
 
 
 _MISSING = object()
@@ -531,10 +494,8 @@ def normalize_authority(value: str) -> str:
         port = parts.port
     except ValueError:
         return text.rstrip("/")
-    default = {"https": 443, "http": 80}.get(scheme)
-    netloc = host if port in (None, default) else f"{host}:{port}"
-    if ":" in host:
-        netloc = f"[{host}]" if port in (None, default) else f"[{host}]:{port}"
+    shown = f"[{host}]" if ":" in host else host
+    netloc = shown if port in (None, {"https": 443, "http": 80}.get(scheme)) else f"{shown}:{port}"
     path = parts.path.rstrip("/")
     query = f"?{parts.query}" if parts.query else ""
     return f"{scheme}://{netloc}{path}{query}"
@@ -592,11 +553,10 @@ def build_confidential_containers_policy(
 ) -> dict[str, Any]:
     """The release policy for a confidential container (ACI / AKS) bound to its CCE policy.
 
-    ``host_data`` is the 64-hex-digit SHA-256 of the CCE policy (``x-ms-sevsnpvm-hostdata``), or several
-    of them for a rollout: one ``anyOf`` entry per value, each with the same other conditions;
-    ``allow_debug`` drops the is-debuggable condition; ``vmpl=None`` drops the VMPL condition;
-    ``compliance=None`` drops the compliance-status condition. Values are strings, like Microsoft's
-    examples.
+    ``host_data`` is the 64-hex-digit SHA-256 of the CCE policy (``x-ms-sevsnpvm-hostdata``), or several of
+    them for a rollout: one ``anyOf`` entry per value, each with the same other conditions; ``allow_debug``
+    drops the is-debuggable condition; ``vmpl=None`` drops the VMPL condition; ``compliance=None`` drops the
+    compliance-status condition. Values are strings, like Microsoft's examples.
     """
     if not isinstance(authority, str) or not authority.strip():
         raise PolicyError("the attestation authority is empty", hint="give the MAA endpoint URL")
@@ -605,16 +565,12 @@ def build_confidential_containers_policy(
     values = [host_data] if isinstance(host_data, str) else list(host_data)
     if not values:
         raise PolicyError("give at least one host data value (the SHA-256 of the CCE policy)")
-    digests: list[str] = []
-    for value in values:
-        digest = value.strip().lower().removeprefix("0x")
-        if not _HEX64_RE.fullmatch(digest):
-            raise PolicyError(
-                "host data must be 64 hex digits (the SHA-256 of the CCE policy)",
-                hint="compute it with `skr policy hash --cce-policy FILE`",
-            )
-        if digest not in digests:
-            digests.append(digest)
+    digests = dict.fromkeys(value.strip().lower().removeprefix("0x") for value in values)
+    if not all(_HEX64_RE.fullmatch(digest) for digest in digests):
+        raise PolicyError(
+            "host data must be 64 hex digits (the SHA-256 of the CCE policy)",
+            hint="compute it with `skr policy hash --cce-policy FILE`",
+        )
     if vmpl is not None and (isinstance(vmpl, bool) or not isinstance(vmpl, int) or not 0 <= vmpl <= 3):
         raise PolicyError(f"vmpl must be 0 to 3, not {vmpl!r}")
     others: list[dict[str, Any]] = []

@@ -138,17 +138,14 @@ class TrustStore:
         self._chain_cache: dict[_ChainKey, tuple[datetime, datetime]] = {}
 
     def _load(self) -> _Anchors:
-        loaded = self._loaded
-        if loaded is None:
+        if self._loaded is None:
             with self._lock:
-                loaded = self._loaded
-                if loaded is None:
+                if self._loaded is None:
                     system = _system_anchors() if self._include_system else ()
                     unique = tuple(_unique([*system, *self._extra]))
                     fingerprints = frozenset(c.public_bytes(Encoding.DER) for c in unique)
-                    loaded = _Anchors(unique, fingerprints, Store(list(unique)) if unique else None)
-                    self._loaded = loaded
-        return loaded
+                    self._loaded = _Anchors(unique, fingerprints, Store(list(unique)) if unique else None)
+        return self._loaded
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> TrustStore:

@@ -47,8 +47,7 @@ class KeyDerivation:
             return bytes.fromhex(self.salt_hex)
         except ValueError:
             raise EncfsConfigError(
-                "key_derivation.salt is not a hex string",
-                hint="use the salt importkey printed, as hex",
+                "key_derivation.salt is not a hex string", hint="use the salt importkey printed, as hex"
             ) from None
 
     @property
@@ -90,8 +89,7 @@ def decode_encfs_args(value: str) -> EncfsArgs:
         raw = base64.b64decode("".join(value.split()), validate=True)
     except (binascii.Error, ValueError):
         raise EncfsConfigError(
-            "EncfsSideCarArgs is not standard base64",
-            hint="encode the JSON with `base64 -w0`",
+            "EncfsSideCarArgs is not standard base64", hint="encode the JSON with `base64 -w0`"
         ) from None
     return parse_encfs_json(raw, source="EncfsSideCarArgs")
 
@@ -116,18 +114,14 @@ def parse_encfs_json(raw: bytes | str, *, source: str = "the encfs configuration
 
 
 def _object(doc: Mapping[str, Any], name: str, where: str) -> Mapping[str, Any]:
-    value = doc.get(name)
-    if value is None:
-        return {}
+    value = {} if doc.get(name) is None else doc[name]
     if not isinstance(value, dict):
         raise EncfsConfigError(f"{where}.{name} must be a JSON object")
     return value
 
 
 def _string(doc: Mapping[str, Any], name: str, where: str, *, required: bool = False) -> str:
-    value = doc.get(name)
-    if value is None:
-        value = ""
+    value = "" if doc.get(name) is None else doc[name]
     if not isinstance(value, str):
         raise EncfsConfigError(f"{where}.{name} must be a string")
     if required and not value:
@@ -136,9 +130,7 @@ def _string(doc: Mapping[str, Any], name: str, where: str, *, required: bool = F
 
 
 def _flag(doc: Mapping[str, Any], name: str, where: str) -> bool:
-    value = doc.get(name)
-    if value is None:
-        return False
+    value = False if doc.get(name) is None else doc[name]
     if not isinstance(value, bool):
         raise EncfsConfigError(f"{where}.{name} must be true or false")
     return value

@@ -176,15 +176,13 @@ class Blob:
 
         try:
             self._lease = await self._client.acquire_lease(lease_duration=LEASE_SECONDS, lease_id=lease_id)
-        except HttpResponseError as exc:
-            if exc.status_code == 409:
+        except AzureError as exc:
+            if isinstance(exc, HttpResponseError) and exc.status_code == 409:
                 raise BlobLeased(
                     f"the blob {self.url} is leased by another writer; a read-write mount needs it alone",
                     hint="stop the other pod, mount read-only, or wait a minute for a crashed writer's lease "
                     "to end",
                 ) from None
-            raise BlobError(f"leasing {self.url} failed: {_describe(exc)}") from None
-        except AzureError as exc:
             raise BlobError(f"leasing {self.url} failed: {_describe(exc)}") from None
 
     async def renew_lease(self) -> None:

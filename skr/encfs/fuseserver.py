@@ -140,7 +140,7 @@ def build(config: FuseConfig, io: _Loop) -> tuple[BlockFile, Blob, Any]:
 def operations(blockfile: BlockFile, *, on_init: Any) -> Any:
     import mfusepy  # type: ignore[import-untyped]
 
-    now = time.time_ns()  # use_ns: nanoseconds
+    times = dict.fromkeys(("st_mtime", "st_ctime"), time.time_ns())  # use_ns: nanoseconds
     mode = 0o600 if blockfile.writable else 0o400
 
     class Ops(mfusepy.Operations):  # type: ignore[misc]
@@ -152,15 +152,9 @@ def operations(blockfile: BlockFile, *, on_init: Any) -> Any:
 
         def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
             if path == "/":
-                return {"st_mode": stat.S_IFDIR | 0o500, "st_nlink": 2, "st_mtime": now, "st_ctime": now}
+                return {"st_mode": stat.S_IFDIR | 0o500, "st_nlink": 2, **times}
             if path == f"/{FILE_NAME}":
-                return {
-                    "st_mode": stat.S_IFREG | mode,
-                    "st_nlink": 1,
-                    "st_size": blockfile.size,
-                    "st_mtime": now,
-                    "st_ctime": now,
-                }
+                return {"st_mode": stat.S_IFREG | mode, "st_nlink": 1, "st_size": blockfile.size, **times}
             raise mfusepy.FuseOSError(errno.ENOENT)
 
         def readdir(self, path: str, fh: int) -> list[str]:

@@ -45,9 +45,7 @@ def parse_size(value: str) -> int:
     text = value.strip().upper().removesuffix("B").removesuffix("I")
     units = {"K": 1024, "M": MiB, "G": 1024 * MiB}
     try:
-        if text and text[-1] in units:
-            return int(text[:-1]) * units[text[-1]]
-        return int(text)
+        return int(text[:-1]) * units[text[-1]] if text and text[-1] in units else int(text)
     except ValueError:
         raise EncfsConfigError(f"size {value!r} is not a number with an optional K, M or G") from None
 
@@ -135,9 +133,7 @@ def inspect_image(read_at: ReadAt, *, image_size: int | None, key: bytes | None)
     result = summary(header, image_size)
     if key is not None:
         try:
-            opened = unlock(header, key, read_at)
-            result["key_opens"] = True
-            result["keyslot"] = opened.keyslot
+            result.update(key_opens=True, keyslot=unlock(header, key, read_at).keyslot)
         except LuksWrongKey:
             result["key_opens"] = False
     return result

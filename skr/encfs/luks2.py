@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import json
@@ -161,26 +162,26 @@ def read_header(read_at: ReadAt) -> Header:
         raise LuksError("the image is too small to hold a LUKS2 header")
     if first[:6] != MAGIC_PRIMARY:
         raise LuksError("not a LUKS2 image (no LUKS header magic at offset 0)")
-    primary_error: LuksError
     try:
-        hdr_size = int.from_bytes(first[8:16], "big")
-        area = first + read_at(BINARY_HEADER_SIZE, max(hdr_size - BINARY_HEADER_SIZE, 0))
-        return parse_header(area, offset=0)
+        return _read_copy(read_at, first, offset=0)
     except LuksUnsupported:
         raise
     except LuksError as exc:
         primary_error = exc
     for offset in SECONDARY_OFFSETS:
         head = read_at(offset, BINARY_HEADER_SIZE)
-        if head[:6] != MAGIC_SECONDARY:
-            continue
-        size = int.from_bytes(head[8:16], "big")
-        try:
-            area = head + read_at(offset + BINARY_HEADER_SIZE, max(size - BINARY_HEADER_SIZE, 0))
-            return parse_header(area, offset=offset)
-        except LuksError:
-            continue
+        if head[:6] == MAGIC_SECONDARY:
+            with contextlib.suppress(LuksError):
+                return _read_copy(read_at, head, offset=offset)
     raise primary_error
+
+
+def _read_copy(read_at: ReadAt, head: bytes, *, offset: int) -> Header:
+    """The header copy at ``offset`` whose first 4096 bytes are ``head``: the rest of it read, then parsed."""
+    hdr_size = int.from_bytes(head[8:16], "big")
+    return parse_header(
+        head + read_at(offset + BINARY_HEADER_SIZE, max(hdr_size - BINARY_HEADER_SIZE, 0)), offset=offset
+    )
 
 
 def parse_header(area: bytes, *, offset: int = 0) -> Header:
@@ -337,12 +338,8 @@ def xts_crypt(
     out = bytearray()
     algo = algorithms.AES(key)
     for k in range(len(data) // sector_size):
-        tweak = (first_iv + k * iv_step).to_bytes(16, "little")
-        ctx = (
-            Cipher(algo, modes.XTS(tweak)).encryptor()
-            if encrypt
-            else Cipher(algo, modes.XTS(tweak)).decryptor()
-        )
+        cipher = Cipher(algo, modes.XTS((first_iv + k * iv_step).to_bytes(16, "little")))
+        ctx = cipher.encryptor() if encrypt else cipher.decryptor()
         out += ctx.update(data[k * sector_size : (k + 1) * sector_size])
         out += ctx.finalize()
     return bytes(out)
@@ -414,27 +411,17 @@ class DataCipher:
     def __repr__(self) -> str:
         return f"DataCipher(segment={self.segment.id!r}, sector_size={self.sector_size})"
 
-    def _first_iv(self, offset: int) -> int:
+    def _crypt(self, offset: int, data: bytes, *, encrypt: bool) -> bytes:
         if offset % self.sector_size:
             raise LuksError("data access is not sector-aligned")
-        return (offset // self.sector_size) * (self.sector_size // 512) + self.segment.iv_tweak
+        step = self.sector_size // 512
+        first_iv = (offset // self.sector_size) * step + self.segment.iv_tweak
+        return xts_crypt(
+            self._key, data, sector_size=self.sector_size, first_iv=first_iv, iv_step=step, encrypt=encrypt
+        )
 
     def decrypt(self, offset: int, ciphertext: bytes) -> bytes:
-        return xts_crypt(
-            self._key,
-            ciphertext,
-            sector_size=self.sector_size,
-            first_iv=self._first_iv(offset),
-            iv_step=self.sector_size // 512,
-            encrypt=False,
-        )
+        return self._crypt(offset, ciphertext, encrypt=False)
 
     def encrypt(self, offset: int, plaintext: bytes) -> bytes:
-        return xts_crypt(
-            self._key,
-            plaintext,
-            sector_size=self.sector_size,
-            first_iv=self._first_iv(offset),
-            iv_step=self.sector_size // 512,
-            encrypt=True,
-        )
+        return self._crypt(offset, plaintext, encrypt=True)

@@ -124,8 +124,6 @@ class EncfsMounter:
         self.ready = False
         self.state: dict[str, str] = {fs.mount_point: "pending" for fs in args.filesystems}
 
-    # --- helpers ---------------------------------------------------------------------------------------
-
     async def _run(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await asyncio.to_thread(call, *args, **kwargs)
 
@@ -144,8 +142,9 @@ class EncfsMounter:
         """Remove what a crashed run left: symlinks, ext4 mounts, loop devices, FUSE mounts, dm mappings."""
         mounts = mounted_paths()
         work = self.options.work_dir
-        for path in sorted(mounts):
-            if path.startswith(str(work) + "/") and fuse_alive(Path(path)):
+        ours = [path for path in sorted(mounts) if path.startswith(f"{work}/")]
+        for path in ours:
+            if fuse_alive(Path(path)):
                 raise MountError(
                     f"{path} is served by another running skr encfs",
                     hint="give each skr encfs its own --work-dir",
@@ -179,10 +178,9 @@ class EncfsMounter:
         for device in loops_backed_by(work):
             log.info("detaching a stale loop device %s", device)
             await self._run(self.system.losetup_detach, device)
-        for path in sorted(mounts):
-            if path.startswith(str(work) + "/"):
-                log.info("unmounting a stale FUSE mount at %s", path)
-                await self._run(self.system.fuse_unmount, Path(path), lazy=True)
+        for path in ours:
+            log.info("unmounting a stale FUSE mount at %s", path)
+            await self._run(self.system.fuse_unmount, Path(path), lazy=True)
 
     async def mount_all(self) -> None:
         """Mount every filesystem in order; on the first failure tear everything down and raise it."""
@@ -200,16 +198,12 @@ class EncfsMounter:
         self.state[spec.mount_point] = step
         try:
             return await work
-        except SkrError as exc:
+        except (SkrError, OSError, ValueError, TimeoutError) as exc:
             self.state[spec.mount_point] = f"failed at {step}"
-            raise type(exc)(
-                f"filesystem {spec.index} ({spec.mount_point}): {step}: {exc.message}",
-                hint=exc.hint,
-                code=exc.code,
-            ) from None
-        except (OSError, ValueError, TimeoutError) as exc:
-            self.state[spec.mount_point] = f"failed at {step}"
-            raise MountError(f"filesystem {spec.index} ({spec.mount_point}): {step}: {exc}") from None
+            where = f"filesystem {spec.index} ({spec.mount_point}): {step}"
+            if isinstance(exc, SkrError):
+                raise type(exc)(f"{where}: {exc.message}", hint=exc.hint, code=exc.code) from None
+            raise MountError(f"{where}: {exc}") from None
 
     async def _mount_one(self, spec: FilesystemSpec) -> None:
         m = Mounted(spec)
@@ -251,12 +245,8 @@ class EncfsMounter:
         await self._step(spec, "publish", self._run(publish, link, target.name))
         m.link = link
         self.state[spec.mount_point] = "published"
-        log.info(
-            "filesystem %d published at %s (%s)",
-            spec.index,
-            link,
-            "read-write" if spec.read_write else "read-only",
-        )
+        mode = "read-write" if spec.read_write else "read-only"
+        log.info("filesystem %d published at %s (%s)", spec.index, link, mode)
 
     async def _parse_url(self, spec: FilesystemSpec) -> BlobUrl:
         return parse_blob_url(spec.azure_url, allowlist=self.options.blob_allowlist)

@@ -14,9 +14,8 @@ Owns the wire format of ``POST https://{instance}/attest/SevSnpVm?api-version=â€
   pads, and MAA accepts both. Our decoders accept both as well.
 
 Takes the endpoint parsed (:class:`skr.endpoints.Endpoint`); :func:`normalize_endpoint` gives an issuer's
-origin as text for comparisons. TLS is always
-verified (system roots plus ``SKR_CA_BUNDLE``). Every call goes through :func:`skr.upstream.request`
-(timeouts, retries of transient failures only, deadline).
+origin as text for comparisons. TLS is always verified (system roots plus ``SKR_CA_BUNDLE``). Every call goes
+through :func:`skr.upstream.request` (timeouts, retries of transient failures only, deadline).
 
 Never logs or returns the token in a message; error bodies are summarized, never echoed whole.
 """
@@ -59,9 +58,6 @@ DATA_TYPE_BINARY = "Binary"
 _TEE_PATH = re.compile(r"^[A-Za-z0-9]+$")
 
 
-# --- base64url ------------------------------------------------------------------------------------
-
-
 def b64url_decode(text: str, *, what: str = "value") -> bytes:
     """Decode base64url with or without ``=`` padding; :class:`BadRequest` naming ``what`` otherwise."""
     if not isinstance(text, str):
@@ -73,9 +69,6 @@ def b64url_decode(text: str, *, what: str = "value") -> bytes:
             f"{what} is not base64url",
             hint="base64url uses A-Z a-z 0-9 - _ with optional '=' padding; '+' and '/' are not accepted",
         ) from None
-
-
-# --- endpoints ------------------------------------------------------------------------------------
 
 
 def normalize_endpoint(value: str) -> str:
@@ -156,11 +149,7 @@ def _compact_json(value: Any) -> bytes:
 
 
 def build_request_body(
-    evidence: Evidence,
-    runtime_data: bytes,
-    nonce: str | None = None,
-    *,
-    init_time_data: bytes | None = None,
+    evidence: Evidence, runtime_data: bytes, nonce: str | None = None, *, init_time_data: bytes | None = None
 ) -> dict[str, Any]:
     """The JSON body of ``AttestSevSnpVm``.
 
@@ -208,10 +197,6 @@ class MaaClient:
     ``2020-10-01`` is one setting away from the default ``SevSnpVm`` + ``2022-08-01``.
     ``timeout`` is per attempt; ``retry`` retries only transient failures.
     """
-
-    encode_report = staticmethod(encode_report)
-    build_request_body = staticmethod(build_request_body)
-    normalize_endpoint = staticmethod(normalize_endpoint)
 
     def __init__(
         self,
@@ -262,7 +247,6 @@ class MaaClient:
         stays unreachable or the deadline runs out.
         """
         url = self.attest_url(endpoint)
-        origin = endpoint.url
         nonce = new_nonce() if nonce is None else nonce
         body = build_request_body(evidence, runtime_data, nonce, init_time_data=init_time_data)
         result = await request(
@@ -283,18 +267,18 @@ class MaaClient:
             max_body=self.max_body,
         )
         if result.status != 200:
-            raise _refusal(origin, result.status, result.body)
+            raise _refusal(endpoint.url, result.status, result.body)
         try:
             doc = json.loads(result.body)
         except (ValueError, UnicodeDecodeError):
             raise AttestationFailed(
-                f"{SERVICE} at {origin} answered HTTP 200 with a body that is not JSON",
+                f"{SERVICE} at {endpoint.url} answered HTTP 200 with a body that is not JSON",
                 hint="check that the endpoint is an attestation instance (https://<name>.<region>.attest.azure.net)",
             ) from None
         token = _token_from(doc)
         if token is None or token.count(".") != 2:
             raise AttestationFailed(
-                f"{SERVICE} at {origin} answered HTTP 200 without a JWT in 'token'",
+                f"{SERVICE} at {endpoint.url} answered HTTP 200 without a JWT in 'token'",
                 hint="check that the endpoint is an attestation instance and the api-version is supported",
             )
         return token

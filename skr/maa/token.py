@@ -22,7 +22,7 @@ import math
 import ssl
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -135,7 +135,6 @@ class _IssuerKeys:
     skipped: dict[str, str]
     fetched_at: float
     static: bool = False
-    sources: list[str] = field(default_factory=list)
 
     def age(self) -> float:
         return time.monotonic() - self.fetched_at
@@ -149,7 +148,8 @@ def _uint(value: Any, what: str) -> int:
 
 
 def _public_key_of(jwk: Mapping[str, Any]) -> rsa.RSAPublicKey:
-    """The RSA key of a JWKS entry: ``x5c[0]``'s certificate key, else ``n``/``e``. ValueError if unusable."""
+    """The RSA key of a JWKS entry: ``x5c[0]``'s certificate key, else ``n``/``e``; ValueError or
+    BadRequest (bad base64url) saying why it is unusable."""
     if jwk.get("kty") != "RSA":
         raise ValueError(f"kty is {jwk.get('kty')!r}, not RSA")
     if jwk.get("use") not in (None, "sig"):
@@ -172,10 +172,7 @@ def _public_key_of(jwk: Mapping[str, Any]) -> rsa.RSAPublicKey:
             if (_uint(jwk["n"], "n"), _uint(jwk["e"], "e")) != (numbers.n, numbers.e):
                 raise ValueError("n/e do not match the x5c[0] certificate key")
     elif "n" in jwk and "e" in jwk:
-        try:
-            key = rsa.RSAPublicNumbers(_uint(jwk["e"], "e"), _uint(jwk["n"], "n")).public_key()
-        except BadRequest as exc:
-            raise ValueError(exc.message) from None
+        key = rsa.RSAPublicNumbers(_uint(jwk["e"], "e"), _uint(jwk["n"], "n")).public_key()
     else:
         raise ValueError("neither x5c nor n/e present")
     if key.key_size < MIN_KEY_BITS:
@@ -307,9 +304,7 @@ class TokenVerifier:
 
     def _check_lifetime(self, claims: Mapping[str, Any], at: datetime | None) -> None:
         when = at if at is not None else datetime.now(tz=UTC)
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-        now = when.timestamp()
+        now = (when if when.tzinfo is not None else when.replace(tzinfo=UTC)).timestamp()
         exp = _numeric_claim(claims, "exp")
         nbf = _numeric_claim(claims, "nbf")
         _numeric_claim(claims, "iat")
@@ -423,11 +418,10 @@ class TokenVerifier:
         jwks = await self._get_json(jwks_uri, JWKS_SERVICE, deadline)
         keys, skipped = parse_jwks(jwks)
         self.fetches += 1
-        return _IssuerKeys(keys, skipped, time.monotonic(), sources=[metadata_url, jwks_uri])
+        return _IssuerKeys(keys, skipped, time.monotonic())
 
 
 def _endpoint_of(url: str) -> Endpoint | None:
-    """The endpoint of the https URL ``url``, or None when it is not one."""
     try:
         return split_url(url)[0]
     except (BadRequest, ValueError):

@@ -16,48 +16,33 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from skr.errors import BadRequest
 from skr.snp.hostdata import decode_cce_policy, host_data_of_policy
 
-#: The enforcement points of the policy framework, and what allowing each of them outright gives the host.
-ENFORCEMENT_POINTS: dict[str, str] = {
-    "mount_device": "mount any device into the UVM",
-    "unmount_device": "unmount any device",
-    "mount_overlay": "assemble any container file system",
-    "unmount_overlay": "remove any container file system",
-    "create_container": "start any container, with any command and environment",
-    "exec_in_container": "run any process inside any container",
-    "exec_external": "run any process in the UVM",
-    "shutdown_container": "stop any container",
-    "signal_container_process": "send any signal to any process",
-    "plan9_mount": "share any host directory into the UVM",
-    "plan9_unmount": "remove any host share",
-    "get_properties": "read container properties and statistics",
-    "dump_stacks": "dump the stacks of guest processes",
-    "runtime_logging": "receive the guest runtime's logs",
-    "load_fragment": "load any policy fragment, from any issuer",
-    "scratch_mount": "mount scratch storage, encrypted or not",
-    "scratch_unmount": "unmount scratch storage",
+#: The enforcement points of the policy framework: whether allowing one outright lets the host see or change
+#: what runs (else it only costs availability), and what it gives the host.
+ENFORCEMENT_POINTS: dict[str, tuple[bool, str]] = {
+    "mount_device": (True, "mount any device into the UVM"),
+    "unmount_device": (False, "unmount any device"),
+    "mount_overlay": (True, "assemble any container file system"),
+    "unmount_overlay": (False, "remove any container file system"),
+    "create_container": (True, "start any container, with any command and environment"),
+    "exec_in_container": (True, "run any process inside any container"),
+    "exec_external": (True, "run any process in the UVM"),
+    "shutdown_container": (False, "stop any container"),
+    "signal_container_process": (False, "send any signal to any process"),
+    "plan9_mount": (True, "share any host directory into the UVM"),
+    "plan9_unmount": (False, "remove any host share"),
+    "get_properties": (False, "read container properties and statistics"),
+    "dump_stacks": (True, "dump the stacks of guest processes"),
+    "runtime_logging": (True, "receive the guest runtime's logs"),
+    "load_fragment": (True, "load any policy fragment, from any issuer"),
+    "scratch_mount": (True, "mount scratch storage, encrypted or not"),
+    "scratch_unmount": (False, "unmount scratch storage"),
 }
-
-#: Enforcement points whose allow-all lets the host see or change what runs (the rest: availability).
-CONFIDENTIALITY_POINTS = frozenset(
-    {
-        "mount_device",
-        "mount_overlay",
-        "create_container",
-        "exec_in_container",
-        "exec_external",
-        "plan9_mount",
-        "dump_stacks",
-        "runtime_logging",
-        "load_fragment",
-        "scratch_mount",
-    }
-)
 
 #: The policy-wide settings, and (when true) whether each weakens confidentiality and why.
 SETTINGS: dict[str, tuple[bool, str]] = {
@@ -111,7 +96,7 @@ class _LiteralReader:
             raise _Unparsable("nested too deeply")
         char = self._peek()
         if char == "[":
-            return self._sequence("[", "]", depth)
+            return self._sequence(depth)
         if char == "{":
             return self._mapping(depth)
         if char == '"':
@@ -144,15 +129,18 @@ class _LiteralReader:
             raise _Unparsable(f"a bad string escape ({exc})") from None
         return value
 
-    def _sequence(self, opening: str, closing: str, depth: int) -> list[Any]:
+    def _separator(self, closing: str) -> None:
+        if self._peek() == ",":
+            self.pos += 1
+        elif self._peek() != closing:
+            raise _Unparsable(f"expected ',' or '{closing}' at {self.text[self.pos : self.pos + 30]!r}")
+
+    def _sequence(self, depth: int) -> list[Any]:
         self.pos += 1
         items: list[Any] = []
-        while self._peek() != closing:
+        while self._peek() != "]":
             items.append(self.value(depth + 1))
-            if self._peek() == ",":
-                self.pos += 1
-            elif self._peek() != closing:
-                raise _Unparsable(f"expected ',' or '{closing}' at {self.text[self.pos : self.pos + 30]!r}")
+            self._separator("]")
         self.pos += 1
         return items
 
@@ -167,10 +155,7 @@ class _LiteralReader:
                 raise _Unparsable(f"expected ':' after {key!r}")
             self.pos += 1
             result[key] = self.value(depth + 1)
-            if self._peek() == ",":
-                self.pos += 1
-            elif self._peek() != "}":
-                raise _Unparsable(f"expected ',' or '}}' at {self.text[self.pos : self.pos + 30]!r}")
+            self._separator("}")
         self.pos += 1
         return result
 
@@ -216,19 +201,7 @@ class ContainerRules:
     no_new_privileges: bool
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "image": self.image,
-            "layers": self.layers,
-            "command": self.command,
-            "env_rules": self.env_rules,
-            "mounts": self.mounts,
-            "exec_processes": self.exec_processes,
-            "working_dir": self.working_dir,
-            "allow_elevated": self.allow_elevated,
-            "allow_stdio_access": self.allow_stdio_access,
-            "no_new_privileges": self.no_new_privileges,
-        }
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -252,19 +225,9 @@ class CcePolicy:
         return bool(self.rules) and all(v == "allow-all" for v in self.rules.values())
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "host_data": self.host_data,
-            "api_version": self.api_version,
-            "framework_version": self.framework_version,
-            "allow_all": self.allow_all,
-            "rules": self.rules,
-            "settings": self.settings,
-            "fragments": self.fragments,
-            "containers": [c.to_dict() for c in self.containers],
-            "external_processes": self.external_processes,
-            "warnings": self.warnings,
-            "notes": self.notes,
-        }
+        """Every field (containers as dicts), with ``allow_all`` after the versions."""
+        items = list(asdict(self).items())
+        return dict([*items[:3], ("allow_all", self.allow_all), *items[3:]])
 
 
 def _text(value: Any) -> str:
@@ -353,10 +316,7 @@ def decode_policy(data: bytes) -> CcePolicy:
     literals, expressions = read_assignments(rego)
 
     def version(*names: str) -> str | None:
-        for name in names:
-            if name in literals:
-                return _text(literals[name])
-        return None
+        return next((_text(literals[name]) for name in names if name in literals), None)
 
     rules = {
         name: kind
@@ -401,9 +361,8 @@ def _judge(policy: CcePolicy) -> None:
         )
     for name, kind in policy.rules.items():
         if kind == "allow-all":
-            (warn if name in CONFIDENTIALITY_POINTS else note)(
-                f"{name} is allowed outright: the host can {ENFORCEMENT_POINTS[name]}"
-            )
+            weakens, gives = ENFORCEMENT_POINTS[name]
+            (warn if weakens else note)(f"{name} is allowed outright: the host can {gives}")
     if not policy.rules:
         note("no enforcement points are assigned: the framework's defaults apply")
     for name, value in policy.settings.items():

@@ -66,10 +66,7 @@ def sha256_fingerprint(cert: x509.Certificate) -> str:
 def product_of_ark(cert: x509.Certificate) -> Product | None:
     """The product whose pinned AMD ARK this certificate is, else ``None``."""
     fingerprint = sha256_fingerprint(cert)
-    for product, pinned in AMD_ARK_SHA256.items():
-        if pinned == fingerprint:
-            return product
-    return None
+    return next((product for product, pinned in AMD_ARK_SHA256.items() if pinned == fingerprint), None)
 
 
 def common_name(name: x509.Name) -> str:
@@ -205,20 +202,16 @@ class VekInfo:
     def product(self) -> Product | None:
         """The product line named by ``product_name`` ("Milan-B0" -> Milan), if recognised."""
         head = self.product_name.split("-", 1)[0].strip().lower()
-        for product in Product:
-            if product.value.lower() == head:
-                return product
-        return None
+        return next((product for product in Product if product.value.lower() == head), None)
 
 
 def _extension_values(cert: x509.Certificate) -> dict[str, bytes]:
-    values: dict[str, bytes] = {}
-    for ext in cert.extensions:
-        if ext.oid.dotted_string.startswith(_AMD_ARC + ".") and isinstance(
-            ext.value, x509.UnrecognizedExtension
-        ):
-            values[ext.oid.dotted_string] = ext.value.value
-    return values
+    return {
+        ext.oid.dotted_string: ext.value.value
+        for ext in cert.extensions
+        if ext.oid.dotted_string.startswith(_AMD_ARC + ".")
+        and isinstance(ext.value, x509.UnrecognizedExtension)
+    }
 
 
 def parse_vek_extensions(cert: x509.Certificate) -> VekInfo:
@@ -375,12 +368,10 @@ def _first_signer(
             hint=missing_hint,
             code=Code.CERTIFICATE_CHAIN_INCOMPLETE,
         )
-    errors: list[CertificateError] = []
     for candidate in candidates:
         try:
             check_amd_signature(cert, candidate)
+            return candidate
         except CertificateError as exc:
-            errors.append(exc)
-            continue
-        return candidate
-    raise errors[-1]
+            last = exc
+    raise last

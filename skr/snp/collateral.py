@@ -258,30 +258,25 @@ class CollateralClient:
         for index, candidate in enumerate(candidates):
             url = kds.kds_vcek_url_for_report(report, candidate, base=self.kds_base)
             result = await self._get(url, _KDS_SERVICE, deadline, accept=(200, 400, 404))
-            if result.status != 200:
-                if index + 1 < len(candidates):
-                    log.info(
-                        "AMD KDS has no %s VCEK for this chip (HTTP %d); trying %s",
-                        candidate.value,
-                        result.status,
-                        candidates[index + 1].value,
-                    )
-                    continue
-                raise CollateralError(
-                    f"AMD KDS has no VCEK for this chip and TCB {kds.tcbm(report.reported_tcb)} "
-                    f"(tried {', '.join(p.value for p in candidates)}): HTTP {result.status} "
-                    f"{summarize_body(result.body)}".rstrip(),
-                    hint="check the product and that the chip id is not masked; or use the THIM / AzCache "
-                    "source",
-                    upstream_status=result.status,
+            if result.status == 200:
+                vcek = kds.load_der_certificate(result.body, what="AMD KDS VCEK")
+                ask_ark = await self._kds_cert_chain(candidate, deadline)
+                chain = vcek.public_bytes(Encoding.PEM) + ask_ark
+                return _Cached(chain, kds.tcbm(report.reported_tcb), self._clock(), self._max_age(result))
+            if index + 1 < len(candidates):
+                log.info(
+                    "AMD KDS has no %s VCEK for this chip (HTTP %d); trying %s",
+                    candidate.value,
+                    result.status,
+                    candidates[index + 1].value,
                 )
-            vcek = kds.load_der_certificate(result.body, what="AMD KDS VCEK")
-            ask_ark = await self._kds_cert_chain(candidate, deadline)
-            chain = vcek.public_bytes(Encoding.PEM) + ask_ark
-            return _Cached(chain, kds.tcbm(report.reported_tcb), self._clock(), self._max_age(result))
-        raise AssertionError(
-            "unreachable: there is always at least one candidate product"
-        )  # pragma: no cover
+        raise CollateralError(  # every candidate product answered 400/404 (there is always at least one)
+            f"AMD KDS has no VCEK for this chip and TCB {kds.tcbm(report.reported_tcb)} "
+            f"(tried {', '.join(p.value for p in candidates)}): HTTP {result.status} "
+            f"{summarize_body(result.body)}".rstrip(),
+            hint="check the product and that the chip id is not masked; or use the THIM / AzCache source",
+            upstream_status=result.status,
+        )
 
     async def _kds_cert_chain(self, product: Product, deadline: Deadline | None) -> bytes:
         """ASK + ARK for ``product``, cached separately (they are shared by every chip of the product)."""
@@ -342,9 +337,6 @@ class CollateralClient:
         value = result.headers.get("Cache-Control", "")
         match = re.search(r"\bmax-age=(\d+)", value, re.IGNORECASE)
         return float(match.group(1)) if match else self._default_max_age
-
-
-# --- helpers -----------------------------------------------------------------------------------------
 
 
 def _check_fetchable(report: AttestationReport, source: CollateralSource) -> None:

@@ -32,6 +32,7 @@ AZCACHE_CLIENT_ID: Final = "ConfidentialACI"
 
 _TCBM_RE: Final = re.compile(r"[0-9a-fA-F]{1,16}")
 _MAX_AGE_RE: Final = re.compile(r"(?:.*\bmax-age=)?\s*(\d+)\s*", re.IGNORECASE)
+_THIM_HINT: Final = "expected {vcekCert, tcbm, certificateChain, cacheControl}"
 
 
 # --- THIM --------------------------------------------------------------------------------------------
@@ -67,13 +68,12 @@ def parse_thim_json(data: bytes) -> ThimCertificates:
         doc = json.loads(data)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise CollateralError(
-            f"the THIM certificate document is not JSON ({exc.__class__.__name__}: {exc})",
-            hint="expected {vcekCert, tcbm, certificateChain, cacheControl}",
+            f"the THIM certificate document is not JSON ({exc.__class__.__name__}: {exc})", hint=_THIM_HINT
         ) from None
     if not isinstance(doc, dict):
         raise CollateralError(
             f"the THIM certificate document is a JSON {type(doc).__name__}, expected an object",
-            hint="expected {vcekCert, tcbm, certificateChain, cacheControl}",
+            hint=_THIM_HINT,
         )
     vcek = _thim_string(doc, "vcekCert")
     chain = _thim_string(doc, "certificateChain")
@@ -98,16 +98,9 @@ def parse_thim_json(data: bytes) -> ThimCertificates:
 def _thim_string(doc: Mapping[str, Any], name: str) -> str:
     value = doc.get(name)
     if not isinstance(value, str) or not value.strip():
-        if value is None:
-            found = "missing"
-        elif isinstance(value, str):
-            found = "empty"
-        else:
-            found = f"a JSON {type(value).__name__}"
-        raise CollateralError(
-            f"THIM field {name!r} is {found}, expected a non-empty string",
-            hint="expected {vcekCert, tcbm, certificateChain, cacheControl}",
-        )
+        kind = "empty" if isinstance(value, str) else f"a JSON {type(value).__name__}"
+        found = "missing" if value is None else kind
+        raise CollateralError(f"THIM field {name!r} is {found}, expected a non-empty string", hint=_THIM_HINT)
     if not value.isascii():  # PEM and hex are ASCII; this also refuses lone surrogates before .encode()
         raise CollateralError(f"THIM field {name!r} holds non-ASCII text, expected PEM or hex")
     return value
@@ -123,8 +116,7 @@ def _thim_cache_control(value: Any) -> int | None:
         if match:
             return int(match.group(1))
     raise CollateralError(
-        f"THIM cacheControl {str(value)[:40]!r} is not a number of seconds",
-        hint='expected e.g. "86400"',
+        f"THIM cacheControl {str(value)[:40]!r} is not a number of seconds", hint='expected e.g. "86400"'
     )
 
 

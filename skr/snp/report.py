@@ -7,11 +7,10 @@ layer: bytes in, fields out, and back again byte for byte.
 Must never: verify anything (see :mod:`skr.snp.verify`), do I/O, or let anything but
 :class:`skr.errors.ReportError` escape when given untrusted bytes.
 
-Strictness: the size, the version, the signature algorithm, the signing-key selector and every
-reserved byte range are checked (reserved bytes must be zero, which also makes :meth:`serialize`
-an exact inverse of :meth:`parse`). Bit fields that are kept as integers (``policy``,
-``platform_info``, ``key_info``) are preserved exactly and their unknown bits are left to
-:func:`skr.snp.verify.validate_report` to judge.
+Strictness: the size, the version, the signature algorithm, the signing-key selector and every reserved byte
+range are checked (reserved bytes must be zero, which also makes :meth:`serialize` an exact inverse of
+:meth:`parse`). Bit fields that are kept as integers (``policy``, ``platform_info``, ``key_info``) are
+preserved exactly and their unknown bits are left to :func:`skr.snp.verify.validate_report` to judge.
 """
 
 from __future__ import annotations
@@ -33,42 +32,52 @@ _U32 = 0xFFFF_FFFF
 _U64 = 0xFFFF_FFFF_FFFF_FFFF
 _SIG_MAX = (1 << (8 * SIGNATURE_COMPONENT_SIZE)) - 1
 
-# The whole report as one struct; "x" pad bytes are the reserved ranges listed in _RESERVED.
-_LAYOUT = struct.Struct(
-    "<"
-    "I"  # 0x000 VERSION
-    "I"  # 0x004 GUEST_SVN
-    "Q"  # 0x008 POLICY
-    "16s"  # 0x010 FAMILY_ID
-    "16s"  # 0x020 IMAGE_ID
-    "I"  # 0x030 VMPL
-    "I"  # 0x034 SIGNATURE_ALGO
-    "Q"  # 0x038 CURRENT_TCB
-    "Q"  # 0x040 PLATFORM_INFO
-    "I"  # 0x048 KEY_INFO (author_key_en, mask_chip_key, signing_key)
-    "4x"  # 0x04C reserved
-    "64s"  # 0x050 REPORT_DATA
-    "48s"  # 0x090 MEASUREMENT
-    "32s"  # 0x0C0 HOST_DATA
-    "48s"  # 0x0E0 ID_KEY_DIGEST
-    "48s"  # 0x110 AUTHOR_KEY_DIGEST
-    "32s"  # 0x140 REPORT_ID
-    "32s"  # 0x160 REPORT_ID_MA
-    "Q"  # 0x180 REPORTED_TCB
-    "BBB"  # 0x188 CPUID_FAM_ID, CPUID_MOD_ID, CPUID_STEP (v3+; reserved in v2)
-    "21x"  # 0x18B reserved
-    "64s"  # 0x1A0 CHIP_ID
-    "Q"  # 0x1E0 COMMITTED_TCB
-    "BBBx"  # 0x1E8 CURRENT_BUILD, CURRENT_MINOR, CURRENT_MAJOR, reserved
-    "BBBx"  # 0x1EC COMMITTED_BUILD, COMMITTED_MINOR, COMMITTED_MAJOR, reserved
-    "Q"  # 0x1F0 LAUNCH_TCB
-    "Q"  # 0x1F8 LAUNCH_MIT_VECTOR (v5; reserved before)
-    "Q"  # 0x200 CURRENT_MIT_VECTOR (v5; reserved before)
-    "152x"  # 0x208 reserved
-    "72s"  # 0x2A0 SIGNATURE R (little-endian)
-    "72s"  # 0x2E8 SIGNATURE S (little-endian)
-    "368x"  # 0x330 reserved
+# The whole report in wire order: (field, struct code); None marks reserved bytes (the ranges in _RESERVED).
+# "s" fields are bytes and B/I/Q unsigned integers, except the signature's R and S: 72-byte little-endian
+# integers.
+_WIRE: tuple[tuple[str | None, str], ...] = (
+    ("version", "I"),  # 0x000
+    ("guest_svn", "I"),  # 0x004
+    ("policy", "Q"),  # 0x008
+    ("family_id", "16s"),  # 0x010
+    ("image_id", "16s"),  # 0x020
+    ("vmpl", "I"),  # 0x030
+    ("signature_algo", "I"),  # 0x034
+    ("current_tcb", "Q"),  # 0x038
+    ("platform_info", "Q"),  # 0x040
+    ("key_info", "I"),  # 0x048 (author_key_en, mask_chip_key, signing_key)
+    (None, "4x"),  # 0x04C
+    ("report_data", "64s"),  # 0x050
+    ("measurement", "48s"),  # 0x090
+    ("host_data", "32s"),  # 0x0C0
+    ("id_key_digest", "48s"),  # 0x0E0
+    ("author_key_digest", "48s"),  # 0x110
+    ("report_id", "32s"),  # 0x140
+    ("report_id_ma", "32s"),  # 0x160
+    ("reported_tcb", "Q"),  # 0x180
+    ("cpuid_fam_id", "B"),  # 0x188 (the CPUID bytes: v3+; reserved in v2)
+    ("cpuid_mod_id", "B"),  # 0x189
+    ("cpuid_step", "B"),  # 0x18A
+    (None, "21x"),  # 0x18B
+    ("chip_id", "64s"),  # 0x1A0
+    ("committed_tcb", "Q"),  # 0x1E0
+    ("current_build", "B"),  # 0x1E8
+    ("current_minor", "B"),  # 0x1E9
+    ("current_major", "B"),  # 0x1EA
+    (None, "x"),  # 0x1EB
+    ("committed_build", "B"),  # 0x1EC
+    ("committed_minor", "B"),  # 0x1ED
+    ("committed_major", "B"),  # 0x1EE
+    (None, "x"),  # 0x1EF
+    ("launch_tcb", "Q"),  # 0x1F0
+    ("launch_mit_vector", "Q"),  # 0x1F8 (v5; reserved before)
+    ("current_mit_vector", "Q"),  # 0x200 (v5; reserved before)
+    (None, "152x"),  # 0x208
+    ("signature_r", "72s"),  # 0x2A0
+    ("signature_s", "72s"),  # 0x2E8
+    (None, "368x"),  # 0x330
 )
+_LAYOUT = struct.Struct("<" + "".join(code for _, code in _WIRE))
 if _LAYOUT.size != REPORT_SIZE:  # pragma: no cover - a typo in the layout above
     raise RuntimeError(f"report layout is {_LAYOUT.size} bytes, expected {REPORT_SIZE}")
 
@@ -84,40 +93,15 @@ _RESERVED: tuple[tuple[int, int], ...] = (
 _CPUID_RANGE = (0x188, 0x18B)
 _MIT_VECTOR_RANGE = (0x1F8, 0x208)
 
-_BYTE_FIELDS: dict[str, int] = {
-    "family_id": 16,
-    "image_id": 16,
-    "report_data": 64,
-    "measurement": 48,
-    "host_data": 32,
-    "id_key_digest": 48,
-    "author_key_digest": 48,
-    "report_id": 32,
-    "report_id_ma": 32,
-    "chip_id": 64,
+_FIELDS = tuple((name, code) for name, code in _WIRE if name is not None)
+_BYTE_FIELDS = {
+    name: int(code[:-1]) for name, code in _FIELDS if code.endswith("s") and "signature" not in name
 }
-_U8_FIELDS = (
-    "cpuid_fam_id",
-    "cpuid_mod_id",
-    "cpuid_step",
-    "current_build",
-    "current_minor",
-    "current_major",
-    "committed_build",
-    "committed_minor",
-    "committed_major",
-)
-_U32_FIELDS = ("version", "guest_svn", "vmpl", "signature_algo", "key_info")
-_U64_FIELDS = (
-    "policy",
-    "current_tcb",
-    "platform_info",
-    "reported_tcb",
-    "committed_tcb",
-    "launch_tcb",
-    "launch_mit_vector",
-    "current_mit_vector",
-)
+_INT_LIMITS = {  # every other field: an unsigned integer of its code's width, or a signature component
+    name: {"B": 0xFF, "I": _U32, "Q": _U64}.get(code, _SIG_MAX)
+    for name, code in _FIELDS
+    if name not in _BYTE_FIELDS
+}
 _TCB_FIELDS = ("current_tcb", "reported_tcb", "committed_tcb", "launch_tcb")
 
 SigningKey = Literal["vcek", "vlek", "none"]
@@ -225,10 +209,9 @@ class TcbVersion:
 
     def is_at_least(self, minimum: TcbVersion) -> bool:
         """True when every component is at least the matching component of ``minimum``."""
-        pairs = [(self.bl, minimum.bl), (self.tee, minimum.tee), (self.snp, minimum.snp)]
-        pairs.append((self.ucode, minimum.ucode))
-        pairs.append((self.fmc or 0, minimum.fmc or 0))
-        return all(mine >= theirs for mine, theirs in pairs)
+        mine = (self.bl, self.tee, self.snp, self.ucode, self.fmc or 0)
+        theirs = (minimum.bl, minimum.tee, minimum.snp, minimum.ucode, minimum.fmc or 0)
+        return all(a >= b for a, b in zip(mine, theirs, strict=True))
 
     def to_dict(self) -> dict[str, Any]:
         """``{"raw": "0x…", "bl": …, "tee": …, "snp": …, "ucode": …}`` plus ``"fmc"`` on Turin."""
@@ -301,6 +284,14 @@ class GuestPolicy:
 # --- the report ------------------------------------------------------------------------------------
 
 
+def _check_version(version: int) -> None:
+    if version not in SUPPORTED_VERSIONS:
+        raise ReportError(
+            f"unsupported report version {version}; expected one of 2, 3, 4, 5",
+            hint="is this an SEV-SNP ATTESTATION_REPORT?",
+        )
+
+
 @dataclass(frozen=True)
 class AttestationReport:
     """One ATTESTATION_REPORT. Integer fields hold u8/u32/u64 values, byte fields the raw bytes.
@@ -347,11 +338,7 @@ class AttestationReport:
 
     def __post_init__(self) -> None:
         self._check_types_and_ranges()
-        if self.version not in SUPPORTED_VERSIONS:
-            raise ReportError(
-                f"unsupported report version {self.version}; expected one of 2, 3, 4, 5",
-                hint="is this an SEV-SNP ATTESTATION_REPORT?",
-            )
+        _check_version(self.version)
         if self.signature_algo != SIGNATURE_ALGO_ECDSA_P384_SHA384:
             raise ReportError(
                 f"unsupported signature algorithm {self.signature_algo}; expected 1 (ECDSA P-384 SHA-384)"
@@ -369,10 +356,7 @@ class AttestationReport:
             value = getattr(self, name)
             if not isinstance(value, bytes) or len(value) != size:
                 raise ReportError(f"report field {name} must be {size} bytes")
-        limits = [(n, 0xFF) for n in _U8_FIELDS] + [(n, _U32) for n in _U32_FIELDS]
-        limits += [(n, _U64) for n in _U64_FIELDS]
-        limits += [("signature_r", _SIG_MAX), ("signature_s", _SIG_MAX)]
-        for name, limit in limits:
+        for name, limit in _INT_LIMITS.items():
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= limit:
                 raise ReportError(f"report field {name} must be an integer in 0..{limit:#x}, found {value!r}")
@@ -391,11 +375,7 @@ class AttestationReport:
                 hint="pass the raw binary report or its hex text",
             )
         version = int.from_bytes(data[0:4], "little")
-        if version not in SUPPORTED_VERSIONS:
-            raise ReportError(
-                f"unsupported report version {version}; expected one of 2, 3, 4, 5",
-                hint="is this an SEV-SNP ATTESTATION_REPORT?",
-            )
+        _check_version(version)
         reserved = list(_RESERVED)
         if version < 3:
             reserved.append(_CPUID_RANGE)
@@ -407,16 +387,13 @@ class AttestationReport:
                     f"reserved bytes 0x{start:03X}-0x{end - 1:03X} are not zero in a version {version} report"
                 )
         values = list(_LAYOUT.unpack(data))
-        r_le, s_le = values[-2], values[-1]
-        values[-2:] = [int.from_bytes(r_le, "little"), int.from_bytes(s_le, "little")]
-        names = [f.name for f in fields(cls)]
-        return cls(**dict(zip(names, values, strict=True)))
+        values[-2:] = [int.from_bytes(little_endian, "little") for little_endian in values[-2:]]  # R, S
+        return cls(**dict(zip((name for name, _ in _FIELDS), values, strict=True)))
 
     def serialize(self) -> bytes:
         """The 1184-byte wire form; ``parse(serialize(r)) == r`` and byte-exact for parsed reports."""
-        values: list[Any] = [getattr(self, f.name) for f in fields(self)]
-        values[-2] = self.signature_r.to_bytes(SIGNATURE_COMPONENT_SIZE, "little")
-        values[-1] = self.signature_s.to_bytes(SIGNATURE_COMPONENT_SIZE, "little")
+        values: list[Any] = [getattr(self, name) for name, _ in _FIELDS]
+        values[-2:] = [component.to_bytes(SIGNATURE_COMPONENT_SIZE, "little") for component in values[-2:]]
         return _LAYOUT.pack(*values)
 
     def signed_bytes(self) -> bytes:
@@ -447,9 +424,7 @@ class AttestationReport:
 
     def product_hint(self) -> Product | None:
         """The product line named by CPUID fields (version 3 and later), else ``None``."""
-        if self.version < 3:
-            return None
-        return product_from_cpuid(self.cpuid_fam_id, self.cpuid_mod_id)
+        return None if self.version < 3 else product_from_cpuid(self.cpuid_fam_id, self.cpuid_mod_id)
 
     def reported_tcb_version(self, product: Product) -> TcbVersion:
         """REPORTED_TCB (the TCB the VCEK is derived for) decoded for ``product``."""

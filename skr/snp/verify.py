@@ -26,13 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from skr.errors import CertificateError, Code, ReportVerificationError, ValidationError
-from skr.snp.certs import (
-    VekInfo,
-    common_name,
-    load_certificates,
-    parse_vek_extensions,
-    verify_vek_chain,
-)
+from skr.snp.certs import VekInfo, common_name, load_certificates, parse_vek_extensions, verify_vek_chain
 from skr.snp.report import AttestationReport, Product, TcbVersion
 
 ASVK_CN_PREFIX = "SEV-VLEK-"
@@ -268,11 +262,9 @@ def _policy_problems(report: AttestationReport, options: ValidationOptions) -> l
     policy = report.guest_policy
     if not policy.reserved_one_set or policy.unknown_bits:
         problems.append(f"POLICY 0x{report.policy:x} has reserved bits wrong (bit 17 must be 1, 26-63 zero)")
-    for name, allowed in (("debug", options.allow_debug), ("migrate_ma", options.allow_migrate_ma)):
-        if getattr(policy, name) and not allowed:
+    for name in ("debug", "migrate_ma", "smt"):
+        if getattr(policy, name) and not getattr(options, f"allow_{name}"):
             problems.append(f"POLICY allows {name.upper()}, which is not permitted")
-    if policy.smt and not options.allow_smt:
-        problems.append("POLICY allows SMT, which is not permitted")
     if options.maximum_vmpl is not None and report.vmpl > options.maximum_vmpl:
         problems.append(f"VMPL expected at most {options.maximum_vmpl}, found {report.vmpl}")
     if options.require_author_key and not report.author_key_en:
