@@ -1,7 +1,7 @@
 """The Azure blob that holds an image: its URL (parsed once, HTTPS only, checked against the blob allowlist),
 and async access through ``azure-storage-blob`` (ranged reads, 512-byte-aligned page writes, the lease).
 
-Private blobs use the pod's azure-identity credential (workload or managed identity, through
+Private blobs use the pod's identity credential (workload or managed identity, through
 :class:`skr.identity.CredentialFactory`); public ones are read anonymously; a SAS in the URL is used as is.
 Blob endpoints have their own allowlist (``SKR_ALLOWED_BLOB_ENDPOINTS``, default: the Azure storage
 domains), separate from the sidecar's attestation / Key Vault allowlist.
