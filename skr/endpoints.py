@@ -14,6 +14,7 @@ Pure: no I/O.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable
@@ -104,7 +105,11 @@ def parse_endpoint(value: str, *, what: str = "endpoint") -> Endpoint:
     """
     if not isinstance(value, str) or not value.strip():
         raise BadRequest(f"{what} must be a non-empty host name")
-    raw = value.strip()
+    return _parse_endpoint(value.strip(), what)
+
+
+@functools.lru_cache(maxsize=256)  # pure; the same few endpoints come with every request
+def _parse_endpoint(raw: str, what: str) -> Endpoint:
     if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in raw):
         raise BadRequest(f"{what} contains whitespace or control characters")
     if "://" in raw:

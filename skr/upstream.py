@@ -23,11 +23,11 @@ import re
 import socket
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
@@ -36,6 +36,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_aft
 from skr.errors import Code, UpstreamError, UpstreamTimeout
 
 log = logging.getLogger("skr.upstream")
+T = TypeVar("T")
 
 CA_BUNDLE_ENV = "SKR_CA_BUNDLE"
 TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
@@ -265,23 +266,39 @@ def _stop_at_deadline(deadline: Deadline, policy: RetryPolicy) -> Any:
     return stop
 
 
-def transient_retrying(
+async def call_retrying(
+    attempt: Callable[[], Awaitable[T]],
     *,
     deadline: Deadline,
     policy: RetryPolicy = DEFAULT_RETRY,
     is_transient: Callable[[BaseException], bool],
     retry_after: Callable[[BaseException | None], float | None] = _transient_retry_after,
-) -> AsyncRetrying:
-    """The project's one retry policy for upstream calls made through other clients (the Azure SDK):
-    retry only what ``is_transient`` says, honour ``retry_after``, back off with jitter, stop at the
-    deadline or after ``policy.attempts``; the last exception is re-raised."""
-    return AsyncRetrying(
+) -> T:
+    """``attempt()`` under the project's one retry policy: retry only what ``is_transient`` says, honour
+    ``retry_after``, back off with jitter, stop at the deadline or after ``policy.attempts``; the last
+    exception is re-raised. The first try runs without the retry machinery (most calls succeed); a transient
+    failure is replayed into tenacity as its first attempt, so the waits and the count are the same."""
+    try:
+        return await attempt()
+    except Exception as exc:
+        if policy.attempts <= 1 or not is_transient(exc):
+            raise
+        first: list[BaseException] = [exc]
+
+    async def again() -> T:
+        if first:
+            raise first.pop()
+        return await attempt()
+
+    retrying = AsyncRetrying(
         retry=retry_if_exception(is_transient),
         wait=_Wait(policy, deadline, retry_after),
         stop=_stop_at_deadline(deadline, policy),
         before_sleep=_log_retry,
         reraise=True,
     )
+    result: T = await retrying(again)
+    return result
 
 
 def _log_retry(state: RetryCallState) -> None:
@@ -362,16 +379,13 @@ async def request(
                 server_timing=resp.headers.getall("Server-Timing", []),
             )
 
-    retrying = transient_retrying(
-        deadline=deadline,
-        policy=retry,
-        is_transient=lambda exc: (
-            isinstance(exc, aiohttp.ClientConnectionError | TimeoutError | TransientHTTPError)
-            and not isinstance(exc, aiohttp.ClientConnectorCertificateError)
-        ),  # an untrusted certificate stays so
-    )
+    def is_transient(exc: BaseException) -> bool:  # an untrusted certificate stays so
+        return isinstance(exc, aiohttp.ClientConnectionError | TimeoutError | TransientHTTPError) and not (
+            isinstance(exc, aiohttp.ClientConnectorCertificateError)
+        )
+
     try:
-        result: HttpResult = await retrying(attempt)
+        result = await call_retrying(attempt, deadline=deadline, policy=retry, is_transient=is_transient)
     except TransientHTTPError as exc:
         if deadline.expired():
             raise UpstreamTimeout(

@@ -57,13 +57,13 @@ from skr.upstream import (
     DEFAULT_MAX_UPSTREAM_BODY,
     Deadline,
     RetryPolicy,
+    call_retrying,
     client_ssl_context,
     connection_cause,
     host_of_url,
     is_transient_status,
     parse_retry_after,
     redirect_error,
-    transient_retrying,
 )
 
 if TYPE_CHECKING:  # the SDK is imported on first use: it costs start-up time and memory (see _key_client)
@@ -87,7 +87,7 @@ _CLAIM_FAILURE_RE = re.compile(
     re.IGNORECASE | re.ASCII,
 )
 # A release changes nothing in the vault (it only wraps the key for the target), so it is safe to repeat: the
-# SDK's own retries are off and transient_retrying retries it on 408/429/5xx and after a reset connection.
+# SDK's own retries are off and call_retrying retries it on 408/429/5xx and after a reset connection.
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ class SdkSettings:
     """Per-attempt timeouts of the SDK's transport and the retry policy around each release.
 
     The SDK's own retry loop is off: transient failures (408, 429, 5xx, connection errors) are retried by
-    :func:`skr.upstream.transient_retrying`, the policy every upstream call uses, which honours Retry-After
+    :func:`skr.upstream.call_retrying`, the policy every upstream call uses, which honours Retry-After
     and never sleeps past the request deadline.
     """
 
@@ -239,7 +239,7 @@ class KeyVaultReleaser:
         transport_settings = {"connection_timeout": sdk.connection_timeout, "read_timeout": sdk.read_timeout}
         kwargs: dict[str, Any] = {
             "verify_challenge_resource": self.verify_challenge_resource(vault),
-            "retry_total": 0,  # retries are ours (transient_retrying), bounded by the request deadline
+            "retry_total": 0,  # retries are ours (call_retrying), bounded by the request deadline
             "permit_redirects": False,  # and the transport refuses any 3xx (upstream_redirect)
         }
         if self._api_version:
@@ -316,12 +316,6 @@ class KeyVaultReleaser:
             if remaining is not None and remaining <= 0:
                 raise TimeoutError
             async with asyncio.timeout(remaining):
-                retrying = transient_retrying(
-                    deadline=deadline or Deadline.after(self._sdk.read_timeout * self._sdk.retry.attempts),
-                    policy=self._sdk.retry,
-                    is_transient=_is_transient,
-                    retry_after=_retry_after,
-                )
                 slot = self._slot(vault_url)
 
                 async def attempt() -> ReleaseKeyResult:
@@ -332,7 +326,13 @@ class KeyVaultReleaser:
                             name, target_token, version=version, algorithm=algorithm
                         )
 
-                result: ReleaseKeyResult = await retrying(attempt)
+                result: ReleaseKeyResult = await call_retrying(
+                    attempt,
+                    deadline=deadline or Deadline.after(self._sdk.read_timeout * self._sdk.retry.attempts),
+                    policy=self._sdk.retry,
+                    is_transient=_is_transient,
+                    retry_after=_retry_after,
+                )
         except TimeoutError:
             raise UpstreamTimeout(
                 f"{self._service(vault_url)} {vault_url} did not answer the release of {name} before the "
