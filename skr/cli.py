@@ -38,8 +38,6 @@ HARDENED_COMMANDS: frozenset[str] = frozenset(
     {"serve", "local", "release", "keys", "doctor", "keyprovider", "image-key", "token", "encfs"}
 )
 
-EXIT_OK = 0
-EXIT_NEGATIVE = 1
 EXIT_ERROR = 2
 
 
@@ -63,14 +61,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _named_command(argv: Sequence[str]) -> str | None:
-    """The command ``argv`` names when it starts with a known one (else None: build the whole parser)."""
-    return argv[0] if argv and argv[0] in COMMAND_MODULES else None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(argv) if argv is not None else sys.argv[1:]
-    parser = build_parser(_named_command(arguments))
+    # only the named command's parser; without a known command first, the whole parser
+    parser = build_parser(arguments[0] if arguments and arguments[0] in COMMAND_MODULES else None)
     args = parser.parse_args(arguments)
     func: Callable[[argparse.Namespace], int] = args.func
     if args.command in HARDENED_COMMANDS:

@@ -14,6 +14,7 @@ import json
 import re
 import sys
 from collections.abc import Iterator, Sequence
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -181,6 +182,8 @@ def _verify(args: argparse.Namespace) -> int:
     proofs: list[CheckpointProof] = []
     failure: str | None = None
     unverified = 0
+    # the auditor named a root or a workload: every checkpoint must be proven under it
+    demands = args.trust_ark or args.expect_host_data or args.expect_measurement
     if result.finding is None:
         seen: set[tuple[Any, ...]] = set()
         for checkpoint in result.checkpoints:
@@ -191,7 +194,7 @@ def _verify(args: argparse.Namespace) -> int:
             try:
                 proofs.append(prove_checkpoint(checkpoint, options))
             except SkrError as exc:
-                if exc.code == Code.UNTRUSTED_ROOT and not _demands_proof(args):
+                if exc.code == Code.UNTRUSTED_ROOT and not demands:
                     unverified += 1  # a virtual TEE's: proves nothing unless its ARK is named
                     continue
                 failure = describe_failure(checkpoint, exc)
@@ -206,11 +209,6 @@ def _verify(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return EXIT_PROVEN if result.finding is None and failure is None else EXIT_DAMAGED
-
-
-def _demands_proof(args: argparse.Namespace) -> bool:
-    """Whether the auditor asked for checkpoints from a particular root or workload."""
-    return bool(args.trust_ark or args.expect_host_data or args.expect_measurement)
 
 
 def _sentence(result: VerifyResult, proofs: Sequence[CheckpointProof]) -> str:
@@ -261,14 +259,7 @@ def _report(
             "unverified_checkpoints": unverified,  # signed under a root not trusted here (virtual TEE)
         }
         if result.finding:
-            f = result.finding
-            doc["finding"] = {
-                "file": f.file,
-                "line": f.line,
-                "seq": f.seq,
-                "kind": f.kind,
-                "reason": f.reason,
-            }
+            doc["finding"] = asdict(result.finding)  # file, line, seq, kind, reason
         elif failure:
             doc["finding"] = {
                 "file": None,

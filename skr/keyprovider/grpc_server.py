@@ -81,14 +81,7 @@ STATUS_CODES: dict[type[SkrError], grpc.StatusCode] = {
 }
 
 #: The statuses that blame the caller: logged as warnings, everything else as errors.
-CALLER_FAULTS = frozenset(
-    {
-        grpc.StatusCode.INVALID_ARGUMENT,
-        grpc.StatusCode.UNAUTHENTICATED,
-        grpc.StatusCode.PERMISSION_DENIED,
-        grpc.StatusCode.NOT_FOUND,
-    }
-)
+CALLER_FAULTS = frozenset(STATUS_CODES[c] for c in (BadRequest, Unauthenticated, Forbidden, NotFound))
 
 
 def status_code(exc: SkrError) -> grpc.StatusCode:
@@ -121,38 +114,22 @@ def decode_b64_runtime_data(value: str) -> bytes:
 class _Messages:
     """One package's message classes and the name of the bytes field of its key-wrap messages."""
 
+    hello_in: Any
+    hello_out: Any
     wrap_in: Any
     wrap_out: Any
     report_in: Any
     report_out: Any
     data_in: Any
     data_out: Any
-    hello_in: Any
-    hello_out: Any
 
     @classmethod
     def of(cls, module: ModuleType) -> _Messages:
-        if module is key_provider_pb2:
-            return cls(
-                module.KeyProviderKeyWrapProtocolInput,
-                module.KeyProviderKeyWrapProtocolOutput,
-                module.KeyProviderGetReportInput,
-                module.KeyProviderGetReportOutput,
-                module.KeyProviderGetAttestationDataInput,
-                module.KeyProviderGetAttestationDataOutput,
-                module.HelloRequest,
-                module.HelloReply,
-            )
-        return cls(
-            module.keyProviderKeyWrapProtocolInput,
-            module.keyProviderKeyWrapProtocolOutput,
-            module.keyProviderGetReportInput,
-            module.keyProviderGetReportOutput,
-            module.keyProviderGetAttestationDataInput,
-            module.keyProviderGetAttestationDataOutput,
-            module.HelloRequest,
-            module.HelloReply,
-        )
+        # ocicrypt's package spells the names keyProvider…, the Go sidecar's renamed one KeyProvider…
+        prefix = "KeyProvider" if module is key_provider_pb2 else "keyProvider"
+        kinds = ("KeyWrapProtocol", "GetReport", "GetAttestationData")
+        messages = [getattr(module, f"{prefix}{kind}{end}") for kind in kinds for end in ("Input", "Output")]
+        return cls(module.HelloRequest, module.HelloReply, *messages)
 
     def bytes_in(self, request: Any) -> bytes:
         value: bytes = getattr(request, self.wrap_in.DESCRIPTOR.fields[0].name)
