@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import json
 import sys
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -127,22 +128,15 @@ def read_report_file(path: Path) -> tuple[AttestationReport, HclReport | None]:
     data = _read(path, "report")
     if not is_hcl_report(data) and len(data) != REPORT_SIZE:
         try:
-            decoded = _parse_hex(data.decode("ascii"), "report text")
-        except (UnicodeDecodeError, BadRequest):
-            decoded = b""
-        if is_hcl_report(decoded):
-            data = decoded
-    if is_hcl_report(data):
-        hcl = parse_hcl_report(data)
-        return AttestationReport.parse(hcl.snp_report), hcl
-    if len(data) != REPORT_SIZE:
-        try:
             data = _parse_hex(data.decode("ascii"), "report text")
         except (UnicodeDecodeError, BadRequest):
             raise BadRequest(
                 f"{path}: expected {REPORT_SIZE} raw bytes or {2 * REPORT_SIZE} hex digits, "
                 f"found {len(data)} bytes that are not hex text"
             ) from None
+    if is_hcl_report(data):
+        hcl = parse_hcl_report(data)
+        return AttestationReport.parse(hcl.snp_report), hcl
     return AttestationReport.parse(data), None
 
 
@@ -287,18 +281,7 @@ def _verdict(verified: VerifiedReport) -> dict[str, Any]:
         "valid": True,
         "product": str(verified.product),
         "ark_sha256": verified.ark_sha256,
-        "vek": {
-            "kind": info.kind,
-            "product_name": info.product_name,
-            "struct_version": info.struct_version,
-            "bl_spl": info.bl_spl,
-            "tee_spl": info.tee_spl,
-            "snp_spl": info.snp_spl,
-            "ucode_spl": info.ucode_spl,
-            "fmc_spl": info.fmc_spl,
-            "hwid": None if info.hwid is None else info.hwid.hex(),
-            "csp_id": info.csp_id,
-        },
+        "vek": {**asdict(info), "hwid": None if info.hwid is None else info.hwid.hex()},
         "report": verified.report.to_json_dict(verified.product),
     }
 
