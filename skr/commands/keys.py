@@ -41,7 +41,7 @@ from skr.akv.jwk import CURVES, jwk_to_private_key
 from skr.akv.keywrap import b64url_decode
 from skr.akv.policy import encode_policy_for_wire
 from skr.akv.release import vault_error
-from skr.commands import vault_client_arguments
+from skr.commands import credential_factory, read_access_token, vault_client_arguments
 from skr.endpoints import parse_endpoint
 from skr.errors import (
     BadRequest,
@@ -54,8 +54,6 @@ from skr.errors import (
     SkrError,
     UpstreamError,
 )
-from skr.identity import CredentialFactory
-from skr.upstream import ca_bundle_from_env
 
 KTY_CHOICES = ("oct-HSM", "RSA-HSM", "EC-HSM")
 OCT_SIZES = (128, 192, 256)
@@ -255,17 +253,6 @@ def _jwk_file(path: Path, data: bytes) -> JsonWebKey:
 # --- the vault call -------------------------------------------------------------------------------
 
 
-def _credentials(args: argparse.Namespace) -> tuple[CredentialFactory, str | None]:
-    bundle = args.ca_bundle if args.ca_bundle is not None else ca_bundle_from_env()
-    factory = CredentialFactory(client_id=args.client_id, ca_bundle=bundle)
-    token = None
-    if args.access_token_file is not None:
-        token = args.access_token_file.read_text().strip()
-        if not token:
-            raise BadRequest(f"{args.access_token_file} is empty")
-    return factory, token
-
-
 def _map_error(exc: Exception, vault: str, name: str) -> SkrError:
     if isinstance(exc, ClientAuthenticationError) and exc.response is None:
         first = (exc.message or "").strip().splitlines()
@@ -301,7 +288,8 @@ async def _with_client(
 ) -> KeyVaultKey:
     endpoint = parse_endpoint(args.vault, what="the vault endpoint")
     vault = endpoint.url
-    factory, token = _credentials(args)
+    factory = credential_factory(args)
+    token = read_access_token(args.access_token_file)
     credential = factory.for_request(token)
     kwargs: dict[str, Any] = factory.transport_kwargs(**_TIMEOUTS)
     if args.api_version:
