@@ -73,7 +73,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     show.add_argument("--instance", help="only records written by this sidecar run")
     show.add_argument("--since", help="only records at or after this RFC 3339 time")
     show.add_argument("--until", help="only records before this RFC 3339 time")
-    show.add_argument("--format", choices=FORMATS, default=None, help="output format (default table)")
+    show.add_argument("--format", choices=FORMATS, help="output format (default table)")
     show.add_argument("--json", action="store_true", help="same as --format json")
     show.set_defaults(func=_show)
 

@@ -43,16 +43,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     parser.add_argument(
         "--sidecar",
-        default=None,
         metavar="URL",
         help=f"the running sidecar (default {DEFAULT_SIDECAR}; env SKR_SIDECAR_URL); loopback only",
     )
-    parser.add_argument(
-        "--client-token-file",
-        type=str,
-        default=None,
-        help="the sidecar's client token (SKR_CLIENT_TOKEN_FILE)",
-    )
+    parser.add_argument("--client-token-file", help="the sidecar's client token (SKR_CLIENT_TOKEN_FILE)")
     parser.add_argument(
         "--direct",
         action="store_true",

@@ -63,7 +63,6 @@ _TIMEOUTS = {"connection_timeout": 10, "read_timeout": 60}
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``skr keys {create,import,show,update-policy}``."""
     parser = sub.add_parser(
         "keys",
         help="create, import or show exportable keys with a release policy, or replace that policy",

@@ -32,7 +32,6 @@ _EXIT_DENIED = 1
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``skr policy {hash,inspect,release,check}``."""
     parser = sub.add_parser(
         "policy",
         help="CCE policy hash, release policy builder and checker",

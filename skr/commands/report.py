@@ -36,7 +36,6 @@ _FILE_HELP = "the report: raw 1184 bytes or hex text, or an Azure vTPM HCL repor
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``skr report {show,verify,fetch}``."""
     parser = sub.add_parser(
         "report",
         help="show, verify or fetch an SEV-SNP attestation report",

@@ -30,7 +30,6 @@ _COMMENT_RE = re.compile(r"^\s*//.*$", re.MULTILINE)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``skr token verify``."""
     parser = sub.add_parser(
         "token",
         help="verify a recorded MAA attestation token offline",
