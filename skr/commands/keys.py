@@ -37,7 +37,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from skr.akv.jwk import CURVES, jwk_to_private_key
+from skr.akv.jwk import CURVES, jwk_to_private_key, private_key_to_jwk
 from skr.akv.keywrap import b64url_decode
 from skr.akv.policy import encode_policy_for_wire
 from skr.akv.release import vault_error
@@ -58,7 +58,7 @@ from skr.errors import (
 KTY_CHOICES = ("oct-HSM", "RSA-HSM", "EC-HSM")
 OCT_SIZES = (128, 192, 256)
 RSA_SIZES = (2048, 3072, 4096)
-_CURVE_NAMES = {curve().name: name for name, curve in CURVES.items()}
+_SUPPORTED_CURVES = {curve().name for curve in CURVES.values()}
 _TIMEOUTS = {"connection_timeout": 10, "read_timeout": 60}
 
 
@@ -148,43 +148,21 @@ def read_policy(path: Path) -> bytes:
     return encode_policy_for_wire(doc)
 
 
-def _raw(value: int, size: int | None = None) -> bytes:
-    return value.to_bytes(size or max(1, (value.bit_length() + 7) // 8), "big")
-
-
 def private_key_to_json_web_key(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | bytes) -> JsonWebKey:
     """The SDK's ``JsonWebKey`` (``*-HSM`` kty) of a private key or raw symmetric key bytes."""
     if isinstance(key, bytes):
         if len(key) * 8 not in OCT_SIZES:
             raise BadRequest(f"an oct key of {len(key)} bytes; expected 16, 24 or 32 (AES-128/192/256)")
         return JsonWebKey(kty="oct-HSM", k=key)
-    if isinstance(key, rsa.RSAPrivateKey):
-        if key.key_size not in RSA_SIZES:
-            raise BadRequest(f"an RSA-{key.key_size} key; expected 2048, 3072 or 4096 bits")
-        n = key.private_numbers()
-        return JsonWebKey(
-            kty="RSA-HSM",
-            n=_raw(n.public_numbers.n),
-            e=_raw(n.public_numbers.e),
-            d=_raw(n.d),
-            p=_raw(n.p),
-            q=_raw(n.q),
-            dp=_raw(n.dmp1),
-            dq=_raw(n.dmq1),
-            qi=_raw(n.iqmp),
-        )
-    crv = _CURVE_NAMES.get(key.curve.name)
-    if crv is None:
+    if isinstance(key, rsa.RSAPrivateKey) and key.key_size not in RSA_SIZES:
+        raise BadRequest(f"an RSA-{key.key_size} key; expected 2048, 3072 or 4096 bits")
+    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name not in _SUPPORTED_CURVES:
         raise BadRequest(f"EC curve {key.curve.name} is not supported; expected {', '.join(CURVES)}")
-    size = (key.curve.key_size + 7) // 8
-    numbers = key.private_numbers()
-    return JsonWebKey(
-        kty="EC-HSM",
-        crv=crv,
-        x=_raw(numbers.public_numbers.x, size),
-        y=_raw(numbers.public_numbers.y, size),
-        d=_raw(numbers.private_value, size),
-    )
+    jwk = private_key_to_jwk(key)  # the JOSE members as base64url; the SDK takes their bytes
+    members = {
+        name: b64url_decode(value, what=name) for name, value in jwk.items() if name not in ("kty", "crv")
+    }
+    return JsonWebKey(kty=f"{jwk['kty']}-HSM", crv=jwk.get("crv"), **members)
 
 
 KEY_FORMATS = ("auto", "pem", "jwk", "raw")
