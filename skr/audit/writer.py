@@ -40,7 +40,7 @@ from skr.audit.chain import (
     record_hash,
     rfc3339_now,
 )
-from skr.audit.files import open_regular, refusal, rotated_files
+from skr.audit.files import open_or_create, open_regular, refusal, rotated_files
 from skr.errors import AuditError
 
 log = logging.getLogger("skr.audit")
@@ -57,12 +57,7 @@ def lock_path(path: Path) -> Path:
 def acquire_writer_lock(path: Path) -> int:
     """Take the exclusive writer lock for the log at ``path``; the fd holds it until closed."""
     target = lock_path(path)
-    try:
-        fd = open_regular(target, os.O_RDWR)
-    except AuditError:
-        if os.path.lexists(target):
-            raise
-        fd = open_regular(target, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+    fd = open_or_create(target, os.O_RDWR)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -167,7 +162,7 @@ class AuditLog:
             for older in rotated_files(self.path):
                 if not stat.S_ISREG(os.lstat(older).st_mode):
                     raise refusal(f"{older} is not a regular file (a symbolic link?); refusing")
-            self._fd = self._open_live()
+            self._fd = open_or_create(self.path, _APPEND)
             recovered = self._recover()
         except BaseException:
             self._close_fds()
@@ -175,14 +170,6 @@ class AuditLog:
         self._offset = os.fstat(self._fd).st_size
         if recovered:
             self._write_batch([{"event": "audit.recovered", "outcome": "error", **recovered}])
-
-    def _open_live(self) -> int:
-        try:
-            return open_regular(self.path, _APPEND)
-        except AuditError:
-            if os.path.lexists(self.path):
-                raise
-        return open_regular(self.path, _APPEND | os.O_CREAT | os.O_EXCL)
 
     def _recover(self) -> dict[str, Any] | None:
         tail = _read_tail(self._fd, self.path)

@@ -309,13 +309,10 @@ def _show(args: argparse.Namespace) -> int:
     since = _parse_time(args.since, "--since") if args.since else None
     until = _parse_time(args.until, "--until") if args.until else None
     fmt = "json" if args.json else (args.format or "table")
+    wanted = {name: getattr(args, name) for name in ("kid", "event", "outcome") if getattr(args, name)}
     rows = []
     for rec, instance in _records_with_instance(_sources(args.paths)):
-        if args.kid and rec.get("kid") != args.kid:
-            continue
-        if args.event and rec.get("event") != args.event:
-            continue
-        if args.outcome and rec.get("outcome") != args.outcome:
+        if any(rec.get(name) != value for name, value in wanted.items()):
             continue
         if args.instance and instance != args.instance:
             continue
@@ -387,19 +384,11 @@ def _summary(args: argparse.Namespace) -> int:
         doc = {k: {**v, "host_data": sorted(v["host_data"])} for k, v in sorted(keys.items())}
         print(json.dumps(doc, sort_keys=True))
         return 0
-    columns = ("kid", "granted", "denied", "error", "first", "last", "host_data")
-    table = [
-        [
-            kid,
-            str(v["granted"]),
-            str(v["denied"]),
-            str(v["error"]),
-            v["first"] or "-",
-            v["last"] or "-",
-            ",".join(sorted(v["host_data"])) or "-",
-        ]
-        for kid, v in sorted(keys.items())
-    ]
+    columns = ("kid", *OUTCOMES, "first", "last", "host_data")
+    table = []
+    for kid, v in sorted(keys.items()):
+        row = {**v, "kid": kid, "host_data": ",".join(sorted(v["host_data"])) or None}
+        table.append(["-" if row[c] is None else str(row[c]) for c in columns])
     _table(columns, table)
     print(f"{len(keys)} key(s)")
     return 0
