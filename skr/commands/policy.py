@@ -24,7 +24,7 @@ from skr.akv.policy import (
     parse_policy,
 )
 from skr.b64 import b64url_decode
-from skr.errors import BadRequest, ConfigError, PolicyError, TokenError
+from skr.errors import BadRequest, PolicyError, TokenError
 from skr.snp.hostdata import host_data_of_policy, strip_policy, trailing_whitespace
 
 _EXIT_ALLOWED = 0
@@ -224,15 +224,9 @@ def _unverified_claims(token: str) -> dict[str, Any]:
 
 
 async def _verified_claims(token: str, issuer: str) -> dict[str, Any]:
-    try:
-        from skr.maa.token import TokenVerifier
-    except ImportError:
-        raise ConfigError(
-            "--verify needs MAA token verification (skr.maa.token), which this installation lacks",
-            hint="run without --verify to check the claims of an unverified token",
-        ) from None
     import aiohttp
 
+    from skr.maa.token import TokenVerifier
     from skr.upstream import client_ssl_context
 
     async with aiohttp.ClientSession() as session:

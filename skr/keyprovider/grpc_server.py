@@ -237,11 +237,11 @@ class KeyProviderServicer:
 
         async def get_attestation_data(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
             text = messages.text_in(request)
-
-            async def work(ctx: RequestContext) -> dict[str, str]:
-                return await self.service.combined(decode_b64_runtime_data(text), ctx)
-
-            body = await self._answer(context, "GetAttestationData", work)
+            body = await self._answer(
+                context,
+                "GetAttestationData",
+                lambda ctx: self.service.combined(decode_b64_runtime_data(text), ctx),
+            )
             return messages.data_out(
                 endorsed_tcb=body["endorsed_tcb"],
                 certs=body["endorsements"],
