@@ -223,18 +223,6 @@ def _unverified_claims(token: str) -> dict[str, Any]:
     return claims
 
 
-async def _verified_claims(token: str, issuer: str) -> dict[str, Any]:
-    import aiohttp
-
-    from skr.maa.token import TokenVerifier
-    from skr.upstream import client_ssl_context
-
-    async with aiohttp.ClientSession() as session:
-        verifier = TokenVerifier(session, ssl_context=client_ssl_context())
-        claims: dict[str, Any] = await verifier.verify(token, issuer=issuer)
-    return claims
-
-
 def _claims(args: argparse.Namespace) -> dict[str, Any]:
     if args.claims is not None:
         given = [f for f, v in (("--verify", args.verify), ("--jwks", args.jwks), ("--at", args.at)) if v]
@@ -249,18 +237,17 @@ def _claims(args: argparse.Namespace) -> dict[str, Any]:
         return claims
     token = _token_text(args.token)
     claims = _unverified_claims(token)
-    if args.jwks is not None or args.at is not None:
-        from skr.commands.token import parse_time, read_jwks, verify_token
-
-        jwks = read_jwks(args.jwks) if args.jwks is not None else None
-        at = parse_time(args.at)
-        return asyncio.run(verify_token(token, jwks=jwks, issuer=None, at=at)).claims
-    if args.verify:
+    if args.jwks is None and args.at is None:
+        if not args.verify:
+            return claims
         issuer = claims.get("iss")
         if not isinstance(issuer, str) or not issuer:
             raise BadRequest("the token has no iss claim, so its issuer's keys cannot be found")
-        claims = asyncio.run(_verified_claims(token, issuer))
-    return claims
+    # `skr token verify`'s verification: the issuer's published keys unless --jwks pins them
+    from skr.commands.token import parse_time, read_jwks, verify_token
+
+    jwks = read_jwks(args.jwks) if args.jwks is not None else None
+    return asyncio.run(verify_token(token, jwks=jwks, issuer=None, at=parse_time(args.at))).claims
 
 
 def _check(args: argparse.Namespace) -> int:
