@@ -53,8 +53,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     register itself, and some import heavy libraries: ``skr serve`` need not pay for ``skr keys``)."""
     parser = _Parser(prog="skr", description="Secure Key Release sidecar for Azure confidential containers.")
     parser.add_argument("--version", action="version", version=f"skr {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    sub.required = True
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser, required=True)
     for name in COMMAND_MODULES:
         if command is None or name == command:
             importlib.import_module(f"skr.commands.{name.replace('-', '_')}").register(sub)

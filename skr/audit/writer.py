@@ -50,13 +50,9 @@ _MAX_RECORD_LINE = 1 << 20  # far above any record we write (check_fields bounds
 _APPEND = os.O_RDWR | os.O_APPEND  # read: the tail at start; write: records
 
 
-def lock_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.lock")  # hidden: `audit.jsonl*` in a shell never picks it
-
-
 def acquire_writer_lock(path: Path) -> int:
     """Take the exclusive writer lock for the log at ``path``; the fd holds it until closed."""
-    target = lock_path(path)
+    target = path.with_name(f".{path.name}.lock")  # hidden: `audit.jsonl*` in a shell never picks it
     fd = open_or_create(target, os.O_RDWR)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

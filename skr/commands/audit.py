@@ -39,8 +39,7 @@ COLUMNS = ("seq", "ts", "event", "outcome", "kid", "key_version", "host_data", "
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     group = sub.add_parser("audit", help="verify and read the tamper-evident audit log")
-    inner = group.add_subparsers(dest="audit_command", metavar="ACTION", parser_class=type(group))
-    inner.required = True
+    inner = group.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
 
     verify = inner.add_parser(
         "verify", help="check the chain and its hardware checkpoints; exit 0 proven, 1 damaged, 2 unusable"

@@ -68,8 +68,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="create, import or show exportable keys with a release policy, or replace that policy",
         description="Create or import exportable HSM keys with a key release policy (azure-keyvault-keys).",
     )
-    actions = parser.add_subparsers(dest="keys_command", metavar="ACTION")
-    actions.required = True
+    actions = parser.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
 
     create = actions.add_parser("create", help="generate an exportable key in the vault; prints its id")
     _common(create)

@@ -37,8 +37,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="CCE policy hash, release policy builder and checker",
         description="Work with CCE policies (HOST_DATA) and Key Vault key release policies.",
     )
-    actions = parser.add_subparsers(dest="policy_command", metavar="ACTION")
-    actions.required = True
+    actions = parser.add_subparsers(dest="policy_command", metavar="ACTION", required=True)
 
     hash_parser = actions.add_parser("hash", help="print the HOST_DATA (hex) a CCE policy binds to")
     hash_parser.add_argument(

@@ -41,8 +41,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="show, verify or fetch an SEV-SNP attestation report",
         description="Work with AMD SEV-SNP attestation reports (raw binary or hex text).",
     )
-    actions = parser.add_subparsers(dest="report_command", metavar="ACTION")
-    actions.required = True
+    actions = parser.add_subparsers(dest="report_command", metavar="ACTION", required=True)
 
     show = actions.add_parser("show", help="decode a report and print its fields")
     show.add_argument("file", type=Path, metavar="FILE", help=_FILE_HELP)

@@ -35,8 +35,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="verify a recorded MAA attestation token offline",
         description="Work with MAA attestation tokens (JWTs) recorded earlier.",
     )
-    actions = parser.add_subparsers(dest="token_command", metavar="ACTION")
-    actions.required = True
+    actions = parser.add_subparsers(dest="token_command", metavar="ACTION", required=True)
     verify = actions.add_parser(
         "verify",
         help="check signature, issuer and lifetime of a token (exit 0 valid, 1 invalid, 2 unusable input)",
