@@ -192,9 +192,7 @@ def _verify(args: argparse.Namespace) -> int:
             "alg": result.alg,
             "keys_from": result.keys_from,
             "checked_at": checked,
-            "iat": _iso(claims.get("iat")),
-            "nbf": _iso(claims.get("nbf")),
-            "exp": _iso(claims.get("exp")),
+            **{name: _iso(claims.get(name)) for name in ("iat", "nbf", "exp")},
             "claims": claims,
         }
         print(json.dumps(verdict, indent=2, ensure_ascii=False))
