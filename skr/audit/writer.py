@@ -31,15 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from skr.audit.chain import (
-    GENESIS,
-    HEX64,
-    canonical,
-    check_fields,
-    parse_record,
-    record_hash,
-    rfc3339_now,
-)
+from skr.audit.chain import GENESIS, HEX64, canonical, check_fields, parse_record, record_hash, rfc3339_now
 from skr.audit.files import open_or_create, open_regular, refusal, rotated_files
 from skr.errors import AuditError
 

@@ -19,16 +19,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from skr.audit import OUTCOMES, Expectation, canonical, chain_files, order_by_seq, read_records, rotated_files
-from skr.audit.chain import (
-    HEX64,
-    VerifyResult,
-    checkpoint_copy,
-    parse_record,
-    statement_problem,
-    verify_lines,
-)
-from skr.audit.files import STDIN, iter_lines
+from skr.audit import OUTCOMES, Expectation, canonical, verify_chain
+from skr.audit.chain import HEX64, VerifyResult, checkpoint_copy, parse_record, statement_problem
+from skr.audit.files import STDIN, chain_files, iter_lines, order_by_seq, read_records, rotated_files
 from skr.audit.proof import CheckpointProof, ProofOptions, describe_failure, prove_checkpoint
 from skr.errors import BadRequest, Code, SkrError
 
@@ -177,7 +170,7 @@ def _verify(args: argparse.Namespace) -> int:
         if args.checkpoints == STDIN and sources == [STDIN]:
             raise BadRequest("the log and --checkpoints cannot both be standard input")
         expectations += _checkpoint_copies(args.checkpoints)
-    result = verify_lines(iter_lines(sources), expectations)
+    result = verify_chain(sources, expectations)
     proofs: list[CheckpointProof] = []
     failure: str | None = None
     unverified = 0
