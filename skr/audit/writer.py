@@ -145,7 +145,7 @@ class AuditLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock_fd = acquire_writer_lock(self.path)
         self._fd = -1
-        self._head: tuple[int, str] = (0, GENESIS)
+        self.head: tuple[int, str] = (0, GENESIS)  # (seq, hash) of the last durable record, one value
         try:
             for older in rotated_files(self.path):
                 if not stat.S_ISREG(os.lstat(older).st_mode):
@@ -172,9 +172,9 @@ class AuditLog:
                     os.close(fd)
                 if previous is not None and previous.seq > best[0]:
                     best = (previous.seq, previous.hash)
-            self._head = best
+            self.head = best
             return None
-        self._head = (tail.seq, tail.hash)
+        self.head = (tail.seq, tail.hash)
         if tail.valid_bytes == tail.size:
             return None
         # A crash tore the last line. That record was never acknowledged (we fsync before answering),
@@ -185,16 +185,11 @@ class AuditLog:
 
     @property
     def last_seq(self) -> int:
-        return self._head[0]
+        return self.head[0]
 
     @property
     def last_hash(self) -> str:
-        return self._head[1]
-
-    @property
-    def head(self) -> tuple[int, str]:
-        """``(seq, hash)`` of the last durable record, read as one value."""
-        return self._head
+        return self.head[1]
 
     def append(self, fields: Mapping[str, Any]) -> dict[str, Any]:
         """Append one record, durable on return (written and fsynced). Returns the full record."""
@@ -212,7 +207,7 @@ class AuditLog:
             raise AuditError("the audit log is closed")
         records: list[dict[str, Any]] = []
         lines: list[bytes] = []
-        seq, prev = self._head
+        seq, prev = self.head
         for fields in batch:
             seq += 1
             record: dict[str, Any] = {k: v for k, v in fields.items() if v is not None}
@@ -231,7 +226,7 @@ class AuditLog:
                 hint="free space on the audit volume; nothing was released without its record",
             ) from None
         self._offset += len(data)
-        self._head = (seq, prev)
+        self.head = (seq, prev)
         if self._echo is not None:
             for line in lines:
                 self._echo(line.decode())
