@@ -1,14 +1,12 @@
 """``skr keys``: create, import, show an exportable key with a release policy in Key Vault / Managed HSM,
 and replace that policy.
 
-``create`` generates the key in the HSM (``oct-HSM`` 128/192/256, ``RSA-HSM`` 2048/3072/4096,
-``EC-HSM`` P-256/P-384/P-521/P-256K); ``import`` uploads local key material (a PEM private key, or for
+``create`` generates the key in the HSM; ``import`` uploads local key material (a PEM private key, or for
 ``oct`` raw key bytes or a JWK JSON file). Both go through ``azure.keyvault.keys.aio.KeyClient`` with the
-same credentials as the sidecar (:class:`skr.identity.CredentialFactory`) and print the new key id.
-Both refuse a name that already exists unless ``--new-version`` is given: a new version is new key material,
-and data encrypted under the old version still needs the old one. ``show`` prints a key's attributes and
-its release policy decoded; ``update-policy`` replaces the release policy of a version in place (no new key
-material: ``update_key_properties``, i.e. ``PATCH /keys/{name}/{version}`` with ``release_policy``).
+sidecar's credentials, print the new key id, and refuse a name that already exists unless ``--new-version``
+is given: a new version is new key material, and data encrypted under the old version still needs the old
+one. ``show`` prints a key's attributes and its release policy decoded; ``update-policy`` replaces the
+release policy of a version in place (``PATCH /keys/{name}/{version}``: no new key material).
 
 Never prints key material or tokens; errors are one line naming what the vault said.
 """

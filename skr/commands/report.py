@@ -27,7 +27,7 @@ from skr.evidence.base import REPORT_DATA_SIZE, Evidence, report_data_for
 from skr.snp.certs import load_certificates
 from skr.snp.hcl import HclReport, is_hcl_report, parse_hcl_report
 from skr.snp.report import REPORT_SIZE, AttestationReport, Product
-from skr.snp.verify import ValidationOptions, VerifiedReport, validate_report, verify_report
+from skr.snp.verify import ValidationOptions, validate_report, verify_report
 
 _EXIT_VALID = 0
 _EXIT_INVALID = 1
@@ -251,13 +251,19 @@ def _verify(args: argparse.Namespace) -> int:
             print(json.dumps({"valid": False, "code": exc.code, "reason": exc.message}))
         print(f"skr: report invalid: {exc.diagnostics()}", file=sys.stderr)
         return _EXIT_INVALID
+    info = verified.vek_info
     if args.json:
-        verdict = _verdict(verified)
+        verdict: dict[str, Any] = {
+            "valid": True,
+            "product": str(verified.product),
+            "ark_sha256": verified.ark_sha256,
+            "vek": {**asdict(info), "hwid": None if info.hwid is None else info.hwid.hex()},
+            "report": verified.report.to_json_dict(verified.product),
+        }
         if hcl is not None:
             verdict["hcl"] = hcl.to_json_dict()
         print(json.dumps(verdict, indent=2))
     else:
-        info = verified.vek_info
         print(
             f"valid: {verified.product} report v{report.version} signed by the {info.kind.upper()} "
             f"({info.product_name}), REPORTED_TCB {report.reported_tcb_version(verified.product)}"
@@ -271,17 +277,6 @@ def _host_data(text: str) -> bytes:
     if len(value) != 32:
         raise BadRequest(f"host data is 32 bytes (64 hex digits), found {len(value)} bytes")
     return value
-
-
-def _verdict(verified: VerifiedReport) -> dict[str, Any]:
-    info = verified.vek_info
-    return {
-        "valid": True,
-        "product": str(verified.product),
-        "ark_sha256": verified.ark_sha256,
-        "vek": {**asdict(info), "hwid": None if info.hwid is None else info.hwid.hex()},
-        "report": verified.report.to_json_dict(verified.product),
-    }
 
 
 # --- fetch -----------------------------------------------------------------------------------------

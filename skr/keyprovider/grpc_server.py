@@ -6,9 +6,8 @@ Owns: one ``grpc.aio`` server on the sidecar's event loop, serving ``WrapKey``, 
 ``keyprovider.KeyProviderService`` (ocicrypt, and the Go sidecar before it) — with the messages of the
 checked-in protos (``skr/keyprovider/protos``); server reflection; the standard health service (SERVING once
 the sidecar is ready); the loopback-only rule and the client token (``authorization: Bearer`` metadata);
-and the error model: a gRPC status code with a one-sentence message (``INVALID_ARGUMENT``,
-``UNAUTHENTICATED``, ``PERMISSION_DENIED``, ``NOT_FOUND``, ``UNAVAILABLE``, ``DEADLINE_EXCEEDED``,
-``INTERNAL``), the stable error code and the request id in trailing metadata, never a traceback.
+and the error model: a gRPC status code (:data:`STATUS_CODES`) with a one-sentence message, the stable
+error code and the request id in trailing metadata, never a traceback.
 
 ``GetReport`` keeps the Go sidecar's quirk: REPORT_DATA = SHA-256 of the UTF-8 bytes of the hex string the
 caller sends (not of the bytes it spells) ‖ 32 zero bytes. ``GetAttestationData`` answers what
