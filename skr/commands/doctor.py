@@ -424,11 +424,9 @@ def _report(checks: list[Check], *, as_json: bool) -> int:
 def _usable_allowlist(args: argparse.Namespace) -> list[Check]:
     """Checks for allowlist patterns that do not parse; ``args`` then keeps only the good ones, so that
     every other check still runs."""
-    raw = (
-        args.allowed_endpoints
-        if args.allowed_endpoints is not None
-        else os.environ.get("SKR_ALLOWED_ENDPOINTS")
-    )
+    raw = args.allowed_endpoints
+    if raw is None:
+        raw = os.environ.get("SKR_ALLOWED_ENDPOINTS")
     if raw is None or not (problems := allowlist_value_problems(raw)):
         return []
     good = [p.strip() for p in raw.split(",") if p.strip() and allowlist_pattern_problem(p) is None]

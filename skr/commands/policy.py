@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -212,13 +213,14 @@ def _token_text(value: str) -> str:
     return read_token(Path(value))
 
 
-def _unverified_claims(token: str) -> dict[str, Any]:
+def _claims_object(read: Callable[[], bytes], what: str, encoding: str) -> dict[str, Any]:
+    """The JSON object ``read()`` returns (a claims file, or a token's payload), else BadRequest."""
     try:
-        claims = json.loads(b64url_decode(token.split(".")[1].rstrip("=")))
-    except ValueError:
-        raise BadRequest("the token payload is not base64url JSON") from None
+        claims = json.loads(read())
+    except ValueError:  # also UnicodeDecodeError, and bad base64url
+        raise BadRequest(f"{what} is not {encoding}") from None
     if not isinstance(claims, dict):
-        raise BadRequest("the token payload is not a JSON object of claims")
+        raise BadRequest(f"{what} is not a JSON object of claims")
     return claims
 
 
@@ -227,15 +229,10 @@ def _claims(args: argparse.Namespace) -> dict[str, Any]:
         given = [f for f, v in (("--verify", args.verify), ("--jwks", args.jwks), ("--at", args.at)) if v]
         if given:
             raise BadRequest(f"{given[0]} needs --token (a claims file has no signature)")
-        try:
-            claims = json.loads(args.claims.read_bytes())
-        except (UnicodeDecodeError, ValueError):
-            raise BadRequest(f"{args.claims} is not JSON") from None
-        if not isinstance(claims, dict):
-            raise BadRequest(f"{args.claims} is not a JSON object of claims")
-        return claims
+        return _claims_object(args.claims.read_bytes, str(args.claims), "JSON")
     token = _token_text(args.token)
-    claims = _unverified_claims(token)
+    payload = token.split(".")[1].rstrip("=")
+    claims = _claims_object(lambda: b64url_decode(payload), "the token payload", "base64url JSON")
     if args.jwks is None and args.at is None:
         if not args.verify:
             return claims
