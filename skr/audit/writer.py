@@ -249,8 +249,7 @@ class AuditLog:
             self._fd = -1
 
     def _rotate(self) -> None:
-        older = rotated_files(self.path)  # oldest first: the highest number moves first
-        for path in older:
+        for path in rotated_files(self.path):  # oldest first: the highest number moves first
             index = int(path.name.rsplit(".", 1)[1])
             os.replace(path, self.path.with_name(f"{self.path.name}.{index + 1}"))
         os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))

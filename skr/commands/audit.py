@@ -252,14 +252,9 @@ def _report(
         }
         if result.finding:
             doc["finding"] = asdict(result.finding)  # file, line, seq, kind, reason
-        elif failure:
-            doc["finding"] = {
-                "file": None,
-                "line": None,
-                "seq": None,
-                "kind": "checkpoint_invalid",
-                "reason": failure,
-            }
+        elif failure:  # a checkpoint that does not prove: no file, line or seq to point at
+            where = dict.fromkeys(("file", "line", "seq"))
+            doc["finding"] = {**where, "kind": "checkpoint_invalid", "reason": failure}
         else:
             doc["proven"] = _sentence(result, proofs)
         print(json.dumps(doc))

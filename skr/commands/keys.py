@@ -416,10 +416,8 @@ def _print_key(description: dict[str, Any]) -> None:
 
 
 def _show(args: argparse.Namespace) -> int:
-    async def call(client: KeyClient) -> KeyVaultKey:
-        return await client.get_key(args.name, version=args.version)
-
-    description = describe_key(asyncio.run(_with_client(args, call)))
+    key = asyncio.run(_with_client(args, lambda client: client.get_key(args.name, version=args.version)))
+    description = describe_key(key)
     if args.json:
         print(json.dumps(description, indent=2, ensure_ascii=False))
     else:
