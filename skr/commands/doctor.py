@@ -246,14 +246,8 @@ async def _run(settings: Settings, *, skip_network: bool) -> list[Check]:
         ("key vault endpoint", settings.akv_endpoint, "/"),
     ):
         if ep is None:
-            checks.append(
-                Check(
-                    name,
-                    False,
-                    "no default configured",
-                    "set SKR_MAA_ENDPOINT / SKR_AKV_ENDPOINT, or pass them in each request",
-                )
-            )
+            fix = "set SKR_MAA_ENDPOINT / SKR_AKV_ENDPOINT, or pass them in each request"
+            checks.append(Check(name, False, "no default configured", fix))
         elif (refused := _allowlist_refusal(name, settings)) is not None:
             checks.append(refused)
         elif skip_network:
