@@ -38,8 +38,6 @@ HARDENED_COMMANDS: frozenset[str] = frozenset(
     {"serve", "local", "release", "keys", "doctor", "keyprovider", "image-key", "token", "encfs"}
 )
 
-EXIT_OK = 0
-EXIT_NEGATIVE = 1
 EXIT_ERROR = 2
 
 
@@ -55,22 +53,17 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     register itself, and some import heavy libraries: ``skr serve`` need not pay for ``skr keys``)."""
     parser = _Parser(prog="skr", description="Secure Key Release sidecar for Azure confidential containers.")
     parser.add_argument("--version", action="version", version=f"skr {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    sub.required = True
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser, required=True)
     for name in COMMAND_MODULES:
         if command is None or name == command:
             importlib.import_module(f"skr.commands.{name.replace('-', '_')}").register(sub)
     return parser
 
 
-def _named_command(argv: Sequence[str]) -> str | None:
-    """The command ``argv`` names when it starts with a known one (else None: build the whole parser)."""
-    return argv[0] if argv and argv[0] in COMMAND_MODULES else None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(argv) if argv is not None else sys.argv[1:]
-    parser = build_parser(_named_command(arguments))
+    # only the named command's parser; without a known command first, the whole parser
+    parser = build_parser(arguments[0] if arguments and arguments[0] in COMMAND_MODULES else None)
     args = parser.parse_args(arguments)
     func: Callable[[argparse.Namespace], int] = args.func
     if args.command in HARDENED_COMMANDS:

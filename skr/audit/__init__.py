@@ -16,17 +16,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from skr.audit.chain import (
-    CHAIN_FIELDS,
     GENESIS,
     OUTCOMES,
-    RECORD_FIELDS,
     Expectation,
-    Finding,
     VerifyResult,
     canonical,
-    check_fields,
-    record_hash,
-    rfc3339_now,
     token_fingerprint,
     verify_lines,
 )
@@ -40,22 +34,15 @@ def verify_chain(files: Sequence[Path | str], expectations: Sequence[Expectation
 
 
 __all__ = [
-    "CHAIN_FIELDS",
     "GENESIS",
     "OUTCOMES",
-    "RECORD_FIELDS",
     "AsyncAuditLog",
     "AuditLog",
     "Expectation",
-    "Finding",
-    "VerifyResult",
     "canonical",
     "chain_files",
-    "check_fields",
     "order_by_seq",
     "read_records",
-    "record_hash",
-    "rfc3339_now",
     "rotated_files",
     "token_fingerprint",
     "verify_chain",

@@ -245,14 +245,11 @@ class _Walk:
         for item in self.pending.pop(seq, []):
             if item.head != digest:
                 return _mismatch(item)
-            self._accept(item)
+            if item.checkpoint is not None:
+                self.checkpoints.append(item.checkpoint)
+            else:
+                self.anchors += 1
         return None
-
-    def _accept(self, item: Expectation) -> None:
-        if item.checkpoint is not None:
-            self.checkpoints.append(item.checkpoint)
-        else:
-            self.anchors += 1
 
 
 def _mismatch(item: Expectation) -> str:

@@ -135,7 +135,6 @@ class Checkpointer:
 
     async def start(self, *, version: str, evidence_kind: str, settings: Mapping[str, Any]) -> None:
         """Seal the previous head, write ``audit.start``, and start the interval and record triggers."""
-        report: dict[str, str] = {}
         # the first report may wait on collateral (THIM, KDS): the sidecar does not wait for it forever
         sealing = asyncio.ensure_future(self._seal_quietly())
         try:
@@ -143,8 +142,7 @@ class Checkpointer:
         except TimeoutError:
             log.warning("the start checkpoint is still waiting for evidence; starting without it")
             record = None
-        if record is not None:
-            report = _report_fields(base64.b64decode(record["evidence"]["report"]))
+        report = _report_fields(base64.b64decode(record["evidence"]["report"])) if record is not None else {}
         await self.audit.append(
             {
                 "event": "audit.start",

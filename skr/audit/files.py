@@ -68,6 +68,16 @@ def open_regular(path: Path, flags: int, mode: int = 0o600) -> int:
     return fd
 
 
+def open_or_create(path: Path, flags: int) -> int:
+    """:func:`open_regular`, or when nothing is there (not even a dangling link) create it with ``O_EXCL``."""
+    try:
+        return open_regular(path, flags)
+    except AuditError:
+        if os.path.lexists(path):
+            raise
+    return open_regular(path, flags | os.O_CREAT | os.O_EXCL)
+
+
 def _open_for_reading(path: Path) -> BinaryIO:
     return os.fdopen(open_regular(path, os.O_RDONLY), "rb")
 

@@ -31,16 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from skr.audit.chain import (
-    GENESIS,
-    HEX64,
-    canonical,
-    check_fields,
-    parse_record,
-    record_hash,
-    rfc3339_now,
-)
-from skr.audit.files import open_regular, refusal, rotated_files
+from skr.audit.chain import GENESIS, HEX64, canonical, check_fields, parse_record, record_hash, rfc3339_now
+from skr.audit.files import open_or_create, open_regular, refusal, rotated_files
 from skr.errors import AuditError
 
 log = logging.getLogger("skr.audit")
@@ -50,19 +42,10 @@ _MAX_RECORD_LINE = 1 << 20  # far above any record we write (check_fields bounds
 _APPEND = os.O_RDWR | os.O_APPEND  # read: the tail at start; write: records
 
 
-def lock_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.lock")  # hidden: `audit.jsonl*` in a shell never picks it
-
-
 def acquire_writer_lock(path: Path) -> int:
     """Take the exclusive writer lock for the log at ``path``; the fd holds it until closed."""
-    target = lock_path(path)
-    try:
-        fd = open_regular(target, os.O_RDWR)
-    except AuditError:
-        if os.path.lexists(target):
-            raise
-        fd = open_regular(target, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+    target = path.with_name(f".{path.name}.lock")  # hidden: `audit.jsonl*` in a shell never picks it
+    fd = open_or_create(target, os.O_RDWR)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -162,12 +145,12 @@ class AuditLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock_fd = acquire_writer_lock(self.path)
         self._fd = -1
-        self._head: tuple[int, str] = (0, GENESIS)
+        self.head: tuple[int, str] = (0, GENESIS)  # (seq, hash) of the last durable record, one value
         try:
             for older in rotated_files(self.path):
                 if not stat.S_ISREG(os.lstat(older).st_mode):
                     raise refusal(f"{older} is not a regular file (a symbolic link?); refusing")
-            self._fd = self._open_live()
+            self._fd = open_or_create(self.path, _APPEND)
             recovered = self._recover()
         except BaseException:
             self._close_fds()
@@ -175,14 +158,6 @@ class AuditLog:
         self._offset = os.fstat(self._fd).st_size
         if recovered:
             self._write_batch([{"event": "audit.recovered", "outcome": "error", **recovered}])
-
-    def _open_live(self) -> int:
-        try:
-            return open_regular(self.path, _APPEND)
-        except AuditError:
-            if os.path.lexists(self.path):
-                raise
-        return open_regular(self.path, _APPEND | os.O_CREAT | os.O_EXCL)
 
     def _recover(self) -> dict[str, Any] | None:
         tail = _read_tail(self._fd, self.path)
@@ -197,9 +172,9 @@ class AuditLog:
                     os.close(fd)
                 if previous is not None and previous.seq > best[0]:
                     best = (previous.seq, previous.hash)
-            self._head = best
+            self.head = best
             return None
-        self._head = (tail.seq, tail.hash)
+        self.head = (tail.seq, tail.hash)
         if tail.valid_bytes == tail.size:
             return None
         # A crash tore the last line. That record was never acknowledged (we fsync before answering),
@@ -210,16 +185,11 @@ class AuditLog:
 
     @property
     def last_seq(self) -> int:
-        return self._head[0]
+        return self.head[0]
 
     @property
     def last_hash(self) -> str:
-        return self._head[1]
-
-    @property
-    def head(self) -> tuple[int, str]:
-        """``(seq, hash)`` of the last durable record, read as one value."""
-        return self._head
+        return self.head[1]
 
     def append(self, fields: Mapping[str, Any]) -> dict[str, Any]:
         """Append one record, durable on return (written and fsynced). Returns the full record."""
@@ -237,7 +207,7 @@ class AuditLog:
             raise AuditError("the audit log is closed")
         records: list[dict[str, Any]] = []
         lines: list[bytes] = []
-        seq, prev = self._head
+        seq, prev = self.head
         for fields in batch:
             seq += 1
             record: dict[str, Any] = {k: v for k, v in fields.items() if v is not None}
@@ -256,7 +226,7 @@ class AuditLog:
                 hint="free space on the audit volume; nothing was released without its record",
             ) from None
         self._offset += len(data)
-        self._head = (seq, prev)
+        self.head = (seq, prev)
         if self._echo is not None:
             for line in lines:
                 self._echo(line.decode())
@@ -279,8 +249,7 @@ class AuditLog:
             self._fd = -1
 
     def _rotate(self) -> None:
-        older = rotated_files(self.path)  # oldest first: the highest number moves first
-        for path in older:
+        for path in rotated_files(self.path):  # oldest first: the highest number moves first
             index = int(path.name.rsplit(".", 1)[1])
             os.replace(path, self.path.with_name(f"{self.path.name}.{index + 1}"))
         os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))

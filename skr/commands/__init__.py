@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from skr.errors import BadRequest
+
+if TYPE_CHECKING:
+    from skr.identity import CredentialFactory
 
 
 def vault_client_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,3 +22,22 @@ def vault_client_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="accept an auth challenge for another domain (local emulators only; never for Azure domains)",
     )
+
+
+def credential_factory(args: argparse.Namespace) -> CredentialFactory:
+    """The credentials of ``--client-id``, trusting ``--ca-bundle`` (default: env SKR_CA_BUNDLE)."""
+    from skr.identity import CredentialFactory  # azure-core: paid only by the commands that use it
+    from skr.upstream import ca_bundle_from_env
+
+    bundle = args.ca_bundle if args.ca_bundle is not None else ca_bundle_from_env()
+    return CredentialFactory(client_id=args.client_id, ca_bundle=bundle)
+
+
+def read_access_token(path: Path | None) -> str | None:
+    """The AAD token in ``--access-token-file`` (an empty file is refused), or None without the flag."""
+    if path is None:
+        return None
+    token = path.read_text().strip()
+    if not token:
+        raise BadRequest(f"{path} is empty")
+    return token

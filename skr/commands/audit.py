@@ -14,20 +14,14 @@ import json
 import re
 import sys
 from collections.abc import Iterator, Sequence
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from skr.audit import OUTCOMES, Expectation, canonical, chain_files, order_by_seq, read_records, rotated_files
-from skr.audit.chain import (
-    HEX64,
-    VerifyResult,
-    checkpoint_copy,
-    parse_record,
-    statement_problem,
-    verify_lines,
-)
-from skr.audit.files import STDIN, iter_lines
+from skr.audit import OUTCOMES, Expectation, canonical, verify_chain
+from skr.audit.chain import HEX64, VerifyResult, checkpoint_copy, parse_record, statement_problem
+from skr.audit.files import STDIN, chain_files, iter_lines, order_by_seq, read_records, rotated_files
 from skr.audit.proof import CheckpointProof, ProofOptions, describe_failure, prove_checkpoint
 from skr.errors import BadRequest, Code, SkrError
 
@@ -38,8 +32,7 @@ COLUMNS = ("seq", "ts", "event", "outcome", "kid", "key_version", "host_data", "
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     group = sub.add_parser("audit", help="verify and read the tamper-evident audit log")
-    inner = group.add_subparsers(dest="audit_command", metavar="ACTION", parser_class=type(group))
-    inner.required = True
+    inner = group.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
 
     verify = inner.add_parser(
         "verify", help="check the chain and its hardware checkpoints; exit 0 proven, 1 damaged, 2 unusable"
@@ -72,7 +65,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     show.add_argument("--instance", help="only records written by this sidecar run")
     show.add_argument("--since", help="only records at or after this RFC 3339 time")
     show.add_argument("--until", help="only records before this RFC 3339 time")
-    show.add_argument("--format", choices=FORMATS, default=None, help="output format (default table)")
+    show.add_argument("--format", choices=FORMATS, help="output format (default table)")
     show.add_argument("--json", action="store_true", help="same as --format json")
     show.set_defaults(func=_show)
 
@@ -177,10 +170,12 @@ def _verify(args: argparse.Namespace) -> int:
         if args.checkpoints == STDIN and sources == [STDIN]:
             raise BadRequest("the log and --checkpoints cannot both be standard input")
         expectations += _checkpoint_copies(args.checkpoints)
-    result = verify_lines(iter_lines(sources), expectations)
+    result = verify_chain(sources, expectations)
     proofs: list[CheckpointProof] = []
     failure: str | None = None
     unverified = 0
+    # the auditor named a root or a workload: every checkpoint must be proven under it
+    demands = args.trust_ark or args.expect_host_data or args.expect_measurement
     if result.finding is None:
         seen: set[tuple[Any, ...]] = set()
         for checkpoint in result.checkpoints:
@@ -191,7 +186,7 @@ def _verify(args: argparse.Namespace) -> int:
             try:
                 proofs.append(prove_checkpoint(checkpoint, options))
             except SkrError as exc:
-                if exc.code == Code.UNTRUSTED_ROOT and not _demands_proof(args):
+                if exc.code == Code.UNTRUSTED_ROOT and not demands:
                     unverified += 1  # a virtual TEE's: proves nothing unless its ARK is named
                     continue
                 failure = describe_failure(checkpoint, exc)
@@ -206,11 +201,6 @@ def _verify(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return EXIT_PROVEN if result.finding is None and failure is None else EXIT_DAMAGED
-
-
-def _demands_proof(args: argparse.Namespace) -> bool:
-    """Whether the auditor asked for checkpoints from a particular root or workload."""
-    return bool(args.trust_ark or args.expect_host_data or args.expect_measurement)
 
 
 def _sentence(result: VerifyResult, proofs: Sequence[CheckpointProof]) -> str:
@@ -261,22 +251,10 @@ def _report(
             "unverified_checkpoints": unverified,  # signed under a root not trusted here (virtual TEE)
         }
         if result.finding:
-            f = result.finding
-            doc["finding"] = {
-                "file": f.file,
-                "line": f.line,
-                "seq": f.seq,
-                "kind": f.kind,
-                "reason": f.reason,
-            }
-        elif failure:
-            doc["finding"] = {
-                "file": None,
-                "line": None,
-                "seq": None,
-                "kind": "checkpoint_invalid",
-                "reason": failure,
-            }
+            doc["finding"] = asdict(result.finding)  # file, line, seq, kind, reason
+        elif failure:  # a checkpoint that does not prove: no file, line or seq to point at
+            where = dict.fromkeys(("file", "line", "seq"))
+            doc["finding"] = {**where, "kind": "checkpoint_invalid", "reason": failure}
         else:
             doc["proven"] = _sentence(result, proofs)
         print(json.dumps(doc))
@@ -318,13 +296,10 @@ def _show(args: argparse.Namespace) -> int:
     since = _parse_time(args.since, "--since") if args.since else None
     until = _parse_time(args.until, "--until") if args.until else None
     fmt = "json" if args.json else (args.format or "table")
+    wanted = {name: getattr(args, name) for name in ("kid", "event", "outcome") if getattr(args, name)}
     rows = []
     for rec, instance in _records_with_instance(_sources(args.paths)):
-        if args.kid and rec.get("kid") != args.kid:
-            continue
-        if args.event and rec.get("event") != args.event:
-            continue
-        if args.outcome and rec.get("outcome") != args.outcome:
+        if any(rec.get(name) != value for name, value in wanted.items()):
             continue
         if args.instance and instance != args.instance:
             continue
@@ -396,19 +371,11 @@ def _summary(args: argparse.Namespace) -> int:
         doc = {k: {**v, "host_data": sorted(v["host_data"])} for k, v in sorted(keys.items())}
         print(json.dumps(doc, sort_keys=True))
         return 0
-    columns = ("kid", "granted", "denied", "error", "first", "last", "host_data")
-    table = [
-        [
-            kid,
-            str(v["granted"]),
-            str(v["denied"]),
-            str(v["error"]),
-            v["first"] or "-",
-            v["last"] or "-",
-            ",".join(sorted(v["host_data"])) or "-",
-        ]
-        for kid, v in sorted(keys.items())
-    ]
+    columns = ("kid", *OUTCOMES, "first", "last", "host_data")
+    table = []
+    for kid, v in sorted(keys.items()):
+        row = {**v, "kid": kid, "host_data": ",".join(sorted(v["host_data"])) or None}
+        table.append(["-" if row[c] is None else str(row[c]) for c in columns])
     _table(columns, table)
     print(f"{len(keys)} key(s)")
     return 0

@@ -246,14 +246,8 @@ async def _run(settings: Settings, *, skip_network: bool) -> list[Check]:
         ("key vault endpoint", settings.akv_endpoint, "/"),
     ):
         if ep is None:
-            checks.append(
-                Check(
-                    name,
-                    False,
-                    "no default configured",
-                    "set SKR_MAA_ENDPOINT / SKR_AKV_ENDPOINT, or pass them in each request",
-                )
-            )
+            fix = "set SKR_MAA_ENDPOINT / SKR_AKV_ENDPOINT, or pass them in each request"
+            checks.append(Check(name, False, "no default configured", fix))
         elif (refused := _allowlist_refusal(name, settings)) is not None:
             checks.append(refused)
         elif skip_network:
@@ -305,6 +299,10 @@ async def _tee_checks(settings: Settings, *, skip_network: bool) -> list[Check]:
         )
 
     checks.append(_collateral_check(settings, context is not None and context.thim is not None))
+    # the UVM endorsement is judged against the fresh report, or without one from the context's files
+    uvm_inputs: tuple[bytes | None, bytes | None, bytes | None] | None = None
+    if context is not None:
+        uvm_inputs = (context.security_policy, context.uvm_reference_info, None)
     async with _session(skip_network=skip_network) as session:
         try:
             provider, arks, policy = await create_evidence_provider(
@@ -319,55 +317,46 @@ async def _tee_checks(settings: Settings, *, skip_network: bool) -> list[Check]:
                     exc.hint or "run in a confidential container group, or use --evidence virtual locally",
                 )
             )
-            if context is not None:
-                uvm = _uvm_endorsement_check(context.security_policy, context.uvm_reference_info, None)
-                if uvm is not None:
-                    checks.append(uvm)
-            return checks  # the checks that need no TEE follow in _run
-        checks.append(Check("evidence source", True, provider.name))
-        try:
-            evidence = await provider.collect(os.urandom(64))
-            verified = await asyncio.to_thread(
-                verify_evidence_chain, evidence.report, evidence.vcek_chain_pem, trusted_arks=arks
-            )
-            checks.append(
-                Check(
-                    "report and AMD chain",
-                    True,
-                    f"{verified.product} report v{verified.report.version}, VCEK chain valid",
+        else:
+            checks.append(Check("evidence source", True, provider.name))
+            try:
+                evidence = await provider.collect(os.urandom(64))
+                verified = await asyncio.to_thread(
+                    verify_evidence_chain, evidence.report, evidence.vcek_chain_pem, trusted_arks=arks
                 )
-            )
-            host_data = verified.report.host_data
-            if policy is None:
-                checks.append(
-                    Check("policy hash", True, f"HOST_DATA {host_data.hex()} (no policy to compare)")
-                )
-            else:
-                expected = host_data_of_policy(policy)
                 checks.append(
                     Check(
-                        "policy hash",
-                        expected == host_data,
-                        f"HOST_DATA {host_data.hex()}"
-                        + ("" if expected == host_data else f", policy hashes to {expected.hex()}"),
-                        "the security policy is not this group's; fix the mount or redeploy",
+                        "report and AMD chain",
+                        True,
+                        f"{verified.product} report v{verified.report.version}, VCEK chain valid",
                     )
                 )
-            uvm = _uvm_endorsement_check(policy, evidence.uvm_endorsements, verified.report.measurement)
-            if uvm is not None:
-                checks.append(uvm)
-        except SkrError as exc:
-            checks.append(
-                Check("report and AMD chain", False, exc.message, exc.hint or "see the sidecar log")
-            )
-            if context is not None:
-                uvm = _uvm_endorsement_check(context.security_policy, context.uvm_reference_info, None)
-                if uvm is not None:
-                    checks.append(uvm)
-        finally:
-            await provider.aclose()
-
-    return checks
+                host_data = verified.report.host_data
+                if policy is None:
+                    checks.append(
+                        Check("policy hash", True, f"HOST_DATA {host_data.hex()} (no policy to compare)")
+                    )
+                else:
+                    expected = host_data_of_policy(policy)
+                    checks.append(
+                        Check(
+                            "policy hash",
+                            expected == host_data,
+                            f"HOST_DATA {host_data.hex()}"
+                            + ("" if expected == host_data else f", policy hashes to {expected.hex()}"),
+                            "the security policy is not this group's; fix the mount or redeploy",
+                        )
+                    )
+                uvm_inputs = (policy, evidence.uvm_endorsements, verified.report.measurement)
+            except SkrError as exc:
+                checks.append(
+                    Check("report and AMD chain", False, exc.message, exc.hint or "see the sidecar log")
+                )
+            finally:
+                await provider.aclose()
+    if uvm_inputs is not None and (uvm := _uvm_endorsement_check(*uvm_inputs)) is not None:
+        checks.append(uvm)
+    return checks  # the checks that need no TEE follow in _run
 
 
 async def _identity_check(settings: Settings) -> Check:
@@ -403,14 +392,10 @@ def _quiet_azure_logs() -> None:
 
 def _unique(checks: list[Check]) -> list[Check]:
     """Each problem once: a check repeating an earlier check's name and detail is dropped."""
-    seen: set[tuple[str, bool, str]] = set()
-    result = []
+    first: dict[tuple[str, bool, str], Check] = {}
     for check in checks:
-        key = (check.name, check.ok, check.detail)
-        if key not in seen:
-            seen.add(key)
-            result.append(check)
-    return result
+        first.setdefault((check.name, check.ok, check.detail), check)
+    return list(first.values())
 
 
 def _report(checks: list[Check], *, as_json: bool) -> int:
@@ -433,11 +418,9 @@ def _report(checks: list[Check], *, as_json: bool) -> int:
 def _usable_allowlist(args: argparse.Namespace) -> list[Check]:
     """Checks for allowlist patterns that do not parse; ``args`` then keeps only the good ones, so that
     every other check still runs."""
-    raw = (
-        args.allowed_endpoints
-        if args.allowed_endpoints is not None
-        else os.environ.get("SKR_ALLOWED_ENDPOINTS")
-    )
+    raw = args.allowed_endpoints
+    if raw is None:
+        raw = os.environ.get("SKR_ALLOWED_ENDPOINTS")
     if raw is None or not (problems := allowlist_value_problems(raw)):
         return []
     good = [p.strip() for p in raw.split(",") if p.strip() and allowlist_pattern_problem(p) is None]

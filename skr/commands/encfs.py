@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from skr.commands import vault_client_arguments
+from skr.commands import credential_factory, vault_client_arguments
 from skr.config import add_arguments, load_settings
 from skr.errors import BadRequest
 from skr.logs import setup_logging
@@ -185,16 +185,13 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _upload(args: argparse.Namespace) -> int:
     from skr.encfs.blob import blob_allowlist, blob_transport_kwargs, parse_blob_url, upload_image
-    from skr.identity import CredentialFactory
-    from skr.upstream import ca_bundle_from_env
 
     if not args.image.is_file():
         raise BadRequest(f"{args.image} is not a file")
     url = parse_blob_url(args.url, allowlist=blob_allowlist(os.environ), what="--url")
 
     async def run() -> int:
-        bundle = args.ca_bundle if args.ca_bundle is not None else ca_bundle_from_env()
-        factory = CredentialFactory(client_id=args.client_id, ca_bundle=bundle)
+        factory = credential_factory(args)
         try:
             credential = None if url.sas else factory.for_request(None)
             return await upload_image(

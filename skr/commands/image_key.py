@@ -37,8 +37,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="Create an exportable RSA-HSM key whose release policy is bound to HOST_DATA, and write "
         "KEYPATH-info.json + KEYPATH-pub.pem for `skr wrap` and the gRPC WrapKey.",
     )
-    actions = parser.add_subparsers(dest="image_key_command", metavar="ACTION")
-    actions.required = True
+    actions = parser.add_subparsers(dest="image_key_command", metavar="ACTION", required=True)
     create = actions.add_parser("create", help="create the key; prints its id")
     create.add_argument("--vault", required=True, help="managed HSM or vault: host, host:port or https URL")
     create.add_argument(

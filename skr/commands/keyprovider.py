@@ -43,16 +43,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     parser.add_argument(
         "--sidecar",
-        default=None,
         metavar="URL",
         help=f"the running sidecar (default {DEFAULT_SIDECAR}; env SKR_SIDECAR_URL); loopback only",
     )
-    parser.add_argument(
-        "--client-token-file",
-        type=str,
-        default=None,
-        help="the sidecar's client token (SKR_CLIENT_TOKEN_FILE)",
-    )
+    parser.add_argument("--client-token-file", help="the sidecar's client token (SKR_CLIENT_TOKEN_FILE)")
     parser.add_argument(
         "--direct",
         action="store_true",
@@ -105,10 +99,8 @@ def _keyprovider(args: argparse.Namespace) -> int:
         elif args.direct:
             answer = asyncio.run(_unwrap_direct(raw, settings))
         else:
-            token = settings.client_token
-            answer = asyncio.run(
-                _unwrap_via_sidecar(raw, sidecar_url(args.sidecar), token, settings.request_deadline)
-            )
+            url, token = sidecar_url(args.sidecar), settings.client_token
+            answer = asyncio.run(_unwrap_via_sidecar(raw, url, token, settings.request_deadline))
     except ReleaseDenied as exc:  # a negative verdict, not unusable input: exit 1, as `skr release`
         print(f"skr: {exc.diagnostics()}", file=sys.stderr)
         return 1

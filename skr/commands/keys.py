@@ -1,14 +1,12 @@
 """``skr keys``: create, import, show an exportable key with a release policy in Key Vault / Managed HSM,
 and replace that policy.
 
-``create`` generates the key in the HSM (``oct-HSM`` 128/192/256, ``RSA-HSM`` 2048/3072/4096,
-``EC-HSM`` P-256/P-384/P-521/P-256K); ``import`` uploads local key material (a PEM private key, or for
+``create`` generates the key in the HSM; ``import`` uploads local key material (a PEM private key, or for
 ``oct`` raw key bytes or a JWK JSON file). Both go through ``azure.keyvault.keys.aio.KeyClient`` with the
-same credentials as the sidecar (:class:`skr.identity.CredentialFactory`) and print the new key id.
-Both refuse a name that already exists unless ``--new-version`` is given: a new version is new key material,
-and data encrypted under the old version still needs the old one. ``show`` prints a key's attributes and
-its release policy decoded; ``update-policy`` replaces the release policy of a version in place (no new key
-material: ``update_key_properties``, i.e. ``PATCH /keys/{name}/{version}`` with ``release_policy``).
+sidecar's credentials, print the new key id, and refuse a name that already exists unless ``--new-version``
+is given: a new version is new key material, and data encrypted under the old version still needs the old
+one. ``show`` prints a key's attributes and its release policy decoded; ``update-policy`` replaces the
+release policy of a version in place (``PATCH /keys/{name}/{version}``: no new key material).
 
 Never prints key material or tokens; errors are one line naming what the vault said.
 """
@@ -37,11 +35,11 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from skr.akv.jwk import CURVES, jwk_to_private_key
+from skr.akv.jwk import CURVES, jwk_to_private_key, private_key_to_jwk
 from skr.akv.keywrap import b64url_decode
 from skr.akv.policy import encode_policy_for_wire
 from skr.akv.release import vault_error
-from skr.commands import vault_client_arguments
+from skr.commands import credential_factory, read_access_token, vault_client_arguments
 from skr.endpoints import parse_endpoint
 from skr.errors import (
     BadRequest,
@@ -54,25 +52,21 @@ from skr.errors import (
     SkrError,
     UpstreamError,
 )
-from skr.identity import CredentialFactory
-from skr.upstream import ca_bundle_from_env
 
 KTY_CHOICES = ("oct-HSM", "RSA-HSM", "EC-HSM")
 OCT_SIZES = (128, 192, 256)
 RSA_SIZES = (2048, 3072, 4096)
-_CURVE_NAMES = {curve().name: name for name, curve in CURVES.items()}
+_SUPPORTED_CURVES = {curve().name for curve in CURVES.values()}
 _TIMEOUTS = {"connection_timeout": 10, "read_timeout": 60}
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``skr keys {create,import,show,update-policy}``."""
     parser = sub.add_parser(
         "keys",
         help="create, import or show exportable keys with a release policy, or replace that policy",
         description="Create or import exportable HSM keys with a key release policy (azure-keyvault-keys).",
     )
-    actions = parser.add_subparsers(dest="keys_command", metavar="ACTION")
-    actions.required = True
+    actions = parser.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
 
     create = actions.add_parser("create", help="generate an exportable key in the vault; prints its id")
     _common(create)
@@ -151,43 +145,21 @@ def read_policy(path: Path) -> bytes:
     return encode_policy_for_wire(doc)
 
 
-def _raw(value: int, size: int | None = None) -> bytes:
-    return value.to_bytes(size or max(1, (value.bit_length() + 7) // 8), "big")
-
-
 def private_key_to_json_web_key(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | bytes) -> JsonWebKey:
     """The SDK's ``JsonWebKey`` (``*-HSM`` kty) of a private key or raw symmetric key bytes."""
     if isinstance(key, bytes):
         if len(key) * 8 not in OCT_SIZES:
             raise BadRequest(f"an oct key of {len(key)} bytes; expected 16, 24 or 32 (AES-128/192/256)")
         return JsonWebKey(kty="oct-HSM", k=key)
-    if isinstance(key, rsa.RSAPrivateKey):
-        if key.key_size not in RSA_SIZES:
-            raise BadRequest(f"an RSA-{key.key_size} key; expected 2048, 3072 or 4096 bits")
-        n = key.private_numbers()
-        return JsonWebKey(
-            kty="RSA-HSM",
-            n=_raw(n.public_numbers.n),
-            e=_raw(n.public_numbers.e),
-            d=_raw(n.d),
-            p=_raw(n.p),
-            q=_raw(n.q),
-            dp=_raw(n.dmp1),
-            dq=_raw(n.dmq1),
-            qi=_raw(n.iqmp),
-        )
-    crv = _CURVE_NAMES.get(key.curve.name)
-    if crv is None:
+    if isinstance(key, rsa.RSAPrivateKey) and key.key_size not in RSA_SIZES:
+        raise BadRequest(f"an RSA-{key.key_size} key; expected 2048, 3072 or 4096 bits")
+    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name not in _SUPPORTED_CURVES:
         raise BadRequest(f"EC curve {key.curve.name} is not supported; expected {', '.join(CURVES)}")
-    size = (key.curve.key_size + 7) // 8
-    numbers = key.private_numbers()
-    return JsonWebKey(
-        kty="EC-HSM",
-        crv=crv,
-        x=_raw(numbers.public_numbers.x, size),
-        y=_raw(numbers.public_numbers.y, size),
-        d=_raw(numbers.private_value, size),
-    )
+    jwk = private_key_to_jwk(key)  # the JOSE members as base64url; the SDK takes their bytes
+    members = {
+        name: b64url_decode(value, what=name) for name, value in jwk.items() if name not in ("kty", "crv")
+    }
+    return JsonWebKey(kty=f"{jwk['kty']}-HSM", crv=jwk.get("crv"), **members)
 
 
 KEY_FORMATS = ("auto", "pem", "jwk", "raw")
@@ -255,17 +227,6 @@ def _jwk_file(path: Path, data: bytes) -> JsonWebKey:
 # --- the vault call -------------------------------------------------------------------------------
 
 
-def _credentials(args: argparse.Namespace) -> tuple[CredentialFactory, str | None]:
-    bundle = args.ca_bundle if args.ca_bundle is not None else ca_bundle_from_env()
-    factory = CredentialFactory(client_id=args.client_id, ca_bundle=bundle)
-    token = None
-    if args.access_token_file is not None:
-        token = args.access_token_file.read_text().strip()
-        if not token:
-            raise BadRequest(f"{args.access_token_file} is empty")
-    return factory, token
-
-
 def _map_error(exc: Exception, vault: str, name: str) -> SkrError:
     if isinstance(exc, ClientAuthenticationError) and exc.response is None:
         first = (exc.message or "").strip().splitlines()
@@ -301,7 +262,8 @@ async def _with_client(
 ) -> KeyVaultKey:
     endpoint = parse_endpoint(args.vault, what="the vault endpoint")
     vault = endpoint.url
-    factory, token = _credentials(args)
+    factory = credential_factory(args)
+    token = read_access_token(args.access_token_file)
     credential = factory.for_request(token)
     kwargs: dict[str, Any] = factory.transport_kwargs(**_TIMEOUTS)
     if args.api_version:
@@ -454,10 +416,8 @@ def _print_key(description: dict[str, Any]) -> None:
 
 
 def _show(args: argparse.Namespace) -> int:
-    async def call(client: KeyClient) -> KeyVaultKey:
-        return await client.get_key(args.name, version=args.version)
-
-    description = describe_key(asyncio.run(_with_client(args, call)))
+    key = asyncio.run(_with_client(args, lambda client: client.get_key(args.name, version=args.version)))
+    description = describe_key(key)
     if args.json:
         print(json.dumps(description, indent=2, ensure_ascii=False))
     else:

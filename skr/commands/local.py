@@ -19,21 +19,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "local",
         help="start a virtual TEE, local attestation/key/identity services and the sidecar on 127.0.0.1",
     )
-    parser.add_argument(
-        "--state-dir", type=Path, default=None, help="state directory (default ~/.local/state/skr/local)"
-    )
+    parser.add_argument("--state-dir", type=Path, help="state directory (default ~/.local/state/skr/local)")
     parser.add_argument(
         "--port", "-port", type=int, default=8080, help="sidecar port (default 8080; 0 = any)"
     )
     parser.add_argument("--attestation-port", type=int, default=0, help="local attestation service port")
     parser.add_argument("--key-service-port", type=int, default=0, help="local key service port")
     parser.add_argument("--identity-port", type=int, default=0, help="local identity endpoint port")
-    parser.add_argument(
-        "--faults", type=Path, default=None, help="a fault plan (JSON) for the local services"
-    )
-    parser.add_argument(
-        "--audit-log", type=Path, default=None, help="audit log (default STATE_DIR/audit.log)"
-    )
+    parser.add_argument("--faults", type=Path, help="a fault plan (JSON) for the local services")
+    parser.add_argument("--audit-log", type=Path, help="audit log (default STATE_DIR/audit.log)")
     parser.add_argument("--token-reuse", choices=("on", "off"), default="on", help="reuse attestation tokens")
     parser.add_argument("--no-sidecar", action="store_true", help="start only the local services")
     parser.add_argument(

@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from skr.akv.policy import (
     parse_policy,
 )
 from skr.b64 import b64url_decode
-from skr.errors import BadRequest, ConfigError, PolicyError, TokenError
+from skr.errors import BadRequest, PolicyError, TokenError
 from skr.snp.hostdata import host_data_of_policy, strip_policy, trailing_whitespace
 
 _EXIT_ALLOWED = 0
@@ -32,14 +33,12 @@ _EXIT_DENIED = 1
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``skr policy {hash,inspect,release,check}``."""
     parser = sub.add_parser(
         "policy",
         help="CCE policy hash, release policy builder and checker",
         description="Work with CCE policies (HOST_DATA) and Key Vault key release policies.",
     )
-    actions = parser.add_subparsers(dest="policy_command", metavar="ACTION")
-    actions.required = True
+    actions = parser.add_subparsers(dest="policy_command", metavar="ACTION", required=True)
 
     hash_parser = actions.add_parser("hash", help="print the HOST_DATA (hex) a CCE policy binds to")
     hash_parser.add_argument(
@@ -214,31 +213,14 @@ def _token_text(value: str) -> str:
     return read_token(Path(value))
 
 
-def _unverified_claims(token: str) -> dict[str, Any]:
+def _claims_object(read: Callable[[], bytes], what: str, encoding: str) -> dict[str, Any]:
+    """The JSON object ``read()`` returns (a claims file, or a token's payload), else BadRequest."""
     try:
-        claims = json.loads(b64url_decode(token.split(".")[1].rstrip("=")))
-    except ValueError:
-        raise BadRequest("the token payload is not base64url JSON") from None
+        claims = json.loads(read())
+    except ValueError:  # also UnicodeDecodeError, and bad base64url
+        raise BadRequest(f"{what} is not {encoding}") from None
     if not isinstance(claims, dict):
-        raise BadRequest("the token payload is not a JSON object of claims")
-    return claims
-
-
-async def _verified_claims(token: str, issuer: str) -> dict[str, Any]:
-    try:
-        from skr.maa.token import TokenVerifier
-    except ImportError:
-        raise ConfigError(
-            "--verify needs MAA token verification (skr.maa.token), which this installation lacks",
-            hint="run without --verify to check the claims of an unverified token",
-        ) from None
-    import aiohttp
-
-    from skr.upstream import client_ssl_context
-
-    async with aiohttp.ClientSession() as session:
-        verifier = TokenVerifier(session, ssl_context=client_ssl_context())
-        claims: dict[str, Any] = await verifier.verify(token, issuer=issuer)
+        raise BadRequest(f"{what} is not a JSON object of claims")
     return claims
 
 
@@ -247,27 +229,21 @@ def _claims(args: argparse.Namespace) -> dict[str, Any]:
         given = [f for f, v in (("--verify", args.verify), ("--jwks", args.jwks), ("--at", args.at)) if v]
         if given:
             raise BadRequest(f"{given[0]} needs --token (a claims file has no signature)")
-        try:
-            claims = json.loads(args.claims.read_bytes())
-        except (UnicodeDecodeError, ValueError):
-            raise BadRequest(f"{args.claims} is not JSON") from None
-        if not isinstance(claims, dict):
-            raise BadRequest(f"{args.claims} is not a JSON object of claims")
-        return claims
+        return _claims_object(args.claims.read_bytes, str(args.claims), "JSON")
     token = _token_text(args.token)
-    claims = _unverified_claims(token)
-    if args.jwks is not None or args.at is not None:
-        from skr.commands.token import parse_time, read_jwks, verify_token
-
-        jwks = read_jwks(args.jwks) if args.jwks is not None else None
-        at = parse_time(args.at)
-        return asyncio.run(verify_token(token, jwks=jwks, issuer=None, at=at)).claims
-    if args.verify:
+    payload = token.split(".")[1].rstrip("=")
+    claims = _claims_object(lambda: b64url_decode(payload), "the token payload", "base64url JSON")
+    if args.jwks is None and args.at is None:
+        if not args.verify:
+            return claims
         issuer = claims.get("iss")
         if not isinstance(issuer, str) or not issuer:
             raise BadRequest("the token has no iss claim, so its issuer's keys cannot be found")
-        claims = asyncio.run(_verified_claims(token, issuer))
-    return claims
+    # `skr token verify`'s verification: the issuer's published keys unless --jwks pins them
+    from skr.commands.token import parse_time, read_jwks, verify_token
+
+    jwks = read_jwks(args.jwks) if args.jwks is not None else None
+    return asyncio.run(verify_token(token, jwks=jwks, issuer=None, at=parse_time(args.at))).claims
 
 
 def _check(args: argparse.Namespace) -> int:

@@ -9,9 +9,10 @@ import sys
 import uuid
 from pathlib import Path
 
+from skr.commands import read_access_token
 from skr.config import RELEASE_FLAGS, add_arguments, load_settings
 from skr.daemon import build_runtime
-from skr.errors import BadRequest, ReleaseDenied
+from skr.errors import ReleaseDenied
 from skr.files import check_output_file, write_private_file
 from skr.local.demo import DEMO_SECURITY_POLICY
 from skr.logs import setup_logging
@@ -37,11 +38,7 @@ def _release(args: argparse.Namespace) -> int:
     setup_logging(settings.log_level if args.log_level else "warning", settings.log_file)
     if args.out is not None:
         check_output_file(args.out)  # a link or a non-file there is refused before a key is released
-    access_token = None
-    if args.access_token_file is not None:
-        access_token = args.access_token_file.read_text().strip()
-        if not access_token:
-            raise BadRequest(f"{args.access_token_file} is empty")
+    access_token = read_access_token(args.access_token_file)
 
     async def run() -> str:
         runtime = await build_runtime(settings, env=os.environ, virtual_policy=DEMO_SECURITY_POLICY)

@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import json
 import sys
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from skr.evidence.base import REPORT_DATA_SIZE, Evidence, report_data_for
 from skr.snp.certs import load_certificates
 from skr.snp.hcl import HclReport, is_hcl_report, parse_hcl_report
 from skr.snp.report import REPORT_SIZE, AttestationReport, Product
-from skr.snp.verify import ValidationOptions, VerifiedReport, validate_report, verify_report
+from skr.snp.verify import ValidationOptions, validate_report, verify_report
 
 _EXIT_VALID = 0
 _EXIT_INVALID = 1
@@ -35,14 +36,12 @@ _FILE_HELP = "the report: raw 1184 bytes or hex text, or an Azure vTPM HCL repor
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``skr report {show,verify,fetch}``."""
     parser = sub.add_parser(
         "report",
         help="show, verify or fetch an SEV-SNP attestation report",
         description="Work with AMD SEV-SNP attestation reports (raw binary or hex text).",
     )
-    actions = parser.add_subparsers(dest="report_command", metavar="ACTION")
-    actions.required = True
+    actions = parser.add_subparsers(dest="report_command", metavar="ACTION", required=True)
 
     show = actions.add_parser("show", help="decode a report and print its fields")
     show.add_argument("file", type=Path, metavar="FILE", help=_FILE_HELP)
@@ -127,22 +126,15 @@ def read_report_file(path: Path) -> tuple[AttestationReport, HclReport | None]:
     data = _read(path, "report")
     if not is_hcl_report(data) and len(data) != REPORT_SIZE:
         try:
-            decoded = _parse_hex(data.decode("ascii"), "report text")
-        except (UnicodeDecodeError, BadRequest):
-            decoded = b""
-        if is_hcl_report(decoded):
-            data = decoded
-    if is_hcl_report(data):
-        hcl = parse_hcl_report(data)
-        return AttestationReport.parse(hcl.snp_report), hcl
-    if len(data) != REPORT_SIZE:
-        try:
             data = _parse_hex(data.decode("ascii"), "report text")
         except (UnicodeDecodeError, BadRequest):
             raise BadRequest(
                 f"{path}: expected {REPORT_SIZE} raw bytes or {2 * REPORT_SIZE} hex digits, "
                 f"found {len(data)} bytes that are not hex text"
             ) from None
+    if is_hcl_report(data):
+        hcl = parse_hcl_report(data)
+        return AttestationReport.parse(hcl.snp_report), hcl
     return AttestationReport.parse(data), None
 
 
@@ -259,13 +251,19 @@ def _verify(args: argparse.Namespace) -> int:
             print(json.dumps({"valid": False, "code": exc.code, "reason": exc.message}))
         print(f"skr: report invalid: {exc.diagnostics()}", file=sys.stderr)
         return _EXIT_INVALID
+    info = verified.vek_info
     if args.json:
-        verdict = _verdict(verified)
+        verdict: dict[str, Any] = {
+            "valid": True,
+            "product": str(verified.product),
+            "ark_sha256": verified.ark_sha256,
+            "vek": {**asdict(info), "hwid": None if info.hwid is None else info.hwid.hex()},
+            "report": verified.report.to_json_dict(verified.product),
+        }
         if hcl is not None:
             verdict["hcl"] = hcl.to_json_dict()
         print(json.dumps(verdict, indent=2))
     else:
-        info = verified.vek_info
         print(
             f"valid: {verified.product} report v{report.version} signed by the {info.kind.upper()} "
             f"({info.product_name}), REPORTED_TCB {report.reported_tcb_version(verified.product)}"
@@ -279,28 +277,6 @@ def _host_data(text: str) -> bytes:
     if len(value) != 32:
         raise BadRequest(f"host data is 32 bytes (64 hex digits), found {len(value)} bytes")
     return value
-
-
-def _verdict(verified: VerifiedReport) -> dict[str, Any]:
-    info = verified.vek_info
-    return {
-        "valid": True,
-        "product": str(verified.product),
-        "ark_sha256": verified.ark_sha256,
-        "vek": {
-            "kind": info.kind,
-            "product_name": info.product_name,
-            "struct_version": info.struct_version,
-            "bl_spl": info.bl_spl,
-            "tee_spl": info.tee_spl,
-            "snp_spl": info.snp_spl,
-            "ucode_spl": info.ucode_spl,
-            "fmc_spl": info.fmc_spl,
-            "hwid": None if info.hwid is None else info.hwid.hex(),
-            "csp_id": info.csp_id,
-        },
-        "report": verified.report.to_json_dict(verified.product),
-    }
 
 
 # --- fetch -----------------------------------------------------------------------------------------

@@ -20,20 +20,15 @@ if TYPE_CHECKING:
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = sub.add_parser("serve", help="run the sidecar HTTP API (default 127.0.0.1:8080)")
     add_arguments(parser)
-    parser.add_argument(
-        "--client-token-file", type=str, default=None, help="require this bearer token (file)"
-    )
+    parser.add_argument("--client-token-file", help="require this bearer token (file)")
     parser.add_argument(
         "--server-type",
         "-server_type",
         type=str.lower,
         choices=SERVER_TYPES,
-        default=None,
         help="http (default), grpc (the Go sidecar's gRPC key provider on --port) or both (env ServerType)",
     )
-    parser.add_argument(
-        "--grpc-port", type=int, default=None, help="gRPC port with --server-type both (default 50000)"
-    )
+    parser.add_argument("--grpc-port", type=int, help="gRPC port with --server-type both (default 50000)")
     # The Go image's /skr.sh takes SkrSideCarArgs as $1 and the port as $2 (the environment wins).
     parser.add_argument(
         "sidecar_args_positional", nargs="?", metavar="SKRSIDECARARGS", help="as env SkrSideCarArgs"

@@ -30,14 +30,12 @@ _COMMENT_RE = re.compile(r"^\s*//.*$", re.MULTILINE)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``skr token verify``."""
     parser = sub.add_parser(
         "token",
         help="verify a recorded MAA attestation token offline",
         description="Work with MAA attestation tokens (JWTs) recorded earlier.",
     )
-    actions = parser.add_subparsers(dest="token_command", metavar="ACTION")
-    actions.required = True
+    actions = parser.add_subparsers(dest="token_command", metavar="ACTION", required=True)
     verify = actions.add_parser(
         "verify",
         help="check signature, issuer and lifetime of a token (exit 0 valid, 1 invalid, 2 unusable input)",
@@ -194,9 +192,7 @@ def _verify(args: argparse.Namespace) -> int:
             "alg": result.alg,
             "keys_from": result.keys_from,
             "checked_at": checked,
-            "iat": _iso(claims.get("iat")),
-            "nbf": _iso(claims.get("nbf")),
-            "exp": _iso(claims.get("exp")),
+            **{name: _iso(claims.get(name)) for name in ("iat", "nbf", "exp")},
             "claims": claims,
         }
         print(json.dumps(verdict, indent=2, ensure_ascii=False))

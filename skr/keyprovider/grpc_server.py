@@ -6,9 +6,8 @@ Owns: one ``grpc.aio`` server on the sidecar's event loop, serving ``WrapKey``, 
 ``keyprovider.KeyProviderService`` (ocicrypt, and the Go sidecar before it) — with the messages of the
 checked-in protos (``skr/keyprovider/protos``); server reflection; the standard health service (SERVING once
 the sidecar is ready); the loopback-only rule and the client token (``authorization: Bearer`` metadata);
-and the error model: a gRPC status code with a one-sentence message (``INVALID_ARGUMENT``,
-``UNAUTHENTICATED``, ``PERMISSION_DENIED``, ``NOT_FOUND``, ``UNAVAILABLE``, ``DEADLINE_EXCEEDED``,
-``INTERNAL``), the stable error code and the request id in trailing metadata, never a traceback.
+and the error model: a gRPC status code (:data:`STATUS_CODES`) with a one-sentence message, the stable
+error code and the request id in trailing metadata, never a traceback.
 
 ``GetReport`` keeps the Go sidecar's quirk: REPORT_DATA = SHA-256 of the UTF-8 bytes of the hex string the
 caller sends (not of the bytes it spells) ‖ 32 zero bytes. ``GetAttestationData`` answers what
@@ -81,14 +80,7 @@ STATUS_CODES: dict[type[SkrError], grpc.StatusCode] = {
 }
 
 #: The statuses that blame the caller: logged as warnings, everything else as errors.
-CALLER_FAULTS = frozenset(
-    {
-        grpc.StatusCode.INVALID_ARGUMENT,
-        grpc.StatusCode.UNAUTHENTICATED,
-        grpc.StatusCode.PERMISSION_DENIED,
-        grpc.StatusCode.NOT_FOUND,
-    }
-)
+CALLER_FAULTS = frozenset(STATUS_CODES[c] for c in (BadRequest, Unauthenticated, Forbidden, NotFound))
 
 
 def status_code(exc: SkrError) -> grpc.StatusCode:
@@ -121,38 +113,22 @@ def decode_b64_runtime_data(value: str) -> bytes:
 class _Messages:
     """One package's message classes and the name of the bytes field of its key-wrap messages."""
 
+    hello_in: Any
+    hello_out: Any
     wrap_in: Any
     wrap_out: Any
     report_in: Any
     report_out: Any
     data_in: Any
     data_out: Any
-    hello_in: Any
-    hello_out: Any
 
     @classmethod
     def of(cls, module: ModuleType) -> _Messages:
-        if module is key_provider_pb2:
-            return cls(
-                module.KeyProviderKeyWrapProtocolInput,
-                module.KeyProviderKeyWrapProtocolOutput,
-                module.KeyProviderGetReportInput,
-                module.KeyProviderGetReportOutput,
-                module.KeyProviderGetAttestationDataInput,
-                module.KeyProviderGetAttestationDataOutput,
-                module.HelloRequest,
-                module.HelloReply,
-            )
-        return cls(
-            module.keyProviderKeyWrapProtocolInput,
-            module.keyProviderKeyWrapProtocolOutput,
-            module.keyProviderGetReportInput,
-            module.keyProviderGetReportOutput,
-            module.keyProviderGetAttestationDataInput,
-            module.keyProviderGetAttestationDataOutput,
-            module.HelloRequest,
-            module.HelloReply,
-        )
+        # ocicrypt's package spells the names keyProvider…, the Go sidecar's renamed one KeyProvider…
+        prefix = "KeyProvider" if module is key_provider_pb2 else "keyProvider"
+        kinds = ("KeyWrapProtocol", "GetReport", "GetAttestationData")
+        messages = [getattr(module, f"{prefix}{kind}{end}") for kind in kinds for end in ("Input", "Output")]
+        return cls(module.HelloRequest, module.HelloReply, *messages)
 
     def bytes_in(self, request: Any) -> bytes:
         value: bytes = getattr(request, self.wrap_in.DESCRIPTOR.fields[0].name)
@@ -260,11 +236,11 @@ class KeyProviderServicer:
 
         async def get_attestation_data(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
             text = messages.text_in(request)
-
-            async def work(ctx: RequestContext) -> dict[str, str]:
-                return await self.service.combined(decode_b64_runtime_data(text), ctx)
-
-            body = await self._answer(context, "GetAttestationData", work)
+            body = await self._answer(
+                context,
+                "GetAttestationData",
+                lambda ctx: self.service.combined(decode_b64_runtime_data(text), ctx),
+            )
             return messages.data_out(
                 endorsed_tcb=body["endorsed_tcb"],
                 certs=body["endorsements"],

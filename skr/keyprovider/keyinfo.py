@@ -12,7 +12,7 @@ only: nothing here can decrypt.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -49,23 +49,19 @@ def _read(path: Path, what: str) -> bytes:
 
 
 def read_key_info(keypath: str | Path) -> tuple[KeyInfo, rsa.RSAPublicKey]:
-    """The key info of ``keypath`` and its RSA public key."""
     path = info_path(keypath)
     try:
         doc = json.loads(_read(path, "key info file"))
     except (ValueError, UnicodeDecodeError):
         raise BadRequest(f"the key info file {path} is not JSON", code=Code.INVALID_KEY_INFO) from None
-    if not isinstance(doc, dict) or not all(
-        isinstance(doc.get(k, ""), str) for k in ("public_key_path", "kms_endpoint", "attester_endpoint")
-    ):
+    values = {f.name: doc.get(f.name, "") for f in fields(KeyInfo)} if isinstance(doc, dict) else {}
+    if not values or not all(isinstance(value, str) for value in values.values()):
         raise BadRequest(
             f"the key info file {path} must be an object of strings "
             "public_key_path, kms_endpoint and attester_endpoint",
             code=Code.INVALID_KEY_INFO,
         )
-    info = KeyInfo(
-        doc.get("public_key_path", ""), doc.get("kms_endpoint", ""), doc.get("attester_endpoint", "")
-    )
+    info = KeyInfo(**values)
     if not info.public_key_path:
         raise BadRequest(f"the key info file {path} names no public_key_path", code=Code.INVALID_KEY_INFO)
     pem = _read(Path(info.public_key_path), "public key file")
@@ -100,11 +96,7 @@ def write_key_info(
     pem_path = Path(f"{keypath}-pub.pem").absolute()
     pem = public_key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     write_atomically(pem_path, pem, 0o644)
-    doc = {
-        "public_key_path": str(pem_path),
-        "kms_endpoint": kms_endpoint,
-        "attester_endpoint": attester_endpoint,
-    }
     path = info_path(keypath)
+    doc = asdict(KeyInfo(str(pem_path), kms_endpoint, attester_endpoint))
     write_atomically(path, json.dumps(doc, indent=2) + "\n", 0o644)
     return path, pem_path

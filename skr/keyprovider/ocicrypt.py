@@ -62,11 +62,6 @@ def decode_bytes(value: object, *, what: str) -> bytes | None:
     raise _refuse(f"{what} must be a base64 string, an array of byte values or null")
 
 
-def encode_bytes(data: bytes) -> list[int]:
-    """``<bytes>`` as both Go and Rust ocicrypt read it: an array of integers."""
-    return list(data)
-
-
 # --- requests --------------------------------------------------------------------------------------------
 
 
@@ -187,12 +182,12 @@ def _dumps(doc: Mapping[str, Any]) -> bytes:
 
 def unwrap_answer(optsdata: bytes) -> bytes:
     """``{"keyunwrapresults":{"optsdata":[...]}}``: the unused ``keywrapresults`` is left out."""
-    return _dumps({"keyunwrapresults": {"optsdata": encode_bytes(optsdata)}})
+    return _dumps({"keyunwrapresults": {"optsdata": list(optsdata)}})
 
 
 def wrap_answer(annotation: bytes) -> bytes:
     """``{"keywrapresults":{"annotation":[...]}}``: the unused ``keyunwrapresults`` is left out."""
-    return _dumps({"keywrapresults": {"annotation": encode_bytes(annotation)}})
+    return _dumps({"keywrapresults": {"annotation": list(annotation)}})
 
 
 def unwrap_request(annotation: bytes) -> bytes:
