@@ -286,8 +286,10 @@ async def test_imds_request_and_answer_with_string_values(endpoint, monkeypatch)
         )
     ]
     factory = _managed(monkeypatch, {"AZURE_POD_IDENTITY_AUTHORITY_HOST": url}, client_id="uami")
+    credential = factory.for_request()
+    assert isinstance(credential, ManagedIdentityCredential)
     try:
-        got = await factory.for_request().get_token_info(MANAGED_HSM_SCOPE)
+        got = await credential.get_token_info(MANAGED_HSM_SCOPE)
     finally:
         await factory.aclose()
     assert (got.token, got.expires_on) == ("imds-token", expires)
