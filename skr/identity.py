@@ -125,7 +125,24 @@ def _jwt_expiry(token: str) -> int | None:
 
 
 class _AsyncCredential:
-    """``async with`` for the credentials defined here (``AsyncTokenCredential`` is a protocol)."""
+    """The base of skr's credentials: ``get_token`` from ``get_token_info``, and ``async with``."""
+
+    async def get_token_info(
+        self, *scopes: str, options: TokenRequestOptions | None = None
+    ) -> AccessTokenInfo:
+        raise NotImplementedError
+
+    async def get_token(
+        self,
+        *scopes: str,
+        claims: str | None = None,
+        tenant_id: str | None = None,
+        enable_cae: bool = False,
+        **kwargs: Any,
+    ) -> AccessToken:
+        """:meth:`get_token_info` as azure-core's older ``get_token`` (claims and tenant are not used)."""
+        info = await self.get_token_info(*scopes)
+        return AccessToken(info.token, info.expires_on)
 
     async def close(self) -> None:
         """Nothing to release by default."""
@@ -162,17 +179,6 @@ class StaticTokenCredential(_AsyncCredential):
         """When the token stops being valid (epoch seconds)."""
         return self._expires_on
 
-    async def get_token(
-        self,
-        *scopes: str,
-        claims: str | None = None,
-        tenant_id: str | None = None,
-        enable_cae: bool = False,
-        **kwargs: Any,
-    ) -> AccessToken:
-        """The configured token (scopes and tenant are the caller's business)."""
-        return AccessToken(self._token, self._expires_on)
-
     async def get_token_info(
         self, *scopes: str, options: TokenRequestOptions | None = None
     ) -> AccessTokenInfo:
@@ -200,18 +206,6 @@ class _AmbientCredential(_AsyncCredential):
         self._session: aiohttp.ClientSession | None = None
         self._tokens: dict[str, AccessTokenInfo] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-
-    async def get_token(
-        self,
-        *scopes: str,
-        claims: str | None = None,
-        tenant_id: str | None = None,
-        enable_cae: bool = False,
-        **kwargs: Any,
-    ) -> AccessToken:
-        """A token for the one scope asked for (cached)."""
-        info = await self.get_token_info(*scopes)
-        return AccessToken(info.token, info.expires_on)
 
     async def get_token_info(
         self, *scopes: str, options: TokenRequestOptions | None = None
