@@ -446,7 +446,7 @@ def report_warm(bench: Bench, runs: WarmRuns, floor: float) -> tuple[float | Non
         "cross-check: client total - services' app, p50",
         percentile(client_view, 50) if recorded else None,
         "ms",
-        note="also holds both loopback hops, TLS to the key service and the Key Vault SDK's own Python",
+        note="also holds both loopback hops and TLS to the key service",
     )
     r.add(
         "services_app_ms_p50",
@@ -505,7 +505,7 @@ def report_warm(bench: Bench, runs: WarmRuns, floor: float) -> tuple[float | Non
         "the state disk (as the Helm chart deploys it: the answer waits for the record's fsync); the other "
         "audits to tmpfs, so the difference is the disk's, not the sidecar's; an fsync probe runs between "
         "them. The sidecar's own time is its Server-Timing app;dur: total minus the time it waited on the "
-        "TEE, MAA and Key Vault calls (the Key Vault SDK's pipeline counts as waiting). The cross-check "
+        "TEE, MAA and Key Vault calls. The cross-check "
         "subtracts the local services' own Server-Timing from the client's total instead."
     )
     return warm_p50, warm_delay_p50
@@ -751,11 +751,10 @@ def add_memory(bench: Bench, rss: dict[str, float], releases: int) -> None:
     r = bench.report
     r.section(f"memory (sidecar of the last concurrency level, {releases} releases)")
     r.notes["memory"] = (
-        "VmRSS of the skr serve process. Idle is measured before the first release. The first release "
-        "imports azure-identity (with msal, requests) and azure-keyvault-keys, ~10 MiB, kept lazy for "
-        "start-up time and idle RSS; the first burst opens up to SKR_AKV_MAX_CONNECTIONS (16) TLS "
-        "connections to the vault, each with a 64 KiB read buffer (skr.process.limit_tls_read_buffer; "
-        "asyncio's own is 256 KiB). "
+        "VmRSS of the skr serve process. Idle is measured before the first release. The sidecar loads no "
+        "Azure SDK (its identity and release calls are its own); the first burst opens up to "
+        "SKR_AKV_MAX_CONNECTIONS (16) TLS connections to the vault, each with a 16 KiB read buffer "
+        "(skr.process.limit_tls_read_buffer; asyncio's own is 256 KiB). "
         f"Growth after {MEMORY_BASELINE_AFTER} releases is the leak check."
     )
     r.add(
@@ -775,7 +774,7 @@ def add_memory(bench: Bench, rss: dict[str, float], releases: int) -> None:
         "MiB",
         target="<= 64 MiB",
         check=lambda v: v <= 64,
-        note="the import floor of aiohttp, cryptography and both Azure SDKs is most of it",
+        note="the import floor of aiohttp and cryptography is most of it",
     )
     r.add(
         "rss_growth_pct",

@@ -12,11 +12,11 @@ Owns the choice, in the order the Go sidecar uses (request token, then workload 
 
 Both ambient credentials are skr's own (docs/wire-formats.md, "Identity"): one token per scope, cached until
 five minutes before it expires, fetched once for concurrent callers, over skr's upstream client (its retry
-policy, no redirects, capped bodies); a refusal is azure-core's ``ClientAuthenticationError``, as the Azure
-SDKs expect of a credential. The ambient credential is created once and reused. TLS to identity endpoints is
-always verified; a configured CA bundle *adds* trust anchors to the system roots. Every SDK pipeline skr
-builds (vault, blob) uses :class:`UpstreamTransport`: no redirect is followed and no answer is buffered past
-the upstream body cap.
+policy, no redirects, capped bodies); a refusal is an :class:`skr.errors.IdentityError`. The ambient
+credential is created once and reused. TLS to identity endpoints is always verified; a configured CA
+bundle *adds* trust anchors to the system roots. Tokens are azure-core's types field for field, so the
+commands' Azure SDK clients take these credentials (with the transport of :mod:`skr.sdk`); the sidecar
+itself never imports azure-core.
 
 The scope of a vault token is skr's choice, never the vault's: :class:`VaultScopedCredential` asks the
 credential only for the data-plane scope of the vault's kind and refuses, before any token is requested,
@@ -36,26 +36,35 @@ import time
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, NamedTuple, Self
 from urllib.parse import urlencode
 
 import aiohttp
-from azure.core.credentials import AccessToken, AccessTokenInfo, TokenRequestOptions
-from azure.core.credentials_async import AsyncTokenCredential
-from azure.core.exceptions import ClientAuthenticationError
-from azure.core.pipeline.transport import AioHttpTransport
 
 from skr.b64 import b64url_decode
 from skr.endpoints import cloud_suffix, host_of, is_azure_host, is_managed_hsm
-from skr.errors import BadRequest, Code, ConfigError, UpstreamError
-from skr.upstream import (
-    DEFAULT_MAX_UPSTREAM_BODY,
-    HttpResult,
-    read_capped,
-    redirect_error,
-    request,
-    summarize_body,
-)
+from skr.errors import BadRequest, Code, ConfigError, IdentityError, UpstreamError
+from skr.upstream import DEFAULT_MAX_UPSTREAM_BODY, HttpResult, request, summarize_body
+
+if TYPE_CHECKING:  # azure-core is the commands' (their SDK clients); the sidecar never imports it
+    from azure.core.credentials import AccessToken, AccessTokenInfo, TokenRequestOptions
+    from azure.core.credentials_async import AsyncTokenCredential
+else:
+
+    class AccessToken(NamedTuple):
+        """azure-core's ``AccessToken``, field for field (tests/test_identity.py compares them)."""
+
+        token: str
+        expires_on: int
+
+    class AccessTokenInfo(NamedTuple):
+        """azure-core's ``AccessTokenInfo``, attribute for attribute: what the SDKs' auth policies read."""
+
+        token: str
+        expires_on: int
+        token_type: str = "Bearer"  # noqa: S105 - the scheme's name, not a secret
+        refresh_on: int | None = None
+
 
 VAULT_SCOPE = "https://vault.azure.net/.default"
 MANAGED_HSM_SCOPE = "https://managedhsm.azure.net/.default"
@@ -116,7 +125,24 @@ def _jwt_expiry(token: str) -> int | None:
 
 
 class _AsyncCredential:
-    """``async with`` for the credentials defined here (``AsyncTokenCredential`` is a protocol)."""
+    """The base of skr's credentials: ``get_token`` from ``get_token_info``, and ``async with``."""
+
+    async def get_token_info(
+        self, *scopes: str, options: TokenRequestOptions | None = None
+    ) -> AccessTokenInfo:
+        raise NotImplementedError
+
+    async def get_token(
+        self,
+        *scopes: str,
+        claims: str | None = None,
+        tenant_id: str | None = None,
+        enable_cae: bool = False,
+        **kwargs: Any,
+    ) -> AccessToken:
+        """:meth:`get_token_info` as azure-core's older ``get_token`` (claims and tenant are not used)."""
+        info = await self.get_token_info(*scopes)
+        return AccessToken(info.token, info.expires_on)
 
     async def close(self) -> None:
         """Nothing to release by default."""
@@ -153,17 +179,6 @@ class StaticTokenCredential(_AsyncCredential):
         """When the token stops being valid (epoch seconds)."""
         return self._expires_on
 
-    async def get_token(
-        self,
-        *scopes: str,
-        claims: str | None = None,
-        tenant_id: str | None = None,
-        enable_cae: bool = False,
-        **kwargs: Any,
-    ) -> AccessToken:
-        """The configured token (scopes and tenant are the caller's business)."""
-        return AccessToken(self._token, self._expires_on)
-
     async def get_token_info(
         self, *scopes: str, options: TokenRequestOptions | None = None
     ) -> AccessTokenInfo:
@@ -191,18 +206,6 @@ class _AmbientCredential(_AsyncCredential):
         self._session: aiohttp.ClientSession | None = None
         self._tokens: dict[str, AccessTokenInfo] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-
-    async def get_token(
-        self,
-        *scopes: str,
-        claims: str | None = None,
-        tenant_id: str | None = None,
-        enable_cae: bool = False,
-        **kwargs: Any,
-    ) -> AccessToken:
-        """A token for the one scope asked for (cached)."""
-        info = await self.get_token_info(*scopes)
-        return AccessToken(info.token, info.expires_on)
 
     async def get_token_info(
         self, *scopes: str, options: TokenRequestOptions | None = None
@@ -312,14 +315,12 @@ class WorkloadIdentityCredential(_AmbientCredential):
 
     async def _request(self, scope: str) -> tuple[str, str, dict[str, str], bytes | None]:
         if not self._url.lower().startswith("https://"):
-            raise ClientAuthenticationError(
-                message=f"AZURE_AUTHORITY_HOST must be an https URL, not {self._url}"
-            )
+            raise IdentityError(f"AZURE_AUTHORITY_HOST must be an https URL, not {self._url}")
         try:
             assertion = (await asyncio.to_thread(self._token_file.read_text)).strip()
         except (OSError, UnicodeDecodeError) as exc:
-            raise ClientAuthenticationError(
-                message=f"AZURE_FEDERATED_TOKEN_FILE {self._token_file} cannot be read ({type(exc).__name__})"
+            raise IdentityError(
+                f"AZURE_FEDERATED_TOKEN_FILE {self._token_file} cannot be read ({type(exc).__name__})"
             ) from None
         form = {
             "client_assertion": assertion,
@@ -347,11 +348,12 @@ def _token_info(result: HttpResult, service: str, scope: str) -> AccessTokenInfo
             if isinstance(described, str) and described.strip()
             else ""
         )
-        raise ClientAuthenticationError(
-            message=f"the {service} refused a token for {scope} (HTTP {result.status}"
+        raise IdentityError(
+            f"the {service} refused a token for {scope} (HTTP {result.status}"
             + (f" {code}" if code else "")
             + ")"
-            + (f": {detail}" if detail else "")
+            + (f": {detail}" if detail else ""),
+            upstream_status=result.status,
         )
     doc = result.json()
     token = doc.get("access_token") if isinstance(doc, dict) else None
@@ -363,66 +365,8 @@ def _token_info(result: HttpResult, service: str, scope: str) -> AccessTokenInfo
     except (KeyError, TypeError, ValueError):
         expires_on = 0
     if not isinstance(token, str) or not token or expires_on <= 0:
-        raise ClientAuthenticationError(
-            message=f"the {service} answered without an access_token and its expiry for {scope}"
-        )
+        raise IdentityError(f"the {service} answered without an access_token and its expiry for {scope}")
     return AccessTokenInfo(token, expires_on)
-
-
-def capped_response_class(limit: int, service: str) -> type[aiohttp.ClientResponse]:
-    """An aiohttp response class whose ``read()`` refuses (``upstream_too_large``) a body over ``limit``
-    bytes before buffering it: how the SDK transports, which read whole bodies, get skr's cap."""
-
-    class CappedResponse(aiohttp.ClientResponse):
-        async def read(self) -> bytes:
-            if self._body is None:
-                self._body = await read_capped(self, limit, service=service)
-            return await super().read()
-
-    return CappedResponse
-
-
-class UpstreamTransport(AioHttpTransport):  # type: ignore[misc]
-    """azure-core's aiohttp transport with skr's rules for upstream answers: any 3xx is an
-    ``upstream_redirect`` error (raised in the transport, so no SDK policy can follow it), and bodies are
-    capped by the session's :func:`capped_response_class`."""
-
-    def __init__(self, *, service: str, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._service = service
-
-    async def send(self, request: Any, **config: Any) -> Any:
-        response = await super().send(request, **config)
-        status = int(response.status_code)
-        if 300 <= status <= 399:
-            location = response.headers.get("Location")
-            response.internal_response.close()
-            raise redirect_error(self._service, str(request.url), status, location)
-        return response
-
-
-def verifying_transport(
-    ssl_context: ssl.SSLContext,
-    *,
-    connections_per_host: int = 0,
-    service: str = "Key Vault",
-    max_body: int = DEFAULT_MAX_UPSTREAM_BODY,
-    **settings: Any,
-) -> AioHttpTransport:
-    """An azure-core aiohttp transport whose session verifies TLS with ``ssl_context``, follows no
-    redirect and reads at most ``max_body`` bytes of an answer (:class:`UpstreamTransport`).
-
-    azure-core's ``connection_verify=<path>`` trusts *only* that file (``create_default_context(cafile=)``);
-    skr's rule is system roots *plus* the bundle, so the trust decision is made once, in our context.
-    ``connections_per_host`` caps simultaneous connections to one host (0: no cap); further requests wait
-    for a free connection. ``service`` names the upstream in errors. Must be called while an event loop is
-    running.
-    """
-    connector = aiohttp.TCPConnector(ssl=ssl_context, limit_per_host=connections_per_host)
-    session = aiohttp.ClientSession(
-        connector=connector, response_class=capped_response_class(max_body, service)
-    )
-    return UpstreamTransport(service=service, session=session, session_owner=True, **settings)
 
 
 def _scope_resource(scope: str) -> str:
@@ -583,6 +527,8 @@ class CredentialFactory:
         redirects, capped bodies) and no redirect policy. ``service`` (default "Key Vault") names the
         upstream in errors; ``max_body`` overrides the cap (blob data); other settings go to the transport.
         Call while an event loop is running."""
+        from skr.sdk import verifying_transport  # azure-core: the commands' SDK clients only
+
         service = str(settings.pop("service", "Key Vault"))
         max_body = int(settings.pop("max_body", self._max_body))
         transport = verifying_transport(self.ssl_context(), service=service, max_body=max_body, **settings)

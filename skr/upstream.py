@@ -14,6 +14,7 @@ Never logs request or response bodies: they may carry tokens.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -24,6 +25,7 @@ import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -100,11 +102,14 @@ DEFAULT_RETRY = RetryPolicy()
 class TransientHTTPError(Exception):
     """An upstream answer worth retrying (408, 429, 5xx). Internal to the retry loop."""
 
-    def __init__(self, status: int, retry_after: float | None, summary: str) -> None:
+    def __init__(
+        self, status: int, retry_after: float | None, summary: str, result: HttpResult | None = None
+    ) -> None:
         super().__init__(f"HTTP {status}")
         self.status = status
         self.retry_after = retry_after
         self.summary = summary
+        self.result = result
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
@@ -329,10 +334,15 @@ async def request(
     deadline: Deadline | None = None,
     retry: RetryPolicy = DEFAULT_RETRY,
     max_body: int = DEFAULT_MAX_UPSTREAM_BODY,
+    slot: AbstractAsyncContextManager[Any] | None = None,
+    return_last: bool = False,
 ) -> HttpResult:
     """One upstream call with timeouts and retries. Returns the final non-transient response.
 
-    ``service`` names the upstream in errors ("Microsoft Azure Attestation", "AMD KDS", ...).
+    ``service`` names the upstream in errors ("Microsoft Azure Attestation", "AMD KDS", ...); ``slot`` is
+    held for each attempt (not across the pauses between them), e.g. a per-host in-flight limit; with
+    ``return_last`` the last transient answer (429, 5xx) is returned when the retries run out, for a caller
+    that maps it itself.
     Raises :class:`UpstreamTimeout` when the deadline runs out, :class:`UpstreamError` when the
     upstream stays unreachable or keeps answering with transient errors, answers a redirect (any 3xx,
     ``upstream_redirect``, never followed nor retried) or a body over ``max_body`` bytes
@@ -354,30 +364,33 @@ async def request(
         if remaining <= 0:
             raise timed_out()
         per_try = aiohttp.ClientTimeout(total=min(timeout, remaining))
-        async with session.request(
-            method,
-            url,
-            json=json_body,
-            data=data,
-            headers=dict(headers or {}),
-            ssl=ssl_context if ssl_context is not None else True,
-            timeout=per_try,
-            allow_redirects=False,
-        ) as resp:
+        async with (
+            slot or contextlib.nullcontext(),
+            session.request(
+                method,
+                url,
+                json=json_body,
+                data=data,
+                headers=dict(headers or {}),
+                ssl=ssl_context if ssl_context is not None else True,
+                timeout=per_try,
+                allow_redirects=False,
+            ) as resp,
+        ):
             if 300 <= resp.status <= 399:
                 raise redirect_error(service, url, resp.status, resp.headers.get("Location"))
             body = await read_capped(resp, max_body, service=service)
-            if is_transient_status(resp.status):
-                raise TransientHTTPError(
-                    resp.status, parse_retry_after(resp.headers.get("Retry-After")), summarize_body(body)
-                )
-            return HttpResult(
+            result = HttpResult(
                 status=resp.status,
                 headers=resp.headers.copy(),
                 body=body,
                 attempts=attempts,
                 server_timing=resp.headers.getall("Server-Timing", []),
             )
+            if is_transient_status(resp.status):
+                retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+                raise TransientHTTPError(resp.status, retry_after, summarize_body(body), result)
+            return result
 
     def is_transient(exc: BaseException) -> bool:  # an untrusted certificate stays so
         return isinstance(exc, aiohttp.ClientConnectionError | TimeoutError | TransientHTTPError) and not (
@@ -387,6 +400,8 @@ async def request(
     try:
         result = await call_retrying(attempt, deadline=deadline, policy=retry, is_transient=is_transient)
     except TransientHTTPError as exc:
+        if return_last and exc.result is not None and not deadline.expired():
+            return exc.result
         if deadline.expired():
             raise UpstreamTimeout(
                 f"{service} did not answer successfully before the request deadline ({host}: timeout)"

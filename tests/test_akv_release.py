@@ -1,30 +1,30 @@
-"""KeyVaultReleaser: what a caller may name as kid and vault, when the SDK's challenge-resource check may
-be relaxed, and — against the local Managed-HSM-compatible service over HTTPS, with the real SDK and real
-azure-identity credentials — the release itself and how every refusal and failure is mapped."""
+"""KeyVaultReleaser: what a caller may name as kid and vault, when the challenge-resource check may be
+relaxed, that its requests are the ones the real Azure SDK sends, and — against the local
+Managed-HSM-compatible service over HTTPS — the release itself and how every refusal and failure is mapped."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import os
+import subprocess
 import sys
-import threading
 from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp import web
 
-import skr.akv.release as release_module
 from skr.akv.jws import open_release
 from skr.akv.keywrap import Enc
 from skr.akv.release import (
+    DEFAULT_API_VERSION,
     MANAGED_HSM_RELEASE_ROLE,
-    SDK_MODULES,
     VAULT_RELEASE_ROLE,
     KeyVaultReleaser,
     ReleaseResult,
     SdkSettings,
-    import_off_loop,
+    challenge_scope,
 )
 from skr.endpoints import KeyRef, parse_endpoint, parse_kid
 from skr.errors import (
@@ -376,38 +376,114 @@ def test_role_names_are_azure_rbac_role_names():
     assert MANAGED_HSM_RELEASE_ROLE == "Managed HSM Crypto Service Release User"
 
 
-# --- the SDKs are loaded off the event loop -------------------------------------------------------------
+# --- the wire is the SDK's --------------------------------------------------------------------------------
 
 
-async def test_import_off_loop_imports_in_a_worker_thread(tmp_path, monkeypatch):
-    (tmp_path / "skr_probe_module.py").write_text(
-        "import threading\nIMPORTED_ON = threading.current_thread().name\n"
+class RecordingVault:
+    """A vault stand-in: a 401 Bearer challenge to a request without a token, else a release answer;
+    records (method, path, query, Authorization, Content-Type, body) of every request."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, dict[str, str], str | None, str | None, bytes]] = []
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        auth = request.headers.get("Authorization")
+        self.seen.append(
+            (
+                request.method,
+                request.path,
+                dict(request.query),
+                auth,
+                request.headers.get("Content-Type"),
+                body,
+            )
+        )
+        if auth is None:
+            challenge = 'Bearer authorization="https://login.microsoftonline.com/t", resource="https://managedhsm.azure.net"'
+            return web.json_response(
+                {"error": {"code": "Unauthorized"}}, status=401, headers={"WWW-Authenticate": challenge}
+            )
+        return web.json_response({"value": "h.p.s"})
+
+
+@pytest.mark.parametrize("version", ["v1", None])
+async def test_the_release_requests_are_the_ones_the_azure_sdk_sends(ca, version):
+    """The real azure-keyvault-keys client and skr's releaser against the same recording vault: the same
+    unauthenticated empty-bodied first request, then the same authorized release — method, path,
+    api-version, content type and JSON body."""
+    from azure.keyvault.keys.aio import KeyClient
+
+    from skr.identity import StaticTokenCredential
+
+    vault = RecordingVault()
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", vault.handle)
+    runner, url = await serve(app, ca)
+    host = url.split("://", 1)[1]
+    try:
+        credentials = CredentialFactory({}, ca_bundle=ca.ca_pem_path, managed_hsm_hosts=[host])
+        sdk = KeyClient(
+            url,
+            credentials.scoped(StaticTokenCredential("bearer-token"), url),
+            verify_challenge_resource=False,
+            api_version=DEFAULT_API_VERSION,
+            **credentials.transport_kwargs(),
+        )
+        async with sdk:
+            await sdk.release_key("k", "target.token.x", version=version, algorithm="CKM_RSA_AES_KEY_WRAP")
+        by_sdk, vault.seen = vault.seen, []
+        releaser = KeyVaultReleaser(credentials=credentials, allow_insecure_challenge_hosts=[host], sdk=FAST)
+        try:
+            ref = KeyRef.parse(f"k/{version}" if version else "k", vault=url)
+            await releaser.release(ref, "target.token.x", access_token="bearer-token")
+            await releaser.release(ref, "target.token.x", access_token="bearer-token")  # challenge remembered
+        finally:
+            await releaser.aclose()
+    finally:
+        await runner.cleanup()
+    assert len(by_sdk) == 2 and len(vault.seen) == 3
+    for ours, theirs in zip(vault.seen, by_sdk, strict=False):
+        assert ours[:4] == theirs[:4]  # method, path, query (api-version), Authorization
+        assert (ours[5] == b"") == (theirs[5] == b"")
+        if ours[5]:
+            assert json.loads(ours[5]) == json.loads(theirs[5]) and ours[4] == theirs[4] == "application/json"
+    assert by_sdk[0][3] is None and by_sdk[1][3] == "Bearer bearer-token"
+    assert vault.seen[2][:4] == vault.seen[1][:4]
+
+
+@pytest.mark.parametrize(
+    ("header", "scope"),
+    [
+        (
+            'Bearer authorization="https://login.microsoftonline.com/t", resource="https://vault.azure.net"',
+            "https://vault.azure.net/.default",
+        ),
+        (
+            'Bearer authorization_uri="https://login/t", resource="https://managedhsm.azure.net/"',
+            "https://managedhsm.azure.net/.default",
+        ),
+        (
+            'Bearer authorization="https://login/t", scope="https://vault.azure.net/.default"',
+            "https://vault.azure.net/.default",
+        ),
+        ('Bearer resource="https://vault.azure.net"', None),  # no authorization URI
+        ('Basic realm="x"', None),
+        ("", None),
+    ],
+)
+def test_challenge_scope(header, scope):
+    assert challenge_scope(header) == scope
+
+
+def test_the_sidecar_never_loads_the_azure_sdks():
+    """The sidecar's release path is skr's own client: neither azure-core nor azure-keyvault-keys is imported
+    by the daemon (memory and per-release CPU); only the commands' SDK clients load them."""
+    code = "import sys, skr.daemon, skr.commands.serve; print(sorted(m for m in sys.modules if 'azure' in m))"
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
     )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "skr_probe_module", raising=False)
-    await import_off_loop("skr_probe_module", "json")
-    assert threading.main_thread().name != sys.modules["skr_probe_module"].IMPORTED_ON
-    monkeypatch.delitem(sys.modules, "skr_probe_module")
-
-
-@pytest.mark.parametrize("with_token", [False, True])
-async def test_release_loads_the_sdks_off_the_loop_first(
-    stack, releaser, wrapping_key, monkeypatch, with_token
-):
-    asked: list[tuple[str, ...]] = []
-    original = release_module.import_off_loop
-
-    async def recording(*modules: str) -> None:
-        asked.append(modules)
-        await original(*modules)
-
-    monkeypatch.setattr(release_module, "import_off_loop", recording)
-    await stack.hsm.create_key("k", kty="oct-HSM", release_policy=stack.policy())
-    token = await stack.target_token(wrapping_key)
-    await releaser.release(
-        KeyRef.parse("k", vault=stack.hsm_host), token, access_token=stack.bearer() if with_token else None
-    )
-    assert asked == [SDK_MODULES]  # no identity SDK to load: skr's credentials are its own
+    assert done.stdout.strip() == "[]", done.stderr
 
 
 @pytest.mark.parametrize("cap", [2, 0], ids=["cap-2", "no-cap"])

@@ -32,6 +32,7 @@ LAYERS: dict[str, int] = {
     "skr.logs": 1,
     "skr.metrics": 1,
     "skr.identity": 1,
+    "skr.sdk": 1,  # the transport of the commands' Azure SDK clients (azure-core)
     "skr.hostcheck": 1,
     "skr.process": 1,
     "skr.config": 2,

@@ -1,21 +1,20 @@
 """Faults in the upstreams, through the whole local stack and the real sidecar (issue 7, "Fault injection").
 
 The local attestation, key and identity services misbehave per a seeded fault plan; the sidecar talks to
-them with exactly the clients it uses for Azure (skr.upstream for MAA, the Azure Key Vault SDK wrapped in
-skr.upstream's retry policy, azure-identity for tokens). What the app sees is checked, and what the audit log
+them with exactly the clients it uses for Azure (skr.upstream for MAA, Key Vault and the identity
+endpoints). What the app sees is checked, and what the audit log
 says about each request (matched by the X-Request-Id the test chooses).
 
 Retry budgets these tests rely on, as the code has them:
 - MAA (skr.upstream.RetryPolicy): 5 attempts, transient = connection errors, timeouts, 408, 429, 5xx;
   Retry-After honoured (capped by the deadline).
-- Key Vault (skr.akv.release.SdkSettings): the SDK's own retry loop is off; the same policy wraps each
-  release call (5 attempts; 408, 429, 5xx and connection errors; Retry-After honoured).
+- Key Vault (skr.akv.release.SdkSettings): the same policy for each release call (5 attempts; 408, 429,
+  5xx and connection errors; Retry-After honoured).
 - Both: a Retry-After that would end past the request deadline is not waited out.
-- Identity (azure-identity): its own policy (backoff grows to seconds); tokens are cached, so only the
-  first token can fail.
+- Identity (skr.identity): the same policy again; tokens are cached, so only the first token can fail.
 
 Module stacks run with ``token_reuse=False`` so that every release attests (MAA faults always bite) and are
-warmed up once (the Key Vault SDK's challenge round trip and the identity token are behind us), so the
+warmed up once (the vault's challenge round trip and the identity token are behind us), so the
 request counts per route are exact.
 """
 
@@ -91,7 +90,7 @@ async def _env(state: Path, **options: Any) -> Env:
     )
     client = aiohttp.ClientSession(base_url=stack.info["sidecar"])
     env = Env(stack, client)
-    status, body, _, _ = await env.release()  # warm-up: SDK challenge and identity token
+    status, body, _, _ = await env.release()  # warm-up: the vault's challenge and the identity token
     assert status == 200, body
     return env
 

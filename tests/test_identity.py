@@ -13,11 +13,10 @@ import jwt
 import pytest
 from aiohttp import web
 from azure.core.credentials_async import AsyncTokenCredential
-from azure.core.exceptions import ClientAuthenticationError
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from skr.endpoints import is_azure_host, is_managed_hsm
-from skr.errors import BadRequest, ConfigError, UpstreamError
+from skr.errors import BadRequest, ConfigError, IdentityError, UpstreamError
 from skr.identity import (
     MANAGED_HSM_SCOPE,
     VAULT_SCOPE,
@@ -364,11 +363,11 @@ async def test_a_refusal_names_the_status_code_and_description_and_a_valid_token
     try:
         assert (await credential.get_token(VAULT_SCOPE)).token == "still-valid"
         assert (await credential.get_token(VAULT_SCOPE)).token == "still-valid"  # refresh refused, kept
-        with pytest.raises(ClientAuthenticationError) as info:
+        with pytest.raises(IdentityError) as info:
             await credential.get_token(MANAGED_HSM_SCOPE)  # nothing cached for this scope
     finally:
         await factory.aclose()
-    assert info.value.message == (
+    assert info.value.upstream_status == 400 and info.value.message == (
         f"the IMDS refused a token for {MANAGED_HSM_SCOPE} (HTTP 400 invalid_request): Identity not found"
     )
     assert len(stand_in.requests) == 3
@@ -388,7 +387,7 @@ async def test_an_answer_without_a_token_and_expiry_is_refused(endpoint, monkeyp
     stand_in.answers = [(200, answer)]
     factory = _managed(monkeypatch, {"AZURE_POD_IDENTITY_AUTHORITY_HOST": url})
     try:
-        with pytest.raises(ClientAuthenticationError, match="without an access_token"):
+        with pytest.raises(IdentityError, match="without an access_token"):
             await factory.for_request().get_token(VAULT_SCOPE)
     finally:
         await factory.aclose()
@@ -398,7 +397,7 @@ async def test_workload_identity_refuses_an_http_authority_before_sending_the_as
     stand_in, url = endpoint
     factory = CredentialFactory(_workload_env(tmp_path) | {"AZURE_AUTHORITY_HOST": url})
     try:
-        with pytest.raises(ClientAuthenticationError, match="https"):
+        with pytest.raises(IdentityError, match="https"):
             await factory.for_request().get_token(VAULT_SCOPE)
     finally:
         await factory.aclose()

@@ -1,18 +1,20 @@
-"""The Key Vault / Managed HSM *release* call, through ``azure.keyvault.keys.aio.KeyClient``.
+"""The Key Vault / Managed HSM *release* call: ``POST {vault}/keys/{name}[/{version}]/release``.
 
-Owns: one SDK client per (vault, credential) reused across calls, the SDK's timeouts, the retries around it,
-the per-request deadline, and the mapping of the vault's answers to skr errors that carry the vault's
-error code and message plus a hint on what to fix (RBAC role, release policy, key name). It takes the key
-parsed (:class:`skr.endpoints.KeyRef`).
+Owns: the call on skr's upstream client (its timeouts, its retry policy, the per-request deadline), the
+vault's authentication challenge, the in-flight cap per vault, and the mapping of the vault's answers to
+skr errors that carry the vault's error code plus a hint on what to fix (RBAC role, release policy, key
+name). It takes the key parsed (:class:`skr.endpoints.KeyRef`) and returns the release JWS untouched:
+verifying and unwrapping it is :mod:`skr.akv.jws`'s job. The wire is the one the Azure SDK speaks
+(docs/wire-formats.md, "Key Vault"); the sidecar does not load the SDK (its memory and per-call CPU).
 
-It returns the release JWS untouched: verifying and unwrapping it is :mod:`skr.akv.jws`'s job.
-
-TLS is always verified (a CA bundle only *adds* anchors). The SDK's challenge-resource check stays on for
-every Azure domain and is turned off only for explicitly allow-listed non-Azure hosts (local emulators);
-whatever a challenge says, a token is only ever requested for the vault kind's own scope
-(:class:`skr.identity.VaultScopedCredential`). No redirect is followed (any 3xx is ``upstream_redirect``)
-and no answer is buffered past ``SdkSettings.max_body``. A vault's error text is reduced to its codes and
-the claim names it mentions.
+Authentication as the SDK does it: the first release to a vault goes out without a token and with an empty
+body; the vault's 401 challenge must name a resource in the vault's own domain (checked for every Azure
+domain, relaxed only for explicitly allow-listed non-Azure hosts such as local emulators), and whatever it
+names, a token is only ever requested for the vault kind's own scope
+(:class:`skr.identity.VaultScopedCredential`). The vault's challenge is remembered, so later releases
+carry the token at once. TLS is always verified (a CA bundle only *adds* anchors), no redirect is followed
+(any 3xx is ``upstream_redirect``) and no answer is buffered past ``SdkSettings.max_body``. A vault's error
+text is reduced to its codes and the claim names it mentions.
 Never logs or puts into a message the attestation token, the access token or the released key.
 """
 
@@ -20,24 +22,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import json
 import re
 import ssl
-import sys
 from collections.abc import Collection
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from azure.core.credentials_async import AsyncTokenCredential
-from azure.core.exceptions import (
-    ClientAuthenticationError,
-    HttpResponseError,
-    ServiceRequestError,
-    ServiceResponseError,
-)
+import aiohttp
 
 from skr.akv.keywrap import Enc
 from skr.endpoints import Endpoint, KeyRef, is_azure_host, parse_endpoint
@@ -51,24 +45,21 @@ from skr.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from skr.identity import CredentialFactory, StaticTokenCredential, verifying_transport
+from skr.identity import CredentialFactory, VaultScopedCredential
 from skr.upstream import (
-    CA_BUNDLE_ENV,
     DEFAULT_MAX_UPSTREAM_BODY,
     Deadline,
+    HttpResult,
     RetryPolicy,
-    call_retrying,
     client_ssl_context,
-    connection_cause,
     host_of_url,
-    is_transient_status,
-    parse_retry_after,
-    redirect_error,
+    request,
 )
 
-if TYPE_CHECKING:  # the SDK is imported on first use: it costs start-up time and memory (see _key_client)
-    from azure.keyvault.keys import ReleaseKeyResult
-    from azure.keyvault.keys.aio import KeyClient
+if TYPE_CHECKING:  # the commands' SDK exceptions (skr keys); the sidecar never imports azure-core
+    from azure.core.exceptions import HttpResponseError
+
+DEFAULT_API_VERSION = "2025-07-01"  # what azure-keyvault-keys 4.11 sends
 
 VAULT_RELEASE_ROLE = "Key Vault Crypto Service Release User"
 MANAGED_HSM_RELEASE_ROLE = "Managed HSM Crypto Service Release User"
@@ -86,8 +77,8 @@ _CLAIM_FAILURE_RE = re.compile(
     r"found (\"[\w.-]{1,128}\"|[\w.-]{1,128}|<absent>)",
     re.IGNORECASE | re.ASCII,
 )
-# A release changes nothing in the vault (it only wraps the key for the target), so it is safe to repeat: the
-# SDK's own retries are off and call_retrying retries it on 408/429/5xx and after a reset connection.
+# A release changes nothing in the vault (it only wraps the key for the target), so it is safe to repeat on
+# 408/429/5xx and after a reset connection.
 
 
 @dataclass(frozen=True)
@@ -106,11 +97,9 @@ class ReleaseResult:
 
 @dataclass(frozen=True)
 class SdkSettings:
-    """Per-attempt timeouts of the SDK's transport and the retry policy around each release.
-
-    The SDK's own retry loop is off: transient failures (408, 429, 5xx, connection errors) are retried by
-    :func:`skr.upstream.call_retrying`, the policy every upstream call uses, which honours Retry-After
-    and never sleeps past the request deadline.
+    """Per-attempt timeouts and the retry policy of each release call (the name is from when the Azure
+    SDK made it). Transient failures (408, 429, 5xx, connection errors) are retried by the policy every
+    upstream call uses, which honours Retry-After and never sleeps past the request deadline.
     """
 
     retry: RetryPolicy = field(default_factory=RetryPolicy)
@@ -173,35 +162,61 @@ class VaultError:
 
 
 def vault_error(exc: HttpResponseError) -> VaultError:
-    """Read the vault's error code and message from an SDK exception (body first, SDK model second)."""
-    status = int(exc.status_code or 0)
-    code, message, inner = "", "", None
+    """The vault's error from an Azure SDK exception (the commands' ``KeyClient`` calls)."""
     response = exc.response
-    if response is not None:
-        try:
-            document = json.loads(response.text() or "null")
-        except (ValueError, UnicodeDecodeError, AttributeError):
-            document = None
-        error = document.get("error") if isinstance(document, dict) else None
-        if isinstance(error, dict):
-            code = str(error.get("code") or "")
-            message = str(error.get("message") or "")
-            inner_obj = error.get("innererror")
-            if isinstance(inner_obj, dict) and inner_obj.get("code"):
-                inner = str(inner_obj["code"])
     model = getattr(exc, "error", None)
-    if not code and model is not None:
-        code = str(getattr(model, "code", "") or "")
-    if not message:
-        reason = getattr(response, "reason", None) if response is not None else None
-        message = str((model and getattr(model, "message", None)) or reason or "no error body")
-    return VaultError(status=status, code=code, message=message, inner_code=inner)
+    try:
+        text = response.text() if response is not None else ""
+    except (ValueError, UnicodeDecodeError):
+        text = ""
+    reason = getattr(response, "reason", None) if response is not None else None
+    error = _error_from_body(int(exc.status_code or 0), text.encode(), reason)
+    if not error.code and model is not None and getattr(model, "code", None):
+        error = VaultError(error.status, str(model.code), error.message, error.inner_code)
+    if error.message == (reason or "no error body") and model is not None and getattr(model, "message", None):
+        error = VaultError(error.status, error.code, str(model.message), error.inner_code)
+    return error
+
+
+def _error_from_body(status: int, body: bytes, reason: str | None = None) -> VaultError:
+    """The vault's ``{"error": {"code", "message", "innererror": {"code"}}}`` as it answered."""
+    try:
+        document = json.loads(body or b"null")
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        document = None
+    error = document.get("error") if isinstance(document, dict) else None
+    code, message, inner = "", "", None
+    if isinstance(error, dict):
+        code, message = str(error.get("code") or ""), str(error.get("message") or "")
+        inner_obj = error.get("innererror")
+        if isinstance(inner_obj, dict) and inner_obj.get("code"):
+            inner = str(inner_obj["code"])
+    return VaultError(
+        status=status, code=code, message=message or reason or "no error body", inner_code=inner
+    )
+
+
+_CHALLENGE_PARAM = re.compile(r'([A-Za-z_]+)="([^"]*)"')
+
+
+def challenge_scope(header: str) -> str | None:
+    """The scope a ``WWW-Authenticate: Bearer authorization="…", resource="…"`` challenge asks for
+    (``scope=`` as given, else ``resource`` + ``/.default``); None when it is not a Bearer challenge with
+    an authorization URI and a resource or scope."""
+    if not header.strip().lower().startswith("bearer"):
+        return None
+    params: dict[str, str] = {k.lower(): v.strip() for k, v in _CHALLENGE_PARAM.findall(header)}
+    if not (params.get("authorization") or params.get("authorization_uri")):
+        return None
+    if params.get("scope"):
+        return params["scope"]
+    return params["resource"].rstrip("/") + "/.default" if params.get("resource") else None
 
 
 class KeyVaultReleaser:
-    """Releases keys from Key Vault / Managed HSM with the real SDK.
+    """Releases keys from Key Vault / Managed HSM.
 
-    ``credentials`` chooses the credential per call; ``api_version`` overrides the SDK default;
+    ``credentials`` chooses the credential per call; ``api_version`` overrides :data:`DEFAULT_API_VERSION`;
     ``ca_bundle`` adds TLS trust anchors (default: the factory's); ``allow_insecure_challenge_hosts`` names
     non-Azure endpoints (``host`` or ``host:port``) whose 401 challenge may name a resource that is not
     their own domain (local emulators). ``sdk`` sets the timeouts, the retry policy and the in-flight cap.
@@ -217,15 +232,16 @@ class KeyVaultReleaser:
         sdk: SdkSettings | None = None,
     ) -> None:
         self._credentials = credentials
-        self._api_version = api_version.strip() if api_version and api_version.strip() else None
+        self._api_version = (api_version or "").strip() or DEFAULT_API_VERSION
         self._ca_bundle = ca_bundle
         self._sdk = sdk or SdkSettings()
         self._insecure_challenge = frozenset(
             parse_endpoint(h, what="an insecure challenge host") for h in allow_insecure_challenge_hosts
         )
-        self._clients: dict[tuple[str, int], KeyClient] = {}
+        self._session: aiohttp.ClientSession | None = None
         self._own_ssl_context: ssl.SSLContext | None = None
         self._slots: dict[str, asyncio.Semaphore] = {}
+        self._challenges: dict[str, str] = {}  # vault URL -> the scope its (checked) challenge named
 
     def verify_challenge_resource(self, vault: Endpoint) -> bool:
         """False only for allow-listed endpoints outside Azure's domains; True for everything else.
@@ -233,25 +249,6 @@ class KeyVaultReleaser:
         A listed ``host`` without a port (port 443 once parsed) names the host on any port."""
         listed = vault in self._insecure_challenge or Endpoint(vault.host) in self._insecure_challenge
         return not (listed and not is_azure_host(vault))
-
-    def _client_kwargs(self, vault: Endpoint) -> dict[str, Any]:
-        sdk = self._sdk
-        transport_settings = {"connection_timeout": sdk.connection_timeout, "read_timeout": sdk.read_timeout}
-        kwargs: dict[str, Any] = {
-            "verify_challenge_resource": self.verify_challenge_resource(vault),
-            "retry_total": 0,  # retries are ours (call_retrying), bounded by the request deadline
-            "permit_redirects": False,  # and the transport refuses any 3xx (upstream_redirect)
-        }
-        if self._api_version:
-            kwargs["api_version"] = self._api_version
-        kwargs["transport"] = verifying_transport(
-            self._ssl_context(),
-            connections_per_host=max(sdk.max_connections, 0),
-            service=self._service(vault.url),
-            max_body=sdk.max_body,
-            **transport_settings,
-        )
-        return kwargs
 
     def _ssl_context(self) -> ssl.SSLContext:
         """System roots plus the CA bundle, built once (the factory's, unless a bundle of our own)."""
@@ -262,20 +259,18 @@ class KeyVaultReleaser:
             self._own_ssl_context = client_ssl_context(self._ca_bundle)
         return self._own_ssl_context
 
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            limit = max(self._sdk.max_connections, 0)
+            connector = aiohttp.TCPConnector(ssl=self._ssl_context(), limit=0, limit_per_host=limit)
+            self._session = aiohttp.ClientSession(connector=connector)
+        return self._session
+
     def _slot(self, vault_url: str) -> AbstractAsyncContextManager[Any]:
         """The vault's in-flight limit (``SdkSettings.max_connections``; 0 or less: none)."""
         if self._sdk.max_connections <= 0:
             return contextlib.nullcontext()
         return self._slots.setdefault(vault_url, asyncio.Semaphore(self._sdk.max_connections))
-
-    def _client(self, vault: Endpoint, credential: AsyncTokenCredential) -> KeyClient:
-        key = (vault.url, id(credential))
-        client = self._clients.get(key)
-        if client is None:
-            scoped = self._credentials.scoped(credential, vault.url)
-            client = _key_client(vault.url, scoped, **self._client_kwargs(vault))
-            self._clients[key] = client
-        return client
 
     async def release(
         self,
@@ -290,7 +285,7 @@ class KeyVaultReleaser:
 
         Raises :class:`ReleaseDenied` (401/403), :class:`KeyNotFound` (404), :class:`BadRequest` (400),
         :class:`IdentityError` (no access token), :class:`UpstreamError` (unreachable, 429/5xx after the
-        retries) or :class:`UpstreamTimeout` (``deadline`` ran out).
+        retries, a challenge for another resource) or :class:`UpstreamTimeout` (``deadline`` ran out).
         """
         vault_url, name, version = ref.vault.url, ref.name, ref.version
         if not target_token or not target_token.strip():
@@ -301,100 +296,109 @@ class KeyVaultReleaser:
             raise BadRequest(
                 f"enc {str(enc)[:40]!r} is not one of {', '.join(e.value for e in Enc)}"
             ) from None
-        await import_off_loop(*SDK_MODULES)
-        credential = self._credentials.for_request(access_token)
-        ephemeral = isinstance(credential, StaticTokenCredential)
-        client = (
-            _key_client(
-                vault_url, self._credentials.scoped(credential, vault_url), **self._client_kwargs(ref.vault)
-            )
-            if ephemeral
-            else self._client(ref.vault, credential)
-        )
-        remaining = deadline.remaining() if deadline is not None else None
+        service = self._service(vault_url)
+        what = f"{name}/{version}" if version else name
+        # "latest" is an empty version segment, as the SDK and the Go sidecar send it
+        url = f"{vault_url}/keys/{name}/{version or ''}/release?api-version={self._api_version}"
+        credential = self._credentials.scoped(self._credentials.for_request(access_token), vault_url)
+        deadline = deadline or Deadline.after(self._sdk.read_timeout * self._sdk.retry.attempts)
         try:
-            if remaining is not None and remaining <= 0:
+            if deadline.remaining() <= 0:
                 raise TimeoutError
-            async with asyncio.timeout(remaining):
-                slot = self._slot(vault_url)
-
-                async def attempt() -> ReleaseKeyResult:
-                    # A slot per attempt (not across retry pauses). asyncio.Semaphore queues fairly; the
-                    # connector's own limit lets newcomers take a freed connection before older waiters.
-                    async with slot:
-                        return await client.release_key(
-                            name, target_token, version=version, algorithm=algorithm
-                        )
-
-                result: ReleaseKeyResult = await call_retrying(
-                    attempt,
-                    deadline=deadline or Deadline.after(self._sdk.read_timeout * self._sdk.retry.attempts),
-                    policy=self._sdk.retry,
-                    is_transient=_is_transient,
-                    retry_after=_retry_after,
+            async with asyncio.timeout(deadline.remaining()):
+                scope = self._challenges.get(vault_url) or await self._challenge(
+                    ref.vault, url, service, deadline
                 )
+                token = await self._token(credential, scope, service, vault_url)
+                body = json.dumps({"target": target_token, "enc": algorithm}).encode()
+                result = await self._call(url, service, deadline, body=body, token=token)
         except TimeoutError:
             raise UpstreamTimeout(
-                f"{self._service(vault_url)} {vault_url} did not answer the release of {name} before the "
+                f"{service} {vault_url} did not answer the release of {name} before the "
                 f"request deadline ({host_of_url(vault_url)}: timeout)",
                 hint="the vault or the network is slow; retry, or raise the request timeout",
             ) from None
-        except (HttpResponseError, ServiceRequestError, ServiceResponseError, ValueError) as exc:
-            raise self._map_error(exc, vault_url, name, version) from None
-        finally:
-            if ephemeral:
-                await client.close()
-        if not isinstance(result.value, str) or not result.value:
+        if result.status != 200:
+            raise self._map_status(_error_from_body(result.status, result.body), service, vault_url, what)
+        try:
+            value = result.json().get("value")
+        except (UpstreamError, AttributeError):
+            value = None
+        if not isinstance(value, str) or not value:
             raise UpstreamError(
-                f"{self._service(vault_url)} {vault_url} answered the release of {name} without a value",
+                f"{service} {vault_url} answered the release of {name} without a value",
                 hint="the endpoint does not speak the Key Vault release protocol",
             )
-        return ReleaseResult(jws=result.value, vault_url=vault_url, name=name, version=version)
+        return ReleaseResult(jws=value, vault_url=vault_url, name=name, version=version)
 
-    def _service(self, vault_url: str) -> str:
-        return "Managed HSM" if self._credentials.is_managed_hsm(vault_url) else "Key Vault"
+    async def _call(
+        self, url: str, service: str, deadline: Deadline, *, body: bytes, token: str | None = None
+    ) -> HttpResult:
+        headers = {"Content-Type": "application/json"}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        return await request(
+            self._http(),
+            "POST",
+            url,
+            service=service,
+            data=body,
+            headers=headers,
+            ssl_context=self._ssl_context(),
+            timeout=self._sdk.read_timeout,
+            deadline=deadline,
+            retry=self._sdk.retry,
+            max_body=self._sdk.max_body,
+            slot=self._slot(url.split("/keys/", 1)[0]),
+            return_last=True,
+        )
 
-    def _map_error(self, exc: Exception, vault_url: str, name: str, version: str | None) -> SkrError:
-        service = self._service(vault_url)
-        what = f"{name}/{version}" if version else name
-        cause = _upstream_cause(exc)
-        if cause is not None:  # skr's own refusal from inside the SDK (a redirect to the identity endpoint)
-            return cause
-        if isinstance(exc, HttpResponseError) and exc.status_code and 300 <= exc.status_code <= 399:
-            headers = getattr(exc.response, "headers", None)
-            location = headers.get("Location") if headers is not None else None
-            return redirect_error(service, vault_url, exc.status_code, location)
-        if isinstance(exc, ClientAuthenticationError) and not _answered_by(exc, vault_url):
-            return IdentityError(
-                f"no access token for {service} {vault_url}: {_first_line(exc.message)}",
-                hint=f"check the {self._credentials.kind.replace('_', ' ')} configuration "
-                f"(scope {self._credentials.scope_for(vault_url)}), or pass access_token",
+    async def _challenge(self, vault: Endpoint, url: str, what: str, deadline: Deadline) -> str:
+        """The scope the vault's challenge names, from a release without a token or a body (as the SDK
+        asks); refused when it names a resource outside the vault's domain (unless allow-listed)."""
+        service = self._service(vault.url)
+        result = await self._call(url, service, deadline, body=b"")
+        header = result.headers.get("WWW-Authenticate", "") if result.status == 401 else ""
+        scope = challenge_scope(header)
+        if scope is None:
+            if result.status in (400, 403, 404) or result.status >= 500:
+                raise self._map_status(_error_from_body(result.status, result.body), service, vault.url, what)
+            raise UpstreamError(
+                f"{service} {vault.url} did not answer a release without a token with a Bearer challenge "
+                f"(HTTP {result.status})",
+                hint="the endpoint does not speak the Key Vault protocol; check the vault URL",
+                upstream_status=result.status,
             )
-        if isinstance(exc, HttpResponseError) and exc.status_code:
-            return self._map_status(vault_error(exc), service, vault_url, what)
-        if isinstance(exc, ServiceRequestError | ServiceResponseError):
-            text = _first_line(str(exc))
-            if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
-                return UpstreamError(
-                    f"{service} {vault_url} presented a TLS certificate that is not trusted",
-                    hint=f"check the endpoint; for private CAs set {CA_BUNDLE_ENV}",
-                    code=Code.UPSTREAM_TLS_UNTRUSTED,
-                )
-            return UpstreamError(
-                f"{service} {vault_url} could not be reached at {host_of_url(vault_url)}: "
-                f"{connection_cause(exc.inner_exception)}",
-                hint="check the vault name, DNS, private endpoint and network egress",
-                code=Code.UPSTREAM_UNREACHABLE,
-            )
-        if isinstance(exc, ValueError) and "challenge" in str(exc).lower():
-            return UpstreamError(
-                f"{service} {vault_url} sent an authentication challenge for another resource: "
-                f"{_first_line(str(exc))}",
+        resource = scope.removesuffix("/.default")
+        resource_host = resource.split("://", 1)[-1].split("/", 1)[0].lower()
+        if self.verify_challenge_resource(vault) and not (
+            vault.host == resource_host or vault.host.endswith("." + resource_host)
+        ):
+            raise UpstreamError(
+                f"{service} {vault.url} sent an authentication challenge for another resource: "
+                f"{resource[:100]!r} is not in the domain of {vault.host}",
                 hint="check the vault URL; for a trusted local emulator add its host to "
                 "allow_insecure_challenge_hosts",
                 code=Code.VAULT_CHALLENGE_MISMATCH,
             )
-        return UpstreamError(f"{service} {vault_url} release of {what} failed: {_first_line(str(exc))}")
+        self._challenges[vault.url] = scope
+        return scope
+
+    async def _token(
+        self, credential: VaultScopedCredential, scope: str, service: str, vault_url: str
+    ) -> str:
+        try:
+            return (await credential.get_token_info(scope)).token
+        except IdentityError as exc:
+            raise IdentityError(
+                f"no access token for {service} {vault_url}: {exc.message}",
+                hint=f"check the {self._credentials.kind.replace('_', ' ')} configuration "
+                f"(scope {self._credentials.scope_for(vault_url)}), or pass access_token",
+                upstream_status=exc.upstream_status,
+            ) from None
+
+    def _service(self, vault_url: str) -> str:
+        return "Managed HSM" if self._credentials.is_managed_hsm(vault_url) else "Key Vault"
 
     def _map_status(self, error: VaultError, service: str, vault_url: str, what: str) -> SkrError:
         role = MANAGED_HSM_RELEASE_ROLE if service == "Managed HSM" else VAULT_RELEASE_ROLE
@@ -435,72 +439,7 @@ class KeyVaultReleaser:
         )
 
     async def aclose(self) -> None:
-        """Close every cached SDK client (the credentials belong to the factory)."""
-        clients, self._clients = list(self._clients.values()), {}
-        for client in clients:
-            await client.close()
-
-
-SDK_MODULES = ("azure.keyvault.keys.aio",)
-
-
-async def import_off_loop(*modules: str) -> None:
-    """Import ``modules`` in a worker thread unless they are loaded already.
-
-    The Azure SDKs are imported on the first release rather than at start-up (start-up time and idle
-    memory), and importing them takes 0.1-0.3 s of CPU: done on the event loop, that would stall every
-    other request, ``/status`` and the probes included.
-    """
-    missing = [name for name in modules if name not in sys.modules]
-    if missing:
-        await asyncio.to_thread(lambda: [importlib.import_module(name) for name in missing])
-
-
-def _key_client(vault_url: str, credential: AsyncTokenCredential, **kwargs: Any) -> KeyClient:
-    """A new SDK client. The SDK is loaded on the first release (``import_off_loop``), not at start-up."""
-    from azure.keyvault.keys.aio import KeyClient
-
-    return KeyClient(vault_url, credential, **kwargs)
-
-
-def _upstream_cause(exc: BaseException) -> UpstreamError | None:
-    """An :class:`UpstreamError` skr raised inside the SDK that the SDK wrapped in its own exception."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, UpstreamError):
-            return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return None
-
-
-def _answered_by(exc: HttpResponseError, vault_url: str) -> bool:
-    """True when the HTTP response in ``exc`` came from the vault (not from an identity endpoint)."""
-    response = exc.response
-    request = getattr(response, "request", None) if response is not None else None
-    url = str(getattr(request, "url", "") or "")
-    return url == vault_url or url.startswith(vault_url + "/")
-
-
-def _first_line(text: str | None) -> str:
-    line = (text or "").strip().splitlines()[0] if (text or "").strip() else "no details"
-    return line if len(line) <= _MAX_DETAIL else line[: _MAX_DETAIL - 1] + "…"
-
-
-def _is_transient(exc: BaseException) -> bool:
-    """Worth another attempt: 408, 429, 5xx, or no answer at all (but never an untrusted certificate)."""
-    if isinstance(exc, ClientAuthenticationError):
-        return False
-    if isinstance(exc, HttpResponseError) and exc.status_code is not None:
-        return is_transient_status(exc.status_code)
-    if isinstance(exc, ServiceRequestError | ServiceResponseError):
-        text = str(exc)
-        return "CERTIFICATE_VERIFY_FAILED" not in text and "certificate verify failed" not in text
-    return False
-
-
-def _retry_after(exc: BaseException | None) -> float | None:
-    response = getattr(exc, "response", None)
-    headers = getattr(response, "headers", None)
-    return parse_retry_after(headers.get("Retry-After")) if headers is not None else None
+        """Close the connections to the vaults (the credentials belong to the factory)."""
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
