@@ -26,7 +26,7 @@ def vault_client_arguments(parser: argparse.ArgumentParser) -> None:
 
 def credential_factory(args: argparse.Namespace) -> CredentialFactory:
     """The credentials of ``--client-id``, trusting ``--ca-bundle`` (default: env SKR_CA_BUNDLE)."""
-    from skr.identity import CredentialFactory  # azure-core: paid only by the commands that use it
+    from skr.identity import CredentialFactory  # aiohttp and the identity client: only where used
     from skr.upstream import ca_bundle_from_env
 
     bundle = args.ca_bundle if args.ca_bundle is not None else ca_bundle_from_env()
