@@ -423,20 +423,6 @@ class VaultScopedCredential(_AsyncCredential):
             code=Code.VAULT_CHALLENGE_MISMATCH,
         )
 
-    async def get_token(
-        self,
-        *scopes: str,
-        claims: str | None = None,
-        tenant_id: str | None = None,
-        enable_cae: bool = False,
-        **kwargs: Any,
-    ) -> AccessToken:
-        """A token for the vault's own scope; refuses any other."""
-        scope = self._scope(scopes)
-        return await self._credential.get_token(
-            scope, claims=claims, tenant_id=tenant_id, enable_cae=enable_cae, **kwargs
-        )
-
     async def get_token_info(
         self, *scopes: str, options: TokenRequestOptions | None = None
     ) -> AccessTokenInfo:
