@@ -159,12 +159,14 @@ def _within(host: str, suffix: str) -> bool:
     return host == suffix or host.endswith("." + suffix)  # whole DNS labels only
 
 
+@functools.lru_cache(maxsize=256)
 def is_azure_host(value: Endpoint | str) -> bool:
     """True when the host is in a Microsoft cloud domain (public, sovereign or Microsoft-owned)."""
     host = host_of(value)
     return any(_within(host, suffix) for suffix in AZURE_DOMAIN_SUFFIXES)
 
 
+@functools.lru_cache(maxsize=256)
 def cloud_suffix(value: Endpoint | str) -> str | None:
     """``managedhsm.<cloud>`` or ``vault.<cloud>`` for a vault host in a Microsoft cloud, else None."""
     host = host_of(value)

@@ -22,6 +22,7 @@ text).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 from urllib.parse import urlsplit
@@ -61,6 +62,7 @@ def split_host(value: str) -> tuple[str, int | None] | None:
     return host, port
 
 
+@functools.lru_cache(maxsize=256)  # pure; the same few Host values come with every request
 def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
         address = ipaddress.ip_address(host)

@@ -127,8 +127,11 @@ class AuditRecord:
 
     def as_fields(self) -> dict[str, Any]:
         out = dict(self.extra)
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.name != "extra" and value is not ABSENT:
-                out[f.name] = value
+        for name in _RECORD_FIELDS:
+            value = getattr(self, name)
+            if value is not ABSENT:
+                out[name] = value
         return out
+
+
+_RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(AuditRecord) if f.name != "extra")

@@ -526,7 +526,7 @@ class ReleaseService:
                     now = self.clock.time()
                     for old in [k for k, v in keep.items() if v[0].expires_at <= now]:
                         del keep[old]
-                    keep[slot] = (released, {k: getattr(draft.record, k) for k in _TOKEN_FIELDS})
+                    keep[slot] = (released, {k: draft.get(k) for k in _TOKEN_FIELDS})
                 return await use(released)
 
             result = await self._within(deadline, "the key release", work)
@@ -587,15 +587,20 @@ class ReleaseService:
 
 @dataclass
 class _Draft:
-    """The audit record of one request as it grows: each step replaces the frozen record."""
+    """The audit record of one request as it grows: the steps' fields collect, the frozen record is built
+    once, at the end."""
 
     record: AuditRecord
+    changes: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def note(self, **changes: Any) -> None:
-        self.record = dataclasses.replace(self.record, **changes)
+        self.changes.update(changes)
+
+    def get(self, name: str) -> Any:
+        return self.changes[name] if name in self.changes else getattr(self.record, name)
 
     def final(self, **changes: Any) -> AuditRecord:
-        return dataclasses.replace(self.record, **changes)
+        return dataclasses.replace(self.record, **{**self.changes, **changes})
 
 
 def _error_fields(exc: SkrError) -> dict[str, Any]:
