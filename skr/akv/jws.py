@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import ipaddress
 import json
@@ -143,13 +144,19 @@ def _certificates(header: Mapping[str, Any]) -> list[x509.Certificate]:
         try:
             if not isinstance(value, str):
                 raise ValueError
-            certs.extend(read_certificates(base64.b64decode(value, validate=True), encoding=Encoding.DER))
+            certs.append(_x5c_certificate(value))
         except (ValueError, binascii.Error):
             raise JwsError(
                 f"x5c[{index}] of the release JWS is not a base64 DER certificate",
                 hint="x5c holds standard (not URL-safe) base64 of DER certificates",
             ) from None
     return certs
+
+
+@functools.lru_cache(maxsize=32)  # a vault signs every release with the same chain: parse it once
+def _x5c_certificate(value: str) -> x509.Certificate:
+    (cert,) = read_certificates(base64.b64decode(value, validate=True), encoding=Encoding.DER)
+    return cert
 
 
 def _subject(host: Endpoint) -> Subject:
@@ -173,10 +180,16 @@ def _verify_chain(certs: list[x509.Certificate], host: Endpoint, trust: TrustSto
         ) from None
 
 
-def _check_thumbprints(header: Mapping[str, Any], leaf: x509.Certificate) -> None:
+@functools.lru_cache(maxsize=32)
+def _thumbprints(leaf: x509.Certificate) -> tuple[tuple[str, str], ...]:
     der = leaf.public_bytes(Encoding.DER)
-    for name, digest in (("x5t", hashlib.sha1(der).digest()), ("x5t#S256", hashlib.sha256(der).digest())):  # noqa: S324
-        if name in header and header[name] != b64url_encode(digest):
+    digests = (("x5t", hashlib.sha1(der).digest()), ("x5t#S256", hashlib.sha256(der).digest()))  # noqa: S324
+    return tuple((name, b64url_encode(digest)) for name, digest in digests)
+
+
+def _check_thumbprints(header: Mapping[str, Any], leaf: x509.Certificate) -> None:
+    for name, thumbprint in _thumbprints(leaf):
+        if name in header and header[name] != thumbprint:
             raise JwsError(
                 f"the release JWS header {name} does not match the signer certificate x5c[0]",
                 hint="the header was altered or names another certificate",
