@@ -27,6 +27,7 @@ Never logs, formats or stores a token anywhere but in the credential objects the
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import json
 import logging
@@ -124,13 +125,14 @@ def _jwt_expiry(token: str) -> int | None:
     return None
 
 
-class _AsyncCredential:
+class _AsyncCredential(abc.ABC):
     """The base of skr's credentials: ``get_token`` from ``get_token_info``, and ``async with``."""
 
+    @abc.abstractmethod
     async def get_token_info(
         self, *scopes: str, options: TokenRequestOptions | None = None
     ) -> AccessTokenInfo:
-        raise NotImplementedError
+        """A token with its expiry for ``scopes``."""
 
     async def get_token(
         self,
@@ -144,7 +146,7 @@ class _AsyncCredential:
         info = await self.get_token_info(*scopes)
         return AccessToken(info.token, info.expires_on)
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - optional: most credentials hold nothing
         """Nothing to release by default."""
 
     async def __aenter__(self) -> Self:
@@ -249,9 +251,9 @@ class _AmbientCredential(_AsyncCredential):
         )
         return info
 
+    @abc.abstractmethod
     async def _request(self, scope: str) -> tuple[str, str, dict[str, str], bytes | None]:
         """Method, URL, headers and body of a token request for ``scope``."""
-        raise NotImplementedError
 
     async def close(self) -> None:
         """Close the connections to the identity endpoint."""
