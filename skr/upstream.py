@@ -35,7 +35,7 @@ from urllib.parse import urljoin, urlsplit
 import aiohttp
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
-from skr.errors import Code, UpstreamError, UpstreamTimeout
+from skr.errors import Code, ConfigError, UpstreamError, UpstreamTimeout
 
 log = logging.getLogger("skr.upstream")
 T = TypeVar("T")
@@ -414,6 +414,11 @@ async def request(
         ) from None
     except TimeoutError:
         raise timed_out() from None
+    except aiohttp.InvalidURL:  # a URL from configuration (an identity endpoint, say), not from the upstream
+        raise ConfigError(
+            f"the {service} URL {url.split('?', 1)[0][:200]!r} is not a valid URL",
+            hint="check the setting that names this endpoint",
+        ) from None
     except aiohttp.ClientConnectorCertificateError as exc:
         raise UpstreamError(
             f"{service} presented a TLS certificate that is not trusted ({host}): {exc.certificate_error}",

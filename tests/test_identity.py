@@ -402,3 +402,95 @@ async def test_workload_identity_refuses_an_http_authority_before_sending_the_as
     finally:
         await factory.aclose()
     assert stand_in.requests == []
+
+
+# --- the same requests as the real azure-identity -------------------------------------------------------
+
+IDENTITY_HEADERS = ("Metadata", "X-IDENTITY-HEADER", "Content-Type")
+
+
+@pytest.mark.parametrize("mode", ["imds", "app_service"])
+async def test_managed_identity_requests_are_the_ones_azure_identity_sends(endpoint, monkeypatch, mode):
+    """The real azure-identity credential and skr's against one recording endpoint: the same method, path,
+    query (api-version, resource, client_id) and identity headers."""
+    from azure.identity.aio import ManagedIdentityCredential as SdkManagedIdentity
+
+    stand_in, url = endpoint
+    expires = int(time.time()) + 3600
+    stand_in.answers = [
+        (
+            200,
+            {
+                "access_token": "tok",
+                "expires_in": "3600",
+                "expires_on": str(expires),
+                "resource": "https://vault.azure.net",
+                "token_type": "Bearer",
+            },
+        )
+    ]
+    env = (
+        {"AZURE_POD_IDENTITY_AUTHORITY_HOST": url}
+        if mode == "imds"
+        else {"IDENTITY_ENDPOINT": f"{url}/msi/token", "IDENTITY_HEADER": "secret-header"}
+    )
+    factory = _managed(monkeypatch, env, client_id="uami")
+    async with SdkManagedIdentity(client_id="uami") as sdk:
+        await sdk.get_token(VAULT_SCOPE)
+    try:
+        await factory.for_request().get_token(VAULT_SCOPE)
+    finally:
+        await factory.aclose()
+    theirs, ours = stand_in.requests
+    assert ours[:3] == theirs[:3]
+    assert {h: ours[3].get(h) for h in IDENTITY_HEADERS} == {h: theirs[3].get(h) for h in IDENTITY_HEADERS}
+
+
+async def test_workload_identity_request_is_the_one_azure_identity_sends(tmp_path, ca, monkeypatch):
+    from azure.identity.aio import WorkloadIdentityCredential as SdkWorkloadIdentity
+
+    for name in MI_ENV:
+        monkeypatch.delenv(name, raising=False)
+    seen: list[tuple[str, str, dict[str, str]]] = []
+
+    async def token(request: web.Request) -> web.Response:
+        seen.append((request.method, request.path, {k: str(v) for k, v in (await request.post()).items()}))
+        return web.json_response({"token_type": "Bearer", "expires_in": 3599, "access_token": "entra-token"})
+
+    app = web.Application()
+    app.router.add_post(f"/{TENANT}/oauth2/v2.0/token", token)
+    runner, url = await serve(app, ca)
+    env = _workload_env(tmp_path) | {"AZURE_AUTHORITY_HOST": url}
+    try:
+        async with SdkWorkloadIdentity(
+            tenant_id=TENANT,
+            client_id="cid",
+            token_file_path=env["AZURE_FEDERATED_TOKEN_FILE"],
+            authority=url,
+            connection_verify=str(ca.ca_pem_path),
+        ) as sdk:
+            await sdk.get_token(MANAGED_HSM_SCOPE)
+        factory = CredentialFactory(env, ca_bundle=ca.ca_pem_path)
+        try:
+            await factory.for_request().get_token(MANAGED_HSM_SCOPE)
+        finally:
+            await factory.aclose()
+    finally:
+        await runner.cleanup()
+    theirs, ours = seen
+    assert ours == theirs
+
+
+def test_an_identity_endpoint_that_is_no_url_is_a_configuration_error(monkeypatch):
+    factory = _managed(monkeypatch, {"IDENTITY_ENDPOINT": "not a url", "IDENTITY_HEADER": "x"})
+
+    async def fetch() -> None:
+        try:
+            await factory.for_request().get_token(VAULT_SCOPE)
+        finally:
+            await factory.aclose()
+
+    import asyncio
+
+    with pytest.raises(ConfigError, match="not a valid URL"):
+        asyncio.run(fetch())

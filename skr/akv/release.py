@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import re
 import ssl
@@ -162,7 +163,8 @@ class VaultError:
 
 
 def vault_error(exc: HttpResponseError) -> VaultError:
-    """The vault's error from an Azure SDK exception (the commands' ``KeyClient`` calls)."""
+    """The vault's error from an Azure SDK exception (the commands' ``KeyClient`` calls): the body first,
+    the SDK's error model second."""
     response = exc.response
     model = getattr(exc, "error", None)
     try:
@@ -170,16 +172,17 @@ def vault_error(exc: HttpResponseError) -> VaultError:
     except (ValueError, UnicodeDecodeError):
         text = ""
     reason = getattr(response, "reason", None) if response is not None else None
-    error = _error_from_body(int(exc.status_code or 0), text.encode(), reason)
-    if not error.code and model is not None and getattr(model, "code", None):
-        error = VaultError(error.status, str(model.code), error.message, error.inner_code)
-    if error.message == (reason or "no error body") and model is not None and getattr(model, "message", None):
-        error = VaultError(error.status, error.code, str(model.message), error.inner_code)
-    return error
+    error = _error_from_body(int(exc.status_code or 0), text.encode(), "")
+    return dataclasses.replace(
+        error,
+        code=error.code or str(getattr(model, "code", "") or ""),
+        message=error.message or str(getattr(model, "message", None) or reason or "no error body"),
+    )
 
 
-def _error_from_body(status: int, body: bytes, reason: str | None = None) -> VaultError:
-    """The vault's ``{"error": {"code", "message", "innererror": {"code"}}}`` as it answered."""
+def _error_from_body(status: int, body: bytes, fallback: str = "no error body") -> VaultError:
+    """The vault's ``{"error": {"code", "message", "innererror": {"code"}}}`` as it answered; ``fallback``
+    is the message when it has none."""
     try:
         document = json.loads(body or b"null")
     except (ValueError, UnicodeDecodeError, RecursionError):
@@ -191,9 +194,7 @@ def _error_from_body(status: int, body: bytes, reason: str | None = None) -> Vau
         inner_obj = error.get("innererror")
         if isinstance(inner_obj, dict) and inner_obj.get("code"):
             inner = str(inner_obj["code"])
-    return VaultError(
-        status=status, code=code, message=message or reason or "no error body", inner_code=inner
-    )
+    return VaultError(status=status, code=code, message=message or fallback, inner_code=inner)
 
 
 _CHALLENGE_PARAM = re.compile(r'([A-Za-z_]+)="([^"]*)"')
@@ -311,7 +312,7 @@ class KeyVaultReleaser:
                 )
                 token = await self._token(credential, scope, service, vault_url)
                 body = json.dumps({"target": target_token, "enc": algorithm}).encode()
-                result = await self._call(url, service, deadline, body=body, token=token)
+                result = await self._call(vault_url, url, service, deadline, body=body, token=token)
         except TimeoutError:
             raise UpstreamTimeout(
                 f"{service} {vault_url} did not answer the release of {name} before the "
@@ -332,7 +333,14 @@ class KeyVaultReleaser:
         return ReleaseResult(jws=value, vault_url=vault_url, name=name, version=version)
 
     async def _call(
-        self, url: str, service: str, deadline: Deadline, *, body: bytes, token: str | None = None
+        self,
+        vault_url: str,
+        url: str,
+        service: str,
+        deadline: Deadline,
+        *,
+        body: bytes,
+        token: str | None = None,
     ) -> HttpResult:
         headers = {"Content-Type": "application/json"}
         if token is not None:
@@ -349,7 +357,7 @@ class KeyVaultReleaser:
             deadline=deadline,
             retry=self._sdk.retry,
             max_body=self._sdk.max_body,
-            slot=self._slot(url.split("/keys/", 1)[0]),
+            slot=self._slot(vault_url),
             return_last=True,
         )
 
@@ -357,7 +365,7 @@ class KeyVaultReleaser:
         """The scope the vault's challenge names, from a release without a token or a body (as the SDK
         asks); refused when it names a resource outside the vault's domain (unless allow-listed)."""
         service = self._service(vault.url)
-        result = await self._call(url, service, deadline, body=b"")
+        result = await self._call(vault.url, url, service, deadline, body=b"")
         header = result.headers.get("WWW-Authenticate", "") if result.status == 401 else ""
         scope = challenge_scope(header)
         if scope is None:
